@@ -1,0 +1,229 @@
+"""Official JiT checkpoint I/O: safe loading, architecture checks, official-layout export.
+
+An official `checkpoint-last.pth` is a dict with `model`, `model_ema1`, `model_ema2`
+(Denoiser state dicts, keys prefixed `net.`), `epoch`, `args` (an argparse.Namespace)
+and usually `optimizer`. Files are read with `torch.load(weights_only=True)`; the only
+class admitted beyond tensors and containers is `argparse.Namespace`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+from jit.models import VARIANTS, Denoiser, build_jit
+
+WEIGHT_KEYS = ("model", "model_ema1", "model_ema2")
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used; the message says why and what was found."""
+
+
+def safe_load(path: str | os.PathLike) -> dict:
+    """torch.load restricted to tensors, containers and argparse.Namespace."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {path}")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"checkpoint is not readable (permissions): {path}")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err) or "global" in str(err).lower():
+            raise CheckpointError(
+                f"refusing to load {path}: it contains a pickled object outside the allowlist "
+                f"(tensors, containers, argparse.Namespace); unrestricted unpickling of a user "
+                f"file could run arbitrary code. Loader said: {first_line}"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {first_line}") from None
+    except Exception as err:  # torch raises many types for corrupt or truncated files
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (corrupt or truncated?): {err}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+def _args_dict(args) -> dict:
+    if args is None:
+        return {}
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    if isinstance(args, dict):
+        return dict(args)
+    return {}
+
+
+def infer_architecture(state_dict: dict) -> dict:
+    """Architecture readable from tensor shapes (`in_context_start` is not; the FFN width is given as is)."""
+    sd = {k.removeprefix("net."): v for k, v in state_dict.items()}
+    hidden = sd["pos_embed"].shape[-1]
+    patch = sd["x_embedder.proj1.weight"].shape[-1]
+    num_patches = sd["pos_embed"].shape[1]
+    head_dim = sd["blocks.0.attn.q_norm.weight"].shape[0]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    return dict(
+        input_size=int(round(num_patches ** 0.5)) * patch,
+        patch_size=patch,
+        in_channels=sd["x_embedder.proj1.weight"].shape[1],
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=hidden // head_dim,
+        ffn_hidden=sd["blocks.0.mlp.w3.weight"].shape[1],
+        num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
+        bottleneck_dim=sd["x_embedder.proj1.weight"].shape[0],
+        in_context_len=sd["in_context_posemb"].shape[1] if "in_context_posemb" in sd else 0,
+    )
+
+
+def matching_variants(state_dict: dict) -> list[str]:
+    """Registered variants whose parameter shapes equal those of `state_dict`."""
+    try:
+        arch = infer_architecture(state_dict)
+    except (KeyError, IndexError, ValueError):
+        return []
+    names = []
+    for name, kw in VARIANTS.items():
+        fixed = {k: kw[k] for k in ("depth", "hidden_size", "num_heads", "bottleneck_dim", "in_context_len", "patch_size")}
+        if all(arch[k] == v for k, v in fixed.items()):
+            names.append(name)
+    return names
+
+
+def load_jit_checkpoint(path, weights: str = "model_ema1") -> tuple[dict, dict]:
+    """Read an official checkpoint: (Denoiser state dict with `net.` keys, meta).
+
+    `meta` holds `variant` (args.model when it names a registered variant, else the
+    registered variant whose shapes fit, else None), `img_size`, `num_classes`, `epoch`,
+    the Denoiser hyper-parameters found in `args`, `weights`, `path` and `args` itself.
+    """
+    if weights not in WEIGHT_KEYS:
+        raise CheckpointError(f"weights must be one of {', '.join(WEIGHT_KEYS)}, got {weights!r}")
+    ckpt = safe_load(path)
+    if weights not in ckpt:
+        present = [k for k in WEIGHT_KEYS if k in ckpt]
+        if not present:
+            raise CheckpointError(
+                f"{path} is not a JiT checkpoint: expected keys {list(WEIGHT_KEYS)} plus 'args' and 'epoch', "
+                f"found {sorted(map(str, ckpt))[:12]}"
+            )
+        raise CheckpointError(f"{path} has no {weights!r} weights; available: {present}")
+    state = ckpt[weights]
+    if not isinstance(state, dict) or not state or not all(str(k).startswith("net.") for k in state):
+        raise CheckpointError(f"{path}[{weights!r}] is not a JiT Denoiser state dict (keys must start with 'net.')")
+    args = _args_dict(ckpt.get("args"))
+    arch = infer_architecture(state)
+    fits = matching_variants(state)
+    named = args.get("model")
+    variant = named if named in VARIANTS else (fits[0] if fits else None)
+    meta = dict(
+        path=str(path),
+        weights=weights,
+        variant=variant,
+        img_size=args.get("img_size", arch["input_size"]),
+        num_classes=args.get("class_num", arch["num_classes"]),
+        epoch=ckpt.get("epoch"),
+        architecture=arch,
+        args=args,
+    )
+    for key in ("P_mean", "P_std", "t_eps", "noise_scale", "label_drop_prob"):
+        if key in args:
+            meta[key] = args[key]
+    return state, meta
+
+
+def describe_mismatch(model: torch.nn.Module, state_dict: dict, limit: int = 5) -> str | None:
+    """Human-readable difference between a model and a state dict, or None if they match."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {missing[:limit]}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:limit]}")
+    if shapes:
+        parts.append(f"shape mismatches ({len(shapes)}): {shapes[:limit]}")
+    return "; ".join(parts)
+
+
+def load_into(denoiser: Denoiser, state_dict: dict, source: str = "checkpoint") -> None:
+    """Strict load with an error that names the differences and a registered variant that fits."""
+    problem = describe_mismatch(denoiser, state_dict)
+    if problem:
+        fits = matching_variants(state_dict)
+        hint = f" The checkpoint fits the registered variant(s): {', '.join(fits)}." if fits else ""
+        raise CheckpointError(f"architecture mismatch loading {source}: {problem}.{hint}")
+    denoiser.load_state_dict(state_dict, strict=True)
+
+
+def build_denoiser_from_checkpoint(path, weights: str = "model_ema1", variant: str | None = None,
+                                   **overrides) -> tuple[Denoiser, dict]:
+    """Build the Denoiser an official checkpoint describes and load its weights strictly."""
+    state, meta = load_jit_checkpoint(path, weights)
+    name = variant or meta["variant"]
+    if name is None:
+        raise CheckpointError(
+            f"cannot tell which JiT variant {path} holds (args.model={meta['args'].get('model')!r}, "
+            f"inferred shapes {meta['architecture']}); pass variant=<one of {', '.join(VARIANTS)}>"
+        )
+    net = build_jit(name, input_size=meta["img_size"], num_classes=meta["num_classes"], **overrides)
+    hyper = {k: meta[k] for k in ("P_mean", "P_std", "t_eps", "noise_scale", "label_drop_prob") if k in meta}
+    denoiser = Denoiser(net, meta["num_classes"], **hyper)
+    load_into(denoiser, state, source=f"{path}[{weights!r}] into {name}")
+    meta["variant"] = name
+    return denoiser, meta
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, then rename over `path`.
+
+    A crash while writing leaves the previous file untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_official_checkpoint(path, model: dict, model_ema1: dict | None = None, model_ema2: dict | None = None,
+                             args: dict | argparse.Namespace | None = None, epoch: int = 0) -> None:
+    """Write the official layout (readable by the official code and by `load_jit_checkpoint`).
+
+    State dicts must be Denoiser state dicts (`net.` keys); EMA weights default to `model`.
+    """
+    for name, sd in (("model", model), ("model_ema1", model_ema1), ("model_ema2", model_ema2)):
+        if sd is not None and not all(k.startswith("net.") for k in sd):
+            raise CheckpointError(f"{name} must be a Denoiser state dict with 'net.' keys")
+
+    def cpu(sd):
+        return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+
+    ns = args if isinstance(args, argparse.Namespace) else argparse.Namespace(**(args or {}))
+    atomic_save({
+        "model": cpu(model),
+        "model_ema1": cpu(model_ema1 if model_ema1 is not None else model),
+        "model_ema2": cpu(model_ema2 if model_ema2 is not None else model),
+        "epoch": int(epoch),
+        "args": ns,
+    }, path)
