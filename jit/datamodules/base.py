@@ -3,6 +3,7 @@ subsets, the named splits other parts of the framework ask for, and the loaders.
 
 from __future__ import annotations
 
+import inspect
 from typing import Protocol
 
 import lightning as L
@@ -24,7 +25,7 @@ class SplitDataset(Protocol):
 
     def __len__(self) -> int: ...
 
-    def subset(self, indices: np.ndarray, random_flip: bool = False) -> "SplitDataset": ...
+    def subset(self, indices: np.ndarray, random_flip: bool = False) -> SplitDataset: ...
 
 
 def stratified_order(labels: np.ndarray, seed, balanced: bool = False) -> np.ndarray:
@@ -251,3 +252,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self.dataloader("val")
+
+
+def shared_args(scope: dict) -> dict:
+    """The arguments ImageDataModule takes, picked from a subclass __init__'s locals()."""
+    names = inspect.signature(ImageDataModule.__init__).parameters
+    return {name: scope[name] for name in names if name != "self"}

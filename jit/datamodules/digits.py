@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .base import _STREAM_HOLDOUT, ImageDataModule, _require, stratified_order
+from .base import _STREAM_HOLDOUT, ImageDataModule, _require, shared_args, stratified_order
 
 DIGITS_NUM_CLASSES = 10
 
@@ -26,7 +26,7 @@ class UInt8ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, indices: np.ndarray, random_flip: bool = False) -> "UInt8ImageDataset":
+    def subset(self, indices: np.ndarray, random_flip: bool = False) -> UInt8ImageDataset:
         return UInt8ImageDataset(
             self.images[torch.from_numpy(indices)], self.labels[indices], random_flip
         )
@@ -76,13 +76,7 @@ class DigitsDataModule(ImageDataModule):
         num_classes: int | None = None,
         patch_size: int | None = None,
     ) -> None:
-        super().__init__(
-            img_size=img_size, batch_size=batch_size, num_workers=num_workers,
-            pin_memory=pin_memory, persistent_workers=persistent_workers,
-            subset_frac=subset_frac, random_flip=random_flip, calib_split=calib_split,
-            calib_num_images=calib_num_images, reference_split=reference_split, seed=seed,
-            num_classes=num_classes, patch_size=patch_size,
-        )
+        super().__init__(**shared_args(locals()))
         self.save_hyperparameters()
         _require(
             isinstance(val_fraction, (int, float)) and 0.0 < val_fraction < 1.0,

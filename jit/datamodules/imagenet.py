@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .base import ImageDataModule
+from .base import ImageDataModule, shared_args
 from .transforms import center_crop, pil_to_uint8_chw, to_rgb
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class ImageFolderSplit(Dataset):
     def path(self, index: int) -> Path:
         return self.folder / os.fsdecode(self.files[index])
 
-    def subset(self, indices: np.ndarray, random_flip: bool = False) -> "ImageFolderSplit":
+    def subset(self, indices: np.ndarray, random_flip: bool = False) -> ImageFolderSplit:
         return ImageFolderSplit(
             self.folder, self.files[indices], self.labels[indices], self.img_size,
             random_flip=random_flip, skip_corrupt=self.skip_corrupt,
@@ -97,9 +97,10 @@ class ImageFolderSplit(Dataset):
         raise CorruptImageError(f"no readable image in {self.folder}: all {n} files failed")
 
     def skipped_files(self) -> list[str]:
-        return self.removed + [str(self.path(j)) for j in torch.nonzero(self.bad).flatten()]
+        flagged = torch.nonzero(self.bad).flatten().tolist()
+        return self.removed + [str(self.path(j)) for j in flagged]
 
-    def verify(self) -> "ImageFolderSplit":
+    def verify(self) -> ImageFolderSplit:
         """Decode every file now; raise naming the unreadable ones, or drop them."""
         failures = []
         for j in range(len(self)):
@@ -162,13 +163,7 @@ class ImageNetDataModule(ImageDataModule):
         num_classes: int | None = None,
         patch_size: int | None = None,
     ) -> None:
-        super().__init__(
-            img_size=img_size, batch_size=batch_size, num_workers=num_workers,
-            pin_memory=pin_memory, persistent_workers=persistent_workers,
-            subset_frac=subset_frac, random_flip=random_flip, calib_split=calib_split,
-            calib_num_images=calib_num_images, reference_split=reference_split, seed=seed,
-            num_classes=num_classes, patch_size=patch_size,
-        )
+        super().__init__(**shared_args(locals()))
         self.save_hyperparameters()
         # Checked on first use rather than here, so a config can be instantiated (e.g. to
         # read num_classes for sampling-only evaluation) on a machine without the data.
