@@ -1,0 +1,143 @@
+"""Feature extractors through torch-fidelity's registry, with the checks FID needs up front.
+
+Creating the extractor is the first thing an evaluation does, so a missing weights file
+or an offline machine is reported before any image is generated. torch-fidelity would
+otherwise try to download the Inception weights in its constructor and hang or fail with
+a network error.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor
+
+import jit.metrics.digits_cnn  # noqa: F401  (registers "digits-cnn" with torch-fidelity)
+
+INCEPTION = "inception-v3-compat"
+# Any of these set to 1/true means: never touch the network.
+OFFLINE_ENV = ("JIT_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_PROBE = ("github.com", 443)
+
+
+class FeatureExtractorError(RuntimeError):
+    """The feature extractor cannot be created; the message says what to do."""
+
+
+def registered_extractors() -> list[str]:
+    return sorted(FEATURE_EXTRACTORS_REGISTRY)
+
+
+def inception_cache_path() -> Path:
+    """Where torch.hub (used by torch-fidelity) keeps the downloaded Inception weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(URL_INCEPTION_V3).path)
+
+
+def _offline_by_env() -> bool:
+    return any(os.environ.get(key, "").lower() in ("1", "true", "yes") for key in OFFLINE_ENV)
+
+
+def network_available(timeout: float = 3.0) -> bool:
+    """Can we open a TCP connection to GitHub within `timeout` seconds?
+
+    Runs in a daemon thread because name resolution ignores socket timeouts and can
+    block for a long time on a machine without DNS.
+    """
+    if _offline_by_env():
+        return False
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection(_PROBE, timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def resolve_weights(name: str, weights_path: str | os.PathLike | None) -> str | None:
+    """The weights file to hand torch-fidelity, or None to let it use its cache/download."""
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise FeatureExtractorError(f"feature extractor weights file not found: {path}")
+        return str(path)
+    if name == INCEPTION:
+        cached = inception_cache_path()
+        if cached.is_file():
+            return str(cached)
+        if not network_available():
+            raise FeatureExtractorError(
+                f"Inception weights are not available offline: no local file given and none cached at "
+                f"{cached}. Download {URL_INCEPTION_V3} on a machine with internet access and pass "
+                f"fid.inception_weights=/path/to/weights.pth (or copy it to that cache path)."
+            )
+    return None
+
+
+@dataclass
+class FeatureSpace:
+    """A torch-fidelity extractor together with the layers used for FID and for logits."""
+
+    name: str
+    extractor: torch.nn.Module
+    fid_layer: str
+    logits_layer: str | None
+    feature_dim: int
+    device: torch.device
+
+    @property
+    def is_inception(self) -> bool:
+        return self.name == INCEPTION
+
+    @torch.no_grad()
+    def __call__(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 [B, 3, H, W] -> (features [B, D], logits [B, K] or None), float32 on the CPU."""
+        out = self.extractor.convert_features_tuple_to_dict(self.extractor(images_uint8.to(self.device)))
+        logits = out[self.logits_layer].float().cpu() if self.logits_layer else None
+        return out[self.fid_layer].float().cpu(), logits
+
+
+def create_feature_space(name: str, weights_path=None, device="cpu", probe_size: int = 32) -> FeatureSpace:
+    """Create the extractor `name` and find its feature dimension with one tiny forward pass."""
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        raise FeatureExtractorError(
+            f"feature extractor {name!r} is not registered with torch-fidelity; "
+            f"registered: {', '.join(registered_extractors())}"
+        )
+    cls = FEATURE_EXTRACTORS_REGISTRY[name]
+    fid_layer = cls.get_default_feature_layer_for_metric("fid")
+    try:
+        logits_layer = cls.get_default_feature_layer_for_metric("isc")
+    except KeyError:
+        logits_layer = None
+    layers = [fid_layer] + ([logits_layer] if logits_layer else [])
+    kwargs = {"verbose": False}
+    weights = resolve_weights(name, weights_path)
+    if weights is not None:
+        kwargs["feature_extractor_weights_path"] = weights
+    try:
+        extractor = create_feature_extractor(name, layers, cuda=False, **kwargs)
+    except FeatureExtractorError:
+        raise
+    except Exception as exc:
+        raise FeatureExtractorError(f"could not create feature extractor {name!r}: {type(exc).__name__}: {exc}") from exc
+    device = torch.device(device)
+    extractor.to(device)
+    space = FeatureSpace(name, extractor, fid_layer, logits_layer, 0, device)
+    features, _ = space(torch.zeros(1, 3, probe_size, probe_size, dtype=torch.uint8))
+    space.feature_dim = features.shape[1]
+    return space
