@@ -1,0 +1,20 @@
+"""AIMC quantization of linear layers (DESIGN.md "AIMC quantization").
+
+Plain torch: no Lightning, no Hydra, no dependency on jit.models; layers are replaced
+by module name on any nn.Module.
+"""
+
+from .config import (ActConfig, AdcConfig, QuantConfig, SplitConfig, WeightConfig,
+                     build_quant_config)
+from .layers import (BitSerialLinear, HybridLinear, QuantLinear, StaticThresholds,
+                     W8A8Linear, quantized_layers)
+from .quantizers import percentile_abs, stable_seed
+from .stats import collect_stats, enable_stats, reset_stats
+from .surgery import adc_bypassed, noise_disabled, quantize_model, reseed
+
+__all__ = [
+    "ActConfig", "AdcConfig", "BitSerialLinear", "HybridLinear", "QuantConfig", "QuantLinear",
+    "SplitConfig", "StaticThresholds", "W8A8Linear", "WeightConfig", "adc_bypassed",
+    "build_quant_config", "collect_stats", "enable_stats", "noise_disabled", "percentile_abs",
+    "quantize_model", "quantized_layers", "reseed", "reset_stats", "stable_seed",
+]

@@ -1,0 +1,258 @@
+"""Validated quantization config (the `quant` group of the run config).
+
+`build_quant_config` is the entry point: it accepts a `QuantConfig`, an OmegaConf
+`DictConfig` or a plain nested mapping with the user-facing names
+
+    quant.scheme, quant.mode, quant.targets, quant.seed, quant.calibration_file,
+    quant.weight.{bits, clip_pct, granularity}, quant.act.{bits, percentile},
+    quant.split.{lsb_bits, radix, lsb_gain_shift},
+    quant.adc.{bits, bypass, noise_sigma_lsb, samples, tile_rows}
+
+and fills every missing field with the *scheme's* default (`SCHEME_DEFAULTS`), so
+`{"scheme": "bitserial"}` is the seed's W8A12 bit-serial layer and `{"scheme": "hybrid"}`
+the DESIGN.md hybrid W8A11. Every field is checked once, here; errors name the field
+(`quant.adc.bits`) and the allowed range.
+
+Constructing `QuantConfig` directly also works: sub-configs left at `None` take the
+scheme's defaults, sub-configs given explicitly are used as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMES = ("fp", "w8a8", "hybrid", "bitserial")
+MODES = ("dynamic", "static")
+GRANULARITIES = ("tensor", "channel")
+DEFAULT_TARGETS = ("blocks.*.mlp.w12", "blocks.*.mlp.w3")
+BITS_RANGE = (2, 16)
+# A gain shift moves the LSB slice up inside the DAC range; beyond 8 it would leave any
+# realistic converter.
+MAX_LSB_GAIN_SHIFT = 8
+
+
+def _fail(name: str, allowed: str, value: Any) -> None:
+    raise ValueError(f"quant.{name} must be {allowed}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, allowed, value)
+    if value < low or (high is not None and value > high):
+        _fail(name, allowed, value)
+
+
+def _check_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(name, "a finite number", value)
+    return float(value)
+
+
+def _check_percent(name: str, value: Any) -> None:
+    if not 0.0 < _check_number(name, value) <= 100.0:
+        _fail(name, "a percentile in (0, 100]", value)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(name, "one of " + ", ".join(choices), value)
+
+
+@dataclass(frozen=True)
+class WeightConfig:
+    """Symmetric INT-`bits` weights; `clip_pct` = percentile of |W| used as the clip
+    (None: max|W|), per tensor or per output channel."""
+
+    bits: int = 8
+    clip_pct: float | None = None
+    granularity: str = "tensor"
+
+    def __post_init__(self) -> None:
+        _check_int("weight.bits", self.bits, *BITS_RANGE)
+        if self.clip_pct is not None:
+            _check_percent("weight.clip_pct", self.clip_pct)
+        _check_choice("weight.granularity", self.granularity, GRANULARITIES)
+
+
+@dataclass(frozen=True)
+class ActConfig:
+    """Symmetric INT-`bits` activations clipped at the `percentile` of |x| (dynamic)."""
+
+    bits: int = 11
+    percentile: float = 99.8
+
+    def __post_init__(self) -> None:
+        _check_int("act.bits", self.bits, *BITS_RANGE)
+        _check_percent("act.percentile", self.percentile)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How an activation code is sliced: `lsb_bits` wide LSB slice, MSB weight `radix`
+    (hybrid), DAC gain `2**lsb_gain_shift` on the LSB slice (bit-serial only)."""
+
+    lsb_bits: int = 9
+    radix: int = 256
+    lsb_gain_shift: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("split.lsb_bits", self.lsb_bits, 1, BITS_RANGE[1] - 1)
+        _check_int("split.radix", self.radix, 2)
+        if self.radix & (self.radix - 1):
+            _fail("split.radix", "a power of two", self.radix)
+        _check_int("split.lsb_gain_shift", self.lsb_gain_shift, 0, MAX_LSB_GAIN_SHIFT)
+
+
+@dataclass(frozen=True)
+class AdcConfig:
+    """Signed `bits` ADC; `bypass` = ideal read-out; thermal noise of `noise_sigma_lsb`
+    ADC steps per read, averaged over `samples` reads; analog arrays of at most
+    `tile_rows` input rows (None: one array holds the whole input)."""
+
+    bits: int = 10
+    bypass: bool = False
+    noise_sigma_lsb: float = 2.0
+    samples: int = 1
+    tile_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("adc.bits", self.bits, *BITS_RANGE)
+        if not isinstance(self.bypass, bool):
+            _fail("adc.bypass", "true or false", self.bypass)
+        if _check_number("adc.noise_sigma_lsb", self.noise_sigma_lsb) < 0:
+            _fail("adc.noise_sigma_lsb", "a number >= 0", self.noise_sigma_lsb)
+        _check_int("adc.samples", self.samples, 1)
+        if self.tile_rows is not None:
+            _check_int("adc.tile_rows", self.tile_rows, 1)
+
+
+SECTIONS = {"weight": WeightConfig, "act": ActConfig, "split": SplitConfig, "adc": AdcConfig}
+
+# Only what differs from the dataclass defaults above (which are the hybrid W8A11).
+SCHEME_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "hybrid": {},
+    # The seed's implemented code path: 7+5 split of INT12, 2 MSB reads, DAC gain 4.
+    # radix is implied (2**lsb_bits) and derived in `_scheme_defaults`.
+    "bitserial": {
+        "act": {"bits": 12, "percentile": 99.5},
+        "split": {"lsb_bits": 5, "lsb_gain_shift": 2},
+        "adc": {"samples": 2},
+    },
+    # The seed's single-pass debug path: no slicing, no ADC (split and adc are unused).
+    "w8a8": {"act": {"bits": 8, "percentile": 99.5}},
+    "fp": {},
+}
+
+
+def _scheme_defaults(scheme: str, section: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    values = dict(SCHEME_DEFAULTS[scheme].get(section, {}))
+    if scheme == "bitserial" and section == "split":
+        values["radix"] = 2 ** given.get("lsb_bits", values["lsb_bits"])
+    return values
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The whole `quant` config. See the module docstring for field semantics."""
+
+    scheme: str = "hybrid"
+    mode: str = "dynamic"
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    seed: int = 0
+    calibration_file: str | None = None
+    weight: WeightConfig | None = None
+    act: ActConfig | None = None
+    split: SplitConfig | None = None
+    adc: AdcConfig | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("scheme", self.scheme, SCHEMES)
+        _check_choice("mode", self.mode, MODES)
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            _fail("targets", "a non-empty list of glob patterns on module names", self.targets)
+        object.__setattr__(self, "targets", targets)
+        _check_int("seed", self.seed, 0)
+        if self.calibration_file is not None and not isinstance(self.calibration_file, str):
+            _fail("calibration_file", "a path or null", self.calibration_file)
+        for name, cls in SECTIONS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, cls(**_scheme_defaults(self.scheme, name, {})))
+            elif not isinstance(getattr(self, name), cls):
+                _fail(name, f"a {cls.__name__}", getattr(self, name))
+        self._check_cross_fields()
+
+    def _check_cross_fields(self) -> None:
+        if self.scheme not in ("hybrid", "bitserial"):
+            return  # no slicing: the split fields are not used
+        act_bits, split = self.act.bits, self.split
+        if split.lsb_bits >= act_bits:
+            _fail("split.lsb_bits", f"< quant.act.bits={act_bits} (in [1, {act_bits - 1}])",
+                  split.lsb_bits)
+        if split.radix > 2**split.lsb_bits:
+            _fail("split.radix", f"a power of two in [2, 2**quant.split.lsb_bits="
+                  f"{2**split.lsb_bits}]", split.radix)
+        if self.scheme == "bitserial" and split.radix != 2**split.lsb_bits:
+            _fail("split.radix", f"2**quant.split.lsb_bits={2**split.lsb_bits} for the "
+                  "bit-serial scheme", split.radix)
+        if self.scheme != "bitserial" and split.lsb_gain_shift != 0:
+            _fail("split.lsb_gain_shift", "0 unless quant.scheme is bitserial",
+                  split.lsb_gain_shift)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["targets"] = list(self.targets)
+        return out
+
+
+def _to_plain(cfg: Any) -> Any:
+    """DictConfig -> dict without importing omegaconf unless the object is one."""
+    if type(cfg).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def _section_values(name: str, given: Any, scheme: str) -> dict[str, Any]:
+    cls = SECTIONS[name]
+    if isinstance(given, cls):
+        return dataclasses.asdict(given)
+    if given is None:
+        given = {}
+    if not isinstance(given, Mapping):
+        _fail(name, "a mapping", given)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in given:
+        if key not in known:
+            raise ValueError(f"quant.{name}.{key} is not a known field "
+                             f"(known: {', '.join(sorted(known))})")
+    return {**_scheme_defaults(scheme, name, given), **given}
+
+
+def build_quant_config(cfg: Any = None) -> QuantConfig:
+    """QuantConfig | DictConfig | nested mapping | None -> validated QuantConfig."""
+    if isinstance(cfg, QuantConfig):
+        return cfg
+    cfg = _to_plain(cfg)
+    if cfg is None:
+        cfg = {}
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"quant config must be a mapping or QuantConfig, got {type(cfg).__name__}")
+    top = {f.name for f in dataclasses.fields(QuantConfig)}
+    for key in cfg:
+        if key not in top:
+            raise ValueError(f"quant.{key} is not a known field (known: {', '.join(sorted(top))})")
+    scheme = cfg.get("scheme", "hybrid")
+    _check_choice("scheme", scheme, SCHEMES)
+    values = {k: v for k, v in cfg.items() if k not in SECTIONS}
+    if "targets" in values and not isinstance(values["targets"], str):
+        values["targets"] = tuple(values["targets"])
+    sections = {name: SECTIONS[name](**_section_values(name, cfg.get(name), scheme))
+                for name in SECTIONS}
+    return QuantConfig(**values, **sections)

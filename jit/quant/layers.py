@@ -1,0 +1,449 @@
+"""Quantized drop-ins for nn.Linear: hybrid W8A11, legacy bit-serial and W8A8.
+
+One pipeline (`QuantLinear._simulate`) serves every scheme; a scheme only says how an
+activation code is sliced into analog paths (each read by its own ADC) and an optional
+exact digital path (`_split`). DESIGN.md "AIMC quantization" is the specification.
+
+Each layer keeps the original `weight`/`bias` Parameters (the very same objects as the
+replaced nn.Linear) and adds no persistent state, so state dicts are unchanged.
+
+Calibration-facing API (used by the calibration module, also fine by hand):
+
+- `layer.set_static(act_clip, adc_clip, weight_int=None, weight_scale=None)` stores
+  thresholds as clip values in the units of the clipped quantity (activation units for
+  `act_clip`; raw analog accumulation units, i.e. sum of INT weight x INT input slice
+  products, for each ADC path) plus the bit widths they were made for. The step used at
+  run time is always clip / (2^(bits-1) - 1) of the layer's current bit width.
+  `layer.static` returns them; `layer.clear_static()` forgets them.
+- `layer.observer`: None (free) or a callable `observer(layer_name, kind, tensor)` called
+  during forward with kind "act" (the float input, as given) and "adc.<path>" (the
+  noiseless pre-ADC accumulation of one analog path, [tokens, out_features], once per
+  tile). The tensors are live buffers: read them (e.g. into a histogram), do not keep or
+  modify them.
+- `jit.quant.noise_disabled(model)` / `adc_bypassed(model)` (surgery.py) switch the
+  thermal noise / the whole ADC off temporarily and restore the prior settings.
+
+Noise is drawn from one torch.Generator per layer and device, seeded with
+`stable_seed(cfg.seed, layer_name)` (SHA-256 of "seed/name"), so the same seed, model
+and inputs give the same outputs in any process; `reseed` restarts the streams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from .config import QuantConfig, build_quant_config
+from .quantizers import (adc_convert_, bitserial_split, center_out_split, percentile_abs,
+                         qmax, quantize_symmetric, stable_seed, weight_clip)
+
+Observer = Callable[[str, str, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class StaticThresholds:
+    """Calibrated thresholds of one layer: clip values plus the bits they were made for."""
+
+    act_clip: float
+    act_bits: int
+    adc_clips: dict[str, float]
+    adc_bits: int
+    weight_int: torch.Tensor | None = None
+    weight_scale: torch.Tensor | None = None
+
+
+class AnalogPath(NamedTuple):
+    name: str
+    codes: torch.Tensor  # integer input slice, [tokens, in_features]
+    gain: float  # weight of this path's result in the reconstruction
+    reads: int  # analog reads averaged (noise std shrinks by sqrt(reads))
+    noisy: bool
+
+
+class Split(NamedTuple):
+    analog: list[AnalogPath]
+    digital: torch.Tensor | None  # exact digital path input (codes) or None
+    digital_gain: float
+    msb: torch.Tensor | None  # for statistics: the MSB slice
+    lsb_range: tuple[int, int] | None  # for statistics: codes the LSB path alone covers
+
+
+class WeightCodes(NamedTuple):
+    codes_t: torch.Tensor  # INT codes transposed, [in_features, out_features], contiguous
+    step: torch.Tensor  # s_w: 0-d, or [out_features] per channel
+    clip: torch.Tensor | None  # |W| clip (for the straight-through mask); None if imported
+
+
+def _check_clip(layer: str, what: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"layer '{layer}': {what} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+class QuantLinear(nn.Linear):
+    """Common pipeline; subclasses implement `_split`. Build with `from_linear`."""
+
+    scheme = ""
+    adc_paths: tuple[str, ...] = ()
+    # The seed's dynamic ADC step is max|a|/qmax + 1e-8; the hybrid follows DESIGN.md.
+    dynamic_step_eps = 0.0
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 cfg: QuantConfig | dict | None = None, name: str = "", device=None,
+                 dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        cfg = build_quant_config({"scheme": self.scheme} if cfg is None else cfg)
+        if cfg.scheme != self.scheme:
+            raise ValueError(f"{type(self).__name__} needs quant.scheme={self.scheme!r}, "
+                             f"got {cfg.scheme!r}")
+        self.cfg = cfg
+        self.layer_name = name
+        self.observer: Observer | None = None
+        self.stats = None  # a stats.LayerStats while statistics are enabled
+        self._static: StaticThresholds | None = None
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._weight_cache: tuple[tuple, WeightCodes] | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, cfg: QuantConfig, name: str = "") -> QuantLinear:
+        """A quantized layer sharing `linear`'s weight and bias Parameters."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, cfg,
+                    name, device="meta")
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"{super().extra_repr()}, scheme={c.scheme}, mode={c.mode}, "
+                f"w{c.weight.bits}a{c.act.bits}, adc={'bypass' if c.adc.bypass else c.adc.bits}")
+
+    def __getstate__(self):
+        # Generators and the weight cache are rebuilt lazily (deepcopy, pickling).
+        state = super().__getstate__()
+        state = dict(state, _generators={}, _weight_cache=None)
+        return state
+
+    # ----- static thresholds -------------------------------------------------------
+    def set_static(self, act_clip: float, adc_clip: float | dict[str, float] | None = None,
+                   weight_int: torch.Tensor | None = None,
+                   weight_scale: torch.Tensor | float | None = None,
+                   act_bits: int | None = None, adc_bits: int | None = None) -> None:
+        """Thresholds for static mode (see module docstring for units).
+
+        `adc_clip`: one float for a layer with one ADC path, or {path: clip} covering
+        every path in `adc_paths`; None leaves the ADC uncalibrated (allowed while
+        calibrating with the ADC bypassed; a static forward through the ADC then fails).
+        `weight_int`/`weight_scale`: optional imported INT weights ([out, in]) and their
+        step (scalar or [out]); the forward then ignores `weight`.
+        `act_bits`/`adc_bits`: the widths the clips were made for (default: current).
+        """
+        name = self.layer_name
+        act_clip = _check_clip(name, "act_clip", act_clip)
+        if adc_clip is None:
+            clips = {}
+        elif isinstance(adc_clip, dict):
+            if set(adc_clip) != set(self.adc_paths):
+                raise ValueError(f"layer '{name}': adc_clip needs exactly the paths "
+                                 f"{list(self.adc_paths)}, got {sorted(adc_clip)}")
+            clips = {k: _check_clip(name, f"adc_clip[{k!r}]", v) for k, v in adc_clip.items()}
+        elif len(self.adc_paths) == 1:
+            clips = {self.adc_paths[0]: _check_clip(name, "adc_clip", adc_clip)}
+        else:
+            raise ValueError(f"layer '{name}': {self.scheme} has ADC paths "
+                             f"{list(self.adc_paths)}; give adc_clip as a dict per path")
+        if (weight_int is None) != (weight_scale is None):
+            raise ValueError(f"layer '{name}': weight_int and weight_scale go together")
+        if weight_int is not None:
+            weight_int, weight_scale = self._check_weight_import(weight_int, weight_scale)
+        self._static = StaticThresholds(act_clip, act_bits or self.cfg.act.bits, clips,
+                                        adc_bits or self.cfg.adc.bits, weight_int, weight_scale)
+        self._weight_cache = None
+
+    def _check_weight_import(self, weight_int, weight_scale):
+        name, bits = self.layer_name, self.cfg.weight.bits
+        weight_int = torch.as_tensor(weight_int).detach()
+        if tuple(weight_int.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"layer '{name}': weight_int has shape {tuple(weight_int.shape)}, "
+                             f"expected {(self.out_features, self.in_features)}")
+        w = weight_int.double()
+        if not torch.equal(w, w.round()) or w.min() < -qmax(bits) - 1 or w.max() > qmax(bits):
+            raise ValueError(f"layer '{name}': weight_int must hold integers in "
+                             f"[{-qmax(bits) - 1}, {qmax(bits)}] (quant.weight.bits={bits})")
+        weight_scale = torch.as_tensor(weight_scale, dtype=torch.float64).detach().reshape(-1)
+        if weight_scale.numel() not in (1, self.out_features) or not bool(
+                (weight_scale > 0).all() and weight_scale.isfinite().all()):
+            raise ValueError(f"layer '{name}': weight_scale must be finite and > 0, one value "
+                             f"or one per output channel ({self.out_features})")
+        return weight_int, weight_scale.reshape(()) if weight_scale.numel() == 1 else weight_scale
+
+    @property
+    def static(self) -> StaticThresholds | None:
+        return self._static
+
+    def clear_static(self) -> None:
+        self._static = None
+        self._weight_cache = None
+
+    # ----- noise streams -------------------------------------------------------------
+    def reseed(self, seed: int) -> None:
+        """Restart this layer's noise stream from `seed` (and the layer name)."""
+        self.cfg = dataclasses.replace(self.cfg, seed=seed)
+        self._generators.clear()
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(stable_seed(self.cfg.seed, self.layer_name))
+            self._generators[device] = gen
+        return gen
+
+    # ----- forward -------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _StraightThrough.apply(x, self.weight, self.bias, self)
+
+    def _weight_codes(self, device: torch.device, dtype: torch.dtype) -> WeightCodes:
+        """INT weight codes, cached until the weight tensor changes (in-place updates bump
+        its version) so inference does not requantize per call."""
+        static = self._static
+        if static is not None and static.weight_int is not None:
+            key = ("import", id(static), device, dtype)
+        else:
+            w = self.weight
+            key = (w._version, w.data_ptr(), device, dtype, self.cfg.weight)
+        if self._weight_cache is not None and self._weight_cache[0] == key:
+            return self._weight_cache[1]
+        if key[0] == "import":
+            codes = static.weight_int.to(device=device, dtype=dtype)
+            step, clip = static.weight_scale.to(device=device, dtype=dtype), None
+        else:
+            w = self.weight.detach().to(dtype)
+            clip = weight_clip(w, self.cfg.weight)
+            codes, step = quantize_symmetric(w, clip, self.cfg.weight.bits)
+            step = step.reshape(-1) if step.dim() else step
+        entry = WeightCodes(codes.t().contiguous(), step, clip)
+        self._weight_cache = (key, entry)
+        return entry
+
+    def _act_clip(self, x: torch.Tensor) -> torch.Tensor:
+        low, high = torch.aminmax(x)
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            raise FloatingPointError(f"layer '{self.layer_name}': NaN or Inf in the input "
+                                     "activations")
+        if self.cfg.mode == "static":
+            return torch.tensor(self._require_static().act_clip, dtype=x.dtype, device=x.device)
+        if self.cfg.act.percentile == 100.0:
+            return torch.maximum(-low, high)
+        return percentile_abs(x, self.cfg.act.percentile)
+
+    def _require_static(self) -> StaticThresholds:
+        if self._static is None:
+            raise RuntimeError(f"layer '{self.layer_name}' is in static mode but has no "
+                               "thresholds: calibrate it or call set_static()")
+        return self._static
+
+    def _adc_step(self, path: str, acc: torch.Tensor) -> float:
+        code_max = qmax(self.cfg.adc.bits)
+        if self.cfg.mode == "static":
+            clip = self._require_static().adc_clips.get(path)
+            if clip is None:
+                raise RuntimeError(f"layer '{self.layer_name}' is in static mode but has no "
+                                   f"ADC clip for path '{path}': calibrate it or call "
+                                   "set_static(adc_clip=...)")
+            return clip / code_max
+        low, high = torch.aminmax(acc)
+        peak = max(-float(low), float(high))
+        if peak == 0 and self.dynamic_step_eps == 0:
+            return 1.0  # all-zero accumulation: any step gives code 0
+        return peak / code_max + self.dynamic_step_eps
+
+    def _tiles(self) -> list[slice]:
+        rows = self.cfg.adc.tile_rows
+        if rows is None or rows >= self.in_features:
+            return [slice(None)]
+        return [slice(start, start + rows) for start in range(0, self.in_features, rows)]
+
+    def _split(self, x_int: torch.Tensor) -> Split:
+        raise NotImplementedError
+
+    def _simulate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, WeightCodes]:
+        """The hardware forward (no autograd). Returns (y, activation clip, weight codes)."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x2 = x.detach().reshape(-1, self.in_features).to(dtype)
+        if self.observer is not None:
+            self.observer(self.layer_name, "act", x)
+        act_clip = self._act_clip(x2)
+        x_int, act_step = quantize_symmetric(x2, act_clip, self.cfg.act.bits)
+        weights = self._weight_codes(x2.device, dtype)
+        split = self._split(x_int)
+        if self.stats is not None:
+            self.stats.observe_activations(x2, act_clip, x_int, split.msb, split.lsb_range)
+        del x_int
+        y = self._accumulate(split, weights.codes_t, x2.shape[0])
+        del split
+        y.mul_(act_step * weights.step)
+        if self.bias is not None:
+            y.add_(self.bias.detach().to(dtype))
+        if self.stats is not None:
+            self.stats.calls += 1
+            self.stats.observe_output(x2, self.weight.detach().to(dtype),
+                                      None if self.bias is None else self.bias.detach().to(dtype),
+                                      y)
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y, act_clip, weights
+
+    def _accumulate(self, split: Split, codes_t: torch.Tensor, tokens: int) -> torch.Tensor:
+        """sum over analog paths and tiles of gain * ADC(codes[:, tile] @ W_int[tile]) plus
+        the exact digital path, in integer-product units, [tokens, out_features]."""
+        adc, stats = self.cfg.adc, self.stats
+        out = codes_t.new_empty((tokens, self.out_features))
+        scratch = None
+        first = True
+        for path in split.analog:
+            if stats is not None:
+                stats.analog_macs += path.codes.numel() * self.out_features * path.reads
+            sigma = adc.noise_sigma_lsb / math.sqrt(path.reads) if path.noisy else 0.0
+            for rows in self._tiles():
+                if first:
+                    acc = out
+                else:
+                    scratch = torch.empty_like(out) if scratch is None else scratch
+                    acc = scratch
+                torch.matmul(path.codes[:, rows], codes_t[rows], out=acc)
+                if self.observer is not None:
+                    self.observer(self.layer_name, f"adc.{path.name}", acc)
+                gain = path.gain
+                if not adc.bypass:
+                    step = self._adc_step(path.name, acc)
+                    saturated = adc_convert_(acc, step, adc.bits, sigma,
+                                             self._generator(acc.device) if sigma else None,
+                                             count_saturated=stats is not None)
+                    if stats is not None:
+                        stats.observe_adc(acc.numel(), saturated)
+                    gain *= step
+                if gain != 1:
+                    acc.mul_(gain)
+                if not first:
+                    out.add_(acc)
+                first = False
+        if split.digital is not None:
+            if stats is not None:
+                stats.digital_macs += int(torch.count_nonzero(split.digital)) * self.out_features
+            if first:
+                torch.matmul(split.digital, codes_t, out=out)
+                if split.digital_gain != 1:
+                    out.mul_(split.digital_gain)
+            else:
+                out.addmm_(split.digital, codes_t, alpha=split.digital_gain)
+        return out
+
+
+class HybridLinear(QuantLinear):
+    """Hybrid W8A11 (DESIGN.md): center-out split; the LSB slice runs on the analog array
+    (noise, ADC, optional tiles), the sparse MSB slice on an exact digital MAC whose
+    result alone carries the radix gain."""
+
+    scheme = "hybrid"
+    adc_paths = ("lsb",)
+
+    def _split(self, x_int: torch.Tensor) -> Split:
+        s = self.cfg.split
+        msb, lsb = center_out_split(x_int, s.lsb_bits, s.radix)
+        half = 2 ** (s.lsb_bits - 1)
+        analog = AnalogPath("lsb", lsb, 1.0, self.cfg.adc.samples, True)
+        return Split([analog], msb, float(s.radix), msb, (-half, half - 1))
+
+
+class BitSerialLinear(QuantLinear):
+    """The seed's legacy bit-serial layer (DESIGN.md "Legacy bit-serial"): signed MSB slice
+    read `samples` times (noise averaged), unsigned LSB slice with DAC gain 2^g and no
+    noise, each through its own ADC."""
+
+    scheme = "bitserial"
+    adc_paths = ("msb", "lsb")
+    dynamic_step_eps = 1e-8
+
+    def _split(self, x_int: torch.Tensor) -> Split:
+        s = self.cfg.split
+        msb, lsb = bitserial_split(x_int, s.lsb_bits)
+        lsb.mul_(2**s.lsb_gain_shift)
+        analog = [AnalogPath("msb", msb, float(2**s.lsb_bits), self.cfg.adc.samples, True),
+                  AnalogPath("lsb", lsb, 2.0**-s.lsb_gain_shift, 1, False)]
+        return Split(analog, None, 1.0, msb, (0, 2**s.lsb_bits - 1))
+
+    def adc_clips_from_output_step(self, output_step: float,
+                                   act_clip: float | None = None) -> dict[str, float]:
+        """The seed's single `*_acc` scale (step of the reconstructed output) as ADC clips
+        per path: s_M = r/(s_x s_w 2^lb), s_L = r/(s_x s_w / 2^g), clip = step * qmax.
+        `act_clip` defaults to the layer's static activation clip."""
+        if act_clip is None:
+            act_clip = self._require_static().act_clip
+        weights = self._weight_codes(self.weight.device, torch.float32)
+        if weights.step.dim():
+            raise ValueError(f"layer '{self.layer_name}': an output-domain ADC step needs "
+                             "per-tensor weights (quant.weight.granularity=tensor)")
+        s = self.cfg.split
+        scale = act_clip / qmax(self.cfg.act.bits) * float(weights.step)
+        code_max = qmax(self.cfg.adc.bits)
+        return {"msb": output_step / (scale * 2**s.lsb_bits) * code_max,
+                "lsb": output_step / (scale / 2**s.lsb_gain_shift) * code_max}
+
+
+class W8A8Linear(QuantLinear):
+    """Single pass INT8 x INT8 (the seed's debug path): no slicing, no ADC."""
+
+    scheme = "w8a8"
+
+    def _split(self, x_int: torch.Tensor) -> Split:
+        return Split([], x_int, 1.0, None, None)
+
+
+LAYER_CLASSES: dict[str, type[QuantLinear]] = {
+    cls.scheme: cls for cls in (HybridLinear, BitSerialLinear, W8A8Linear)}
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    """{module name: quantized layer} in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the simulated hardware. Backward: straight-through estimator of
+    y = fq(W) fq(x)^T + b, i.e. every rounding (weights, activations, slicing, ADC) passes
+    the gradient unchanged, the activation and weight clips block it outside their range,
+    and ADC saturation is ignored. Imported integer weights get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        y, act_clip, weights = layer._simulate(x)
+        ctx.layer = layer
+        ctx.weights = weights
+        ctx.save_for_backward(x, weight, act_clip)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, act_clip = ctx.saved_tensors
+        layer, weights = ctx.layer, ctx.weights
+        dtype = weights.codes_t.dtype
+        g = grad_y.reshape(-1, layer.out_features).to(dtype)
+        x2 = x.reshape(-1, layer.in_features).to(dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            w_fq_t = weights.codes_t * weights.step
+            grad_x = (g @ w_fq_t.t()).mul_(x2.abs() <= act_clip)
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1] and weights.clip is not None:
+            x_codes, x_step = quantize_symmetric(x2, act_clip, layer.cfg.act.bits)
+            grad_w = (g.t() @ x_codes.mul_(x_step)).mul_(weight.detach().abs() <= weights.clip)
+            grad_w = grad_w.to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = g.sum(0).to(grad_y.dtype)
+        return grad_x, grad_w, grad_b, None

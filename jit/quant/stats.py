@@ -1,0 +1,106 @@
+"""Per-layer statistics of DESIGN.md "Statistics worth logging per layer".
+
+A layer owns a `LayerStats` only while statistics are enabled (`enable_stats`); when
+it is None the forward pass does no extra work at all. Counters accumulate across calls
+as Python numbers (one host sync per counter per call, acceptable for a diagnostic
+mode) and `collect_stats` turns them into one row per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import quantized_layers
+
+
+@dataclass
+class LayerStats:
+    calls: int = 0
+    act_values: int = 0
+    act_clipped: int = 0
+    msb_nonzero: int = 0
+    in_lsb_range: int = 0
+    in_int8_range: int = 0
+    adc_conversions: int = 0
+    adc_saturated: int = 0
+    signal_energy: float = 0.0
+    error_energy: float = 0.0
+    digital_macs: int = 0
+    analog_macs: int = 0
+    has_split: bool = False
+    has_adc: bool = False
+
+    def observe_activations(self, x: torch.Tensor, clip: torch.Tensor, x_int: torch.Tensor,
+                            msb: torch.Tensor | None,
+                            lsb_range: tuple[int, int] | None) -> None:
+        """Clip rate, coverage of x_int by [-128, 127] and by the LSB range, MSB density."""
+        self.act_values += x.numel()
+        self.act_clipped += int((x.abs() > clip).sum())
+        self.in_int8_range += int(((x_int >= -128) & (x_int <= 127)).sum())
+        if msb is not None and lsb_range is not None:
+            self.has_split = True
+            self.msb_nonzero += int(torch.count_nonzero(msb))
+            low, high = lsb_range
+            self.in_lsb_range += int(((x_int >= low) & (x_int <= high)).sum())
+
+    def observe_adc(self, conversions: int, saturated: int) -> None:
+        self.has_adc = True
+        self.adc_conversions += conversions
+        self.adc_saturated += saturated
+
+    def observe_output(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       y: torch.Tensor) -> None:
+        """Signal and error energy against the float layer on the same input."""
+        y_float = F.linear(x.to(weight.dtype), weight, bias).double()
+        self.signal_energy += float(y_float.square().sum())
+        self.error_energy += float((y.double() - y_float).square().sum())
+
+    def row(self, name: str, scheme: str) -> dict:
+        def share(count: int, total: int, applies: bool = True) -> float | None:
+            return count / total if applies and total else None
+
+        if self.error_energy > 0:
+            sqnr_db = 10 * math.log10(self.signal_energy / self.error_energy)
+        else:
+            sqnr_db = math.inf if self.calls else None
+        return {
+            "layer": name,
+            "scheme": scheme,
+            "msb_density": share(self.msb_nonzero, self.act_values, self.has_split),
+            "lsb_range_coverage": share(self.in_lsb_range, self.act_values, self.has_split),
+            "int8_range_coverage": share(self.in_int8_range, self.act_values),
+            "act_clip_rate": share(self.act_clipped, self.act_values),
+            "adc_saturation_rate": share(self.adc_saturated, self.adc_conversions,
+                                         self.has_adc),
+            "sqnr_db": sqnr_db,
+            "digital_macs": self.digital_macs,
+            "analog_macs": self.analog_macs,
+            "calls": self.calls,
+        }
+
+
+def enable_stats(model: nn.Module, enabled: bool = True) -> None:
+    """Start (fresh counters) or stop collecting statistics in every quantized layer."""
+    for layer in quantized_layers(model).values():
+        layer.stats = LayerStats() if enabled else None
+
+
+def reset_stats(model: nn.Module) -> None:
+    """Zero the counters of layers that are collecting."""
+    for layer in quantized_layers(model).values():
+        if layer.stats is not None:
+            layer.stats = LayerStats()
+
+
+def collect_stats(model: nn.Module) -> list[dict]:
+    """One row per collecting layer: msb_density, lsb_range_coverage, int8_range_coverage,
+    act_clip_rate, adc_saturation_rate (None where a scheme has no such part), sqnr_db
+    (output vs the float layer, accumulated energies), digital_macs, analog_macs (analog
+    reads counted each), calls."""
+    return [layer.stats.row(name, layer.scheme)
+            for name, layer in quantized_layers(model).items() if layer.stats is not None]

@@ -1,0 +1,81 @@
+"""Model surgery and model-wide switches: replace target nn.Linear modules by quantized
+layers, reseed their noise, and switch noise or ADC off temporarily (calibration)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from .config import build_quant_config
+from .layers import LAYER_CLASSES, QuantLinear, quantized_layers
+
+# How many candidate names an error message lists.
+_LISTED_NAMES = 8
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def quantize_model(model: nn.Module, cfg: Any) -> list[str]:
+    """Replace the nn.Linear modules whose names match `cfg.targets` (glob patterns) by the
+    scheme's quantized layer, in place; return the replaced names.
+
+    The new layers share the original weight/bias Parameters, so `state_dict()` keys and
+    values are unchanged and checkpoints still load strictly. Scheme `fp` replaces
+    nothing (the float model is the baseline, at zero cost) but still checks the targets.
+    A pattern that matches no nn.Linear is an error listing some available names.
+    """
+    cfg = build_quant_config(cfg)
+    linears = {name: m for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not isinstance(m, QuantLinear)}
+    for pattern in cfg.targets:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in linears):
+            listed = ", ".join(list(linears)[:_LISTED_NAMES]) or "none"
+            raise ValueError(f"quant.targets pattern {pattern!r} matches no nn.Linear module "
+                             f"(available: {listed}{', ...' if len(linears) > _LISTED_NAMES else ''})")
+    names = [name for name in linears if _matches(name, cfg.targets)]
+    if cfg.scheme == "fp":
+        return []
+    cls = LAYER_CLASSES[cfg.scheme]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, cls.from_linear(linears[name], cfg, name))
+    return names
+
+
+def reseed(model: nn.Module, seed: int) -> None:
+    """Restart every quantized layer's noise stream from `seed` (see layers.py)."""
+    for layer in quantized_layers(model).values():
+        layer.reseed(seed)
+
+
+@contextlib.contextmanager
+def _adc_overridden(model: nn.Module, **changes: Any) -> Iterator[None]:
+    layers = quantized_layers(model).values()
+    prior = [(layer, layer.cfg) for layer in layers]
+    try:
+        for layer, cfg in prior:
+            layer.cfg = dataclasses.replace(cfg, adc=dataclasses.replace(cfg.adc, **changes))
+        yield
+    finally:
+        for layer, cfg in prior:
+            layer.cfg = cfg
+
+
+def noise_disabled(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Thermal noise off in every quantized layer inside the block (settings restored on
+    exit, also on error). Noise generators are not advanced while it is off."""
+    return _adc_overridden(model, noise_sigma_lsb=0.0)
+
+
+def adc_bypassed(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Ideal read-out (no noise, no ADC rounding) inside the block: what a calibration
+    pass uses while collecting pre-ADC accumulations before ADC clips exist."""
+    return _adc_overridden(model, bypass=True)
