@@ -1,0 +1,467 @@
+"""FID evaluation: deterministic sharded generation streamed into a feature extractor.
+
+Image i (global index) gets label labels[i] and initial noise drawn from a generator
+seeded with seed * 1_000_003 + i; rank r of W generates i = r, r + W, r + 2W, ... So the
+generated set does not depend on the number of processes or the batch size whenever the
+model is batch-independent. Images never leave memory unless PNGs or an npz are asked
+for; features are reduced to float64 sufficient statistics at once (constant memory),
+and the statistics of all ranks are summed at the end.
+
+Everything that can fail on bad input (config values, extractor name, Inception weights,
+reference statistics and their shape) is checked before the first image is generated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import zipfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from jit.datamodules import from_model_range
+from jit.metrics.atomic import atomic_path
+from jit.metrics.features import INCEPTION, create_feature_space
+from jit.metrics.fid import GaussianStats, InceptionScoreStats, all_reduce_sum, frechet_distance
+from jit.metrics.reference import reference_stats
+
+LABEL_STRATEGIES = ("repeat", "spread")
+WEIGHT_CHOICES = ("raw", "ema1", "ema2")
+NOISE_SEED_STRIDE = 1_000_003  # prime: (seed, index) pairs map to distinct seeds for index < stride
+
+
+class EvaluationConfigError(ValueError):
+    """An fid.* setting is invalid."""
+
+
+# ------------------------------------------------------------------------------ config
+@dataclass
+class FIDConfig:
+    """The `fid` config group (configs/fid/*.yaml)."""
+
+    extractor: str = INCEPTION
+    num_images: int = 50_000
+    batch_size: int = 64
+    label_strategy: str = "repeat"
+    seed: int = 0
+    reference: dict = field(default_factory=lambda: {"stats_file": None, "split": "reference", "cache_dir": None})
+    inception_weights: str | None = None
+    extractor_weights: str | None = None  # weights for a non-Inception extractor (e.g. digits-cnn)
+    eval_weights: str | None = None  # raw | ema1 | ema2; None: the module's choice, else ema1
+    save_images: bool = False
+    export_npz: bool = False
+    sampler: dict = field(default_factory=dict)  # overrides of the module's sampler settings
+    grid: dict = field(default_factory=lambda: {"samples_per_class": 8, "max_classes": 16})
+    isc_splits: int = 10
+    progress: bool = True
+
+    @classmethod
+    def from_any(cls, cfg) -> "FIDConfig":
+        if isinstance(cfg, cls):
+            return cfg
+        if cfg is None:
+            cfg = {}
+        if not isinstance(cfg, Mapping):
+            from omegaconf import OmegaConf  # a Hydra DictConfig
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise EvaluationConfigError(f"unknown fid settings {unknown}; known: {sorted(known)}")
+        out = cls(**cfg)
+        out.reference = {**cls().reference, **dict(out.reference or {})}
+        out.grid = {**cls().grid, **dict(out.grid or {})}
+        out.sampler = dict(out.sampler or {})
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        def positive_int(name, value, minimum=1):
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise EvaluationConfigError(f"fid.{name} must be an integer >= {minimum}, got {value!r}")
+
+        positive_int("num_images", self.num_images, 2)
+        positive_int("batch_size", self.batch_size)
+        positive_int("isc_splits", self.isc_splits)
+        positive_int("grid.samples_per_class", self.grid["samples_per_class"], 0)
+        positive_int("grid.max_classes", self.grid["max_classes"])
+        if self.label_strategy not in LABEL_STRATEGIES:
+            raise EvaluationConfigError(
+                f"fid.label_strategy={self.label_strategy!r}; allowed: {', '.join(LABEL_STRATEGIES)}")
+        if self.eval_weights is not None and self.eval_weights not in WEIGHT_CHOICES:
+            raise EvaluationConfigError(f"fid.eval_weights={self.eval_weights!r}; allowed: {', '.join(WEIGHT_CHOICES)}")
+
+
+# --------------------------------------------------------------- labels, shards, noise
+def balanced_labels(num_images: int, num_classes: int, strategy: str = "repeat") -> torch.Tensor:
+    """Conditioning label of every global image index, class-balanced.
+
+    When num_classes divides num_images both strategies give labels i % C (exactly
+    N / C images per class). Otherwise `repeat` keeps cycling 0..C-1, so the first
+    N % C classes get one extra image; `spread` gives the extra images to N % C classes
+    spaced evenly over the class range. In both, the classes take turns, so any prefix
+    of the index range is balanced too.
+    """
+    if strategy not in LABEL_STRATEGIES:
+        raise EvaluationConfigError(f"label strategy {strategy!r}; allowed: {', '.join(LABEL_STRATEGIES)}")
+    base, extra = divmod(num_images, num_classes)
+    counts = np.full(num_classes, base)
+    if strategy == "repeat":
+        counts[:extra] += 1
+    else:
+        counts[(np.arange(extra) * num_classes) // max(extra, 1)] += 1
+    # Round j lists, in class order, every class that still has a j-th image.
+    labels = [c for j in range(int(counts.max())) for c in np.flatnonzero(counts > j)]
+    return torch.tensor(labels, dtype=torch.long)
+
+
+def shard_indices(num_images: int, rank: int, world_size: int) -> torch.Tensor:
+    """Global indices generated by `rank`: rank, rank + W, ... (strided, so loads stay even)."""
+    return torch.arange(rank, num_images, world_size)
+
+
+def initial_noise(seed: int, indices, shape, noise_scale: float) -> torch.Tensor:
+    """noise_scale * N(0, I) per image from (seed, index), on the CPU so any device agrees."""
+    out = torch.empty(len(indices), *shape)
+    gen = torch.Generator()
+    for row, index in enumerate(indices):
+        gen.manual_seed(int(seed) * NOISE_SEED_STRIDE + int(index))
+        out[row] = torch.randn(shape, generator=gen)
+    return out * noise_scale
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------ file output
+def write_json_atomic(obj, path) -> None:
+    """JSON written atomically: an interrupted write leaves the previous file (or none)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class NpzExport:
+    """ADM-style sample export (`arr_0`, NHWC uint8) at constant memory.
+
+    Each rank appends its images to a raw shard file in the run dir; rank 0 then streams
+    the shards, interleaved back into global index order, into one zip entry of a
+    temporary npz and renames it into place. Needs a file system all ranks share.
+    """
+
+    def __init__(self, run_dir: Path, num_images: int, image_shape_hwc, rank: int, world: int):
+        self.run_dir, self.num_images, self.shape = run_dir, num_images, tuple(image_shape_hwc)
+        self.rank, self.world = rank, world
+        self.item_bytes = int(np.prod(self.shape))
+        self.file = open(self._shard(rank), "wb")
+
+    def _shard(self, rank: int) -> Path:
+        return self.run_dir / f".samples.rank{rank}.u8"
+
+    def add(self, images_nhwc: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(images_nhwc, dtype=np.uint8).tobytes())
+
+    def finish(self, path: Path, rounds_per_chunk: int = 64) -> None:
+        self.file.close()
+        _barrier()
+        if self.rank == 0:
+            n, w = self.num_images, self.world
+            shards = [open(self._shard(r), "rb") for r in range(w)]
+            try:
+                with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, \
+                        zf.open("arr_0.npy", "w", force_zip64=True) as out:
+                    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                              "fortran_order": False, "shape": (n, *self.shape)}
+                    np.lib.format.write_array_header_1_0(out, header)
+                    # Round j holds global indices j W .. j W + W - 1, i.e. item j of every shard.
+                    for j0 in range(0, math.ceil(n / w), rounds_per_chunk):
+                        count = min((j0 + rounds_per_chunk) * w, n) - j0 * w
+                        chunk = np.empty((count, self.item_bytes), np.uint8)
+                        for r in range(min(w, count)):
+                            rows = chunk[r::w]
+                            shards[r].seek(j0 * self.item_bytes)
+                            rows[:] = np.frombuffer(shards[r].read(len(rows) * self.item_bytes),
+                                                    np.uint8).reshape(rows.shape)
+                        out.write(chunk.tobytes())
+            finally:
+                for f in shards:
+                    f.close()
+        _barrier()
+        self._shard(self.rank).unlink(missing_ok=True)
+
+
+def flatten(d, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}; dataclasses are turned into dicts first."""
+    if is_dataclass(d) and not isinstance(d, type):
+        d = asdict(d)
+    out = {}
+    for key, value in dict(d).items():
+        name = f"{prefix}{key}"
+        if is_dataclass(value) and not isinstance(value, type):
+            value = asdict(value)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+# ------------------------------------------------------------------------- the callback
+class FIDEvaluation(L.Callback):
+    """Generate `fid.num_images` images and report FID (and IS or cond_accuracy).
+
+    Use as a callback (`on_test_start`) or call `run(trainer, module, datamodule)` from
+    the `task=eval` path. The module must provide `generate(labels, noise=None, **sampler)`
+    (or a `denoiser` with that method), a `sampler` dict and `eval_weights_context(which)`.
+    `extra` (quantization config, calibration provenance, per-layer statistics summary)
+    is written into results.json as given.
+    """
+
+    def __init__(self, cfg=None, run_dir=None, extra: dict | None = None, device=None):
+        super().__init__()
+        self.cfg = FIDConfig.from_any(cfg)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.extra = dict(extra or {})
+        self.device = device
+        self.results: dict | None = None
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.run(trainer, pl_module, getattr(trainer, "datamodule", None))
+
+    # ---------------------------------------------------------------- helpers
+    def _run_dir(self, trainer) -> Path:
+        if self.run_dir is not None:
+            return self.run_dir
+        for attr in ("log_dir", "default_root_dir"):
+            value = getattr(trainer, attr, None) if trainer is not None else None
+            if value:
+                return Path(value)
+        return Path.cwd()
+
+    @staticmethod
+    def _device(module) -> torch.device:
+        device = getattr(module, "device", None)
+        if isinstance(device, torch.device):
+            return device
+        denoiser = getattr(module, "denoiser", module)
+        return next(denoiser.parameters()).device
+
+    def _weights(self, module) -> str:
+        return self.cfg.eval_weights or getattr(module, "eval_weights", None) or "ema1"
+
+    def _sampler(self, module) -> dict:
+        return {**dict(getattr(module, "sampler", None) or {}), **self.cfg.sampler}
+
+    @staticmethod
+    def _generate_fn(module):
+        if hasattr(module, "generate"):
+            return module.generate
+        return module.denoiser.generate
+
+    def _quant_config(self, module) -> dict:
+        quant = getattr(module, "quant_config", None)
+        if quant is None:
+            hparams = getattr(module, "hparams", None) or {}
+            quant = hparams.get("quant") if isinstance(hparams, Mapping) else None
+        if quant is None:
+            return {}
+        if not isinstance(quant, Mapping) and not is_dataclass(quant):
+            from omegaconf import OmegaConf
+
+            quant = OmegaConf.to_container(quant, resolve=True)
+        return flatten(quant)
+
+    def _grid_slots(self, labels: torch.Tensor, num_classes: int) -> dict[int, tuple[int, int]]:
+        """Global index -> (row, column) of the sample grid: rows are classes, in class order."""
+        spc, max_rows = self.cfg.grid["samples_per_class"], self.cfg.grid["max_classes"]
+        if spc == 0:
+            return {}
+        classes = np.unique(np.linspace(0, num_classes - 1, min(num_classes, max_rows)).round().astype(int))
+        slots = {}
+        for row, c in enumerate(classes):
+            for col, index in enumerate(torch.nonzero(labels == int(c)).flatten()[:spc].tolist()):
+                slots[index] = (row, col)
+        return slots
+
+    # --------------------------------------------------------------------- run
+    def run(self, trainer, module, datamodule=None) -> dict:
+        cfg = self.cfg
+        start = time.perf_counter()
+        rank, world = _rank_world()
+        run_dir = self._run_dir(trainer)
+        device = torch.device(self.device) if self.device is not None else self._device(module)
+        denoiser = getattr(module, "denoiser", module)
+        num_classes = int(getattr(datamodule, "num_classes", None) or denoiser.num_classes)
+        image_shape = (denoiser.in_channels, denoiser.img_size, denoiser.img_size)
+
+        # ---- everything that can fail on bad input, before the first image
+        extractor_weights = cfg.inception_weights if cfg.extractor == INCEPTION else cfg.extractor_weights
+        space = create_feature_space(cfg.extractor, extractor_weights, device=device,
+                                     probe_size=denoiser.img_size)
+        (ref_mu, ref_sigma), ref_source = reference_stats(
+            space, cfg.reference.get("stats_file"), datamodule, cfg.reference.get("split", "reference"),
+            cfg.reference.get("cache_dir"))
+        use_is = space.is_inception and space.logits_layer is not None
+        if use_is:
+            is_stats = InceptionScoreStats(cfg.num_images, space.extractor.fc.out_features, cfg.isc_splits)
+        labels = balanced_labels(cfg.num_images, num_classes, cfg.label_strategy)
+        sampler = self._sampler(module)
+        weights = self._weights(module)
+        generate = self._generate_fn(module)
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+        # ---- generation, streamed
+        stats = GaussianStats(space.feature_dim)
+        correct = torch.zeros(1, dtype=torch.float64)
+        grid_slots = self._grid_slots(labels, num_classes)
+        grid_tiles: list[tuple[int, int, int, np.ndarray]] = []
+        mine = shard_indices(cfg.num_images, rank, world)
+        png_dir = run_dir / "samples"
+        if cfg.save_images:
+            png_dir.mkdir(parents=True, exist_ok=True)
+        export = NpzExport(run_dir, cfg.num_images, (image_shape[1], image_shape[2], 3), rank, world) \
+            if cfg.export_npz else None
+        weights_ctx = module.eval_weights_context(weights) if hasattr(module, "eval_weights_context") \
+            else contextlib.nullcontext()
+        progress = Progress(TextColumn("[bold]FID generation"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            disable=rank != 0 or not cfg.progress)
+        gen_start = time.perf_counter()
+        try:
+            with weights_ctx, progress, torch.no_grad():
+                task = progress.add_task("generate", total=cfg.num_images, rate="-")
+                for b0 in range(0, len(mine), cfg.batch_size):
+                    idx = mine[b0 : b0 + cfg.batch_size]
+                    noise = initial_noise(cfg.seed, idx, image_shape, denoiser.noise_scale).to(device)
+                    y = labels[idx].to(device)
+                    x = generate(y, noise=noise, **sampler)
+                    images = from_model_range(x)
+                    if images.shape[1] == 1:  # grey models: the extractors take RGB
+                        images = images.expand(-1, 3, -1, -1)
+                    features, logits = space(images)
+                    stats.update(features)
+                    if use_is:
+                        is_stats.update(logits, idx)
+                    elif logits is not None:
+                        correct += (logits.argmax(1) == labels[idx]).sum()
+                    nhwc = images.permute(0, 2, 3, 1).cpu().numpy()
+                    if export is not None:
+                        export.add(nhwc)
+                    for row, index in enumerate(idx.tolist()):
+                        if index in grid_slots:
+                            grid_tiles.append((index, *grid_slots[index], nhwc[row]))
+                        if cfg.save_images:
+                            Image.fromarray(nhwc[row]).save(png_dir / f"{index:06d}_class{int(labels[index])}.png")
+                    done = min(cfg.num_images, (b0 + len(idx)) * world)
+                    rate = done / max(time.perf_counter() - gen_start, 1e-9)
+                    progress.update(task, completed=done, rate=f"{rate:.2f}")
+            gen_time = time.perf_counter() - gen_start
+            if export is not None:
+                export.finish(run_dir / "samples.npz")
+                export = None
+        finally:
+            if export is not None:  # interrupted: drop the partial shard
+                export.file.close()
+                export._shard(rank).unlink(missing_ok=True)
+
+        # ---- reduce over ranks and report (rank 0 writes)
+        stats.all_reduce()
+        mu, sigma = stats.mu_sigma()
+        fid = frechet_distance(mu, sigma, ref_mu, ref_sigma)
+        metrics = {"fid" if space.is_inception else f"fid_{self._space_tag(space.name)}": fid}
+        if use_is:
+            metrics["inception_score"], metrics["inception_score_std"] = is_stats.all_reduce().compute()
+        elif space.logits_layer is not None:
+            metrics["cond_accuracy"] = float(all_reduce_sum(correct).item()) / cfg.num_images
+        tiles = self._gather_tiles(grid_tiles)
+        wall = time.perf_counter() - start
+        results = {
+            "metrics": metrics,
+            "num_images": cfg.num_images,
+            "feature_extractor": space.name,
+            "feature_dim": space.feature_dim,
+            "reference": ref_source,
+            "sampler": sampler,
+            "weights": weights,
+            "label_strategy": cfg.label_strategy,
+            "seed": cfg.seed,
+            "world_size": world,
+            "batch_size": cfg.batch_size,
+            "quant": self._quant_config(module),
+            **self.extra,
+            "wall_time_s": wall,
+            "generation_time_s": gen_time,
+            "images_per_s": cfg.num_images / gen_time,
+        }
+        if rank == 0:
+            grid_path = self._save_grid(tiles, run_dir, image_shape[1:]) if tiles else None
+            if grid_path is not None:
+                results["sample_grid"] = str(grid_path)
+            write_json_atomic(results, run_dir / "results.json")
+            self._log(trainer, metrics, grid_path)
+        self.results = results
+        return results
+
+    @staticmethod
+    def _space_tag(name: str) -> str:
+        # "digits-cnn" is reported as fid_digits: the feature space, never "Inception".
+        return name.split("-")[0]
+
+    @staticmethod
+    def _gather_tiles(tiles):
+        _, world = _rank_world()
+        if world == 1:
+            return tiles
+        gathered = [None] * world
+        dist.all_gather_object(gathered, tiles)
+        return [t for part in gathered for t in part]
+
+    def _save_grid(self, tiles, run_dir: Path, hw, pad: int = 2) -> Path:
+        rows = 1 + max(t[1] for t in tiles)
+        cols = self.cfg.grid["samples_per_class"]
+        h, w = hw
+        grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), np.uint8)
+        for _, row, col, image in tiles:
+            y, x = pad + row * (h + pad), pad + col * (w + pad)
+            grid[y : y + h, x : x + w] = image
+        path = run_dir / "sample_grid.png"
+        with atomic_path(path) as tmp:
+            Image.fromarray(grid).save(tmp, format="PNG")
+        self._grid = grid
+        return path
+
+    def _log(self, trainer, metrics: dict, grid_path) -> None:
+        logger = getattr(trainer, "logger", None) if trainer is not None else None
+        if logger is None:
+            return
+        step = int(getattr(trainer, "global_step", 0))
+        logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        if grid_path is None:
+            return
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image("eval/sample_grid", self._grid, step, dataformats="HWC")
+        elif hasattr(logger, "log_image"):  # wandb
+            logger.log_image(key="eval/sample_grid", images=[self._grid], step=step)

@@ -1,0 +1,250 @@
+"""FIDEvaluation: deterministic sharded generation, bad input before generation, results.json."""
+
+import contextlib
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from lightning.pytorch.loggers import CSVLogger
+
+from jit.callbacks import FIDEvaluation, balanced_labels, initial_noise, shard_indices
+from jit.callbacks.evaluation import EvaluationConfigError, write_json_atomic
+from jit.metrics.digits_cnn import DigitsCNN
+from jit.metrics.features import FeatureExtractorError
+from jit.metrics.reference import ReferenceStatsError
+from jit.models import Denoiser, build_jit
+
+SAMPLER = {"steps": 2, "method": "heun", "cfg_scale": 1.5, "interval": (0.1, 1.0), "schedule": "linear"}
+
+
+class TinyModule(torch.nn.Module):
+    """Stand-in for JiTModule: a denoiser, sampler settings and the eval-weights context."""
+
+    def __init__(self, seed=0, fail_after=None):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.denoiser = Denoiser(build_jit("JiT-T/4", input_size=16, num_classes=4), num_classes=4)
+        self.denoiser.eval()
+        self.sampler = dict(SAMPLER)
+        self.quant_config = {"mode": "hybrid", "weights": {"bits": 8}, "activations": {"bits": 11}}
+        self.calls, self.weights_used, self.fail_after = 0, [], fail_after
+
+    @contextlib.contextmanager
+    def eval_weights_context(self, which):
+        self.weights_used.append(which)
+        yield
+
+    def generate(self, labels, noise=None, **overrides):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        return self.denoiser.generate(labels, noise=noise, **{**self.sampler, **overrides})
+
+
+def write_digits_weights(path):
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    torch.save({"meta": model.config(), "state_dict": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path):
+    weights = write_digits_weights(tmp_path / "digits_cnn.pt")
+    ref = tmp_path / "ref.npz"
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 64))
+    np.savez(ref, mu=a.mean(0), sigma=np.cov(a, rowvar=False))
+    return tmp_path, weights, ref
+
+
+def cfg(weights, ref, **kw):
+    base = {"extractor": "digits-cnn", "extractor_weights": str(weights), "num_images": 10, "batch_size": 4,
+            "reference": {"stats_file": str(ref)}, "export_npz": True, "progress": False,
+            "grid": {"samples_per_class": 3}}
+    return {**base, **kw}
+
+
+# ------------------------------------------------------------------ labels, shards, noise
+def test_balanced_labels():
+    for strategy in ("repeat", "spread"):
+        labels = balanced_labels(50_000, 1000, strategy)
+        assert torch.equal(labels, torch.arange(50_000) % 1000)
+    repeat = balanced_labels(23, 10, "repeat")
+    assert torch.equal(repeat, torch.arange(23) % 10)
+    spread = balanced_labels(23, 10, "spread")
+    counts = torch.bincount(spread, minlength=10)
+    assert counts.tolist() == [3, 2, 2, 3, 2, 2, 3, 2, 2, 2]  # leftovers spaced over the classes
+    assert torch.equal(spread, balanced_labels(23, 10, "spread"))
+    assert torch.bincount(spread[:10], minlength=10).tolist() == [1] * 10  # prefixes balanced
+
+
+def test_shards_cover_indices_once():
+    for world in (1, 2, 3):
+        parts = torch.cat([shard_indices(11, r, world) for r in range(world)])
+        assert sorted(parts.tolist()) == list(range(11))
+
+
+def test_noise_depends_only_on_seed_and_index():
+    batch = initial_noise(3, [0, 5, 9], (3, 4, 4), 2.0)
+    alone = initial_noise(3, [5], (3, 4, 4), 2.0)
+    assert torch.equal(batch[1], alone[0])
+    assert not torch.equal(batch[0], initial_noise(4, [0], (3, 4, 4), 2.0)[0])
+
+
+# ------------------------------------------------------------------ determinism across world sizes
+def _ddp_worker(rank, world, port, weights, ref, run_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        FIDEvaluation(cfg(weights, ref, batch_size=2), run_dir=run_dir).run(None, TinyModule())
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_same_images_for_world_size_and_batch_size(setup):
+    tmp, weights, ref = setup
+    results = {}
+    for batch_size in (4, 3):
+        run_dir = tmp / f"bs{batch_size}"
+        results[batch_size] = FIDEvaluation(cfg(weights, ref, batch_size=batch_size), run_dir=run_dir).run(
+            None, TinyModule())
+    mp.spawn(_ddp_worker, args=(2, _free_port(), weights, ref, tmp / "ddp"), nprocs=2, join=True)
+    arrays = {name: np.load(tmp / name / "samples.npz")["arr_0"] for name in ("bs4", "bs3", "ddp")}
+    assert arrays["bs4"].shape == (10, 16, 16, 3) and arrays["bs4"].dtype == np.uint8
+    assert np.array_equal(arrays["bs4"], arrays["bs3"])
+    assert np.array_equal(arrays["bs4"], arrays["ddp"])
+    ddp = json.loads((tmp / "ddp" / "results.json").read_text())
+    assert ddp["world_size"] == 2
+    for key in ("fid_digits", "cond_accuracy"):
+        assert ddp["metrics"][key] == pytest.approx(results[4]["metrics"][key], rel=1e-6)
+    assert not list((tmp / "ddp").glob(".samples*"))  # shard files removed
+    # Image i is the one generated alone from (seed, i) with label i % 4.
+    module = TinyModule()
+    alone = module.generate(torch.tensor([7 % 4]), noise=initial_noise(0, [7], (3, 16, 16), 1.0))
+    from jit.datamodules import from_model_range
+    assert np.array_equal(from_model_range(alone)[0].permute(1, 2, 0).numpy(), arrays["bs4"][7])
+
+
+# ------------------------------------------------------------------ results, grid, logging
+def test_results_json_grid_and_logger(setup):
+    tmp, weights, ref = setup
+    logger = CSVLogger(tmp / "logs", name="eval")
+    trainer = type("T", (), {"logger": logger, "global_step": 5})()
+    module = TinyModule()
+    extra = {"calibration": {"source": "digits/calibration", "num_images": 64}, "layer_stats": {"n_layers": 3}}
+    out = FIDEvaluation(cfg(weights, ref, eval_weights="ema2", sampler={"steps": 1}, save_images=True),
+                        run_dir=tmp / "run", extra=extra).run(trainer, module)
+    logger.save()
+    saved = json.loads((tmp / "run" / "results.json").read_text())
+    assert set(saved["metrics"]) == {"fid_digits", "cond_accuracy"} and "fid" not in saved["metrics"]
+    assert saved["num_images"] == 10 and saved["weights"] == "ema2" and module.weights_used == ["ema2"]
+    assert saved["sampler"]["steps"] == 1 and saved["sampler"]["cfg_scale"] == 1.5
+    assert saved["quant"] == {"mode": "hybrid", "weights.bits": 8, "activations.bits": 11}
+    assert saved["calibration"]["num_images"] == 64 and saved["layer_stats"] == {"n_layers": 3}
+    assert saved["images_per_s"] > 0 and saved["wall_time_s"] > 0 and out["metrics"] == saved["metrics"]
+    assert 0.0 <= saved["metrics"]["cond_accuracy"] <= 1.0
+    from PIL import Image
+    grid = np.asarray(Image.open(tmp / "run" / "sample_grid.png"))
+    assert grid.shape == (4 * 18 + 2, 3 * 18 + 2, 3)  # 4 classes x 3 samples of 16 px, 2 px padding
+    assert len(list((tmp / "run" / "samples").glob("*.png"))) == 10
+    metrics_csv = (tmp / "logs" / "eval" / "version_0" / "metrics.csv").read_text()
+    assert "eval/fid_digits" in metrics_csv and "eval/cond_accuracy" in metrics_csv
+
+
+def test_inception_metrics_names(setup, monkeypatch):
+    """Inception runs report fid and inception_score (feature space mocked small for speed)."""
+    from jit.metrics import features as feats
+
+    tmp, weights, _ = setup
+
+    class FakeInception(torch.nn.Module):
+        fc = torch.nn.Linear(8, 6)  # IS reads the class count from fc
+
+    class FakeSpace(feats.FeatureSpace):
+        def __call__(self, images):
+            flat = images.flatten(1).float()
+            return flat[:, :8], flat[:, :6]
+
+    space = FakeSpace("inception-v3-compat", FakeInception(), "2048", "logits_unbiased", 8, "cpu")
+    monkeypatch.setattr("jit.callbacks.evaluation.create_feature_space", lambda *a, **k: space)
+    ref = tmp / "ref8.npz"
+    np.savez(ref, mu=np.zeros(8), sigma=np.eye(8))
+    out = FIDEvaluation({"extractor": "inception-v3-compat", "num_images": 10, "batch_size": 5, "isc_splits": 2,
+                         "reference": {"stats_file": str(ref)}, "progress": False},
+                        run_dir=tmp / "inc").run(None, TinyModule())
+    assert set(out["metrics"]) == {"fid", "inception_score", "inception_score_std"}
+
+
+# ------------------------------------------------------------------ bad input, before generation
+@pytest.mark.parametrize("case, error, message", [
+    ("missing_ref", ReferenceStatsError, "reference statistics file not found"),
+    ("no_mu_sigma", ReferenceStatsError, "lacks 'mu' and 'sigma'"),
+    ("wrong_shape", ReferenceStatsError, "gives 64-d features"),
+    ("one_image", EvaluationConfigError, "num_images must be an integer >= 2"),
+    ("unregistered", FeatureExtractorError, "not registered.*digits-cnn.*inception-v3-compat"),
+    ("inception_offline", FeatureExtractorError, "not available offline"),
+    ("bad_strategy", EvaluationConfigError, "label_strategy"),
+])
+def test_bad_input_fails_before_generation(setup, monkeypatch, case, error, message):
+    tmp, weights, ref = setup
+    settings = cfg(weights, ref)
+    if case == "missing_ref":
+        settings["reference"] = {"stats_file": str(tmp / "nope.npz")}
+    elif case == "no_mu_sigma":
+        np.savez(tmp / "bad.npz", m=np.zeros(64))
+        settings["reference"] = {"stats_file": str(tmp / "bad.npz")}
+    elif case == "wrong_shape":
+        np.savez(tmp / "bad.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+        settings["reference"] = {"stats_file": str(tmp / "bad.npz")}
+    elif case == "one_image":
+        settings["num_images"] = 1
+    elif case == "unregistered":
+        settings["extractor"] = "inception-v4"
+    elif case == "inception_offline":
+        monkeypatch.setenv("TORCH_HOME", str(tmp / "empty_torch_home"))
+        monkeypatch.setenv("JIT_OFFLINE", "1")
+        settings["extractor"] = "inception-v3-compat"
+    elif case == "bad_strategy":
+        settings["label_strategy"] = "random"
+    module = TinyModule()
+    with pytest.raises(error, match=message):
+        FIDEvaluation(settings, run_dir=tmp / "run").run(None, module)
+    assert module.calls == 0
+    assert not (tmp / "run" / "results.json").exists()
+
+
+# ------------------------------------------------------------------ atomic results
+def test_results_json_atomic_on_failed_write(tmp_path):
+    path = tmp_path / "results.json"
+    write_json_atomic({"metrics": {"fid": 1.0}}, path)
+
+    class Unserialisable:
+        def __str__(self):
+            raise RuntimeError("boom mid-write")
+
+    with pytest.raises(RuntimeError, match="mid-write"):
+        write_json_atomic({"a": list(range(1000)), "z": Unserialisable()}, path)
+    assert json.loads(path.read_text()) == {"metrics": {"fid": 1.0}}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_interrupted_evaluation_leaves_no_results(setup):
+    tmp, weights, ref = setup
+    module = TinyModule(fail_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        FIDEvaluation(cfg(weights, ref), run_dir=tmp / "run").run(None, module)
+    assert module.calls == 2
+    assert sorted(p.name for p in (tmp / "run").iterdir()) == []  # no results, no npz shard
