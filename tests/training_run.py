@@ -1,0 +1,116 @@
+"""A small digits training run for tests/test_training.py, also usable as a subprocess.
+
+    python tests/training_run.py '{"root": "/tmp/run", "max_steps": 4, ...}'
+
+Options (JSON): root, max_steps, every_n (checkpoint period in steps, null = none),
+ckpt_path (resume), devices (>1 = DDP over gloo on CPU), batch_size, img_size, blr,
+seed, progress (file rewritten with the global step after every batch), result (torch
+file per rank with the final parameters, EMAs and lr; "{rank}" is substituted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jit.datamodules import DigitsDataModule
+from jit.module import JiTModule
+from jit.train import AtomicCheckpointIO, checkpoint_callbacks
+
+DEFAULTS = {
+    "root": None,
+    "max_steps": 4,
+    "every_n": None,
+    "ckpt_path": None,
+    "devices": 1,
+    "batch_size": 8,
+    "img_size": 16,
+    "blr": 0.02,
+    "seed": 0,
+    "progress": None,
+    "result": None,
+}
+
+
+class Progress(Callback):
+    """Writes the global step after each batch, so a parent process can time its signals."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(str(trainer.global_step))
+        os.replace(tmp, self.path)
+
+
+def make_module(cfg: dict) -> JiTModule:
+    return JiTModule(
+        net={"name": "JiT-T/4", "input_size": cfg["img_size"], "num_classes": 10},
+        optim={"blr": cfg["blr"]},
+        ema={"decay1": 0.9, "decay2": 0.5},
+        sampler={"steps": 2},
+    )
+
+
+def make_datamodule(cfg: dict) -> DigitsDataModule:
+    return DigitsDataModule(img_size=cfg["img_size"], batch_size=cfg["batch_size"])
+
+
+def make_trainer(cfg: dict, callbacks=()) -> L.Trainer:
+    callbacks = list(callbacks) + checkpoint_callbacks(
+        os.path.join(cfg["root"], "checkpoints"), every_n_train_steps=cfg["every_n"] or 10**9
+    )
+    if cfg["progress"]:
+        callbacks.append(Progress(cfg["progress"]))
+    strategy = "auto"
+    if cfg["devices"] > 1:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="gloo")
+    return L.Trainer(
+        accelerator="cpu",
+        devices=cfg["devices"],
+        strategy=strategy,
+        max_steps=cfg["max_steps"],
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=cfg["root"],
+        plugins=[AtomicCheckpointIO()],
+        callbacks=callbacks,
+    )
+
+
+def main(cfg: dict) -> None:
+    torch.set_num_threads(1)
+    L.seed_everything(cfg["seed"], verbose=False)
+    module, dm = make_module(cfg), make_datamodule(cfg)
+    trainer = make_trainer(cfg)
+    trainer.fit(module, dm, ckpt_path=cfg["ckpt_path"])
+    if cfg["result"]:
+        torch.save(
+            {
+                "rank": trainer.global_rank,
+                "world_size": trainer.world_size,
+                "global_step": trainer.global_step,
+                "lr": module.lr,
+                "global_batch_size": module.global_batch_size,
+                "params": {k: v.detach().clone() for k, v in module.denoiser.state_dict().items()},
+                "ema": module.ema.state_dict(),
+            },
+            cfg["result"].format(rank=trainer.global_rank),
+        )
+
+
+if __name__ == "__main__":
+    main({**DEFAULTS, **json.loads(sys.argv[1])})
