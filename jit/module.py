@@ -203,7 +203,10 @@ class JiTModule(L.LightningModule):
                 "ema": ema,
                 "sampler": sampler,
                 "eval_weights": eval_weights,
-                "init_checkpoint": init_checkpoint,
+                # The trained weights are in our checkpoints; recording the path here would make
+                # `load_from_checkpoint` re-read (and require) the official file. It is kept as
+                # provenance in `self.init_source` and in the checkpoint's "init_checkpoint".
+                "init_checkpoint": None,
                 "init_weights": init_weights,
             }
         )
@@ -212,6 +215,7 @@ class JiTModule(L.LightningModule):
         self.optim_cfg = optim
         self.eval_weights = eval_weights
         self.ema = EMA(self.denoiser, [ema["decay1"], ema["decay2"]])
+        self.init_source = str(init_checkpoint) if init_checkpoint else None
         if init_checkpoint:
             self._init_from_official(init_checkpoint, init_weights)
 
@@ -431,6 +435,7 @@ class JiTModule(L.LightningModule):
         grads = [p.grad for p in self.denoiser.parameters() if p.grad is not None]
         if not grads:
             return
+        # Before clipping (Lightning clips after this hook): the norm the data produced.
         norm = torch.nn.utils.get_total_norm(grads)
         # Gradients are all-reduced already, so every rank takes the same decision.
         if not torch.isfinite(norm):
@@ -479,6 +484,7 @@ class JiTModule(L.LightningModule):
                 {f"denoiser.{k}": v for k, v in self._raw_state_dict().items()}
             )
         checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["init_checkpoint"] = self.init_source
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "ema" not in checkpoint:
@@ -487,3 +493,4 @@ class JiTModule(L.LightningModule):
                 "(to start from an official checkpoint use init_checkpoint)"
             )
         self.ema.load_state_dict(checkpoint["ema"])
+        self.init_source = checkpoint.get("init_checkpoint", self.init_source)

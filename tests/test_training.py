@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -344,20 +345,30 @@ def test_export_official_layout_loads_strict_and_reproduces_outputs(tmp_path):
 
 
 def test_finetune_from_official_fixture(tmp_path, official_tiny_ckpt_path):
-    c = cfg(tmp_path, img_size=32, max_steps=2, batch_size=4)
+    official = tmp_path / "checkpoint-last.pth"
+    shutil.copy(official_tiny_ckpt_path, official)
+    c = cfg(tmp_path, img_size=32, max_steps=2, batch_size=4, every_n=2)
     module = JiTModule(
         net={"name": "JiT-T/4", "input_size": 32, "num_classes": 10},
         optim={"blr": 0.01},
-        init_checkpoint=str(official_tiny_ckpt_path),
+        init_checkpoint=str(official),
     )
-    ema1, _ = load_jit_checkpoint(official_tiny_ckpt_path, "model_ema1")
-    ema2, _ = load_jit_checkpoint(official_tiny_ckpt_path, "model_ema2")
+    ema1, _ = load_jit_checkpoint(official, "model_ema1")
+    ema2, _ = load_jit_checkpoint(official, "model_ema2")
     assert_state_equal(module.denoiser.state_dict(), ema1)  # init_weights defaults to model_ema1
     assert_state_equal(module.ema.as_dict(1), {k: ema2[k] for k in module.ema.names})
     run.make_trainer(c).fit(module, run.make_datamodule(c))
     tuned = module.denoiser.state_dict()
     assert any(not torch.equal(tuned[k], ema1[k]) for k in ema1)
     assert all(torch.isfinite(v).all() for v in tuned.values())
+
+    # The fine-tuned Lightning checkpoint reloads without the official file it started from.
+    official.unlink()
+    reloaded = JiTModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert_state_equal(reloaded.denoiser.state_dict(), tuned)
+    assert reloaded.init_source == str(official)
+    for i in (0, 1):
+        assert_state_equal(reloaded.ema.as_dict(i), module.ema.as_dict(i))
 
 
 # ------------------------------------------------------------------------- bad input
