@@ -10,9 +10,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from lightning.pytorch.loggers import CSVLogger
+from unittest.mock import MagicMock
+
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from jit.callbacks import FIDEvaluation, balanced_labels, initial_noise, shard_indices
+from jit.datamodules import DigitsDataModule
 from jit.callbacks.evaluation import EvaluationConfigError, write_json_atomic
 from jit.metrics.digits_cnn import DigitsCNN
 from jit.metrics.features import FeatureExtractorError
@@ -25,10 +28,11 @@ SAMPLER = {"steps": 2, "method": "heun", "cfg_scale": 1.5, "interval": (0.1, 1.0
 class TinyModule(torch.nn.Module):
     """Stand-in for JiTModule: a denoiser, sampler settings and the eval-weights context."""
 
-    def __init__(self, seed=0, fail_after=None):
+    def __init__(self, seed=0, fail_after=None, num_classes=4):
         super().__init__()
         torch.manual_seed(seed)
-        self.denoiser = Denoiser(build_jit("JiT-T/4", input_size=16, num_classes=4), num_classes=4)
+        net = build_jit("JiT-T/4", input_size=16, num_classes=num_classes)
+        self.denoiser = Denoiser(net, num_classes=num_classes)
         self.denoiser.eval()
         self.sampler = dict(SAMPLER)
         self.quant_config = {"mode": "hybrid", "weights": {"bits": 8}, "activations": {"bits": 11}}
@@ -162,6 +166,24 @@ def test_results_json_grid_and_logger(setup):
     assert len(list((tmp / "run" / "samples").glob("*.png"))) == 10
     metrics_csv = (tmp / "logs" / "eval" / "version_0" / "metrics.csv").read_text()
     assert "eval/fid_digits" in metrics_csv and "eval/cond_accuracy" in metrics_csv
+
+
+def test_digits_end_to_end_with_cached_reference_and_tensorboard(tmp_path):
+    """Shipped digits-cnn, reference statistics computed from the digits split and cached."""
+    dm = DigitsDataModule(img_size=16, batch_size=64)
+    logger = MagicMock(spec=TensorBoardLogger)
+    trainer = type("T", (), {"logger": logger, "global_step": 0})()
+    settings = {"extractor": "digits-cnn", "num_images": 20, "batch_size": 10, "progress": False,
+                "reference": {"split": "reference", "cache_dir": str(tmp_path / "cache")}}
+    extra = {"quant": {"scheme": "hybrid", "adc": {"bits": 11, "noise_sigma_lsb": 2.0}}}
+    out = FIDEvaluation(settings, run_dir=tmp_path / "run", extra=extra).run(
+        trainer, TinyModule(num_classes=10), dm)
+    assert (tmp_path / "cache" / "digits_reference_16px_digits-cnn.npz").is_file()
+    assert np.isfinite(out["metrics"]["fid_digits"]) and "computed from" in out["reference"]
+    assert out["quant"] == {"scheme": "hybrid", "adc.bits": 11, "adc.noise_sigma_lsb": 2.0}
+    logger.log_metrics.assert_called_once()
+    tag, grid = logger.experiment.add_image.call_args[0][:2]
+    assert tag == "eval/sample_grid" and grid.shape == (10 * 18 + 2, 2 * 18 + 2, 3)  # 20 images: 2 per class
 
 
 def test_inception_metrics_names(setup, monkeypatch):

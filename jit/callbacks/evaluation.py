@@ -408,18 +408,22 @@ class FIDEvaluation(L.Callback):
             "seed": cfg.seed,
             "world_size": world,
             "batch_size": cfg.batch_size,
-            "quant": self._quant_config(module),
             **self.extra,
+            # Flat keys ("weights.bits") so sweeps can tabulate runs; the caller's config wins.
+            "quant": flatten(self.extra["quant"]) if self.extra.get("quant") is not None
+            else self._quant_config(module),
             "wall_time_s": wall,
             "generation_time_s": gen_time,
             "images_per_s": cfg.num_images / gen_time,
         }
         if rank == 0:
-            grid_path = self._save_grid(tiles, run_dir, image_shape[1:]) if tiles else None
-            if grid_path is not None:
-                results["sample_grid"] = str(grid_path)
+            grid = self._grid_image(tiles, image_shape[1:]) if tiles else None
+            if grid is not None:
+                results["sample_grid"] = str(run_dir / "sample_grid.png")
+                with atomic_path(results["sample_grid"]) as tmp:
+                    Image.fromarray(grid).save(tmp, format="PNG")
             write_json_atomic(results, run_dir / "results.json")
-            self._log(trainer, metrics, grid_path)
+            self._log(trainer, metrics, grid)
         self.results = results
         return results
 
@@ -437,31 +441,29 @@ class FIDEvaluation(L.Callback):
         dist.all_gather_object(gathered, tiles)
         return [t for part in gathered for t in part]
 
-    def _save_grid(self, tiles, run_dir: Path, hw, pad: int = 2) -> Path:
+    @staticmethod
+    def _grid_image(tiles, hw, pad: int = 2) -> np.ndarray:
+        """HWC uint8 grid: one row per grid class, samples_per_class columns, black padding."""
         rows = 1 + max(t[1] for t in tiles)
-        cols = self.cfg.grid["samples_per_class"]
+        cols = 1 + max(t[2] for t in tiles)  # fewer than samples_per_class when num_images is small
         h, w = hw
         grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), np.uint8)
         for _, row, col, image in tiles:
             y, x = pad + row * (h + pad), pad + col * (w + pad)
             grid[y : y + h, x : x + w] = image
-        path = run_dir / "sample_grid.png"
-        with atomic_path(path) as tmp:
-            Image.fromarray(grid).save(tmp, format="PNG")
-        self._grid = grid
-        return path
+        return grid
 
-    def _log(self, trainer, metrics: dict, grid_path) -> None:
+    def _log(self, trainer, metrics: dict, grid) -> None:
         logger = getattr(trainer, "logger", None) if trainer is not None else None
         if logger is None:
             return
         step = int(getattr(trainer, "global_step", 0))
         logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        if grid_path is None:
-            return
+        if grid is None:
+            return  # CSV and other loggers: the PNG in the run dir is all there is
         from lightning.pytorch.loggers import TensorBoardLogger
 
         if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image("eval/sample_grid", self._grid, step, dataformats="HWC")
+            logger.experiment.add_image("eval/sample_grid", grid, step, dataformats="HWC")
         elif hasattr(logger, "log_image"):  # wandb
-            logger.log_image(key="eval/sample_grid", images=[self._grid], step=step)
+            logger.log_image(key="eval/sample_grid", images=[grid], step=step)
