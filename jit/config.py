@@ -1,0 +1,176 @@
+"""Structured schema of the run configuration and startup validation.
+
+The schema is registered in Hydra's ConfigStore as `run_schema` and sits first in
+`configs/run.yaml`'s defaults, so an unknown key or a value of the wrong type fails
+at composition, before any model or data work. Range checks that types cannot express
+live in `validate`, also called before anything heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+class Task(str, Enum):
+    train = "train"
+    eval = "eval"
+    calibrate = "calibrate"
+    export = "export"
+
+
+class Weights(str, Enum):
+    raw = "raw"
+    ema1 = "ema1"
+    ema2 = "ema2"
+
+
+class Method(str, Enum):
+    heun = "heun"
+    euler = "euler"
+
+
+class Schedule(str, Enum):
+    linear = "linear"
+    logit_normal = "logit_normal"
+
+
+class LRSchedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+@dataclass
+class NetSchema:
+    name: str = MISSING
+    input_size: int = 256
+    num_classes: int = 1000
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+
+
+@dataclass
+class DenoiserSchema:
+    P_mean: float = -0.8
+    P_std: float = 0.8
+    t_eps: float = 0.05
+    noise_scale: float = 1.0
+    label_drop_prob: float = 0.1
+
+
+@dataclass
+class ModelSchema:
+    net: NetSchema = field(default_factory=NetSchema)
+    denoiser: DenoiserSchema = field(default_factory=DenoiserSchema)
+
+
+@dataclass
+class SamplerSchema:
+    method: Method = Method.heun
+    steps: int = 50
+    cfg_scale: float = 1.0
+    interval: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    schedule: Schedule = Schedule.linear
+
+
+@dataclass
+class OptimSchema:
+    blr: float = 5e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 0
+    schedule: LRSchedule = LRSchedule.constant
+    min_lr: float = 0.0
+
+
+@dataclass
+class EMASchema:
+    decay1: float = 0.9999
+    decay2: float = 0.9996
+
+
+@dataclass
+class ExportSchema:
+    out_path: Optional[str] = None
+
+
+@dataclass
+class PathsSchema:
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class RunSchema:
+    task: Task = Task.eval
+    seed: int = 0
+    ckpt_path: Optional[str] = None
+    eval_weights: Weights = Weights.ema1
+    compare_fp: bool = True
+    model: ModelSchema = field(default_factory=ModelSchema)
+    sampler: SamplerSchema = field(default_factory=SamplerSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    ema: EMASchema = field(default_factory=EMASchema)
+    export: ExportSchema = field(default_factory=ExportSchema)
+    paths: PathsSchema = field(default_factory=PathsSchema)
+    # Groups whose keys depend on the chosen option; their builders validate them.
+    data: Any = MISSING
+    quant: Any = MISSING
+    calibration: Any = MISSING
+    fid: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = field(default_factory=dict)
+    callbacks: Any = field(default_factory=dict)
+
+
+def register_schemas() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunSchema)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks across the run config; raises ConfigError naming the key."""
+    s, o, net, den = cfg.sampler, cfg.optim, cfg.model.net, cfg.model.denoiser
+    _check(s.steps >= 1, "sampler.steps", f"must be >= 1, got {s.steps}")
+    _check(s.cfg_scale >= 0, "sampler.cfg_scale", f"must be >= 0, got {s.cfg_scale}")
+    _check(len(s.interval) == 2 and 0 <= s.interval[0] <= s.interval[1] <= 1, "sampler.interval",
+           f"must be [low, high] with 0 <= low <= high <= 1, got {list(s.interval)}")
+    _check(o.blr > 0, "optim.blr", f"must be > 0, got {o.blr}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+           f"must be two numbers in [0, 1), got {list(o.betas)}")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    for key in ("decay1", "decay2"):
+        value = cfg.ema[key]
+        _check(0 <= value < 1, f"ema.{key}", f"must be in [0, 1), got {value}")
+    _check(net.input_size > 0, "model.net.input_size", f"must be > 0, got {net.input_size}")
+    _check(net.num_classes >= 1, "model.net.num_classes", f"must be >= 1, got {net.num_classes}")
+    _check(0 <= den.label_drop_prob < 1, "model.denoiser.label_drop_prob",
+           f"must be in [0, 1), got {den.label_drop_prob}")
+    _check(den.noise_scale > 0, "model.denoiser.noise_scale", f"must be > 0, got {den.noise_scale}")
+    _check(den.t_eps > 0, "model.denoiser.t_eps", f"must be > 0, got {den.t_eps}")
+    if cfg.task == Task.export:
+        _check(cfg.ckpt_path is not None, "ckpt_path", "task=export needs ckpt_path=<Lightning .ckpt>")
+    data_target = str(cfg.data.get("_target_", ""))
+    if data_target.endswith("ImageNetDataModule"):
+        _check(cfg.data.get("root") is not None, "data.root",
+               "data=imagenet needs data.root=/path/to/imagenet (with train/ and val/ folders)")
+        if cfg.task in (Task.eval, Task.calibrate):
+            _check(cfg.ckpt_path is not None, "ckpt_path",
+                   f"task={cfg.task.value} on ImageNet needs ckpt_path=/path/to/checkpoint-last.pth")
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

@@ -1,0 +1,323 @@
+"""What `run.py` dispatches to: train, eval, calibrate, export.
+
+Each task validates everything it can before building a model or touching data, then
+composes the pieces (data module, JiTModule, quantization, callbacks, Lightning trainer).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, OmegaConf
+
+from jit.checkpoint import CheckpointError, safe_load, save_official_checkpoint
+from jit.config import ConfigError, Task, to_plain, validate
+from jit.module import JiTModule
+
+SHIPPED_DIGITS_MODEL = Path(__file__).parent / "assets" / "digits_jit.pth"
+
+
+# ----------------------------------------------------------------------------- building
+def quant_config(cfg: DictConfig):
+    from jit.quant import build_quant_config
+
+    return build_quant_config(cfg.quant)
+
+
+def flat_hparams(cfg: DictConfig) -> dict:
+    """Flat `section.key` hyper-parameters: quantization fields at top level for dashboards."""
+    out = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if not str(k).startswith("_"):
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, (list, tuple)):
+            out[prefix] = str(list(node))
+        else:
+            out[prefix] = node
+
+    plain = to_plain(cfg)
+    for section in ("task", "seed", "ckpt_path", "eval_weights", "model", "quant", "calibration", "sampler", "fid"):
+        if section in plain:
+            walk(section, plain[section])
+    walk("data", {k: v for k, v in plain["data"].items() if k != "_target_"})
+    return out
+
+
+def sweep_group(cfg: DictConfig) -> str | None:
+    """Jobs of one multirun share a group named after the sweep directory."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return Path(hc.sweep.dir).name
+    except (ValueError, ImportError):
+        pass
+    return None
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = []
+    for name, node in (cfg.logger or {}).items():
+        if node is None:
+            continue
+        kwargs = {}
+        if "Wandb" in str(node.get("_target_", "")) and node.get("group") is None:
+            kwargs["group"] = sweep_group(cfg)
+        loggers.append(instantiate(node, **kwargs))
+    hparams = flat_hparams(cfg)
+    for logger in loggers:
+        logger.log_hyperparams(hparams)
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig, training: bool) -> list:
+    if not training:
+        return [instantiate(node) for name, node in (cfg.callbacks or {}).items()
+                if node is not None and "RichProgressBar" in str(node.get("_target_", ""))]
+    return [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
+
+
+def build_trainer(cfg: DictConfig, loggers: list, callbacks: list) -> L.Trainer:
+    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, _convert_="all")
+
+
+def checkpoint_kind(path: str | None) -> str | None:
+    """'lightning' for a Lightning .ckpt, 'official' for a checkpoint-last.pth, None for no path."""
+    if path is None:
+        return None
+    ckpt = safe_load(path)
+    if "state_dict" in ckpt and "pytorch-lightning_version" in ckpt:
+        return "lightning"
+    if "model" in ckpt:
+        return "official"
+    raise CheckpointError(
+        f"{path} is neither a Lightning checkpoint nor an official JiT checkpoint; found keys {sorted(map(str, ckpt))[:10]}"
+    )
+
+
+def module_kwargs(cfg: DictConfig) -> dict:
+    plain = to_plain(cfg)
+    return dict(net=plain["model"]["net"], denoiser=plain["model"]["denoiser"], optim=plain["optim"],
+                ema=plain["ema"], sampler=plain["sampler"], eval_weights=plain["eval_weights"])
+
+
+def load_module(cfg: DictConfig) -> tuple[JiTModule, str]:
+    """The module to evaluate/calibrate, with weights from ckpt_path or the shipped digits model."""
+    path = cfg.ckpt_path
+    if path is None:
+        if cfg.model.net.name != "JiT-S/4" or not str(cfg.data.get("_target_", "")).endswith("DigitsDataModule"):
+            raise ConfigError("ckpt_path: required unless evaluating the shipped digits model "
+                              "(model=jit_s4_digits data=digits)")
+        if not SHIPPED_DIGITS_MODEL.exists():
+            raise ConfigError(f"ckpt_path: the shipped digits model {SHIPPED_DIGITS_MODEL} is missing; "
+                              "train one with `python run.py experiment=digits_train`")
+        path = str(SHIPPED_DIGITS_MODEL)
+    kind = checkpoint_kind(path)
+    if kind == "lightning":
+        module = JiTModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    else:
+        module = JiTModule(**module_kwargs(cfg), init_checkpoint=path, init_weights="model")
+    module.eval_weights = str(cfg.eval_weights.value if hasattr(cfg.eval_weights, "value") else cfg.eval_weights)
+    return module, path
+
+
+# -------------------------------------------------------------------------------- tasks
+def train(cfg: DictConfig) -> dict:
+    kind = checkpoint_kind(cfg.ckpt_path)
+    dm = instantiate(cfg.data)
+    module = JiTModule(**module_kwargs(cfg), init_checkpoint=cfg.ckpt_path if kind == "official" else None,
+                       init_weights="model")
+    trainer = build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg, training=True))
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path if kind == "lightning" else None)
+    out = Path(cfg.paths.output_dir) / "checkpoint-last.pth"
+    if trainer.is_global_zero:
+        save_official_checkpoint(out, **module.export_official_state())
+        rank_zero_info(f"official-layout checkpoint: {out}")
+    return {"checkpoint": str(out), "global_step": int(trainer.global_step)}
+
+
+def export(cfg: DictConfig) -> dict:
+    from jit.train import export_official
+
+    if checkpoint_kind(cfg.ckpt_path) != "lightning":
+        raise ConfigError(f"ckpt_path: task=export converts a Lightning .ckpt; {cfg.ckpt_path} is not one")
+    out = cfg.export.out_path or str(Path(cfg.paths.output_dir) / "checkpoint-last.pth")
+    export_official(cfg.ckpt_path, out)
+    print(f"official-layout checkpoint written: {out}")
+    return {"checkpoint": out}
+
+
+def prepare_quantized(module: JiTModule, qcfg, cfg: DictConfig, dm, run_dir: Path) -> dict:
+    """Quantize the backbone in place; calibrate or load static thresholds. Returns provenance."""
+    from jit.quant import quantize_model
+
+    if qcfg.scheme == "fp":
+        return {"calibration": None}
+    replaced = quantize_model(module.denoiser.net, qcfg)
+    rank_zero_info(f"quantized {len(replaced)} layers ({qcfg.scheme}, {qcfg.mode})")
+    if qcfg.mode != "static":
+        return {"calibration": None, "quantized_layers": len(replaced)}
+    from jit.callbacks.calibration import StaticCalibration
+
+    calib = StaticCalibration(cfg=to_plain(cfg.calibration), quant=qcfg, run_dir=run_dir)
+    with module.eval_weights_context(module.eval_weights):
+        provenance = calib.run(module, dm)
+    return {"calibration": provenance, "quantized_layers": len(replaced)}
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    from jit.callbacks import FIDEvaluation
+    from jit.callbacks.evaluation import FIDConfig
+
+    qcfg = quant_config(cfg)
+    fid_cfg = FIDConfig.from_any(cfg.fid)  # validate fid.* before any work
+    run_dir = Path(cfg.paths.output_dir)
+    module, source = load_module(cfg)
+    dm = instantiate(cfg.data)
+    dm.setup("test")
+    trainer = build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg, training=False))
+    common = {"checkpoint": source, "task": "eval"}
+    baseline = None
+    if cfg.compare_fp and qcfg.scheme != "fp":
+        rank_zero_info("evaluating the float model (baseline)")
+        baseline = FIDEvaluation(fid_cfg, run_dir=run_dir / "baseline_fp", extra={**common, "quant": {"scheme": "fp"}})
+        baseline = baseline.run(trainer, module, dm)["metrics"]
+    provenance = prepare_quantized(module, qcfg, cfg, dm, run_dir)
+    from jit.quant import collect_stats, enable_stats
+
+    enable_stats(module.denoiser.net, qcfg.scheme != "fp")
+    extra = {**common, "quant": qcfg.to_dict(), **provenance, "baseline_fp": baseline}
+    evaluation = FIDEvaluation(fid_cfg, run_dir=run_dir, extra=extra)
+    results = evaluation.run(trainer, module, dm)
+    layer_stats = collect_stats(module.denoiser.net) if qcfg.scheme != "fp" else []
+    if layer_stats:
+        results["layer_stats_summary"] = summarize_layer_stats(layer_stats)
+        write_layer_stats(layer_stats, run_dir / "layer_stats.csv")
+        from jit.callbacks.evaluation import write_json_atomic
+
+        write_json_atomic(results, run_dir / "results.json")
+        log_table(trainer, "quant/layer_stats", layer_stats)
+    print_summary(results, baseline)
+    return results
+
+
+def calibrate(cfg: DictConfig) -> dict:
+    qcfg = quant_config(cfg)
+    if qcfg.scheme == "fp" or qcfg.mode != "static":
+        raise ConfigError(f"quant: task=calibrate needs a quantized scheme in static mode "
+                          f"(got quant.scheme={qcfg.scheme}, quant.mode={qcfg.mode})")
+    run_dir = Path(cfg.paths.output_dir)
+    module, _ = load_module(cfg)
+    dm = instantiate(cfg.data)
+    info = prepare_quantized(module, qcfg, cfg, dm, run_dir)
+    print(f"calibration artefact: {info['calibration'].get('file') if info['calibration'] else None}")
+    return info
+
+
+# ------------------------------------------------------------------------------ reports
+def summarize_layer_stats(rows: list[dict]) -> dict:
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return {f"mean_{k}": sum(r[k] for r in rows) / len(rows) for k in keys}
+
+
+def write_layer_stats(rows: list[dict], path: Path) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def log_table(trainer, key: str, rows: list[dict]) -> None:
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_table"):  # wandb
+            logger.log_table(key=key, columns=list(rows[0]), data=[list(r.values()) for r in rows])
+
+
+def print_summary(results: dict, baseline: dict | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metrics = results["metrics"]
+    msb = (results.get("layer_stats_summary") or {}).get("mean_msb_density")
+    table = Table(title=f"results ({results.get('num_images')} images)")
+    table.add_column("model")
+    names = list(metrics)
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_column("msb_density", justify="right")
+    if baseline:
+        table.add_row("float", *[f"{baseline.get(n, float('nan')):.4g}" for n in names], "-")
+    scheme = results.get("quant", {}).get("scheme", "fp")
+    table.add_row(scheme, *[f"{metrics[n]:.4g}" for n in names], f"{msb:.4f}" if msb is not None else "-")
+    Console().print(table)
+
+
+TASKS = {Task.train: train, Task.eval: evaluate, Task.calibrate: calibrate, Task.export: export}
+
+
+def dispatch(cfg: DictConfig):
+    validate(cfg)
+    if cfg.task != Task.train:
+        quant_config(cfg)  # fail on quant.* before loading anything
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return TASKS[cfg.task](cfg)
+
+
+# ---------------------------------------------------------------------- error handling
+def _user_error_types() -> tuple[type, ...]:
+    """Errors that mean bad input (config, paths, files): one line, no traceback wall."""
+    from jit.datamodules import CorruptImageError
+    from jit.metrics.features import FeatureExtractorError
+
+    return (ConfigError, CheckpointError, ValueError, KeyError, FileNotFoundError, NotADirectoryError,
+            PermissionError, CorruptImageError, FeatureExtractorError)
+
+
+def _only_hydra_files(run_dir: Path) -> bool:
+    return all(p.name in (".hydra", "run.log") or p.name.endswith(".log") for p in run_dir.iterdir())
+
+
+def main(cfg: DictConfig):
+    """Run one job; bad input ends it with one clear line and a non-zero exit code.
+
+    In a multirun a failing job records `failed.json` in its directory and returns, so the
+    other jobs (and their logging) carry on and the sweep summary lists the failure.
+    """
+    run_dir = Path(cfg.paths.output_dir)
+    multirun = sweep_group(cfg) is not None
+    try:
+        return dispatch(cfg)
+    except _user_error_types() as err:
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        import logging
+        import traceback
+
+        logging.getLogger("jit").debug("".join(traceback.format_exception(err)))
+        if multirun:
+            from jit.callbacks.evaluation import write_json_atomic
+
+            write_json_atomic({"status": "failed", "error": f"{type(err).__name__}: {message}"},
+                              run_dir / "failed.json")
+            print(f"job failed: {message}", file=sys.stderr)
+            return None
+        print(f"error: {message}", file=sys.stderr)
+        if run_dir.exists() and _only_hydra_files(run_dir):
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+        sys.exit(2)

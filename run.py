@@ -1,0 +1,24 @@
+"""The single entry point: compose the Hydra config, validate, dispatch on `task`.
+
+    python run.py                                  # built-in default: digits, hybrid W8A11 vs float
+    python run.py experiment=digits_train          # train the digits model
+    python run.py -m quant.adc.bits=4,6,8,10 quant.adc.noise_sigma_lsb=0,2,8
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from jit.config import register_schemas
+
+register_schemas()
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="run")
+def main(cfg: DictConfig):
+    from jit.tasks import main as run_task
+
+    return run_task(cfg)
+
+
+if __name__ == "__main__":
+    main()
