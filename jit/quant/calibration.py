@@ -1,0 +1,281 @@
+"""Static calibration: stream |x| histograms of every quantized layer, pick thresholds.
+
+`calibrate(model, batches, ...)` runs the model on every batch twice, with thermal noise
+off and the ADCs bypassed (ideal read-out) so no stale or missing ADC threshold affects
+what is measured:
+
+1. activation pass, layers in dynamic mode: a histogram of each layer's input -> act clip;
+2. ADC pass, layers in static mode with those act clips: a histogram of each analog
+   path's pre-ADC accumulation -> ADC clip per path. The accumulations depend on the
+   activation codes, so they are measured with the very act clips static mode will use.
+
+Every layer's mode, thresholds, observer, statistics and noise settings are restored
+afterwards; the model is left as it was and the result is returned as an artefact dict
+(see artefact.py) for `artefact.save` / `apply`.
+
+Memory is O(layers x paths x num_bins): histograms, never stored tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import artefact as art
+from .calibrators import METHODS, threshold
+from .layers import QuantLinear, quantized_layers
+from .quantizers import qmax, quantize_symmetric, weight_clip
+from .stats import collect_stats, enable_stats
+from .surgery import adc_bypassed, noise_disabled
+
+SOURCES = ("data", "sampling")
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot produce thresholds from what it was given."""
+
+
+class AbsHistogram:
+    """Streaming histogram of |x| over a range that grows to fit, in bounded memory.
+
+    `num_bins` equal bins over [0, upper]. The first non-zero batch sets `upper` to its
+    max |x|; when a later batch exceeds it, `upper` grows by an integer factor f and
+    every f neighbouring bins merge into one. The merge is exact (old edges stay edges),
+    unlike re-binning by interpolation, and keeps the data in more than the top
+    1/f of the bins. Zeros always land in bin 0, whatever the range becomes.
+    """
+
+    def __init__(self, num_bins: int):
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
+            raise CalibrationError(f"calibration.num_bins must be an integer >= 2, got {num_bins!r}")
+        self.counts = torch.zeros(num_bins, dtype=torch.float64)
+        self.upper = 0.0
+        self.amax = 0.0
+        self.total = 0
+
+    def _grow(self, new_max: float) -> None:
+        factor = max(2, math.ceil(new_max / self.upper))
+        while factor * self.upper < new_max:  # the ratio may round down
+            factor += 1
+        n = self.counts.numel()
+        padded = torch.zeros(-(-n // factor) * factor, dtype=torch.float64)
+        padded[:n] = self.counts
+        merged = padded.view(-1, factor).sum(1)
+        self.counts = torch.zeros(n, dtype=torch.float64)
+        self.counts[: merged.numel()] = merged
+        self.upper *= factor
+
+    def add(self, x: torch.Tensor) -> None:
+        a = x.detach().reshape(-1).abs().float()
+        if a.numel() == 0:
+            return
+        m = float(a.max())
+        if not math.isfinite(m):
+            raise CalibrationError("non-finite values (NaN or Inf) in a calibration tensor")
+        if m > 0:
+            if self.upper == 0.0:
+                self.upper = m
+            elif m > self.upper:
+                self._grow(m)
+            self.counts += torch.histc(a, self.counts.numel(), 0.0, self.upper).double()
+        else:
+            self.counts[0] += a.numel()
+        self.amax = max(self.amax, m)
+        self.total += a.numel()
+
+    def share_above(self, value: float) -> float:
+        """Share of the values above `value` (linear inside the bin that holds it)."""
+        if self.total == 0 or value >= self.upper:
+            return 0.0
+        pos = value / self.upper * self.counts.numel()
+        k = int(pos)
+        above = float(self.counts[k + 1:].sum()) + float(self.counts[k]) * (k + 1 - pos)
+        return above / self.total
+
+
+# ------------------------------------------------------------------------ helpers ----
+def _batch_size(batch: Any) -> int:
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return int(first.shape[0]) if torch.is_tensor(first) and first.dim() else 1
+
+
+def _default_forward(model: nn.Module) -> Callable:
+    def forward(batch, generator):
+        return model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    return forward
+
+
+@contextlib.contextmanager
+def _restored(layers: dict[str, QuantLinear]):
+    """Put back each layer's config, thresholds, observer and statistics on exit."""
+    saved = [(layer, layer.cfg, layer.static, layer.observer, layer.stats)
+             for layer in layers.values()]
+    try:
+        yield
+    finally:
+        for layer, cfg, static, observer, stats in saved:
+            layer.cfg, layer.observer, layer.stats = cfg, observer, stats
+            if static is None:
+                layer.clear_static()
+            else:
+                layer.set_static(static.act_clip, static.adc_clips or None, static.weight_int,
+                                 static.weight_scale, static.act_bits, static.adc_bits)
+
+
+def _set_mode(layers: dict[str, QuantLinear], mode: str) -> None:
+    for layer in layers.values():
+        layer.cfg = dataclasses.replace(layer.cfg, mode=mode)
+
+
+def _observe(layers: dict[str, QuantLinear], hists: dict, kinds: Callable[[str], bool],
+             num_bins: int) -> None:
+    """Install observers feeding `hists[(layer name, kind)]` for the kinds wanted."""
+    for name, layer in layers.items():
+        def observer(_, kind, tensor, name=name):
+            if not kinds(kind):
+                return
+            if tensor.numel() == 0:
+                raise CalibrationError(f"layer {name}: got an empty {kind} tensor")
+            hist = hists.get((name, kind))
+            if hist is None:
+                hist = hists[(name, kind)] = AbsHistogram(num_bins)
+            try:
+                hist.add(tensor)
+            except CalibrationError as err:
+                raise CalibrationError(f"layer {name} ({kind}): {err}") from None
+        layer.observer = observer
+
+
+def _run(forward, batches, seed: int) -> int:
+    """One pass; each batch gets its own seeded generator, so every pass (and every call
+    with the same seed) sees identical noise draws, timesteps and sampling noise."""
+    images = 0
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            forward(batch, generator)
+            images += _batch_size(batch)
+    return images
+
+
+def _clip(method, hist, bits, percentile, name) -> float:
+    try:
+        return threshold(method, hist, bits, percentile=percentile, name=name)
+    except ValueError as err:
+        raise CalibrationError(str(err)) from None
+
+
+def export_weights(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's INT weight codes and their step, as static mode would compute them."""
+    w = layer.weight.detach().float().cpu()
+    codes, step = quantize_symmetric(w, weight_clip(w, layer.cfg.weight), layer.cfg.weight.bits)
+    dtype = torch.int8 if layer.cfg.weight.bits <= 8 else torch.int16
+    return codes.to(dtype), step.reshape(-1) if step.dim() else step
+
+
+# ---------------------------------------------------------------------- calibrate ----
+def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
+              num_bins: int = 4096, percentile: float = 99.99, seed: int = 0,
+              forward: Callable[[Any, torch.Generator], Any] | None = None,
+              source: str = "data", save_weights: bool = False,
+              coverage: list | None = None) -> dict:
+    """Thresholds for every quantized layer of `model`, as an artefact dict.
+
+    batches: a re-iterable (list, DataLoader) of inputs; it is read twice.
+    forward(batch, generator): runs one batch through the model (default `model(*batch)`);
+        use `generator` for any randomness so calibration is reproducible.
+    method: kl | percentile | minmax | mse (calibrators.py), for activations and ADCs.
+    coverage: if a list is given, one row per layer is appended (see `coverage_rows`).
+    Layer names are relative to `model`; pass the module the artefact will be applied to.
+    """
+    if method not in METHODS:
+        raise CalibrationError(f"unknown calibration method {method!r}; allowed: {', '.join(METHODS)}")
+    if source not in SOURCES and not source.startswith("seed"):
+        raise CalibrationError(f"unknown calibration source {source!r}; allowed: {', '.join(SOURCES)}")
+    layers = quantized_layers(model)
+    if not layers:
+        raise CalibrationError("the model has no quantized layers to calibrate "
+                               "(quant.scheme=fp, or quantize_model was not called)")
+    schemes = {layer.cfg.scheme for layer in layers.values()}
+    if len(schemes) != 1:
+        raise CalibrationError(f"layers of several schemes ({sorted(schemes)}) in one model")
+    AbsHistogram(num_bins)  # validates num_bins before any work
+    forward = forward or _default_forward(model)
+    hists: dict[tuple[str, str], AbsHistogram] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with _restored(layers), noise_disabled(model), adc_bypassed(model):
+            _observe(layers, hists, lambda kind: kind == "act", num_bins)
+            _set_mode(layers, "dynamic")
+            images = _run(forward, batches, seed)
+            if images == 0:
+                raise CalibrationError("calibration saw zero images: the calibration input is "
+                                       "empty (check calibration.num_images / the split)")
+            act_clips = {}
+            for name, layer in layers.items():
+                if (name, "act") not in hists:
+                    raise CalibrationError(f"layer {name} was never called during calibration")
+                act_clips[name] = _clip(method, hists[(name, "act")], layer.cfg.act.bits,
+                                        percentile, f"layer {name} (act)")
+            adc_clips: dict[str, dict[str, float]] = {name: {} for name in layers}
+            if coverage is not None or any(layer.adc_paths for layer in layers.values()):
+                _observe(layers, hists, lambda kind: kind.startswith("adc."), num_bins)
+                _set_mode(layers, "static")
+                for name, layer in layers.items():
+                    layer.set_static(act_clips[name])
+                enable_stats(model)
+                _run(forward, batches, seed)
+                for name, layer in layers.items():
+                    for path in layer.adc_paths:
+                        hist = hists.get((name, f"adc.{path}"))
+                        if hist is None:
+                            raise CalibrationError(f"layer {name}: ADC path {path} was never read")
+                        adc_clips[name][path] = _clip(method, hist, layer.cfg.adc.bits, percentile,
+                                                      f"layer {name} (ADC {path})")
+                if coverage is not None:
+                    coverage.extend(coverage_rows(collect_stats(model), hists, adc_clips, layers))
+    finally:
+        model.train(was_training)
+    entries = {}
+    for name, layer in layers.items():
+        entry = {"act_clip": act_clips[name], "adc_clip": adc_clips[name],
+                 "made_for": art.made_for(layer.cfg)}
+        if save_weights:
+            entry["weight_int"], entry["weight_scale"] = export_weights(layer)
+        entries[name] = entry
+    options = {"num_bins": num_bins, "seed": seed}
+    if method == "percentile":
+        options["percentile"] = percentile
+    return art.new_artefact(scheme=schemes.pop(), method=method, num_images=images,
+                            source=source, layers=entries, options=options)
+
+
+COVERAGE_COLUMNS = ("layer", "lsb_range_coverage", "int8_range_coverage", "msb_density",
+                    "act_clip_rate", "adc_saturation_rate")
+
+
+def coverage_rows(stats_rows: list[dict], hists: dict, adc_clips: dict, layers: dict) -> list[dict]:
+    """Per layer under the calibrated act clips: shares of activation codes inside the
+    LSB range and inside [-128, 127], MSB density, act clip rate (from the layer
+    statistics), and the ADC saturation rate the calibrated ADC clips would give
+    (share of |a| above (qmax + 1/2) steps, from the ADC histograms; worst path)."""
+    by_name = {row["layer"]: row for row in stats_rows}
+    rows = []
+    for name, layer in layers.items():
+        stats = by_name.get(name, {})
+        row = {key: stats.get(key) for key in COVERAGE_COLUMNS}
+        row["layer"] = name
+        rates = []
+        for path, clip in adc_clips[name].items():
+            hist = hists[(name, f"adc.{path}")]
+            rates.append(hist.share_above(clip * (1 + 0.5 / qmax(layer.cfg.adc.bits))))
+        row["adc_saturation_rate"] = max(rates) if rates else None
+        rows.append(row)
+    return rows

@@ -1,0 +1,232 @@
+"""Threshold (clip value) search on histograms of |x|.
+
+Every calibrator takes an `AbsHistogram`-like object (`counts`: float64 counts of |x| in
+`num_bins` equal bins over [0, upper]; `amax`: the exact max |x| seen; `total`) and the
+bit width of the symmetric signed quantizer being calibrated, and returns a clip value c:
+the quantizer then uses step c / (2^(bits-1) - 1).
+
+Levels. A symmetric signed b-bit quantizer maps |x| in [0, c] onto the codes
+0..qmax = 2^(b-1) - 1, i.e. 2^(b-1) distinct magnitudes. The KL calibrator therefore
+quantises the reference histogram of |x| to 2^(b-1) levels (128 for INT8, as TensorRT's
+entropy calibrator does; 1024 for INT11 activations, 512 for a 10-bit ADC), so each
+quantizer is calibrated for its own resolution.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.special import xlogy
+
+METHODS = ("kl", "percentile", "minmax", "mse")
+
+# Candidates whose KL is within this of the minimum count as ties; the smallest clip wins
+# (finer step for the same information loss). Also absorbs float summation-order noise.
+_TIE = 1e-12
+# Elements of the [candidates, levels] work arrays per block: bounds peak memory (~50 MB).
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def levels_for(bits: int) -> int:
+    """Distinct magnitudes |code| of a symmetric signed `bits`-bit quantizer: 2^(bits-1)."""
+    return 1 << (bits - 1)
+
+
+def _bin_width(hist) -> float:
+    return float(hist.upper) / hist.counts.numel()
+
+
+def _last_nonempty(counts: torch.Tensor) -> int:
+    """Number of bins up to and including the last non-empty one."""
+    nz = torch.nonzero(counts > 0)
+    return int(nz[-1]) + 1 if nz.numel() else 0
+
+
+def _check(hist, name: str = "tensor") -> None:
+    if hist.total <= 0:
+        raise ValueError(f"{name}: no values were observed, cannot calibrate a threshold")
+    if hist.amax <= 0:
+        raise ValueError(
+            f"{name}: all {int(hist.total)} observed values are zero (a constant tensor); "
+            "a clip threshold is undefined"
+        )
+
+
+# ------------------------------------------------------------------------------- KL ----
+def kl_divergences(counts, levels: int, candidates) -> np.ndarray:
+    """KL(P_i || Q_i) for every candidate i (number of bins kept), all at once.
+
+    P_i: the first i bins with the mass of bins >= i folded into bin i-1 (clipping maps
+    outliers onto the edge code). Q_i: the first i bins *without* the fold quantised to
+    `levels` levels - bin b goes to level floor(b * levels / i) - each level's mass spread
+    evenly over the bins that are non-empty in P_i. Q_i leaves the outliers out on purpose
+    (as TensorRT's entropy calibrator does): quantising the folded P_i instead would make
+    KL exactly 0 at i = levels (one bin per level), whatever is clipped. Each is
+    normalised to sum 1. With counts h, N = total, M = N - tail mass,
+        KL = (sum_b P log P - sum_levels S log(S' / n)) / N + log(M / N)
+    (S, S' = a level's mass in P_i resp. in the unfolded slice, n = its non-empty bins),
+    so prefix sums give every term without materialising P_i or Q_i:
+    O(candidates x levels) work. A candidate whose edge level is empty but receives
+    outliers has Q = 0 where P > 0: KL = inf.
+    """
+    h = np.asarray(counts, dtype=np.float64)
+    candidates = np.asarray(candidates, dtype=np.intp)
+    total = h.sum()
+    mass = np.concatenate([[0.0], np.cumsum(h)])  # mass[k] = sum h[:k]
+    nonempty = np.concatenate([[0.0], np.cumsum(h > 0)])
+    hlogh = np.concatenate([[0.0], np.cumsum(xlogy(h, h))])
+    # level k of candidate i holds bins [ceil(k i / L), ceil((k+1) i / L)); k / L is exact
+    # in float64 because L is a power of two, so ceil() sees exact integers
+    fractions = np.arange(levels + 1) / levels
+    out = []
+    rows = max(1, _BLOCK_ELEMENTS // (levels + 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for start in range(0, candidates.size, rows):
+            i = candidates[start:start + rows]
+            edges = np.ceil(np.multiply.outer(i.astype(np.float64), fractions)).astype(np.intp)
+            unfolded = np.diff(mass[edges], axis=1)
+            n = np.diff(nonempty[edges], axis=1)
+            tail = total - mass[i]
+            edge_bin = h[i - 1]
+            n[:, -1] += (edge_bin == 0) & (tail > 0)  # the fold makes the edge bin non-empty
+            folded = edge_bin + tail
+            plogp = hlogh[i - 1] + xlogy(folded, folded)
+            # sum over P > 0 of P log Q: each level's unfolded mass, then the tail's share
+            filled = unfolded > 0
+            log_q = np.log(np.where(filled, unfolded, 1.0) / np.where(filled, n, 1.0))
+            plogq = np.einsum("ij,ij->i", unfolded, log_q)
+            plogq += np.where(tail > 0, tail * np.log(unfolded[:, -1] / n[:, -1]), 0.0)
+            out.append((plogp - plogq) / total + np.log((total - tail) / total))
+    return np.concatenate(out)
+
+
+def _kl_candidates(counts: torch.Tensor, levels: int) -> torch.Tensor | None:
+    """Candidates i = levels .. last non-empty bin; None if the data spans fewer bins."""
+    last = _last_nonempty(counts)
+    if last < levels:
+        return None
+    return torch.arange(levels, last + 1, dtype=torch.int64)
+
+
+def kl_threshold(hist, bits: int, name: str = "tensor") -> float:
+    """Entropy calibration: the clip minimising KL(P || Q) at 2^(bits-1) levels."""
+    _check(hist, name)
+    levels = levels_for(bits)
+    if hist.counts.numel() < levels:
+        raise ValueError(
+            f"{name}: num_bins={hist.counts.numel()} is below the {levels} levels of a "
+            f"{bits}-bit quantizer; KL calibration needs num_bins >= 2^(bits-1) "
+            f"(better >= 2^bits), raise calibration.num_bins"
+        )
+    candidates = _kl_candidates(hist.counts, levels)
+    if candidates is None:
+        # The data fills fewer bins than the quantizer has levels: the histogram cannot
+        # resolve a better clip than the max.
+        return float(hist.amax)
+    kl = kl_divergences(hist.counts.numpy(), levels, candidates.numpy())
+    best = int(np.flatnonzero(kl <= kl.min() + _TIE)[0])
+    return min(float(candidates[best]) * _bin_width(hist), float(hist.amax))
+
+
+def kl_divergences_loop(counts, levels: int, candidates) -> np.ndarray:
+    """Reference: the same KL, one candidate at a time (for tests and the benchmark)."""
+    h = np.asarray(counts, dtype=np.float64)
+    total = h.sum()
+    out = []
+    for i in np.asarray(candidates):
+        p = h[:i].copy()
+        p[-1] += h[i:].sum()
+        starts = -((-np.arange(levels) * i) // levels)  # ceil(k i / L)
+        sizes = np.diff(np.append(starts, i))
+        q_mass = np.add.reduceat(h[:i], starts)  # the quantised slice leaves outliers out
+        q_count = np.add.reduceat((p > 0).astype(np.float64), starts)
+        q = np.repeat(q_mass / np.maximum(q_count, 1), sizes) * (p > 0)
+        p, q = p / p.sum(), q / q.sum()
+        mask = p > 0
+        with np.errstate(divide="ignore"):
+            out.append(float(np.sum(p[mask] * np.log(p[mask] / q[mask]))))
+    return np.asarray(out)
+
+
+def kl_threshold_loop(hist, bits: int) -> float:
+    """`kl_threshold` computed with the per-candidate loop."""
+    _check(hist)
+    levels = levels_for(bits)
+    candidates = _kl_candidates(hist.counts, levels)
+    if candidates is None:
+        return float(hist.amax)
+    kl = kl_divergences_loop(hist.counts.numpy(), levels, candidates.numpy())
+    best = int(np.flatnonzero(kl <= kl.min() + _TIE)[0])
+    return min(float(candidates[best]) * _bin_width(hist), float(hist.amax))
+
+
+# ------------------------------------------------------------------ other methods ----
+def percentile_threshold(hist, percentile: float, name: str = "tensor") -> float:
+    """The `percentile`-th percentile of |x|, linearly interpolated inside its bin."""
+    _check(hist, name)
+    if not 0.0 < percentile <= 100.0:
+        raise ValueError(f"calibration.percentile must be in (0, 100], got {percentile}")
+    if percentile == 100.0:
+        return float(hist.amax)
+    h = hist.counts.to(torch.float64)
+    cum = h.cumsum(0)
+    target = percentile / 100.0 * float(cum[-1])
+    k = int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64))[0])
+    k = min(k, h.numel() - 1)
+    below = float(cum[k - 1]) if k > 0 else 0.0
+    frac = (target - below) / float(h[k]) if h[k] > 0 else 1.0
+    return min((k + frac) * _bin_width(hist), float(hist.amax))
+
+
+def minmax_threshold(hist, name: str = "tensor") -> float:
+    """The exact max |x| seen: nothing is clipped."""
+    _check(hist, name)
+    return float(hist.amax)
+
+
+def mse_threshold(hist, bits: int, name: str = "tensor") -> float:
+    """The clip minimising the expected squared quantisation error of |x|.
+
+    For clip c (step s = c / qmax), a value at bin centre x costs (x - c)^2 above c, x^2 if
+    it rounds to zero (x < s/2) and s^2 / 12 otherwise (uniform rounding error); prefix
+    sums evaluate every candidate c = i * bin_width in one pass.
+    """
+    _check(hist, name)
+    qmax = levels_for(bits) - 1
+    h = hist.counts.to(torch.float64)
+    w = _bin_width(hist)
+    x = (torch.arange(h.numel(), dtype=torch.float64) + 0.5) * w
+    zero = h.new_zeros(1)
+    H0, H1, H2 = (torch.cat([zero, (h * x**p).cumsum(0)]) for p in (0, 1, 2))
+    last = max(_last_nonempty(h), 1)
+    i = torch.arange(1, last + 1, dtype=torch.int64)
+    c = i.to(torch.float64) * w
+    s = c / qmax
+    j = torch.minimum(torch.ceil(s / (2 * w) - 0.5).clamp_min(0).to(torch.int64), i)
+    err = (
+        H2[j]
+        + (H0[i] - H0[j]) * s**2 / 12
+        + (H2[-1] - H2[i]) - 2 * c * (H1[-1] - H1[i]) + c**2 * (H0[-1] - H0[i])
+    )
+    best = int(torch.argmin(err))
+    return min(float(c[best]), float(hist.amax))
+
+
+def threshold(method: str, hist, bits: int, *, percentile: float = 99.99,
+              name: str = "tensor") -> float:
+    """Clip value for a `bits`-bit symmetric quantizer by `method` (one of METHODS)."""
+    if method == "kl":
+        value = kl_threshold(hist, bits, name)
+    elif method == "percentile":
+        value = percentile_threshold(hist, percentile, name)
+    elif method == "minmax":
+        value = minmax_threshold(hist, name)
+    elif method == "mse":
+        value = mse_threshold(hist, bits, name)
+    else:
+        raise ValueError(f"unknown calibration method {method!r}; allowed: {', '.join(METHODS)}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name}: {method} calibration gave an invalid clip {value!r}")
+    return value
