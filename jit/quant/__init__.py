@@ -4,10 +4,15 @@ Plain torch: no Lightning, no Hydra, no dependency on jit.models; layers are rep
 by module name on any nn.Module.
 """
 
-from .config import (ActConfig, AdcConfig, QuantConfig, SplitConfig, WeightConfig,
-                     build_quant_config)
-from .layers import (BitSerialLinear, HybridLinear, QuantLinear, StaticThresholds,
-                     W8A8Linear, quantized_layers)
+from .config import ActConfig, AdcConfig, QuantConfig, SplitConfig, WeightConfig, build_quant_config
+from .layers import (
+                     BitSerialLinear,
+                     HybridLinear,
+                     QuantLinear,
+                     StaticThresholds,
+                     W8A8Linear,
+                     quantized_layers,
+)
 from .quantizers import percentile_abs, stable_seed
 from .stats import collect_stats, enable_stats, reset_stats
 from .surgery import adc_bypassed, noise_disabled, quantize_model, reseed

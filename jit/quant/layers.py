@@ -32,15 +32,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .config import QuantConfig, build_quant_config
-from .quantizers import (adc_convert_, bitserial_split, center_out_split, percentile_abs,
-                         qmax, quantize_symmetric, stable_seed, weight_clip)
+from .quantizers import (
+    adc_convert_,
+    bitserial_split,
+    center_out_split,
+    percentile_abs,
+    qmax,
+    quantize_symmetric,
+    stable_seed,
+    weight_clip,
+)
 
 Observer = Callable[[str, str, torch.Tensor], None]
 

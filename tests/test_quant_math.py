@@ -1,0 +1,70 @@
+"""Quantizer formulas: percentile order statistics, center-out and bit-serial splits."""
+
+import numpy as np
+import pytest
+import torch
+
+from jit.quant import percentile_abs
+from jit.quant.quantizers import bitserial_split, center_out_split, stable_seed
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 100, 2559, 4096, 100_003])
+@pytest.mark.parametrize("pct", [0.5, 50.0, 99.0, 99.5, 99.8, 99.99, 100.0])
+def test_percentile_equals_torch_quantile(n, pct):
+    x = torch.distributions.StudentT(3.0).sample((n,), ) if n > 1 else torch.tensor([-2.5])
+    expected = torch.quantile(x.abs(), pct / 100)
+    assert torch.equal(percentile_abs(x, pct), expected)
+    assert torch.equal(percentile_abs(x.double(), pct), torch.quantile(x.abs().double(), pct / 100))
+
+
+def test_percentile_along_a_dim_equals_torch_quantile():
+    w = torch.randn(7, 300)
+    assert torch.equal(percentile_abs(w, 99.0, dim=1), torch.quantile(w.abs(), 0.99, dim=1))
+
+
+def test_percentile_above_2_pow_24_elements():
+    torch.manual_seed(0)
+    x = torch.randn(2**24 + 1001)
+    a = x.abs().numpy()
+    for pct in (99.8, 50.0):
+        # torch.quantile's definition: q rounded to float32, rank in float64, lerp in float32
+        rank = float(np.float32(pct / 100)) * (a.size - 1)
+        low = int(np.floor(rank))
+        part = np.partition(a, [low, low + 1])
+        expected = torch.lerp(torch.tensor(part[low]), torch.tensor(part[low + 1]),
+                              torch.tensor(rank - low, dtype=torch.float32))
+        assert torch.equal(percentile_abs(x, pct), expected)
+
+
+def test_center_out_split_exhaustive_over_int11():
+    codes = torch.arange(-1024, 1024, dtype=torch.float32)
+    msb, lsb = center_out_split(codes, lsb_bits=9, radix=256)
+    assert torch.equal(256 * msb + lsb, codes)
+    assert lsb.min() >= -256 and lsb.max() <= 255
+    assert set(msb.unique().tolist()) == {-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0}
+    in_lsb_range = (codes >= -256) & (codes <= 255)
+    assert torch.equal(msb == 0, in_lsb_range)
+    assert torch.equal(msb, msb.round()) and torch.equal(lsb, lsb.round())
+
+
+def test_center_out_split_w8a10_variant():
+    codes = torch.arange(-512, 512, dtype=torch.float64)
+    msb, lsb = center_out_split(codes, lsb_bits=8, radix=256)
+    assert torch.equal(256 * msb + lsb, codes)
+    assert lsb.min() >= -128 and lsb.max() <= 127
+    assert torch.equal(msb == 0, (codes >= -128) & (codes <= 127))
+
+
+def test_bitserial_split_exhaustive_over_int12():
+    codes = torch.arange(-2048, 2048, dtype=torch.float32)
+    msb, lsb = bitserial_split(codes, lsb_bits=5)
+    assert torch.equal(32 * msb + lsb, codes)
+    assert lsb.min() == 0 and lsb.max() == 31
+    assert msb.min() == -64 and msb.max() == 63
+
+
+def test_stable_seed_is_deterministic_and_name_dependent():
+    assert stable_seed(0, "blocks.0.mlp.w12") == stable_seed(0, "blocks.0.mlp.w12")
+    assert stable_seed(0, "blocks.0.mlp.w12") != stable_seed(0, "blocks.0.mlp.w3")
+    assert stable_seed(1, "a") != stable_seed(0, "a")
+    assert 0 <= stable_seed(123, "x") < 2**63
