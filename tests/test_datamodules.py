@@ -459,5 +459,7 @@ def test_flip_defaults():
 def test_configs_list_every_argument_with_its_default(name, cls):
     config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     assert config.pop("_target_") == f"jit.datamodules.{cls.__name__}"
+    # the resolution follows the model config: one value, no room for a mismatch
+    assert config.pop("img_size") == "${model.net.input_size}"
     params = inspect.signature(cls).parameters
-    assert config == {key: p.default for key, p in params.items()}
+    assert config == {key: p.default for key, p in params.items() if key != "img_size"}

@@ -19,7 +19,7 @@ VARIANTS: dict[str, dict] = {
     # The architecture of the parity fixture: fast enough for unit tests.
     "JiT-T/4": dict(depth=4, hidden_size=64, num_heads=4, bottleneck_dim=16,
                     in_context_len=4, in_context_start=2, patch_size=4),
-    # The built-in digits model (32 px, 64 patches): trains on two CPU cores in minutes.
+    # The built-in digits model (16 px, 16 patches): trains on two CPU cores in minutes.
     "JiT-S/4": dict(depth=6, hidden_size=128, num_heads=4, bottleneck_dim=32,
                     in_context_len=4, in_context_start=2, patch_size=4),
 }
