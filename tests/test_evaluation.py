@@ -4,19 +4,18 @@ import contextlib
 import json
 import os
 import socket
+from unittest.mock import MagicMock
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from unittest.mock import MagicMock
-
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from jit.callbacks import FIDEvaluation, balanced_labels, initial_noise, shard_indices
-from jit.datamodules import DigitsDataModule
 from jit.callbacks.evaluation import EvaluationConfigError, write_json_atomic
+from jit.datamodules import DigitsDataModule
 from jit.metrics.digits_cnn import DigitsCNN
 from jit.metrics.features import FeatureExtractorError
 from jit.metrics.reference import ReferenceStatsError
@@ -190,7 +189,7 @@ def test_inception_metrics_names(setup, monkeypatch):
     """Inception runs report fid and inception_score (feature space mocked small for speed)."""
     from jit.metrics import features as feats
 
-    tmp, weights, _ = setup
+    tmp = setup[0]
 
     class FakeInception(torch.nn.Module):
         fc = torch.nn.Linear(8, 6)  # IS reads the class count from fc
@@ -270,3 +269,14 @@ def test_interrupted_evaluation_leaves_no_results(setup):
         FIDEvaluation(cfg(weights, ref), run_dir=tmp / "run").run(None, module)
     assert module.calls == 2
     assert sorted(p.name for p in (tmp / "run").iterdir()) == []  # no results, no npz shard
+
+
+def test_runs_with_jit_module(setup):
+    """The real LightningModule: its sampler settings and eval_weights are what is recorded."""
+    from jit.module import JiTModule
+
+    tmp, weights, ref = setup
+    module = JiTModule(net={"name": "JiT-T/4", "input_size": 16, "num_classes": 4},
+                       sampler={"steps": 1, "method": "euler"}, eval_weights="ema2")
+    out = FIDEvaluation(cfg(weights, ref, export_npz=False), run_dir=tmp / "run").run(None, module)
+    assert out["weights"] == "ema2" and out["sampler"]["steps"] == 1 and out["num_images"] == 10

@@ -196,7 +196,7 @@ class _DataModule:
 
 def test_reference_computed_once_and_cached(tmp_path):
     dm, space = _DataModule(), _Space(4, name="fake-ext")
-    (mu, sigma), source = reference_stats(space, None, dm, "reference", tmp_path)
+    (mu, _), source = reference_stats(space, None, dm, "reference", tmp_path)
     path = cache_file(tmp_path, "toy", "reference", 8, "fake-ext")
     assert path.name == "toy_reference_8px_fake-ext.npz" and path.is_file() and "computed from 10" in source
     feats = dm.images.flatten(1)[:, :4].double().numpy()

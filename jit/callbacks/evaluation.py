@@ -28,7 +28,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from jit.datamodules import from_model_range
 from jit.metrics.atomic import atomic_path
@@ -67,7 +74,7 @@ class FIDConfig:
     progress: bool = True
 
     @classmethod
-    def from_any(cls, cfg) -> "FIDConfig":
+    def from_any(cls, cfg) -> FIDConfig:
         if isinstance(cfg, cls):
             return cfg
         if cfg is None:
@@ -174,7 +181,8 @@ class NpzExport:
         self.run_dir, self.num_images, self.shape = run_dir, num_images, tuple(image_shape_hwc)
         self.rank, self.world = rank, world
         self.item_bytes = int(np.prod(self.shape))
-        self.file = open(self._shard(rank), "wb")
+        # Open for the whole generation loop; closed by finish() or abort().
+        self.file = open(self._shard(rank), "wb")  # noqa: SIM115
 
     def _shard(self, rank: int) -> Path:
         return self.run_dir / f".samples.rank{rank}.u8"
@@ -187,8 +195,8 @@ class NpzExport:
         _barrier()
         if self.rank == 0:
             n, w = self.num_images, self.world
-            shards = [open(self._shard(r), "rb") for r in range(w)]
-            try:
+            with contextlib.ExitStack() as stack:
+                shards = [stack.enter_context(open(self._shard(r), "rb")) for r in range(w)]
                 with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, \
                         zf.open("arr_0.npy", "w", force_zip64=True) as out:
                     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
@@ -204,10 +212,12 @@ class NpzExport:
                             rows[:] = np.frombuffer(shards[r].read(len(rows) * self.item_bytes),
                                                     np.uint8).reshape(rows.shape)
                         out.write(chunk.tobytes())
-            finally:
-                for f in shards:
-                    f.close()
         _barrier()
+        self._shard(self.rank).unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        """Interrupted: drop this rank's partial shard."""
+        self.file.close()
         self._shard(self.rank).unlink(missing_ok=True)
 
 
@@ -381,9 +391,8 @@ class FIDEvaluation(L.Callback):
                 export.finish(run_dir / "samples.npz")
                 export = None
         finally:
-            if export is not None:  # interrupted: drop the partial shard
-                export.file.close()
-                export._shard(rank).unlink(missing_ok=True)
+            if export is not None:  # interrupted
+                export.abort()
 
         # ---- reduce over ranks and report (rank 0 writes)
         stats.all_reduce()

@@ -74,7 +74,7 @@ class GaussianStats:
         self.outer += x.T @ x
         self.count += x.shape[0]
 
-    def merge(self, other: "GaussianStats") -> "GaussianStats":
+    def merge(self, other: GaussianStats) -> GaussianStats:
         if other.dim != self.dim:
             raise ValueError(f"cannot merge statistics of dims {self.dim} and {other.dim}")
         self.sum += other.sum
@@ -82,13 +82,13 @@ class GaussianStats:
         self.count += other.count
         return self
 
-    def all_reduce(self) -> "GaussianStats":
+    def all_reduce(self) -> GaussianStats:
         """Sum the statistics of all ranks in place (a no-op without torch.distributed)."""
         packed = torch.cat([self.sum, self.outer.flatten(), torch.tensor([float(self.count)], dtype=torch.float64)])
         packed = all_reduce_sum(packed)
         self.sum = packed[: self.dim].clone()
         self.outer = packed[self.dim : self.dim + self.dim**2].reshape(self.dim, self.dim).clone()
-        self.count = int(round(packed[-1].item()))
+        self.count = round(packed[-1].item())
         return self
 
     def mu_sigma(self) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +126,7 @@ class InceptionScoreStats:
         self.neg_entropy_sum.index_add_(0, split, (p * log_p).sum(1))
         self.count.index_add_(0, split, torch.ones_like(split, dtype=torch.float64))
 
-    def all_reduce(self) -> "InceptionScoreStats":
+    def all_reduce(self) -> InceptionScoreStats:
         self.p_sum = all_reduce_sum(self.p_sum)
         self.neg_entropy_sum = all_reduce_sum(self.neg_entropy_sum)
         self.count = all_reduce_sum(self.count)
