@@ -280,3 +280,20 @@ def test_runs_with_jit_module(setup):
                        sampler={"steps": 1, "method": "euler"}, eval_weights="ema2")
     out = FIDEvaluation(cfg(weights, ref, export_npz=False), run_dir=tmp / "run").run(None, module)
     assert out["weights"] == "ema2" and out["sampler"]["steps"] == 1 and out["num_images"] == 10
+
+
+@pytest.mark.parametrize("name", ["inception_50k", "inception_10k", "digits"])
+def test_config_files_validate(name):
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from jit.callbacks import FIDConfig
+
+    root = Path(__file__).parents[1] / "configs"
+    node = OmegaConf.merge({"paths": {"cache_dir": "/cache"}}, {"fid": OmegaConf.load(root / "fid" / f"{name}.yaml")})
+    parsed = FIDConfig.from_any(node.fid)
+    assert parsed.reference["cache_dir"] == "/cache/fid_stats" and type(parsed.sampler) is dict
+    assert parsed.extractor == ("digits-cnn" if name == "digits" else "inception-v3-compat")
+    with pytest.raises(EvaluationConfigError, match="unknown fid settings"):
+        FIDConfig.from_any({**OmegaConf.to_container(node.fid), "num_image": 5})

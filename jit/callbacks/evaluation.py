@@ -27,6 +27,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from rich.progress import (
     BarColumn,
@@ -79,9 +80,7 @@ class FIDConfig:
             return cfg
         if cfg is None:
             cfg = {}
-        if not isinstance(cfg, Mapping):
-            from omegaconf import OmegaConf  # a Hydra DictConfig
-
+        if isinstance(cfg, DictConfig):  # plain containers, so results.json gets lists, not ListConfig
             cfg = OmegaConf.to_container(cfg, resolve=True)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - known)
@@ -296,9 +295,7 @@ class FIDEvaluation(L.Callback):
             quant = hparams.get("quant") if isinstance(hparams, Mapping) else None
         if quant is None:
             return {}
-        if not isinstance(quant, Mapping) and not is_dataclass(quant):
-            from omegaconf import OmegaConf
-
+        if isinstance(quant, DictConfig):
             quant = OmegaConf.to_container(quant, resolve=True)
         return flatten(quant)
 
