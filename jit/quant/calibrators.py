@@ -133,7 +133,6 @@ def kl_threshold(hist, bits: int, name: str = "tensor") -> float:
 def kl_divergences_loop(counts, levels: int, candidates) -> np.ndarray:
     """Reference: the same KL, one candidate at a time (for tests and the benchmark)."""
     h = np.asarray(counts, dtype=np.float64)
-    total = h.sum()
     out = []
     for i in np.asarray(candidates):
         p = h[:i].copy()

@@ -1,0 +1,253 @@
+"""Static calibration before evaluation (quant.mode=static).
+
+`StaticCalibration` (a Lightning callback, `on_test_start`) and `run_calibration` (the
+same as a function, for task=calibrate and other entry points) do one of:
+
+- `quant.calibration_file=PATH`: load that artefact and apply it (checked against the
+  model: layer names, bit widths, scheme);
+- otherwise calibrate on `calibration.num_images` inputs, write `calibration.pt` and
+  `coverage.csv` into the run directory, and apply the artefact.
+
+Inputs (`calibration.source`):
+- `data`: real images of the datamodule's "calibration" split, noised at random t exactly
+  as in training (t ~ logit-normal, z = t x + (1 - t) e, label dropout to the null class),
+  then one network call per batch;
+- `sampling`: activations recorded along the model's own sampling trajectories (the run's
+  sampler settings, CFG included), with class-balanced labels; no dataset needed.
+All randomness comes from `calibration.seed`, so a calibration is reproducible.
+Place this callback before the evaluation callback: Lightning runs hooks in list order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from jit.datamodules import to_model_range
+from jit.quant import artefact as art
+from jit.quant import build_quant_config, quantized_layers
+from jit.quant.calibration import COVERAGE_COLUMNS, SOURCES, CalibrationError, calibrate
+from jit.quant.calibrators import METHODS
+
+ARTEFACT_NAME = "calibration.pt"
+COVERAGE_NAME = "coverage.csv"
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """The `calibration` config group (configs/calibration/*.yaml)."""
+
+    method: str = "kl"
+    num_images: int = 256
+    batch_size: int = 32
+    source: str = "data"
+    num_bins: int = 4096
+    percentile: float = 99.99
+    seed: int = 0
+    save_weights: bool = False
+
+    def __post_init__(self) -> None:
+        def fail(key, allowed, value):
+            raise CalibrationError(f"calibration.{key} must be {allowed}, got {value!r}")
+
+        if self.method not in METHODS:
+            fail("method", "one of " + ", ".join(METHODS), self.method)
+        if self.source not in SOURCES:
+            fail("source", "one of " + ", ".join(SOURCES), self.source)
+        for key, low in (("num_images", 1), ("batch_size", 1), ("num_bins", 2), ("seed", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                fail(key, f"an integer >= {low}", value)
+        p = self.percentile
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 100:
+            fail("percentile", "a number in (0, 100]", p)
+
+    @classmethod
+    def from_any(cls, cfg) -> CalibrationConfig:
+        if isinstance(cfg, cls):
+            return cfg
+        if type(cfg).__module__.startswith("omegaconf"):
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        cfg = dict(cfg or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise CalibrationError(f"unknown calibration key(s) {unknown}; known: {sorted(known)}")
+        return cls(**cfg)
+
+
+@dataclass
+class CalibrationOutcome:
+    artefact_path: Path
+    artefact: dict
+    coverage: list[dict]  # empty when an existing artefact was applied
+    calibrated: bool
+
+
+# ------------------------------------------------------------------------ inputs ----
+def _calibration_batches(datamodule, cfg: CalibrationConfig) -> list:
+    """The first num_images images of the "calibration" split, as (uint8, labels) batches."""
+    if datamodule is None or not hasattr(datamodule, "dataloader"):
+        raise CalibrationError("calibration.source=data needs a datamodule with a "
+                               "'calibration' split (or use calibration.source=sampling)")
+    try:
+        loader = datamodule.dataloader("calibration", batch_size=cfg.batch_size)
+    except (ValueError, KeyError, FileNotFoundError, OSError) as err:
+        raise CalibrationError(f"calibration.source=data: the datamodule has no usable "
+                               f"'calibration' split: {err}") from err
+    batches, seen = [], 0
+    for images, labels in loader:
+        take = min(images.shape[0], cfg.num_images - seen)
+        batches.append((images[:take], labels[:take]))
+        seen += take
+        if seen == cfg.num_images:
+            return batches
+    raise CalibrationError(f"calibration.num_images={cfg.num_images} exceeds the {seen} images "
+                           "of the 'calibration' split (raise data.calib_num_images)")
+
+
+def _data_forward(denoiser, device):
+    """Noise real images at random t exactly like the training loss does."""
+    def forward(batch, generator):
+        images, labels = batch
+        x = to_model_range(images).to(device)
+        labels = labels.to(device)
+        n = x.shape[0]
+        drop = torch.rand(n, generator=generator) < denoiser.label_drop_prob
+        labels = torch.where(drop.to(device), torch.full_like(labels, denoiser.num_classes), labels)
+        t = denoiser.sample_t(n, generator=generator).to(device)
+        noise = (torch.randn(x.shape, generator=generator) * denoiser.noise_scale).to(device)
+        return denoiser.net(denoiser.noised(x, t, noise), t, labels)
+    return forward
+
+
+def _sampling_batches(num_images: int, batch_size: int, num_classes: int) -> list:
+    labels = torch.arange(num_images) % num_classes  # class-balanced, every prefix too
+    return list(labels.split(batch_size))
+
+
+def _sampling_forward(denoiser, device, sampler: Mapping):
+    settings = {k: sampler[k] for k in ("steps", "method", "cfg_scale", "interval", "schedule")
+                if k in sampler}
+    if "interval" in settings:
+        settings["interval"] = tuple(settings["interval"])
+
+    def forward(labels, generator):
+        shape = (labels.shape[0], denoiser.in_channels, denoiser.img_size, denoiser.img_size)
+        noise = denoiser.noise_scale * torch.randn(shape, generator=generator)
+        return denoiser.generate(labels.to(device), noise.to(device), **settings)
+    return forward
+
+
+# ------------------------------------------------------------------------ output ----
+def write_coverage_csv(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COVERAGE_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in COVERAGE_COLUMNS})
+    tmp.replace(path)
+    return path
+
+
+def _denoiser(module):
+    return getattr(module, "denoiser", module)
+
+
+@contextlib.contextmanager
+def _eval_weights(module, which: str | None):
+    """The weights the evaluation will use (raw/ema1/ema2), when the module has several."""
+    context = getattr(module, "eval_weights_context", None)
+    which = which or getattr(module, "eval_weights", None)
+    if context is None or which is None:
+        yield
+    else:
+        with context(which):
+            yield
+
+
+def run_calibration(module, quant, calibration, run_dir, datamodule=None, sampler=None,
+                    eval_weights: str | None = None) -> CalibrationOutcome | None:
+    """Calibrate (or apply `quant.calibration_file`) for static mode; None if dynamic.
+
+    module: a JiTModule, or a Denoiser (anything with `.net` or a `.denoiser.net`).
+    The artefact's layer names are relative to the backbone (`denoiser.net`), like the
+    seed's files (`blocks.{i}.mlp.w12`).
+    """
+    qcfg = build_quant_config(quant)
+    if qcfg.mode != "static":
+        return None
+    denoiser = _denoiser(module)
+    net = denoiser.net
+    if not quantized_layers(net):
+        raise CalibrationError("quant.mode=static but the model has no quantized layers "
+                               "(quant.scheme=fp, or quantize_model was not called)")
+    if qcfg.calibration_file is not None:
+        path = Path(qcfg.calibration_file)
+        artefact = art.load(path)
+        art.apply(artefact, net)
+        return CalibrationOutcome(path, artefact, [], calibrated=False)
+
+    cfg = CalibrationConfig.from_any(calibration)
+    device = next(net.parameters()).device
+    if cfg.source == "data":
+        batches = _calibration_batches(datamodule, cfg)
+        forward = _data_forward(denoiser, device)
+    else:
+        batches = _sampling_batches(cfg.num_images, cfg.batch_size, denoiser.num_classes)
+        forward = _sampling_forward(denoiser, device,
+                                    sampler if sampler is not None else getattr(module, "sampler", {}) or {})
+    coverage: list[dict] = []
+    with _eval_weights(module, eval_weights):
+        artefact = calibrate(net, batches, method=cfg.method, num_bins=cfg.num_bins,
+                             percentile=cfg.percentile, seed=cfg.seed, forward=forward,
+                             source=cfg.source, save_weights=cfg.save_weights,
+                             coverage=coverage)
+    # Written only once calibration has fully succeeded (and atomically).
+    run_dir = Path(run_dir)
+    path = art.save(artefact, run_dir / ARTEFACT_NAME)
+    write_coverage_csv(coverage, run_dir / COVERAGE_NAME)
+    art.apply(artefact, net)
+    return CalibrationOutcome(path, artefact, coverage, calibrated=True)
+
+
+class StaticCalibration(L.Callback):
+    """Calibrates (or applies quant.calibration_file) at the start of testing when
+    quant.mode=static; logs the coverage table as calibration/<layer>/<column>."""
+
+    def __init__(self, quant, calibration=None, run_dir=None, sampler=None,
+                 eval_weights: str | None = None):
+        self.quant = build_quant_config(quant)
+        self.calibration = CalibrationConfig.from_any(calibration)
+        self.run_dir = run_dir
+        self.sampler = sampler
+        self.eval_weights = eval_weights
+        self.outcome: CalibrationOutcome | None = None
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        run_dir = self.run_dir if self.run_dir is not None else trainer.default_root_dir
+        self.outcome = run_calibration(pl_module, self.quant, self.calibration, run_dir,
+                                       datamodule=getattr(trainer, "datamodule", None),
+                                       sampler=self.sampler, eval_weights=self.eval_weights)
+        if self.outcome is None or not self.outcome.coverage:
+            return
+        metrics = {}
+        for row in self.outcome.coverage:
+            for key in COVERAGE_COLUMNS[1:]:
+                value = row.get(key)
+                if value is not None and math.isfinite(value):
+                    metrics[f"calibration/{row['layer']}/{key}"] = float(value)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=0)
