@@ -295,11 +295,13 @@ class QuantLinear(nn.Linear):
         if self.stats is not None:
             self.stats.observe_activations(x2, act_clip, x_int, split.msb, split.lsb_range)
         del x_int
-        y = self._accumulate(split, weights.codes_t, x2.shape[0])
+        y, unit = self._accumulate(split, weights.codes_t, x2.shape[0])
         del split
-        y.mul_(act_step * weights.step)
+        scale = act_step * weights.step * unit
         if self.bias is not None:
-            y.add_(self.bias.detach().to(dtype))
+            y = torch.addcmul(self.bias.detach().to(dtype), y, scale, out=y)
+        else:
+            y.mul_(scale)
         if self.stats is not None:
             self.stats.calls += 1
             self.stats.observe_output(x2, self.weight.detach().to(dtype),
@@ -308,19 +310,27 @@ class QuantLinear(nn.Linear):
         y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y, act_clip, weights
 
-    def _accumulate(self, split: Split, codes_t: torch.Tensor, tokens: int) -> torch.Tensor:
-        """sum over analog paths and tiles of gain * ADC(codes[:, tile] @ W_int[tile]) plus
-        the exact digital path, in integer-product units, [tokens, out_features]."""
+    def _accumulate(self, split: Split, codes_t: torch.Tensor,
+                    tokens: int) -> tuple[torch.Tensor, float]:
+        """(acc, unit) with acc * unit = sum over analog paths and tiles of
+        gain * ADC(codes[:, tile] @ W_int[tile]) + digital_gain * (digital @ W_int), in
+        integer-product units, [tokens, out_features].
+
+        acc is kept in the first analog conversion's code units so that its scale, the
+        digital path and the final output scale fuse into few full-tensor passes (each
+        pass over the output costs about as much as the noise draw on a CPU).
+        """
         adc, stats = self.cfg.adc, self.stats
         out = codes_t.new_empty((tokens, self.out_features))
-        scratch = None
-        first = True
+        # Noise is drawn in row chunks no larger than the input activation.
+        noise_rows = max(1, tokens * self.in_features // self.out_features)
+        scratch, unit = None, None
         for path in split.analog:
             if stats is not None:
                 stats.analog_macs += path.codes.numel() * self.out_features * path.reads
             sigma = adc.noise_sigma_lsb / math.sqrt(path.reads) if path.noisy else 0.0
             for rows in self._tiles():
-                if first:
+                if unit is None:
                     acc = out
                 else:
                     scratch = torch.empty_like(out) if scratch is None else scratch
@@ -328,30 +338,27 @@ class QuantLinear(nn.Linear):
                 torch.matmul(path.codes[:, rows], codes_t[rows], out=acc)
                 if self.observer is not None:
                     self.observer(self.layer_name, f"adc.{path.name}", acc)
-                gain = path.gain
+                step = 1.0
                 if not adc.bypass:
                     step = self._adc_step(path.name, acc)
                     saturated = adc_convert_(acc, step, adc.bits, sigma,
                                              self._generator(acc.device) if sigma else None,
-                                             count_saturated=stats is not None)
+                                             stats is not None, noise_rows)
                     if stats is not None:
                         stats.observe_adc(acc.numel(), saturated)
-                    gain *= step
-                if gain != 1:
-                    acc.mul_(gain)
-                if not first:
-                    out.add_(acc)
-                first = False
+                if unit is None:
+                    unit = step * path.gain
+                else:
+                    out.add_(acc, alpha=step * path.gain / unit)
         if split.digital is not None:
             if stats is not None:
                 stats.digital_macs += int(torch.count_nonzero(split.digital)) * self.out_features
-            if first:
+            if unit is None:
                 torch.matmul(split.digital, codes_t, out=out)
-                if split.digital_gain != 1:
-                    out.mul_(split.digital_gain)
+                unit = split.digital_gain
             else:
-                out.addmm_(split.digital, codes_t, alpha=split.digital_gain)
-        return out
+                out.addmm_(split.digital, codes_t, alpha=split.digital_gain / unit)
+        return out, unit
 
 
 class HybridLinear(QuantLinear):

@@ -67,9 +67,10 @@ def quantize_symmetric(x: torch.Tensor, clip: torch.Tensor, bits: int) -> tuple[
     Returns (codes as a new float tensor, step s). `clip` broadcasts against x."""
     code_max = qmax(bits)
     step = _safe_step(clip, code_max)
-    codes = torch.maximum(torch.minimum(x, clip), -clip)
-    codes.div_(step).round_().clamp_(-code_max - 1, code_max)
-    return codes, step
+    # |clamp(x, -c, c) / s| <= qmax (1 + 2^-23): rounding cannot leave [-qmax, qmax], so
+    # the outer clamp of the formula is implied and costs no pass.
+    codes = torch.clamp(x, -clip, clip)
+    return codes.div_(step).round_(), step
 
 
 def weight_clip(weight: torch.Tensor, cfg: WeightConfig) -> torch.Tensor:
@@ -101,39 +102,29 @@ def bitserial_split(x_int: torch.Tensor, lsb_bits: int) -> tuple[torch.Tensor, t
     return msb, x_int - (2**lsb_bits) * msb
 
 
-def chunk_rows(row_len: int) -> int:
-    """Rows per chunk so that one chunk of a [rows, row_len] float32 tensor is ~1 MiB:
-    elementwise passes over a chunk then run from L2 instead of main memory."""
-    return max(1, 2**18 // max(row_len, 1))
-
-
 def adc_convert_(acc: torch.Tensor, step: float, bits: int, noise_sigma_codes: float = 0.0,
-                 generator: torch.Generator | None = None,
-                 count_saturated: bool = False) -> int:
+                 generator: torch.Generator | None = None, count_saturated: bool = False,
+                 chunk_rows: int | None = None) -> int:
     """In place on a 2-D accumulation: acc -> clamp(round(acc/step + e), -2^(n-1), 2^(n-1)-1)
     with e ~ N(0, noise_sigma_codes^2).
 
     The thermal noise is referred to the ADC input and expressed in ADC steps (DESIGN.md:
-    N(0, (sigma_lsb * s_adc)^2 / K) on `a`), so it is added in the code domain. Row
-    chunks keep the noise buffer and the passes in cache. Returns the number of codes
-    that saturated when `count_saturated`, else 0.
+    N(0, (sigma_lsb * s_adc)^2 / K) on `a`), so it is drawn with that std directly in the
+    code domain. It is drawn `chunk_rows` rows at a time to bound the buffer. Returns the
+    number of codes that saturated when `count_saturated`, else 0.
     """
     code_max = qmax(bits)
-    rows = chunk_rows(acc.shape[-1])
-    noise = None
     if noise_sigma_codes > 0:
-        noise = torch.empty((min(rows, acc.shape[0]), acc.shape[1]), dtype=acc.dtype,
-                            device=acc.device)
+        rows = acc.shape[0] if chunk_rows is None else max(1, chunk_rows)
+        noise = acc.new_empty((min(rows, acc.shape[0]), acc.shape[1]))
+        for start in range(0, acc.shape[0], rows):
+            chunk = acc[start:start + rows]
+            buf = noise[:chunk.shape[0]].normal_(0.0, noise_sigma_codes, generator=generator)
+            torch.round(buf.add_(chunk, alpha=1.0 / step), out=chunk)
+    else:
+        acc.div_(step).round_()  # exact division: rounding ties as in the seed
     saturated = 0
-    for start in range(0, acc.shape[0], rows):
-        chunk = acc[start:start + rows]
-        chunk.div_(step)
-        if noise is not None:
-            buf = noise[:chunk.shape[0]]
-            buf.normal_(generator=generator)
-            chunk.add_(buf, alpha=noise_sigma_codes)
-        chunk.round_()
-        if count_saturated:
-            saturated += int((chunk > code_max).sum() + (chunk < -code_max - 1).sum())
-        chunk.clamp_(-code_max - 1, code_max)
+    if count_saturated:
+        saturated = int((acc > code_max).sum() + (acc < -code_max - 1).sum())
+    acc.clamp_(-code_max - 1, code_max)
     return saturated
