@@ -102,7 +102,7 @@ def kl_divergences(counts, levels: int, candidates) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _kl_candidates(counts: torch.Tensor, levels: int) -> torch.Tensor | None:
+def kl_candidates(counts: torch.Tensor, levels: int) -> torch.Tensor | None:
     """Candidates i = levels .. last non-empty bin; None if the data spans fewer bins."""
     last = _last_nonempty(counts)
     if last < levels:
@@ -120,43 +120,17 @@ def kl_threshold(hist, bits: int, name: str = "tensor") -> float:
             f"{bits}-bit quantizer; KL calibration needs num_bins >= 2^(bits-1) "
             f"(better >= 2^bits), raise calibration.num_bins"
         )
-    candidates = _kl_candidates(hist.counts, levels)
+    candidates = kl_candidates(hist.counts, levels)
     if candidates is None:
         # The data fills fewer bins than the quantizer has levels: the histogram cannot
         # resolve a better clip than the max.
         return float(hist.amax)
     kl = kl_divergences(hist.counts.numpy(), levels, candidates.numpy())
-    best = int(np.flatnonzero(kl <= kl.min() + _TIE)[0])
-    return min(float(candidates[best]) * _bin_width(hist), float(hist.amax))
+    return clip_of_best(kl, candidates, hist)
 
 
-def kl_divergences_loop(counts, levels: int, candidates) -> np.ndarray:
-    """Reference: the same KL, one candidate at a time (for tests and the benchmark)."""
-    h = np.asarray(counts, dtype=np.float64)
-    out = []
-    for i in np.asarray(candidates):
-        p = h[:i].copy()
-        p[-1] += h[i:].sum()
-        starts = -((-np.arange(levels) * i) // levels)  # ceil(k i / L)
-        sizes = np.diff(np.append(starts, i))
-        q_mass = np.add.reduceat(h[:i], starts)  # the quantised slice leaves outliers out
-        q_count = np.add.reduceat((p > 0).astype(np.float64), starts)
-        q = np.repeat(q_mass / np.maximum(q_count, 1), sizes) * (p > 0)
-        p, q = p / p.sum(), q / q.sum()
-        mask = p > 0
-        with np.errstate(divide="ignore"):
-            out.append(float(np.sum(p[mask] * np.log(p[mask] / q[mask]))))
-    return np.asarray(out)
-
-
-def kl_threshold_loop(hist, bits: int) -> float:
-    """`kl_threshold` computed with the per-candidate loop."""
-    _check(hist)
-    levels = levels_for(bits)
-    candidates = _kl_candidates(hist.counts, levels)
-    if candidates is None:
-        return float(hist.amax)
-    kl = kl_divergences_loop(hist.counts.numpy(), levels, candidates.numpy())
+def clip_of_best(kl: np.ndarray, candidates: torch.Tensor, hist) -> float:
+    """The clip of the smallest candidate whose KL ties the minimum."""
     best = int(np.flatnonzero(kl <= kl.min() + _TIE)[0])
     return min(float(candidates[best]) * _bin_width(hist), float(hist.amax))
 
