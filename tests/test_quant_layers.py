@@ -17,7 +17,7 @@ from jit.quant import (
     noise_disabled,
     percentile_abs,
 )
-from jit.quant.quantizers import center_out_split, quantize_symmetric, weight_clip
+from jit.quant.quantizers import center_out_split_, quantize_symmetric, weight_clip
 
 FIXTURE = Path(__file__).parent / "fixtures" / "seed_bitserial_w8a12.pt"
 
@@ -184,8 +184,8 @@ def test_digital_msb_path_is_noiseless():
     x1, x2 = lsb * s_x, (lsb + 256 * msb) * s_x
     clip = torch.tensor(act_clip, dtype=torch.float64)
     for xi, m in ((x1, 0 * msb), (x2, msb)):
-        split = center_out_split(quantize_symmetric(xi, clip, 11)[0], 9, 256)
-        assert torch.equal(split[0], m) and torch.equal(split[1], lsb)
+        codes = quantize_symmetric(xi, clip, 11)[0]
+        assert torch.equal(center_out_split_(codes, 9, 256), m) and torch.equal(codes, lsb)
     outs = []
     for xi in (x1, x2):
         layer.reseed(7)
@@ -248,8 +248,8 @@ def test_tiles_are_quantized_per_tile():
     assert not torch.allclose(y, y_untiled)
     # reference: each tile's partial sum through its own ADC (dynamic peak per tile)
     clip = percentile_abs(x, 99.8)
-    x_int, s_x = quantize_symmetric(x, clip, 11)
-    msb, lsb = center_out_split(x_int, 9, 256)
+    lsb, s_x = quantize_symmetric(x, clip, 11)
+    msb = center_out_split_(lsb, 9, 256)
     w = layer._weight_codes(x.device, torch.float64)
     analog = torch.zeros(40, 24, dtype=torch.float64)
     for start in range(0, 100, 32):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from jit.quant import percentile_abs
-from jit.quant.quantizers import bitserial_split, center_out_split, stable_seed
+from jit.quant.quantizers import bitserial_split_, center_out_split_, stable_seed
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 100, 2559, 4096, 100_003])
@@ -38,7 +38,8 @@ def test_percentile_above_2_pow_24_elements():
 
 def test_center_out_split_exhaustive_over_int11():
     codes = torch.arange(-1024, 1024, dtype=torch.float32)
-    msb, lsb = center_out_split(codes, lsb_bits=9, radix=256)
+    lsb = codes.clone()
+    msb = center_out_split_(lsb, lsb_bits=9, radix=256)
     assert torch.equal(256 * msb + lsb, codes)
     assert lsb.min() >= -256 and lsb.max() <= 255
     assert set(msb.unique().tolist()) == {-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0}
@@ -47,9 +48,22 @@ def test_center_out_split_exhaustive_over_int11():
     assert torch.equal(msb, msb.round()) and torch.equal(lsb, lsb.round())
 
 
+@pytest.mark.parametrize("bits,lsb_bits,radix", [(11, 9, 2), (11, 9, 64), (12, 9, 512), (8, 3, 8)])
+def test_center_out_split_other_radices(bits, lsb_bits, radix):
+    codes = torch.arange(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1), dtype=torch.float64)
+    lsb = codes.clone()
+    msb = center_out_split_(lsb, lsb_bits, radix)
+    low, high = -(2 ** (lsb_bits - 1)), 2 ** (lsb_bits - 1) - 1
+    expected = torch.where(codes > high, torch.ceil((codes - high) / radix),
+                           torch.where(codes < low, -torch.ceil((low - codes) / radix), 0 * codes))
+    assert torch.equal(msb, expected) and torch.equal(radix * msb + lsb, codes)
+    assert lsb.min() >= low and lsb.max() <= high
+
+
 def test_center_out_split_w8a10_variant():
     codes = torch.arange(-512, 512, dtype=torch.float64)
-    msb, lsb = center_out_split(codes, lsb_bits=8, radix=256)
+    lsb = codes.clone()
+    msb = center_out_split_(lsb, lsb_bits=8, radix=256)
     assert torch.equal(256 * msb + lsb, codes)
     assert lsb.min() >= -128 and lsb.max() <= 127
     assert torch.equal(msb == 0, (codes >= -128) & (codes <= 127))
@@ -57,9 +71,10 @@ def test_center_out_split_w8a10_variant():
 
 def test_bitserial_split_exhaustive_over_int12():
     codes = torch.arange(-2048, 2048, dtype=torch.float32)
-    msb, lsb = bitserial_split(codes, lsb_bits=5)
-    assert torch.equal(32 * msb + lsb, codes)
-    assert lsb.min() == 0 and lsb.max() == 31
+    lsb = codes.clone()
+    msb = bitserial_split_(lsb, lsb_bits=5, lsb_gain_shift=2)
+    assert torch.equal(32 * msb + lsb / 4, codes)
+    assert lsb.min() == 0 and lsb.max() == 31 * 4
     assert msb.min() == -64 and msb.max() == 63
 
 

@@ -42,8 +42,8 @@ from torch import nn
 from .config import QuantConfig, build_quant_config
 from .quantizers import (
     adc_convert_,
-    bitserial_split,
-    center_out_split,
+    bitserial_split_,
+    center_out_split_,
     percentile_abs,
     qmax,
     quantize_symmetric,
@@ -78,8 +78,7 @@ class Split(NamedTuple):
     analog: list[AnalogPath]
     digital: torch.Tensor | None  # exact digital path input (codes) or None
     digital_gain: float
-    msb: torch.Tensor | None  # for statistics: the MSB slice
-    lsb_range: tuple[int, int] | None  # for statistics: codes the LSB path alone covers
+    msb: torch.Tensor | None  # for statistics: the MSB slice (zero = LSB path alone)
 
 
 class WeightCodes(NamedTuple):
@@ -280,6 +279,7 @@ class QuantLinear(nn.Linear):
         return [slice(start, start + rows) for start in range(0, self.in_features, rows)]
 
     def _split(self, x_int: torch.Tensor) -> Split:
+        """Slice the activation codes (may reuse x_int's memory for a slice)."""
         raise NotImplementedError
 
     def _simulate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, WeightCodes]:
@@ -291,10 +291,12 @@ class QuantLinear(nn.Linear):
         act_clip = self._act_clip(x2)
         x_int, act_step = quantize_symmetric(x2, act_clip, self.cfg.act.bits)
         weights = self._weight_codes(x2.device, dtype)
-        split = self._split(x_int)
         if self.stats is not None:
-            self.stats.observe_activations(x2, act_clip, x_int, split.msb, split.lsb_range)
+            self.stats.observe_activations(x2, act_clip, x_int)
+        split = self._split(x_int)
         del x_int
+        if self.stats is not None and split.msb is not None:
+            self.stats.observe_msb(split.msb)
         y, unit = self._accumulate(split, weights.codes_t, x2.shape[0])
         del split
         scale = act_step * weights.step * unit
@@ -322,8 +324,9 @@ class QuantLinear(nn.Linear):
         """
         adc, stats = self.cfg.adc, self.stats
         out = codes_t.new_empty((tokens, self.out_features))
-        # Noise is drawn in row chunks no larger than the input activation.
-        noise_rows = max(1, tokens * self.in_features // self.out_features)
+        # Noise is drawn in row chunks of at most twice the input activation's size: few
+        # passes, memory bounded by the input rather than the (wider) output.
+        noise_rows = max(1, 2 * tokens * self.in_features // self.out_features)
         scratch, unit = None, None
         for path in split.analog:
             if stats is not None:
@@ -371,10 +374,9 @@ class HybridLinear(QuantLinear):
 
     def _split(self, x_int: torch.Tensor) -> Split:
         s = self.cfg.split
-        msb, lsb = center_out_split(x_int, s.lsb_bits, s.radix)
-        half = 2 ** (s.lsb_bits - 1)
-        analog = AnalogPath("lsb", lsb, 1.0, self.cfg.adc.samples, True)
-        return Split([analog], msb, float(s.radix), msb, (-half, half - 1))
+        msb = center_out_split_(x_int, s.lsb_bits, s.radix)
+        analog = AnalogPath("lsb", x_int, 1.0, self.cfg.adc.samples, True)
+        return Split([analog], msb, float(s.radix), msb)
 
 
 class BitSerialLinear(QuantLinear):
@@ -388,11 +390,10 @@ class BitSerialLinear(QuantLinear):
 
     def _split(self, x_int: torch.Tensor) -> Split:
         s = self.cfg.split
-        msb, lsb = bitserial_split(x_int, s.lsb_bits)
-        lsb.mul_(2**s.lsb_gain_shift)
+        msb = bitserial_split_(x_int, s.lsb_bits, s.lsb_gain_shift)
         analog = [AnalogPath("msb", msb, float(2**s.lsb_bits), self.cfg.adc.samples, True),
-                  AnalogPath("lsb", lsb, 2.0**-s.lsb_gain_shift, 1, False)]
-        return Split(analog, None, 1.0, msb, (0, 2**s.lsb_bits - 1))
+                  AnalogPath("lsb", x_int, 2.0**-s.lsb_gain_shift, 1, False)]
+        return Split(analog, None, 1.0, msb)
 
     def adc_clips_from_output_step(self, output_step: float,
                                    act_clip: float | None = None) -> dict[str, float]:
@@ -418,7 +419,7 @@ class W8A8Linear(QuantLinear):
     scheme = "w8a8"
 
     def _split(self, x_int: torch.Tensor) -> Split:
-        return Split([], x_int, 1.0, None, None)
+        return Split([], x_int, 1.0, None)
 
 
 LAYER_CLASSES: dict[str, type[QuantLinear]] = {

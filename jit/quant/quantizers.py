@@ -84,22 +84,31 @@ def weight_clip(weight: torch.Tensor, cfg: WeightConfig) -> torch.Tensor:
     return percentile_abs(w, cfg.clip_pct, dim=1).unsqueeze(1)
 
 
-def center_out_split(x_int: torch.Tensor, lsb_bits: int,
-                     radix: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hybrid split of DESIGN.md step 2: (M, L) with x_int == radix*M + L, L in the signed
-    `lsb_bits` range and M == 0 exactly when x_int already lies in that range (maximal
-    MSB sparsity). radix is a power of two, so every division below is exact."""
+def center_out_split_(x_int: torch.Tensor, lsb_bits: int, radix: int) -> torch.Tensor:
+    """Hybrid split of DESIGN.md step 2, in place: returns M and turns x_int into L, with
+    x_int == radix*M + L, L in the signed `lsb_bits` range and M == 0 exactly when the
+    code already lies in that range (maximal MSB sparsity).
+
+    With r = x - clamp(x, Lmin, Lmax) (0 inside, else the distance past the range),
+    DESIGN's M = ceil(r/R) above and -ceil(-r/R) below is r/R rounded away from zero,
+    i.e. trunc((r + sign(r) (R - 1)) / R): five passes instead of two ceil chains.
+    """
     lsb_min, lsb_max = -(2 ** (lsb_bits - 1)), 2 ** (lsb_bits - 1) - 1
-    msb = (x_int - lsb_max).clamp_min_(0).div_(radix).ceil_()
-    msb.sub_((lsb_min - x_int).clamp_min_(0).div_(radix).ceil_())
-    return msb, x_int - radix * msb
+    msb = torch.clamp(x_int, lsb_min, lsb_max)
+    torch.sub(x_int, msb, out=msb)
+    msb.add_(msb.sign(), alpha=radix - 1).div_(radix, rounding_mode="trunc")
+    x_int.sub_(msb, alpha=radix)
+    return msb
 
 
-def bitserial_split(x_int: torch.Tensor, lsb_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seed bit-serial split: MSB = floor(x / 2^lb) (signed), LSB = x mod 2^lb in
-    [0, 2^lb - 1]; x_int == 2^lb * MSB + LSB."""
+def bitserial_split_(x_int: torch.Tensor, lsb_bits: int, lsb_gain_shift: int = 0) -> torch.Tensor:
+    """Seed bit-serial split, in place: returns MSB = floor(x / 2^lb) (signed) and turns
+    x_int into LSB * 2^g with LSB = x mod 2^lb in [0, 2^lb - 1] (the DAC gain shift g)."""
     msb = torch.div(x_int, 2**lsb_bits, rounding_mode="floor")
-    return msb, x_int - (2**lsb_bits) * msb
+    x_int.sub_(msb, alpha=2**lsb_bits)
+    if lsb_gain_shift:
+        x_int.mul_(2**lsb_gain_shift)
+    return msb
 
 
 def adc_convert_(acc: torch.Tensor, step: float, bits: int, noise_sigma_codes: float = 0.0,

@@ -35,18 +35,20 @@ class LayerStats:
     has_split: bool = False
     has_adc: bool = False
 
-    def observe_activations(self, x: torch.Tensor, clip: torch.Tensor, x_int: torch.Tensor,
-                            msb: torch.Tensor | None,
-                            lsb_range: tuple[int, int] | None) -> None:
-        """Clip rate, coverage of x_int by [-128, 127] and by the LSB range, MSB density."""
+    def observe_activations(self, x: torch.Tensor, clip: torch.Tensor,
+                            x_int: torch.Tensor) -> None:
+        """Clip rate and coverage of x_int by [-128, 127]."""
         self.act_values += x.numel()
         self.act_clipped += int((x.abs() > clip).sum())
         self.in_int8_range += int(((x_int >= -128) & (x_int <= 127)).sum())
-        if msb is not None and lsb_range is not None:
-            self.has_split = True
-            self.msb_nonzero += int(torch.count_nonzero(msb))
-            low, high = lsb_range
-            self.in_lsb_range += int(((x_int >= low) & (x_int <= high)).sum())
+
+    def observe_msb(self, msb: torch.Tensor) -> None:
+        """MSB density; a code lies in the LSB slice's range exactly when its MSB is 0
+        (center-out split: [Lmin, Lmax]; bit-serial: [0, 2^lb - 1])."""
+        self.has_split = True
+        nonzero = int(torch.count_nonzero(msb))
+        self.msb_nonzero += nonzero
+        self.in_lsb_range += msb.numel() - nonzero
 
     def observe_adc(self, conversions: int, saturated: int) -> None:
         self.has_adc = True
