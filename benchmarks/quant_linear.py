@@ -67,6 +67,12 @@ def median_ms(fn, runs: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def measure(module: nn.Module, x: torch.Tensor, runs: int) -> tuple[float, int]:
+    """(median ms, smallest peak of 3 calls in bytes) of module(x)."""
+    ms = median_ms(lambda: module(x), runs)
+    return ms, min(peak_bytes(lambda: module(x)) for _ in range(3))
+
+
 def build(linear: nn.Linear, overrides: dict, mode: str, x: torch.Tensor) -> nn.Module:
     cfg = build_quant_config({**overrides, "mode": mode})
     layer = LAYER_CLASSES[cfg.scheme].from_linear(linear, cfg, "bench")
@@ -111,15 +117,13 @@ def main() -> None:
             x = x.contiguous()
             input_mb = x.numel() * x.element_size() / 2**20
             with torch.inference_mode():
-                ref_ms = median_ms(lambda: linear(x), args.runs)
-                ref_peak = min(peak_bytes(lambda: linear(x)) for _ in range(3))
+                ref_ms, ref_peak = measure(linear, x, args.runs)
                 print(f"| nn.Linear | - | {in_features}->{out_features} | {batch} | "
                       f"{ref_ms:.1f} | 1.00 | 0.0 | 0.0 |")
                 for label, overrides, mode in CASES:
                     layer = build(linear, overrides, mode, x)
-                    ms = median_ms(lambda: layer(x), args.runs)
-                    extra = min(peak_bytes(lambda: layer(x)) for _ in range(3)) - ref_peak
-                    extra_mb = max(extra, 0) / 2**20
+                    ms, peak = measure(layer, x, args.runs)
+                    extra_mb = max(peak - ref_peak, 0) / 2**20
                     print(f"| {label} | {mode} | {in_features}->{out_features} | {batch} | "
                           f"{ms:.1f} | {ms / ref_ms:.2f} | {extra_mb:.1f} | "
                           f"{extra_mb / input_mb:.2f} |", flush=True)
