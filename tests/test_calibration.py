@@ -273,6 +273,13 @@ def test_seed_json_import_reproduces_the_seed_layer(tmp_path):
         err = (y - expected).abs()
         tol = 1e-4 * expected.abs().max()
         assert (err > tol).float().mean() <= 0.005, case["name"]  # fixture README tolerance
+        # the seed's calibrate script writes the same keys as an npz
+        np.savez(tmp_path / "scales.npz", **{k: np.asarray(v) for k, v in scales.items()})
+        from_npz = art.import_seed_json(tmp_path / "scales.npz", root)
+        assert from_npz["layers"] == artefact["layers"]
+    with pytest.raises(art.ArtefactError, match=r"describe the bit-serial layer; layer "
+                       r"blocks\.0\.mlp\.w12 uses quant\.scheme=hybrid"):
+        art.import_seed_json(path, tiny_model(HYBRID).net)
 
 
 # ------------------------------------------------------------------------ bad input ----

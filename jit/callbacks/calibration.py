@@ -162,6 +162,11 @@ def write_coverage_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def _global_rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _denoiser(module):
     return getattr(module, "denoiser", module)
 
@@ -215,10 +220,12 @@ def run_calibration(module, quant, calibration, run_dir, datamodule=None, sample
                              percentile=cfg.percentile, seed=cfg.seed, forward=forward,
                              source=cfg.source, save_weights=cfg.save_weights,
                              coverage=coverage)
-    # Written only once calibration has fully succeeded (and atomically).
-    run_dir = Path(run_dir)
-    path = art.save(artefact, run_dir / ARTEFACT_NAME)
-    write_coverage_csv(coverage, run_dir / COVERAGE_NAME)
+    # Written only once calibration has fully succeeded (and atomically). Every rank
+    # calibrated on the same inputs with the same seed, so one copy on disk is enough.
+    path = Path(run_dir) / ARTEFACT_NAME
+    if _global_rank() == 0:
+        art.save(artefact, path)
+        write_coverage_csv(coverage, path.with_name(COVERAGE_NAME))
     art.apply(artefact, net)
     return CalibrationOutcome(path, artefact, coverage, calibrated=True)
 

@@ -35,6 +35,7 @@ from .stats import collect_stats, enable_stats
 from .surgery import adc_bypassed, noise_disabled
 
 SOURCES = ("data", "sampling")
+_HISTC_CHUNK = 1 << 22
 
 
 class CalibrationError(ValueError):
@@ -83,7 +84,10 @@ class AbsHistogram:
                 self.upper = m
             elif m > self.upper:
                 self._grow(m)
-            self.counts += torch.histc(a, self.counts.numel(), 0.0, self.upper).double()
+            # histc counts in float32, exact only up to 2^24 per bin: chunk below that,
+            # sum in float64 on the CPU (also where x lives on a GPU)
+            for chunk in a.split(_HISTC_CHUNK):
+                self.counts += torch.histc(chunk, self.counts.numel(), 0.0, self.upper).cpu().double()
         else:
             self.counts[0] += a.numel()
         self.amax = max(self.amax, m)
@@ -196,7 +200,7 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
     """
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}; allowed: {', '.join(METHODS)}")
-    if source not in SOURCES and not source.startswith("seed"):
+    if source not in SOURCES:
         raise CalibrationError(f"unknown calibration source {source!r}; allowed: {', '.join(SOURCES)}")
     layers = quantized_layers(model)
     if not layers:
