@@ -266,6 +266,10 @@ class QuantLinear(nn.Linear):
                                    f"ADC clip for path '{path}': calibrate it or call "
                                    "set_static(adc_clip=...)")
             return clip / code_max
+        # Dynamic peaks are taken per tile (acc is one tile's partial sum): each array's
+        # converters range on what they convert, as auto-ranging hardware would; a global
+        # peak would need every tile's result before any tile is converted. Static clips
+        # are per layer and shared by all tiles (calibration collects every tile's sums).
         low, high = torch.aminmax(acc)
         peak = max(-float(low), float(high))
         if peak == 0 and self.dynamic_step_eps == 0:
