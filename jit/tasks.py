@@ -130,8 +130,25 @@ def load_module(cfg: DictConfig) -> tuple[JiTModule, str]:
         module = JiTModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
     else:
         module = JiTModule(**module_kwargs(cfg), init_checkpoint=path, init_weights="model")
-    module.eval_weights = str(cfg.eval_weights.value if hasattr(cfg.eval_weights, "value") else cfg.eval_weights)
+    plain = to_plain(cfg)
+    # Evaluation settings come from this run's config, not from the checkpoint's hparams.
+    module.eval_weights = plain["eval_weights"]
+    module.sampler = dict(plain["sampler"])
     return module, path
+
+
+def check_calibration_inputs(cfg: DictConfig, qcfg, dm) -> None:
+    """Static calibration on data needs enough images in the calibration split: check first."""
+    from jit.callbacks.calibration import CalibrationConfig
+
+    if qcfg.scheme == "fp" or qcfg.mode != "static" or qcfg.calibration_file is not None:
+        return
+    calib = CalibrationConfig.from_any(to_plain(cfg.calibration))
+    if calib.source == "data":
+        available = len(dm.split_dataset("calibration"))
+        if calib.num_images > available:
+            raise ConfigError(f"calibration.num_images={calib.num_images} exceeds the {available} images of the "
+                              f"calibration split (raise data.calib_num_images)")
 
 
 # -------------------------------------------------------------------------------- tasks
@@ -160,21 +177,27 @@ def export(cfg: DictConfig) -> dict:
     return {"checkpoint": out}
 
 
-def prepare_quantized(module: JiTModule, qcfg, cfg: DictConfig, dm, run_dir: Path) -> dict:
-    """Quantize the backbone in place; calibrate or load static thresholds. Returns provenance."""
+def prepare_quantized(module: JiTModule, qcfg, cfg: DictConfig, dm, run_dir: Path, trainer=None) -> dict:
+    """Quantize the backbone in place; in static mode calibrate (or apply quant.calibration_file).
+
+    Returns the provenance recorded in results.json.
+    """
+    from jit.callbacks.calibration import run_calibration
     from jit.quant import quantize_model
 
     if qcfg.scheme == "fp":
         return {"calibration": None}
     replaced = quantize_model(module.denoiser.net, qcfg)
     rank_zero_info(f"quantized {len(replaced)} layers ({qcfg.scheme}, {qcfg.mode})")
-    if qcfg.mode != "static":
+    outcome = run_calibration(module, qcfg, to_plain(cfg.calibration), run_dir, datamodule=dm,
+                              sampler=module.sampler, eval_weights=module.eval_weights)
+    if outcome is None:
         return {"calibration": None, "quantized_layers": len(replaced)}
-    from jit.callbacks.calibration import StaticCalibration
-
-    calib = StaticCalibration(cfg=to_plain(cfg.calibration), quant=qcfg, run_dir=run_dir)
-    with module.eval_weights_context(module.eval_weights):
-        provenance = calib.run(module, dm)
+    meta = {k: v for k, v in outcome.artefact.items() if k not in ("layers", "weights")}
+    provenance = {"file": str(outcome.artefact_path), "calibrated_here": outcome.calibrated,
+                  **{k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))}}
+    if outcome.coverage and trainer is not None:
+        log_table(trainer, "calibration/coverage", outcome.coverage)
     return {"calibration": provenance, "quantized_layers": len(replaced)}
 
 
@@ -187,7 +210,7 @@ def evaluate(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     module, source = load_module(cfg)
     dm = instantiate(cfg.data)
-    dm.setup("test")
+    check_calibration_inputs(cfg, qcfg, dm)
     trainer = build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg, training=False))
     common = {"checkpoint": source, "task": "eval"}
     baseline = None
@@ -195,7 +218,7 @@ def evaluate(cfg: DictConfig) -> dict:
         rank_zero_info("evaluating the float model (baseline)")
         baseline = FIDEvaluation(fid_cfg, run_dir=run_dir / "baseline_fp", extra={**common, "quant": {"scheme": "fp"}})
         baseline = baseline.run(trainer, module, dm)["metrics"]
-    provenance = prepare_quantized(module, qcfg, cfg, dm, run_dir)
+    provenance = prepare_quantized(module, qcfg, cfg, dm, run_dir, trainer)
     from jit.quant import collect_stats, enable_stats
 
     enable_stats(module.denoiser.net, qcfg.scheme != "fp")
@@ -222,8 +245,9 @@ def calibrate(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     module, _ = load_module(cfg)
     dm = instantiate(cfg.data)
+    check_calibration_inputs(cfg, qcfg, dm)
     info = prepare_quantized(module, qcfg, cfg, dm, run_dir)
-    print(f"calibration artefact: {info['calibration'].get('file') if info['calibration'] else None}")
+    print(f"calibration artefact: {info['calibration']['file']}")
     return info
 
 

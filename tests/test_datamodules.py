@@ -461,5 +461,7 @@ def test_configs_list_every_argument_with_its_default(name, cls):
     assert config.pop("_target_") == f"jit.datamodules.{cls.__name__}"
     # the resolution follows the model config: one value, no room for a mismatch
     assert config.pop("img_size") == "${model.net.input_size}"
+    assert config.pop("calib_num_images") == "${calibration.num_images}"
     params = inspect.signature(cls).parameters
-    assert config == {key: p.default for key, p in params.items() if key != "img_size"}
+    linked = ("img_size", "calib_num_images")
+    assert config == {key: p.default for key, p in params.items() if key not in linked}
