@@ -159,6 +159,7 @@ def train(cfg: DictConfig) -> dict:
                        init_weights="model")
     trainer = build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg, training=True))
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path if kind == "lightning" else None)
+    finalize_loggers(trainer)
     out = Path(cfg.paths.output_dir) / "checkpoint-last.pth"
     if trainer.is_global_zero:
         save_official_checkpoint(out, **module.export_official_state())
@@ -234,6 +235,7 @@ def evaluate(cfg: DictConfig) -> dict:
         write_json_atomic(results, run_dir / "results.json")
         log_table(trainer, "quant/layer_stats", layer_stats)
     print_summary(results, baseline)
+    finalize_loggers(trainer)
     return results
 
 
@@ -270,6 +272,19 @@ def log_table(trainer, key: str, rows: list[dict]) -> None:
     for logger in trainer.loggers:
         if hasattr(logger, "log_table"):  # wandb
             logger.log_table(key=key, columns=list(rows[0]), data=[list(r.values()) for r in rows])
+
+
+def finalize_loggers(trainer, status: str = "success") -> None:
+    for logger in trainer.loggers:
+        logger.finalize(status)
+    finish_wandb(0 if status == "success" else 1)
+
+
+def finish_wandb(exit_code: int) -> None:
+    """Close the wandb run of this job (offline runs write their files on finish)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 def print_summary(results: dict, baseline: dict | None) -> None:
@@ -327,6 +342,7 @@ def main(cfg: DictConfig):
     try:
         return dispatch(cfg)
     except _user_error_types() as err:
+        finish_wandb(1)
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         import logging
         import traceback
@@ -345,3 +361,6 @@ def main(cfg: DictConfig):
 
             shutil.rmtree(run_dir, ignore_errors=True)
         sys.exit(2)
+    except BaseException:
+        finish_wandb(1)  # a crashed job must not leave its run open for the next job of a sweep
+        raise
