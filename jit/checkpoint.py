@@ -216,8 +216,13 @@ def save_official_checkpoint(path, model: dict, model_ema1: dict | None = None, 
         if sd is not None and not all(k.startswith("net.") for k in sd):
             raise CheckpointError(f"{name} must be a Denoiser state dict with 'net.' keys")
 
+    copies: dict[int, dict] = {}
+
     def cpu(sd):
-        return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+        # the same dict given twice is stored once (torch.save keeps shared storages shared)
+        if id(sd) not in copies:
+            copies[id(sd)] = {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+        return copies[id(sd)]
 
     ns = args if isinstance(args, argparse.Namespace) else argparse.Namespace(**(args or {}))
     atomic_save({

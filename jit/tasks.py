@@ -202,6 +202,36 @@ def prepare_quantized(module: JiTModule, qcfg, cfg: DictConfig, dm, run_dir: Pat
     return {"calibration": provenance, "quantized_layers": len(replaced)}
 
 
+STATS_IMAGES = 50  # per-layer statistics are gathered on this many generated images
+
+
+def quant_statistics(module: JiTModule, qcfg, fid_cfg, num_classes: int) -> list[dict]:
+    """Per-layer statistics over a short sampling run with the evaluation's sampler and weights.
+
+    Statistics cost several extra passes per call, so they are gathered on the first
+    STATS_IMAGES images of the FID set (same labels and initial noise), not on all of them.
+    """
+    from jit.callbacks.evaluation import balanced_labels, initial_noise
+    from jit.quant import collect_stats, enable_stats, reset_stats
+
+    if qcfg.scheme == "fp":
+        return []
+    n = min(STATS_IMAGES, fid_cfg.num_images)
+    denoiser = module.denoiser
+    shape = (denoiser.in_channels, denoiser.img_size, denoiser.img_size)
+    indices = torch.arange(n)
+    noise = initial_noise(fid_cfg.seed, indices, shape, denoiser.noise_scale)
+    labels = balanced_labels(fid_cfg.num_images, num_classes, fid_cfg.label_strategy)[:n]
+    enable_stats(denoiser.net, True)
+    reset_stats(denoiser.net)
+    try:
+        with module.eval_weights_context(module.eval_weights):
+            module.generate(labels, noise=noise, **fid_cfg.sampler)
+        return collect_stats(denoiser.net)
+    finally:
+        enable_stats(denoiser.net, False)
+
+
 def evaluate(cfg: DictConfig) -> dict:
     from jit.callbacks import FIDEvaluation
     from jit.callbacks.evaluation import FIDConfig
@@ -220,20 +250,14 @@ def evaluate(cfg: DictConfig) -> dict:
         baseline = FIDEvaluation(fid_cfg, run_dir=run_dir / "baseline_fp", extra={**common, "quant": {"scheme": "fp"}})
         baseline = baseline.run(trainer, module, dm)["metrics"]
     provenance = prepare_quantized(module, qcfg, cfg, dm, run_dir, trainer)
-    from jit.quant import collect_stats, enable_stats
-
-    enable_stats(module.denoiser.net, qcfg.scheme != "fp")
+    layer_stats = quant_statistics(module, qcfg, fid_cfg, dm.num_classes)
     extra = {**common, "quant": qcfg.to_dict(), **provenance, "baseline_fp": baseline}
-    evaluation = FIDEvaluation(fid_cfg, run_dir=run_dir, extra=extra)
-    results = evaluation.run(trainer, module, dm)
-    layer_stats = collect_stats(module.denoiser.net) if qcfg.scheme != "fp" else []
     if layer_stats:
-        results["layer_stats_summary"] = summarize_layer_stats(layer_stats)
+        extra["layer_stats_summary"] = summarize_layer_stats(layer_stats)
+        extra["layer_stats_images"] = min(STATS_IMAGES, fid_cfg.num_images)
         write_layer_stats(layer_stats, run_dir / "layer_stats.csv")
-        from jit.callbacks.evaluation import write_json_atomic
-
-        write_json_atomic(results, run_dir / "results.json")
         log_table(trainer, "quant/layer_stats", layer_stats)
+    results = FIDEvaluation(fid_cfg, run_dir=run_dir, extra=extra).run(trainer, module, dm)
     print_summary(results, baseline)
     finalize_loggers(trainer)
     return results
