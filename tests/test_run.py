@@ -165,3 +165,22 @@ def test_wandb_offline_records_quant_hyperparameters(trained_tiny, tmp_path):
     for key in (b"quant.adc.bits", b"quant.scheme", b"quant.adc.noise_sigma_lsb", b"fid_digits", b"cond_accuracy"):
         assert key in data, key
     assert list(out.glob("wandb/offline-run-*/files/media/images/**/*.png"))  # the sample grid
+
+
+def test_failing_sweep_job_is_reported_and_the_others_complete(trained_tiny, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run(["-m", f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL, "compare_fp=false",
+                "quant.mode=dynamic", "quant.adc.bits=6,40", f"hydra.sweep.dir={sweep}"], tmp_path)
+    rows = {r["quant.adc.bits"]: r for r in csv.DictReader(open(sweep / "summary.csv"))}
+    assert rows["6"]["status"] == "ok" and float(rows["6"]["fid_digits"]) >= 0
+    assert rows["40"]["status"].startswith("failed") and "quant.adc.bits" in rows["40"]["status"]
+    assert "quant.adc.bits" in proc.stderr
+
+
+def test_submitit_local_two_job_sweep(trained_tiny, tmp_path):
+    sweep = tmp_path / "sweep"
+    run(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+         f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL, "compare_fp=false",
+         "quant.mode=dynamic", "quant.adc.noise_sigma_lsb=0,8", f"hydra.sweep.dir={sweep}"], tmp_path)
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
