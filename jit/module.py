@@ -456,6 +456,12 @@ class JiTModule(L.LightningModule):
             self.log("train/images_per_s", images / max(now - self._last_batch_end, 1e-9))
         self._last_batch_end = now
 
+    # --------------------------------------------------------------------- test
+    def test_step(self, batch, batch_idx):
+        """Nothing per batch: evaluation (calibration, FID) runs in callbacks at test start,
+        inside the processes `trainer.test` launches, so it shards across devices and nodes."""
+        return None
+
     # --------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
         self._val_stack = contextlib.ExitStack()

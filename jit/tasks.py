@@ -232,6 +232,27 @@ def quant_statistics(module: JiTModule, qcfg, fid_cfg, num_classes: int) -> list
         enable_stats(denoiser.net, False)
 
 
+class RunAtTestStart(L.Callback):
+    """Runs `fn(trainer, module)` once `trainer.test` has set up every process and device."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.result = None
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.result = self.fn(trainer, pl_module)
+
+
+def run_in_test_loop(trainer: L.Trainer, module: JiTModule, fn):
+    """Execute `fn` under `trainer.test`: one process per device (DDP, SLURM, torchrun) or inline."""
+    from torch.utils.data import DataLoader
+
+    hook = RunAtTestStart(fn)
+    trainer.callbacks.append(hook)
+    trainer.test(module, dataloaders=DataLoader([0]), verbose=False)
+    return hook.result
+
+
 def evaluate(cfg: DictConfig) -> dict:
     from jit.callbacks import FIDEvaluation
     from jit.callbacks.evaluation import FIDConfig
@@ -244,21 +265,28 @@ def evaluate(cfg: DictConfig) -> dict:
     check_calibration_inputs(cfg, qcfg, dm)
     trainer = build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg, training=False))
     common = {"checkpoint": source, "task": "eval"}
-    baseline = None
-    if cfg.compare_fp and qcfg.scheme != "fp":
-        rank_zero_info("evaluating the float model (baseline)")
-        baseline = FIDEvaluation(fid_cfg, run_dir=run_dir / "baseline_fp", extra={**common, "quant": {"scheme": "fp"}})
-        baseline = baseline.run(trainer, module, dm)["metrics"]
-    provenance = prepare_quantized(module, qcfg, cfg, dm, run_dir, trainer)
-    layer_stats = quant_statistics(module, qcfg, fid_cfg, dm.num_classes)
-    extra = {**common, "quant": qcfg.to_dict(), **provenance, "baseline_fp": baseline}
-    if layer_stats:
-        extra["layer_stats_summary"] = summarize_layer_stats(layer_stats)
-        extra["layer_stats_images"] = min(STATS_IMAGES, fid_cfg.num_images)
-        write_layer_stats(layer_stats, run_dir / "layer_stats.csv")
-        log_table(trainer, "quant/layer_stats", layer_stats)
-    results = FIDEvaluation(fid_cfg, run_dir=run_dir, extra=extra).run(trainer, module, dm)
-    print_summary(results, baseline)
+
+    def pipeline(trainer, module):
+        baseline = None
+        if cfg.compare_fp and qcfg.scheme != "fp":
+            rank_zero_info("evaluating the float model (baseline)")
+            fp = FIDEvaluation(fid_cfg, run_dir=run_dir / "baseline_fp", extra={**common, "quant": {"scheme": "fp"}})
+            baseline = fp.run(trainer, module, dm)["metrics"]
+        provenance = prepare_quantized(module, qcfg, cfg, dm, run_dir, trainer)
+        layer_stats = quant_statistics(module, qcfg, fid_cfg, dm.num_classes)
+        extra = {**common, "quant": qcfg.to_dict(), **provenance, "baseline_fp": baseline}
+        if layer_stats:
+            extra["layer_stats_summary"] = summarize_layer_stats(layer_stats)
+            extra["layer_stats_images"] = min(STATS_IMAGES, fid_cfg.num_images)
+            if trainer.is_global_zero:
+                write_layer_stats(layer_stats, run_dir / "layer_stats.csv")
+                log_table(trainer, "quant/layer_stats", layer_stats)
+        results = FIDEvaluation(fid_cfg, run_dir=run_dir, extra=extra).run(trainer, module, dm)
+        if trainer.is_global_zero:
+            print_summary(results, baseline)
+        return results
+
+    results = run_in_test_loop(trainer, module, pipeline)
     finalize_loggers(trainer)
     return results
 

@@ -184,3 +184,12 @@ def test_submitit_local_two_job_sweep(trained_tiny, tmp_path):
          "quant.mode=dynamic", "quant.adc.noise_sigma_lsb=0,8", f"hydra.sweep.dir={sweep}"], tmp_path)
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+
+
+def test_eval_runs_under_cpu_ddp(trained_tiny, tmp_path):
+    out = tmp_path / "ddp"
+    run([f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL, "trainer=ddp_cpu",
+         f"hydra.run.dir={out}"], tmp_path)
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["num_images"] == 20
+    assert (out / "calibration.pt").exists()
