@@ -2,7 +2,7 @@
 
 One pipeline (`QuantLinear._simulate`) serves every scheme; a scheme only says how an
 activation code is sliced into analog paths (each read by its own ADC) and an optional
-exact digital path (`_split`). DESIGN.md "AIMC quantization" is the specification.
+exact digital path (`_split_block`, `_paths`). DESIGN.md "AIMC quantization" is the specification.
 
 Each layer keeps the original `weight`/`bias` Parameters (the very same objects as the
 replaced nn.Linear) and adds no persistent state, so state dicts are unchanged.
@@ -41,12 +41,16 @@ from torch import nn
 
 from .config import QuantConfig, build_quant_config
 from .quantizers import (
+    _safe_step,
     adc_convert_,
     bitserial_split_,
     center_out_split_,
+    chunked_aminmax,
     percentile_abs,
     qmax,
     quantize_symmetric,
+    round_,
+    row_blocks,
     stable_seed,
     weight_clip,
 )
@@ -95,7 +99,7 @@ def _check_clip(layer: str, what: str, value: object) -> float:
 
 
 class QuantLinear(nn.Linear):
-    """Common pipeline; subclasses implement `_split`. Build with `from_linear`."""
+    """Common pipeline; subclasses implement `_paths` (and `_split_block`). Build with `from_linear`."""
 
     scheme = ""
     adc_paths: tuple[str, ...] = ()
@@ -241,7 +245,7 @@ class QuantLinear(nn.Linear):
         return entry
 
     def _act_clip(self, x: torch.Tensor) -> torch.Tensor:
-        low, high = torch.aminmax(x)
+        low, high = chunked_aminmax(x)
         if not bool(torch.isfinite(low) & torch.isfinite(high)):
             raise FloatingPointError(f"layer '{self.layer_name}': NaN or Inf in the input "
                                      "activations")
@@ -270,7 +274,7 @@ class QuantLinear(nn.Linear):
         # converters range on what they convert, as auto-ranging hardware would; a global
         # peak would need every tile's result before any tile is converted. Static clips
         # are per layer and shared by all tiles (calibration collects every tile's sums).
-        low, high = torch.aminmax(acc)
+        low, high = chunked_aminmax(acc)
         peak = max(-float(low), float(high))
         if peak == 0 and self.dynamic_step_eps == 0:
             return 1.0  # all-zero accumulation: any step gives code 0
@@ -282,9 +286,42 @@ class QuantLinear(nn.Linear):
             return [slice(None)]
         return [slice(start, start + rows) for start in range(0, self.in_features, rows)]
 
-    def _split(self, x_int: torch.Tensor) -> Split:
-        """Slice the activation codes (may reuse x_int's memory for a slice)."""
+    # Whether _split_block writes an MSB slice, and whether it is a sparse digital input
+    # (then the digital matmul only runs over the input columns holding non-zero codes).
+    has_msb = False
+    sparse_digital = False
+
+    def _split_block(self, x_int: torch.Tensor, msb: torch.Tensor | None) -> None:
+        """Slice one row block of activation codes in place (x_int keeps one slice, `msb`
+        receives the other)."""
+
+    def _paths(self, x_int: torch.Tensor, msb: torch.Tensor | None) -> Split:
+        """The analog and digital paths over the sliced codes."""
         raise NotImplementedError
+
+    def _quantize_split(self, x2: torch.Tensor, act_clip: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+                                   torch.Tensor | None]:
+        """(x_int sliced, msb, act step, input columns with a non-zero MSB or None): the
+        activation quantizer (quantize_symmetric) and the split, fused per row block."""
+        act_step = _safe_step(act_clip, qmax(self.cfg.act.bits))
+        neg_clip = -act_clip
+        x_int = torch.empty_like(x2)
+        msb = torch.empty_like(x2) if self.has_msb else None
+        columns = None
+        if self.sparse_digital:
+            columns = torch.zeros(x2.shape[1], dtype=torch.bool, device=x2.device)
+        stats = self.stats
+        for rows in row_blocks(*x2.shape):
+            codes = torch.clamp(x2[rows], neg_clip, act_clip, out=x_int[rows])
+            round_(codes.div_(act_step))  # |codes| <= qmax (1 + 2^-23): round_ is exact
+            if stats is not None:
+                stats.observe_activations(x2[rows], act_clip, codes)
+            if msb is not None:
+                self._split_block(codes, msb[rows])
+                if columns is not None:
+                    torch.logical_or(columns, msb[rows].any(0), out=columns)
+        return x_int, msb, act_step, columns
 
     def _simulate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, WeightCodes]:
         """The hardware forward (no autograd). Returns (y, activation clip, weight codes)."""
@@ -293,44 +330,41 @@ class QuantLinear(nn.Linear):
         if self.observer is not None:
             self.observer(self.layer_name, "act", x)
         act_clip = self._act_clip(x2)
-        x_int, act_step = quantize_symmetric(x2, act_clip, self.cfg.act.bits)
         weights = self._weight_codes(x2.device, dtype)
-        if self.stats is not None:
-            self.stats.observe_activations(x2, act_clip, x_int)
-        split = self._split(x_int)
-        del x_int
+        x_int, msb, act_step, columns = self._quantize_split(x2, act_clip)
+        split = self._paths(x_int, msb)
+        del x_int, msb
         if self.stats is not None and split.msb is not None:
             self.stats.observe_msb(split.msb)
-        y, unit = self._accumulate(split, weights.codes_t, x2.shape[0])
+        y, unit = self._accumulate(split, weights.codes_t, x2.shape[0], columns)
         del split
         scale = act_step * weights.step * unit
-        if self.bias is not None:
-            y = torch.addcmul(self.bias.detach().to(dtype), y, scale, out=y)
-        else:
-            y.mul_(scale)
+        bias = None if self.bias is None else self.bias.detach().to(dtype)
+        for rows in row_blocks(*y.shape):
+            if bias is not None:
+                torch.addcmul(bias, y[rows], scale, out=y[rows])
+            else:
+                y[rows].mul_(scale)
         if self.stats is not None:
             self.stats.calls += 1
-            self.stats.observe_output(x2, self.weight.detach().to(dtype),
-                                      None if self.bias is None else self.bias.detach().to(dtype),
-                                      y)
+            self.stats.observe_output(x2, self.weight.detach().to(dtype), bias, y)
         y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y, act_clip, weights
 
-    def _accumulate(self, split: Split, codes_t: torch.Tensor,
-                    tokens: int) -> tuple[torch.Tensor, float]:
+    def _accumulate(self, split: Split, codes_t: torch.Tensor, tokens: int,
+                    columns: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """(acc, unit) with acc * unit = sum over analog paths and tiles of
         gain * ADC(codes[:, tile] @ W_int[tile]) + digital_gain * (digital @ W_int), in
         integer-product units, [tokens, out_features].
 
         acc is kept in the first analog conversion's code units so that its scale, the
-        digital path and the final output scale fuse into few full-tensor passes (each
-        pass over the output costs about as much as the noise draw on a CPU).
+        digital path and the final output scale fuse into few passes, each run in row
+        blocks (`row_blocks`). `columns` (bool, [in_features]) marks the input columns in
+        which the digital codes may be non-zero: the digital matmul skips the others
+        (and is skipped when there are none).
         """
         adc, stats = self.cfg.adc, self.stats
         out = codes_t.new_empty((tokens, self.out_features))
-        # Noise is drawn in row chunks of at most twice the input activation's size: few
-        # passes, memory bounded by the input rather than the (wider) output.
-        noise_rows = max(1, 2 * tokens * self.in_features // self.out_features)
         scratch, unit = None, None
         for path in split.analog:
             if stats is not None:
@@ -350,21 +384,31 @@ class QuantLinear(nn.Linear):
                     step = self._adc_step(path.name, acc)
                     saturated = adc_convert_(acc, step, adc.bits, sigma,
                                              self._generator(acc.device) if sigma else None,
-                                             stats is not None, noise_rows)
+                                             stats is not None)
                     if stats is not None:
                         stats.observe_adc(acc.numel(), saturated)
                 if unit is None:
                     unit = step * path.gain
                 else:
-                    out.add_(acc, alpha=step * path.gain / unit)
-        if split.digital is not None:
+                    alpha = step * path.gain / unit
+                    for block in row_blocks(*out.shape):
+                        out[block].add_(acc[block], alpha=alpha)
+        digital = split.digital
+        if digital is not None:
             if stats is not None:
-                stats.digital_macs += int(torch.count_nonzero(split.digital)) * self.out_features
+                stats.digital_macs += int(torch.count_nonzero(digital)) * self.out_features
+            weights_t = codes_t
+            if columns is not None and unit is not None:
+                index = columns.nonzero().squeeze(1)
+                if index.numel() == 0:
+                    return out, unit  # no MSB codes: the digital path has nothing to add
+                if 2 * index.numel() <= digital.shape[1]:
+                    digital, weights_t = digital[:, index], codes_t[index]
             if unit is None:
-                torch.matmul(split.digital, codes_t, out=out)
+                torch.matmul(digital, weights_t, out=out)
                 unit = split.digital_gain
             else:
-                out.addmm_(split.digital, codes_t, alpha=split.digital_gain / unit)
+                out.addmm_(digital, weights_t, alpha=split.digital_gain / unit)
         return out, unit
 
 
@@ -375,12 +419,15 @@ class HybridLinear(QuantLinear):
 
     scheme = "hybrid"
     adc_paths = ("lsb",)
+    has_msb = True
+    sparse_digital = True
 
-    def _split(self, x_int: torch.Tensor) -> Split:
-        s = self.cfg.split
-        msb = center_out_split_(x_int, s.lsb_bits, s.radix)
+    def _split_block(self, x_int: torch.Tensor, msb: torch.Tensor | None) -> None:
+        center_out_split_(x_int, self.cfg.split.lsb_bits, self.cfg.split.radix, out=msb)
+
+    def _paths(self, x_int: torch.Tensor, msb: torch.Tensor | None) -> Split:
         analog = AnalogPath("lsb", x_int, 1.0, self.cfg.adc.samples, True)
-        return Split([analog], msb, float(s.radix), msb)
+        return Split([analog], msb, float(self.cfg.split.radix), msb)
 
 
 class BitSerialLinear(QuantLinear):
@@ -391,10 +438,14 @@ class BitSerialLinear(QuantLinear):
     scheme = "bitserial"
     adc_paths = ("msb", "lsb")
     dynamic_step_eps = 1e-8
+    has_msb = True
 
-    def _split(self, x_int: torch.Tensor) -> Split:
+    def _split_block(self, x_int: torch.Tensor, msb: torch.Tensor | None) -> None:
         s = self.cfg.split
-        msb = bitserial_split_(x_int, s.lsb_bits, s.lsb_gain_shift)
+        bitserial_split_(x_int, s.lsb_bits, s.lsb_gain_shift, out=msb)
+
+    def _paths(self, x_int: torch.Tensor, msb: torch.Tensor | None) -> Split:
+        s = self.cfg.split
         analog = [AnalogPath("msb", msb, float(2**s.lsb_bits), self.cfg.adc.samples, True),
                   AnalogPath("lsb", x_int, 2.0**-s.lsb_gain_shift, 1, False)]
         return Split(analog, None, 1.0, msb)
@@ -422,7 +473,7 @@ class W8A8Linear(QuantLinear):
 
     scheme = "w8a8"
 
-    def _split(self, x_int: torch.Tensor) -> Split:
+    def _paths(self, x_int: torch.Tensor, msb: torch.Tensor | None) -> Split:
         return Split([], x_int, 1.0, None)
 
 

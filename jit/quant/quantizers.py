@@ -18,6 +18,45 @@ from .config import WeightConfig
 # (high percentiles, the usual case); beyond that share two kthvalue calls win.
 _TOPK_MAX_SHARE = 1 / 16
 
+# Elementwise work runs in row blocks of fewer elements than ATen's parallel grain size
+# (32768): each op then runs inline on the calling thread, in cache, with no OpenMP
+# fork/join. A full-tensor pass costs a thread wake-up per op (milliseconds when the
+# cores are busy) and a trip through DRAM; a chain of ops on one block does neither.
+CHUNK_ELEMENTS = 32767
+
+
+def row_blocks(rows: int, cols: int) -> list[slice]:
+    """Row slices of at most CHUNK_ELEMENTS elements (at least one row each)."""
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
+# x + 1.5 * 2^(p-1) - 1.5 * 2^(p-1) rounds x to an integer, ties to even, exactly as
+# torch.round, for |x| < 2^(p-2) (p: significand bits): two adds with ATen's default
+# grain size. torch.round is a VML-style kernel that forks OpenMP threads from 2048
+# elements on, which on a busy machine costs milliseconds per row block.
+_ROUND_MAGIC = {torch.float32: 1.5 * 2.0**23, torch.float64: 1.5 * 2.0**52}
+ROUND_EXACT_BELOW = {torch.float32: 2.0**22, torch.float64: 2.0**51}
+
+
+def round_(t: torch.Tensor) -> torch.Tensor:
+    """In place t.round_() (half to even) for |t| < ROUND_EXACT_BELOW[dtype]; beyond that
+    the result stays at or beyond that bound with the same sign (callers clamp to far
+    smaller codes) and a zero may lose its sign. Other dtypes: torch.round_."""
+    magic = _ROUND_MAGIC.get(t.dtype)
+    if magic is None:
+        return t.round_()
+    return t.add_(magic).sub_(magic)
+
+
+def chunked_aminmax(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.aminmax over all elements of a 2-D tensor, block by block (NaN propagates)."""
+    if t.numel() <= CHUNK_ELEMENTS or t.dim() != 2:
+        return torch.aminmax(t)
+    parts = [torch.aminmax(t[rows]) for rows in row_blocks(t.shape[0], t.shape[1])]
+    return (torch.stack([low for low, _ in parts]).min(),
+            torch.stack([high for _, high in parts]).max())
+
 
 def stable_seed(seed: int, name: str) -> int:
     """A 63-bit generator seed from (seed, layer name), identical across processes and
@@ -84,7 +123,8 @@ def weight_clip(weight: torch.Tensor, cfg: WeightConfig) -> torch.Tensor:
     return percentile_abs(w, cfg.clip_pct, dim=1).unsqueeze(1)
 
 
-def center_out_split_(x_int: torch.Tensor, lsb_bits: int, radix: int) -> torch.Tensor:
+def center_out_split_(x_int: torch.Tensor, lsb_bits: int, radix: int,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Hybrid split of DESIGN.md step 2, in place: returns M and turns x_int into L, with
     x_int == radix*M + L, L in the signed `lsb_bits` range and M == 0 exactly when the
     code already lies in that range (maximal MSB sparsity).
@@ -92,19 +132,22 @@ def center_out_split_(x_int: torch.Tensor, lsb_bits: int, radix: int) -> torch.T
     With r = x - clamp(x, Lmin, Lmax) (0 inside, else the distance past the range),
     DESIGN's M = ceil(r/R) above and -ceil(-r/R) below is r/R rounded away from zero,
     i.e. trunc((r + sign(r) (R - 1)) / R): five passes instead of two ceil chains.
+    `out` (same shape as x_int) receives M if given.
     """
     lsb_min, lsb_max = -(2 ** (lsb_bits - 1)), 2 ** (lsb_bits - 1) - 1
-    msb = torch.clamp(x_int, lsb_min, lsb_max)
+    msb = torch.clamp(x_int, lsb_min, lsb_max, out=out)
     torch.sub(x_int, msb, out=msb)
     msb.add_(msb.sign(), alpha=radix - 1).div_(radix, rounding_mode="trunc")
     x_int.sub_(msb, alpha=radix)
     return msb
 
 
-def bitserial_split_(x_int: torch.Tensor, lsb_bits: int, lsb_gain_shift: int = 0) -> torch.Tensor:
+def bitserial_split_(x_int: torch.Tensor, lsb_bits: int, lsb_gain_shift: int = 0,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Seed bit-serial split, in place: returns MSB = floor(x / 2^lb) (signed) and turns
-    x_int into LSB * 2^g with LSB = x mod 2^lb in [0, 2^lb - 1] (the DAC gain shift g)."""
-    msb = torch.div(x_int, 2**lsb_bits, rounding_mode="floor")
+    x_int into LSB * 2^g with LSB = x mod 2^lb in [0, 2^lb - 1] (the DAC gain shift g).
+    `out` (same shape as x_int) receives MSB if given."""
+    msb = torch.div(x_int, 2**lsb_bits, rounding_mode="floor", out=out)
     x_int.sub_(msb, alpha=2**lsb_bits)
     if lsb_gain_shift:
         x_int.mul_(2**lsb_gain_shift)
@@ -112,28 +155,31 @@ def bitserial_split_(x_int: torch.Tensor, lsb_bits: int, lsb_gain_shift: int = 0
 
 
 def adc_convert_(acc: torch.Tensor, step: float, bits: int, noise_sigma_codes: float = 0.0,
-                 generator: torch.Generator | None = None, count_saturated: bool = False,
-                 chunk_rows: int | None = None) -> int:
+                 generator: torch.Generator | None = None, count_saturated: bool = False) -> int:
     """In place on a 2-D accumulation: acc -> clamp(round(acc/step + e), -2^(n-1), 2^(n-1)-1)
     with e ~ N(0, noise_sigma_codes^2).
 
     The thermal noise is referred to the ADC input and expressed in ADC steps (DESIGN.md:
     N(0, (sigma_lsb * s_adc)^2 / K) on `a`), so it is drawn with that std directly in the
-    code domain. It is drawn `chunk_rows` rows at a time to bound the buffer. Returns the
-    number of codes that saturated when `count_saturated`, else 0.
+    code domain, block by block (`row_blocks`, in row order: the stream is a function of
+    the generator state and acc's shape) into one small buffer, and each block is added,
+    rounded and clamped while it is in cache. Returns the number of codes that
+    saturated when `count_saturated`, else 0.
     """
     code_max = qmax(bits)
+    blocks = row_blocks(acc.shape[0], acc.shape[1])
+    noise = None
     if noise_sigma_codes > 0:
-        rows = acc.shape[0] if chunk_rows is None else max(1, chunk_rows)
-        noise = acc.new_empty((min(rows, acc.shape[0]), acc.shape[1]))
-        for start in range(0, acc.shape[0], rows):
-            chunk = acc[start:start + rows]
+        noise = acc.new_empty((min(blocks[0].stop, acc.shape[0]), acc.shape[1]))
+    counts = []
+    for rows in blocks:
+        chunk = acc[rows]
+        if noise is not None:
             buf = noise[:chunk.shape[0]].normal_(0.0, noise_sigma_codes, generator=generator)
-            torch.round(buf.add_(chunk, alpha=1.0 / step), out=chunk)
-    else:
-        acc.div_(step).round_()  # exact division: rounding ties as in the seed
-    saturated = 0
-    if count_saturated:
-        saturated = int((acc > code_max).sum() + (acc < -code_max - 1).sum())
-    acc.clamp_(-code_max - 1, code_max)
-    return saturated
+            round_(torch.add(buf, chunk, alpha=1.0 / step, out=chunk))
+        else:
+            round_(chunk.div_(step))  # exact division: rounding ties as in the seed
+        if count_saturated:
+            counts.append((chunk > code_max).sum() + (chunk < -code_max - 1).sum())
+        chunk.clamp_(-code_max - 1, code_max)
+    return int(torch.stack(counts).sum()) if counts else 0
