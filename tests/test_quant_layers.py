@@ -140,6 +140,33 @@ def test_hybrid_float32_bypass_is_close_to_float64_reference():
     assert rel < 1e-3  # float32 rounding of x/s_x may move a handful of codes by one
 
 
+def test_hybrid_digital_path_over_few_or_no_msb_columns_is_exact():
+    """The digital matmul runs only over input columns holding non-zero MSB codes (or not at
+    all): outliers in two channels, then no outliers at all (static clip far above |x|)."""
+    layer = make(HybridLinear, 64, 40, adc={"bypass": True})
+    x = heavy_tailed(3, 50, 64, dtype=torch.float64).clamp(-1, 1)
+    x[..., 5] *= 40.0
+    x[..., 17] *= -25.0
+    with torch.no_grad():
+        y = layer(x)
+    expected = fake_quant_reference(layer, x)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+
+    static = make(HybridLinear, 64, 40, mode="static", adc={"bypass": True})
+    clip = 5.0 * float(x.abs().max())
+    static.set_static(clip)
+    x64 = x.reshape(-1, 64)
+    x_int, s_x = quantize_symmetric(x64, torch.tensor(clip, dtype=torch.float64), 11)
+    assert x_int.abs().max() <= 255  # every code in the LSB range: M == 0
+    w_int, s_w = quantize_symmetric(static.weight.detach().double(),
+                                    weight_clip(static.weight.detach().double(),
+                                                static.cfg.weight), 8)
+    expected = (x_int @ w_int.t()) * (s_x * s_w) + static.bias.detach().double()
+    with torch.no_grad():
+        y = static(x).reshape(-1, 40)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+
+
 # ----- noise ----------------------------------------------------------------------------------
 def _static_hybrid(sigma, samples, tokens=4096, in_features=64, out_features=64, **adc):
     layer = make(HybridLinear, in_features, out_features, mode="static",

@@ -83,3 +83,16 @@ def test_stable_seed_is_deterministic_and_name_dependent():
     assert stable_seed(0, "blocks.0.mlp.w12") != stable_seed(0, "blocks.0.mlp.w3")
     assert stable_seed(1, "a") != stable_seed(0, "a")
     assert 0 <= stable_seed(123, "x") < 2**63
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_round_matches_torch_round_including_ties(dtype):
+    from jit.quant.quantizers import ROUND_EXACT_BELOW, round_
+    gen = torch.Generator().manual_seed(0)
+    bound = ROUND_EXACT_BELOW[dtype]
+    ties = torch.arange(-4096, 4096, dtype=dtype) + 0.5
+    small = (torch.rand(100_000, generator=gen, dtype=torch.float64) - 0.5) * 3000
+    large = (torch.rand(10_000, generator=gen, dtype=torch.float64) - 0.5) * 1.99 * bound
+    x = torch.cat([ties, small.to(dtype), large.to(dtype), torch.tensor([0.0, -0.0, 1.0,
+                   -1.0, bound - 1, -bound], dtype=dtype)])
+    assert torch.equal(round_(x.clone()), torch.round(x))
