@@ -96,3 +96,22 @@ def test_round_matches_torch_round_including_ties(dtype):
     x = torch.cat([ties, small.to(dtype), large.to(dtype), torch.tensor([0.0, -0.0, 1.0,
                    -1.0, bound - 1, -bound], dtype=dtype)])
     assert torch.equal(round_(x.clone()), torch.round(x))
+
+
+@pytest.mark.parametrize("pct", [99.0, 99.5, 99.8, 99.99])
+def test_percentile_of_a_large_tensor_equals_torch_quantile(pct):
+    """Above 8 row blocks the top order statistics come from a sampled threshold."""
+    x = torch.distributions.StudentT(3.0).sample((1_000_003,))
+    assert torch.equal(percentile_abs(x, pct), torch.quantile(x.abs(), pct / 100))
+    assert torch.equal(percentile_abs(x.double(), pct),
+                       torch.quantile(x.abs().double(), pct / 100))
+
+
+def test_largest_abs_is_exact_when_the_sample_misleads():
+    from jit.quant.quantizers import _largest_abs
+    x = torch.zeros(1_000_000)
+    x[1::16] = torch.arange(62_500.0)  # the strided sample sees zeros only
+    assert torch.equal(_largest_abs(x, 3000), x.abs().topk(3000).values)
+    x[7] = float("nan")  # ranked largest, as by topk
+    torch.testing.assert_close(_largest_abs(x, 3000), x.abs().topk(3000).values, rtol=0,
+                               atol=0, equal_nan=True)

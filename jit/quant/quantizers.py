@@ -79,13 +79,21 @@ def percentile_abs(x: torch.Tensor, percentile: float, dim: int | None = None) -
     number of elements (torch.quantile refuses inputs above 2**24 elements on older
     releases).
     """
-    a = x.detach().abs()
-    a = a.reshape(-1) if dim is None else a.movedim(dim, -1)
+    if dim is None:
+        a = x.detach().reshape(-1)  # |.| taken lazily: _largest_abs may never need all of it
+    else:
+        a = x.detach().abs().movedim(dim, -1)
     n = a.shape[-1]
     rank = float(torch.tensor(percentile / 100.0, dtype=a.dtype)) * (n - 1)
     low, high = math.floor(rank), min(math.ceil(rank), n - 1)
     weight = torch.tensor(rank - low, dtype=a.dtype, device=a.device)
     k_top = n - low  # how many elements are >= the low order statistic
+    if dim is None and k_top <= max(2, int(n * _TOPK_MAX_SHARE)):
+        top = _largest_abs(a, k_top)
+        v_low, v_high = top[k_top - 1], top[n - 1 - high]
+        return torch.lerp(v_low, v_high, weight)
+    if dim is None:
+        a = a.abs()
     if k_top <= max(2, int(n * _TOPK_MAX_SHARE)):
         top = a.topk(k_top, dim=-1, largest=True, sorted=True).values
         v_low, v_high = top[..., k_top - 1], top[..., n - 1 - high]
@@ -93,6 +101,27 @@ def percentile_abs(x: torch.Tensor, percentile: float, dim: int | None = None) -
         v_low = a.kthvalue(low + 1, dim=-1).values
         v_high = v_low if high == low else a.kthvalue(high + 1, dim=-1).values
     return torch.lerp(v_low, v_high, weight)
+
+
+def _largest_abs(x: torch.Tensor, k: int, stride: int = 16) -> torch.Tensor:
+    """|x|.topk(k).values (sorted, largest first) of a 1-D x, exactly, without a selection
+    over all of x: a threshold t from a strided sample, then a selection over the elements
+    not below t (NaN kept, as topk ranks it largest), checked to number at least k, so they
+    hold the k largest; otherwise (rare: the sample misled) the full topk."""
+    n = x.numel()
+    if n <= 8 * CHUNK_ELEMENTS or k * stride * 4 > n:
+        return x.abs().topk(k, largest=True, sorted=True).values
+    sample = x[::stride].abs()
+    threshold = sample.topk(min(sample.numel(), 2 * (k // stride) + 16), largest=True,
+                            sorted=True).values[-1]
+    parts = []
+    for start in range(0, n, CHUNK_ELEMENTS):
+        block = x[start:start + CHUNK_ELEMENTS].abs()
+        parts.append(block[~(block < threshold)])
+    candidates = torch.cat(parts)
+    if candidates.numel() < k:
+        return x.abs().topk(k, largest=True, sorted=True).values
+    return candidates.topk(k, largest=True, sorted=True).values
 
 
 def _safe_step(clip: torch.Tensor, code_max: int) -> torch.Tensor:
