@@ -183,6 +183,40 @@ def _eval_weights(module, which: str | None):
             yield
 
 
+class _WithProgress:
+    """Re-iterable batches that show a rich progress bar (images done / total, rate, ETA)
+    on each pass; `calibrate` reads its batches twice (activations, then ADC inputs)."""
+
+    PASSES = ("activations", "ADC inputs")
+
+    def __init__(self, batches: list, images_per_batch, enabled: bool):
+        self.batches = batches
+        self.sizes = [images_per_batch(b) for b in batches]
+        self.enabled = enabled
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        label = self.PASSES[min(self.passes, len(self.PASSES) - 1)]
+        self.passes += 1
+        with Progress(TextColumn(f"[bold]calibration ({label})"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TimeRemainingColumn(), disable=not self.enabled) as progress:
+            task = progress.add_task("calibrate", total=sum(self.sizes))
+            for batch, size in zip(self.batches, self.sizes):
+                yield batch
+                progress.advance(task, size)
+
+
+def _batch_size(batch) -> int:
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return int(first.shape[0]) if hasattr(first, "shape") else 1
+
+
 def run_calibration(module, quant, calibration, run_dir, datamodule=None, sampler=None,
                     eval_weights: str | None = None) -> CalibrationOutcome | None:
     """Calibrate (or apply `quant.calibration_file`) for static mode; None if dynamic.
@@ -214,6 +248,8 @@ def run_calibration(module, quant, calibration, run_dir, datamodule=None, sample
         batches = _sampling_batches(cfg.num_images, cfg.batch_size, denoiser.num_classes)
         forward = _sampling_forward(denoiser, device,
                                     sampler if sampler is not None else getattr(module, "sampler", {}) or {})
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    batches = _WithProgress(list(batches), _batch_size, enabled=rank == 0)
     coverage: list[dict] = []
     with _eval_weights(module, eval_weights):
         artefact = calibrate(net, batches, method=cfg.method, num_bins=cfg.num_bins,
