@@ -336,6 +336,7 @@ class QuantLinear(nn.Linear):
         del x_int, msb
         if self.stats is not None and split.msb is not None:
             self.stats.observe_msb(split.msb)
+        split = split._replace(msb=None)
         y, unit = self._accumulate(split, weights.codes_t, x2.shape[0], columns)
         del split
         scale = act_step * weights.step * unit
@@ -366,12 +367,25 @@ class QuantLinear(nn.Linear):
         adc, stats = self.cfg.adc, self.stats
         out = codes_t.new_empty((tokens, self.out_features))
         scratch, unit = None, None
-        for path in split.analog:
+        tiles = self._tiles()
+        # After one conversion `out` holds ADC codes, which fit in int16: they wait there
+        # (half the memory of a second float accumulation) while `out` takes the next
+        # path's accumulation. The paths are popped so that each slice's codes are freed
+        # once its matmul has run.
+        out_is_codes = False
+        while split.analog:
+            path = split.analog.pop(0)
             if stats is not None:
                 stats.analog_macs += path.codes.numel() * self.out_features * path.reads
             sigma = adc.noise_sigma_lsb / math.sqrt(path.reads) if path.noisy else 0.0
-            for rows in self._tiles():
+            for rows in tiles:
+                packed = None
                 if unit is None:
+                    acc = out
+                elif out_is_codes and len(tiles) == 1 and adc.bits <= 16:
+                    packed = torch.empty(out.shape, dtype=torch.int16, device=out.device)
+                    for block in row_blocks(*out.shape):
+                        packed[block].copy_(out[block])
                     acc = out
                 else:
                     scratch = torch.empty_like(out) if scratch is None else scratch
@@ -389,10 +403,16 @@ class QuantLinear(nn.Linear):
                         stats.observe_adc(acc.numel(), saturated)
                 if unit is None:
                     unit = step * path.gain
-                else:
-                    alpha = step * path.gain / unit
-                    for block in row_blocks(*out.shape):
+                    out_is_codes = not adc.bypass
+                    continue
+                alpha = step * path.gain / unit
+                for block in row_blocks(*out.shape):
+                    if packed is not None:  # codes + alpha * acc, as out.add_(acc, alpha)
+                        torch.add(packed[block], out[block], alpha=alpha, out=out[block])
+                    else:
                         out[block].add_(acc[block], alpha=alpha)
+                out_is_codes = False
+            del path
         digital = split.digital
         if digital is not None:
             if stats is not None:
