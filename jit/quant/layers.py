@@ -121,6 +121,7 @@ class QuantLinear(nn.Linear):
         self._static: StaticThresholds | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
         self._weight_cache: tuple[tuple, WeightCodes] | None = None
+        self._int8_weights: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, cfg: QuantConfig, name: str = "") -> QuantLinear:
@@ -139,7 +140,7 @@ class QuantLinear(nn.Linear):
     def __getstate__(self):
         # Generators and the weight cache are rebuilt lazily (deepcopy, pickling).
         state = super().__getstate__()
-        state = dict(state, _generators={}, _weight_cache=None)
+        state = dict(state, _generators={}, _weight_cache=None, _int8_weights=None)
         return state
 
     # ----- static thresholds -------------------------------------------------------
@@ -417,19 +418,70 @@ class QuantLinear(nn.Linear):
         if digital is not None:
             if stats is not None:
                 stats.digital_macs += int(torch.count_nonzero(digital)) * self.out_features
-            weights_t = codes_t
+            weights_t, index = codes_t, None
             if columns is not None and unit is not None:
                 index = columns.nonzero().squeeze(1)
                 if index.numel() == 0:
                     return out, unit  # no MSB codes: the digital path has nothing to add
                 if 2 * index.numel() <= digital.shape[1]:
                     digital, weights_t = digital[:, index], codes_t[index]
+                else:
+                    index = None
+            if unit is not None and self._digital_int8(out, digital, codes_t, index,
+                                                       split.digital_gain / unit):
+                return out, unit
             if unit is None:
                 torch.matmul(digital, weights_t, out=out)
                 unit = split.digital_gain
             else:
                 out.addmm_(digital, weights_t, alpha=split.digital_gain / unit)
         return out, unit
+
+
+    def _digital_int8(self, out: torch.Tensor, digital: torch.Tensor, codes_t: torch.Tensor,
+                      index: torch.Tensor | None, alpha: float) -> bool:
+        """out += alpha * (digital @ codes_t[index]) through the INT8 x INT8 -> INT32
+        matmul (torch._int_mm: exact, and about twice the speed of the float32 one on
+        CPUs with VNNI/AMX) when the scheme bounds the digital codes to INT8
+        (`digital_code_max`) and the weights are INT<=8. Returns False (nothing done) when
+        that does not apply; the float path then runs, with the same exact result."""
+        code_max = self.digital_code_max
+        # Below a few hundred input rows the INT8 kernel measured no faster (digits FFNs).
+        if (code_max is None or code_max > 127 or self.cfg.weight.bits > 8
+                or digital.shape[1] < self.int8_min_inner
+                or out.device.type != "cpu" or not hasattr(torch, "_int_mm")
+                or QuantLinear._int_mm_broken
+                or self.in_features * code_max * 2 ** (self.cfg.weight.bits - 1) >= 2**31):
+            return False
+        # Keyed by the cached float codes themselves (held, so never a recycled address).
+        if self._int8_weights is None or self._int8_weights[0] is not codes_t:
+            self._int8_weights = (codes_t, codes_t.to(torch.int8))
+        w8 = self._int8_weights[1]
+        if index is not None:
+            w8 = w8[index]
+        d8 = torch.empty(digital.shape, dtype=torch.int8, device=digital.device)
+        for block in row_blocks(*digital.shape):
+            d8[block].copy_(digital[block])
+        # INT32 products in row groups no larger than the input activation.
+        tokens = out.shape[0]
+        group = max(1, tokens * self.in_features // self.out_features)
+        try:
+            for start in range(0, tokens, group):
+                prod = torch._int_mm(d8[start:start + group], w8)
+                rows_out = out[start:start + group]
+                for block in row_blocks(*prod.shape):
+                    rows_out[block].add_(prod[block], alpha=alpha)
+        except RuntimeError:
+            if start:
+                raise  # part of out is updated already: do not mask a genuine failure
+            QuantLinear._int_mm_broken = True  # e.g. shapes or builds without the kernel
+            return False
+        return True
+
+    # Largest |code| of the digital path, if the scheme bounds it (None: unbounded).
+    digital_code_max: int | None = None
+    int8_min_inner = 512
+    _int_mm_broken = False
 
 
 class HybridLinear(QuantLinear):
@@ -444,6 +496,12 @@ class HybridLinear(QuantLinear):
 
     def _split_block(self, x_int: torch.Tensor, msb: torch.Tensor | None) -> None:
         center_out_split_(x_int, self.cfg.split.lsb_bits, self.cfg.split.radix, out=msb)
+
+    @property
+    def digital_code_max(self) -> int:
+        """max |M| = ceil((qmax_act - Lmax) / R) (codes never pass +-qmax_act)."""
+        s = self.cfg.split
+        return max(0, -(-(qmax(self.cfg.act.bits) - (2 ** (s.lsb_bits - 1) - 1)) // s.radix))
 
     def _paths(self, x_int: torch.Tensor, msb: torch.Tensor | None) -> Split:
         analog = AnalogPath("lsb", x_int, 1.0, self.cfg.adc.samples, True)
