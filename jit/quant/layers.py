@@ -446,9 +446,12 @@ class QuantLinear(nn.Linear):
         (`digital_code_max`) and the weights are INT<=8. Returns False (nothing done) when
         that does not apply; the float path then runs, with the same exact result."""
         code_max = self.digital_code_max
-        # Below a few hundred input rows the INT8 kernel measured no faster (digits FFNs).
+        # Measured (2 cores, AVX-512): faster at 2048->768; slower below a few hundred input
+        # rows (digits FFNs) and when the output is wider than the input (768->4096: the
+        # INT32 product, kept no larger than the input, needs row groups and a wide pass).
         if (code_max is None or code_max > 127 or self.cfg.weight.bits > 8
                 or digital.shape[1] < self.int8_min_inner
+                or self.out_features > self.in_features
                 or out.device.type != "cpu" or not hasattr(torch, "_int_mm")
                 or QuantLinear._int_mm_broken
                 or self.in_features * code_max * 2 ** (self.cfg.weight.bits - 1) >= 2**31):
