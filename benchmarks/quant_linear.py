@@ -5,9 +5,9 @@
 JiT-B/16 FFN shapes (768->4096 and 2048->768), 288 tokens, batch 2 and 8, plus the
 built-in digits model's FFN shapes ("digits JiT-S/4 FFN": 128->682 and 341->128, 32
 tokens, batch 128 and 256, i.e. 4096 and 8192 tokens per call, where passes over the
-output rather than the matmuls dominate), float32, no autograd. Inputs are Student-t (3 degrees of freedom): at the 99.8th percentile clip 92%
-of their INT11 codes lie in the 9-bit LSB range, the coverage the seed measured on real
-JiT activations (92.04%), so the digital MSB path sees realistic sparsity. Static rows use
+output rather than the matmuls dominate), float32, no autograd. Inputs are Student-t (3
+degrees of freedom): at the 99.8th percentile clip 92% of their INT11 codes lie in the
+9-bit LSB range, the coverage the seed measured on real JiT activations (92.04%), so the digital MSB path sees realistic sparsity. Static rows use
 thresholds calibrated on the same input. Time: median of `runs` calls after a warm-up.
 Peak extra memory: peak RSS during one call (kernel VmHWM, reset through
 /proc/self/clear_refs) minus the same for nn.Linear, whose output buffer is therefore

@@ -2,7 +2,8 @@
 
 One pipeline (`QuantLinear._simulate`) serves every scheme; a scheme only says how an
 activation code is sliced into analog paths (each read by its own ADC) and an optional
-exact digital path (`_split_block`, `_paths`). DESIGN.md "AIMC quantization" is the specification.
+exact digital path (`_split_block`, `_paths`). DESIGN.md "AIMC quantization" is the
+specification.
 
 Each layer keeps the original `weight`/`bias` Parameters (the very same objects as the
 replaced nn.Linear) and adds no persistent state, so state dicts are unchanged.
@@ -99,7 +100,8 @@ def _check_clip(layer: str, what: str, value: object) -> float:
 
 
 class QuantLinear(nn.Linear):
-    """Common pipeline; subclasses implement `_paths` (and `_split_block`). Build with `from_linear`."""
+    """Common pipeline; subclasses implement `_paths` (and `_split_block`). Build with
+    `from_linear`."""
 
     scheme = ""
     adc_paths: tuple[str, ...] = ()
