@@ -26,8 +26,11 @@ class CheckpointError(ValueError):
     """A checkpoint file cannot be used; the message says why and what was found."""
 
 
-def safe_load(path: str | os.PathLike) -> dict:
-    """torch.load restricted to tensors, containers and argparse.Namespace."""
+def safe_load(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """torch.load restricted to tensors, containers and argparse.Namespace.
+
+    `mmap=True` maps the tensors instead of reading them (cheap peeks at large files).
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -37,7 +40,7 @@ def safe_load(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint is not readable (permissions): {path}")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "weights_only" in str(err) or "global" in str(err).lower():

@@ -6,17 +6,14 @@ composes the pieces (data module, JiTModule, quantization, callbacks, Lightning 
 
 from __future__ import annotations
 
-import copy
-import json
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from jit.checkpoint import CheckpointError, safe_load, save_official_checkpoint
 from jit.config import ConfigError, Task, to_plain, validate
@@ -98,7 +95,7 @@ def checkpoint_kind(path: str | None) -> str | None:
     """'lightning' for a Lightning .ckpt, 'official' for a checkpoint-last.pth, None for no path."""
     if path is None:
         return None
-    ckpt = safe_load(path)
+    ckpt = safe_load(path, mmap=True)  # a peek at the keys: no need to read GBs of tensors
     if "state_dict" in ckpt and "pytorch-lightning_version" in ckpt:
         return "lightning"
     if "model" in ckpt:
@@ -127,7 +124,7 @@ def load_module(cfg: DictConfig) -> tuple[JiTModule, str]:
         path = str(SHIPPED_DIGITS_MODEL)
     kind = checkpoint_kind(path)
     if kind == "lightning":
-        module = JiTModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+        module = JiTModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     else:
         module = JiTModule(**module_kwargs(cfg), init_checkpoint=path, init_weights="model")
     plain = to_plain(cfg)
