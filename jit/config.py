@@ -20,30 +20,37 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key."""
 
 
-class Task(str, Enum):
+class _Choice(str, Enum):
+    """Enum whose interpolation (`${task}` in a path) is its value, not `Task.eval`."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Task(_Choice):
     train = "train"
     eval = "eval"
     calibrate = "calibrate"
     export = "export"
 
 
-class Weights(str, Enum):
+class Weights(_Choice):
     raw = "raw"
     ema1 = "ema1"
     ema2 = "ema2"
 
 
-class Method(str, Enum):
+class Method(_Choice):
     heun = "heun"
     euler = "euler"
 
 
-class Schedule(str, Enum):
+class Schedule(_Choice):
     linear = "linear"
     logit_normal = "logit_normal"
 
 
-class LRSchedule(str, Enum):
+class LRSchedule(_Choice):
     constant = "constant"
     cosine = "cosine"
 

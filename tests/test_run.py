@@ -193,3 +193,9 @@ def test_eval_runs_under_cpu_ddp(trained_tiny, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["num_images"] == 20
     assert (out / "calibration.pt").exists()
+
+
+def test_default_run_directory_is_named_after_the_task(trained_tiny, tmp_path):
+    run([f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL, "compare_fp=false"], tmp_path)
+    runs = list((tmp_path / "outputs" / "eval").iterdir())
+    assert len(runs) == 1 and (runs[0] / "results.json").exists()
