@@ -199,3 +199,21 @@ def test_default_run_directory_is_named_after_the_task(trained_tiny, tmp_path):
     run([f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL, "compare_fp=false"], tmp_path)
     runs = list((tmp_path / "outputs" / "eval").iterdir())
     assert len(runs) == 1 and (runs[0] / "results.json").exists()
+
+
+def test_calibrate_task_writes_only_the_artefact(trained_tiny, tmp_path):
+    out = tmp_path / "calib"
+    proc = run(["task=calibrate", f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL,
+                f"hydra.run.dir={out}"], tmp_path)
+    assert f"calibration artefact: {out / 'calibration.pt'}" in proc.stdout
+    assert (out / "coverage.csv").exists() and not (out / "results.json").exists()
+
+
+def test_export_task_writes_the_official_layout(trained_tiny, tmp_path):
+    from jit.checkpoint import load_jit_checkpoint
+
+    target = tmp_path / "exported.pth"
+    run(["task=export", f"ckpt_path={trained_tiny / 'checkpoints' / 'last.ckpt'}", f"export.out_path={target}",
+         f"hydra.run.dir={tmp_path / 'export'}"], tmp_path)
+    _, meta = load_jit_checkpoint(target, "model_ema2")
+    assert meta["variant"] == "JiT-T/4" and meta["img_size"] == 16
