@@ -52,6 +52,8 @@ from .quantizers import (
     quantize_symmetric,
     round_,
     row_blocks,
+    row_halves,
+    run_on_halves,
     stable_seed,
     weight_clip,
 )
@@ -308,22 +310,30 @@ class QuantLinear(nn.Linear):
         """(x_int sliced, msb, act step, input columns with a non-zero MSB or None): the
         activation quantizer (quantize_symmetric) and the split, fused per row block."""
         act_step = _safe_step(act_clip, qmax(self.cfg.act.bits))
-        neg_clip = -act_clip
         x_int = torch.empty_like(x2)
         msb = torch.empty_like(x2) if self.has_msb else None
-        columns = None
-        if self.sparse_digital:
-            columns = torch.zeros(x2.shape[1], dtype=torch.bool, device=x2.device)
         stats = self.stats
-        for rows in row_blocks(*x2.shape):
-            codes = torch.clamp(x2[rows], neg_clip, act_clip, out=x_int[rows])
-            round_(codes.div_(act_step))  # |codes| <= qmax (1 + 2^-23): round_ is exact
-            if stats is not None:
-                stats.observe_activations(x2[rows], act_clip, codes)
-            if msb is not None:
-                self._split_block(codes, msb[rows])
-                if columns is not None:
-                    torch.logical_or(columns, msb[rows].any(0), out=columns)
+        # Python-number bounds take ATen's scalar fast path; a per-channel clip stays a tensor.
+        scalar = act_clip.dim() == 0
+        clip_hi = float(act_clip) if scalar else act_clip
+        clip_lo = -clip_hi
+        step = float(act_step) if scalar else act_step
+
+        def quantize(index: int, half: slice) -> None:
+            for block in row_blocks(half.stop - half.start, x2.shape[1]):
+                rows = slice(half.start + block.start, min(half.start + block.stop, half.stop))
+                codes = torch.clamp(x2[rows], clip_lo, clip_hi, out=x_int[rows])
+                round_(codes.div_(step))  # |codes| <= qmax (1 + 2^-23): round_ is exact
+                if stats is not None:
+                    stats.observe_activations(x2[rows], act_clip, codes)
+                if msb is not None:
+                    self._split_block(codes, msb[rows])
+
+        # statistics accumulate into one object: keep them on one thread
+        run_on_halves(quantize, [slice(0, x2.shape[0])] if stats is not None else row_halves(*x2.shape))
+        columns = None
+        if self.sparse_digital and msb is not None:
+            columns = msb.ne(0).any(0)
         return x_int, msb, act_step, columns
 
     def _simulate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, WeightCodes]:

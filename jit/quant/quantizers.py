@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -29,6 +30,42 @@ def row_blocks(rows: int, cols: int) -> list[slice]:
     """Row slices of at most CHUNK_ELEMENTS elements (at least one row each)."""
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
     return [slice(start, start + step) for start in range(0, rows, step)]
+
+
+# Large elementwise chains run as two halves of rows, the second on a worker thread: the
+# blocks stay below the grain size (no OpenMP fork per op) while both cores work. ATen
+# releases the GIL inside each op, so the halves overlap. Where the halves fall depends
+# only on the tensor's shape, never on the thread count, so results (noise included)
+# do not change with torch.set_num_threads.
+HALVES_FROM_ELEMENTS = 4 * CHUNK_ELEMENTS
+_worker: ThreadPoolExecutor | None = None
+
+
+def row_halves(rows: int, cols: int) -> list[slice]:
+    """One slice, or two halves of the rows for tensors of HALVES_FROM_ELEMENTS or more."""
+    if rows < 2 or rows * cols < HALVES_FROM_ELEMENTS:
+        return [slice(0, rows)]
+    return [slice(0, rows // 2), slice(rows // 2, rows)]
+
+
+def run_on_halves(fn, halves: list[slice]) -> list:
+    """[fn(0, halves[0]), fn(1, halves[1]), ...]: the last half on a worker thread when
+    torch may use two threads, otherwise one after the other (same results)."""
+    global _worker
+    if len(halves) == 1 or torch.get_num_threads() < 2:
+        return [fn(i, half) for i, half in enumerate(halves)]
+    if _worker is None:
+        _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jit-quant")
+    # grad and inference modes are thread-local: the worker runs in the caller's
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def in_callers_mode(index, half):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn(index, half)
+
+    pending = _worker.submit(in_callers_mode, len(halves) - 1, halves[-1])
+    results = [fn(i, half) for i, half in enumerate(halves[:-1])]
+    return results + [pending.result()]
 
 
 # x + 1.5 * 2^(p-1) - 1.5 * 2^(p-1) rounds x to an integer, ties to even, exactly as
@@ -196,19 +233,31 @@ def adc_convert_(acc: torch.Tensor, step: float, bits: int, noise_sigma_codes: f
     saturated when `count_saturated`, else 0.
     """
     code_max = qmax(bits)
-    blocks = row_blocks(acc.shape[0], acc.shape[1])
-    noise = None
-    if noise_sigma_codes > 0:
-        noise = acc.new_empty((min(blocks[0].stop, acc.shape[0]), acc.shape[1]))
-    counts = []
-    for rows in blocks:
-        chunk = acc[rows]
-        if noise is not None:
-            buf = noise[:chunk.shape[0]].normal_(0.0, noise_sigma_codes, generator=generator)
-            round_(torch.add(buf, chunk, alpha=1.0 / step, out=chunk))
-        else:
-            round_(chunk.div_(step))  # exact division: rounding ties as in the seed
-        if count_saturated:
-            counts.append((chunk > code_max).sum() + (chunk < -code_max - 1).sum())
-        chunk.clamp_(-code_max - 1, code_max)
-    return int(torch.stack(counts).sum()) if counts else 0
+    halves = row_halves(*acc.shape)
+    generators = [generator] * len(halves)
+    if noise_sigma_codes > 0 and len(halves) > 1 and generator is not None:
+        # the second half draws from a generator seeded by the first: one stream per half
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        generators[1] = torch.Generator(device=generator.device).manual_seed(seed)
+
+    def convert(index: int, half: slice) -> torch.Tensor | None:
+        part = acc[half]
+        blocks = row_blocks(part.shape[0], part.shape[1])
+        noise = None
+        if noise_sigma_codes > 0:
+            noise = part.new_empty((min(blocks[0].stop, part.shape[0]), part.shape[1]))
+        counts = []
+        for rows in blocks:
+            chunk = part[rows]
+            if noise is not None:
+                buf = noise[:chunk.shape[0]].normal_(0.0, noise_sigma_codes, generator=generators[index])
+                round_(torch.add(buf, chunk, alpha=1.0 / step, out=chunk))
+            else:
+                round_(chunk.div_(step))  # exact division: rounding ties as in the seed
+            if count_saturated:
+                counts.append((chunk > code_max).sum() + (chunk < -code_max - 1).sum())
+            chunk.clamp_(-code_max - 1, code_max)
+        return torch.stack(counts).sum() if counts else None
+
+    counts = [c for c in run_on_halves(convert, halves) if c is not None]
+    return int(sum(int(c) for c in counts)) if counts else 0
