@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
+from jit.atomic import atomic_torch_save
 from jit.models import VARIANTS, Denoiser, build_jit
 
 WEIGHT_KEYS = ("model", "model_ema1", "model_ema2")
@@ -192,21 +192,8 @@ def build_denoiser_from_checkpoint(path, weights: str = "model_ema1", variant: s
     return denoiser, meta
 
 
-def atomic_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then rename over `path`.
-
-    A crash while writing leaves the previous file untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# torch.save to a temporary file beside `path`, then rename over it (`jit.atomic`).
+atomic_save = atomic_torch_save
 
 
 def save_official_checkpoint(path, model: dict, model_ema1: dict | None = None, model_ema2: dict | None = None,

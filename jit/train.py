@@ -7,7 +7,7 @@ system temp folder and then `shutil.move`s it. When that folder is on another fi
 system than the checkpoints (the usual case on clusters: local /tmp, shared /scratch),
 the move degrades to a copy into the final path, so a crash mid-copy leaves a truncated
 `last.ckpt` where the previous good one was. `AtomicCheckpointIO` writes the temporary
-file beside the target and renames it over the target (`jit.checkpoint.atomic_save`).
+file beside the target and renames it over the target (`jit.atomic.atomic_torch_save`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from jit.checkpoint import atomic_save, safe_load, save_official_checkpoint
+from jit.atomic import atomic_torch_save
+from jit.checkpoint import safe_load, save_official_checkpoint
 from jit.module import JiTModule, NonFiniteLossError, official_state_from_lightning
 
 __all__ = [
@@ -48,8 +49,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        # The project's one atomic writer: temporary file beside the target, then os.replace.
-        atomic_save(checkpoint, str(path).removeprefix("file://"))
+        # The project's one atomic writer (jit.atomic): temp file beside the target, fsync, rename.
+        atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
 
 
 class SaveOnSignal(Callback):

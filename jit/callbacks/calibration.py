@@ -31,6 +31,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from jit.atomic import atomic_path
 from jit.datamodules import to_model_range
 from jit.quant import artefact as art
 from jit.quant import build_quant_config, quantized_layers
@@ -151,14 +152,11 @@ def _sampling_forward(denoiser, device, sampler: Mapping):
 
 # ------------------------------------------------------------------------ output ----
 def write_coverage_csv(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COVERAGE_COLUMNS)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: "" if row.get(k) is None else row[k] for k in COVERAGE_COLUMNS})
-    tmp.replace(path)
     return path
 
 

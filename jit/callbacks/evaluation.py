@@ -14,9 +14,7 @@ reference statistics and their shape) is checked before the first image is gener
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import time
 import zipfile
 from collections.abc import Mapping
@@ -38,8 +36,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from jit.atomic import atomic_path, atomic_write_json
 from jit.datamodules import from_model_range
-from jit.metrics.atomic import atomic_path
 from jit.metrics.features import INCEPTION, create_feature_space
 from jit.metrics.fid import GaussianStats, InceptionScoreStats, all_reduce_sum, frechet_distance
 from jit.metrics.reference import reference_stats
@@ -162,10 +160,7 @@ def _barrier() -> None:
 # ------------------------------------------------------------------------ file output
 def write_json_atomic(obj, path) -> None:
     """JSON written atomically: an interrupted write leaves the previous file (or none)."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
+    atomic_write_json(path, obj, indent=2, sort_keys=True, default=str)
 
 
 class NpzExport:

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from .atomic import atomic_path
+from jit.atomic import atomic_path
+
 from .features import FeatureSpace
 from .fid import GaussianStats
 

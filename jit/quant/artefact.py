@@ -29,11 +29,12 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from jit.atomic import atomic_path
 
 KIND = "jit-aimc-calibration"
 FORMAT_VERSION = 1
@@ -122,24 +123,15 @@ def validate(artefact: Any, origin: str = "artefact") -> dict:
 
 # ------------------------------------------------------------------------------- I/O ----
 def save(artefact: dict, path: str | os.PathLike) -> Path:
-    """Write atomically: a temporary file in the same folder, then os.replace.
+    """Write atomically (`jit.atomic`): a temporary file in the same folder, fsync, os.replace.
 
     A crash or an error mid-write leaves either the previous file or none, never a
     truncated artefact.
     """
     validate(artefact)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(artefact, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(artefact, f)
     return path
 
 

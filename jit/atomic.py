@@ -1,0 +1,101 @@
+"""Atomic file output, the project's one mechanism: write a temporary file beside the
+target, fsync it, then `os.replace` it over the target.
+
+`os.replace` within one folder is atomic, so readers (and a re-run after a crash) see
+either the previous file or the complete new one, never a partial file. The fsync before
+the rename makes this hold across a power loss too: without it the rename can reach the
+disk before the data, leaving a truncated file under the final name.
+
+A leaf module (standard library + torch only, nothing from `jit`), so every package of
+the project may import it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+__all__ = ["atomic_path", "atomic_torch_save", "atomic_write_json", "atomic_write_text"]
+
+
+def _create_temporary(path: Path) -> Path:
+    """A new empty file `.<name>.<random>.tmp` beside `path`.
+
+    Created with mode 0o666 filtered by the umask (as `open(path, "w")` would), not
+    mkstemp's 0o600, so the final file gets the usual permissions.
+    """
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no unused temporary file name beside {str(path)!r}")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable; best effort (not possible on every platform)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in `path`'s folder (created if needed); on success fsync it
+    and rename it over `path`, on any exception (BaseException) delete it and re-raise.
+
+    The caller writes to the yielded path and closes it inside the `with` block.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _create_temporary(path)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """torch.save(obj, path), atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8",
+                      newline: str | None = None) -> None:
+    """Path(path).write_text(text), atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding=encoding, newline=newline) as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj, **dump_kwargs) -> None:
+    """json.dump(obj, file, **dump_kwargs), atomically (streamed: no full copy in memory)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, **dump_kwargs)
