@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -39,6 +40,15 @@ def row_blocks(rows: int, cols: int) -> list[slice]:
 # do not change with torch.set_num_threads.
 HALVES_FROM_ELEMENTS = 4 * CHUNK_ELEMENTS
 _worker: ThreadPoolExecutor | None = None
+
+
+def _forget_worker() -> None:
+    # a forked child inherits the executor but not its thread: start a fresh one there
+    global _worker
+    _worker = None
+
+
+os.register_at_fork(after_in_child=_forget_worker)
 
 
 def row_halves(rows: int, cols: int) -> list[slice]:
