@@ -16,6 +16,8 @@ from pathlib import Path
 import yaml
 from hydra.experimental.callback import Callback
 
+from jit.atomic import atomic_path, atomic_write_text
+
 # Preferred plot axes: x = ADC resolution, one line per noise level.
 X_KEY = "quant.adc.bits"
 LINE_KEY = "quant.adc.noise_sigma_lsb"
@@ -67,13 +69,13 @@ def write_tables(rows: list[dict], out_dir: Path) -> list[str]:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with open(out_dir / "summary.csv", "w", newline="") as f:
+    with atomic_path(out_dir / "summary.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
-    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out_dir / "summary.md", "\n".join(lines) + "\n")
     return columns
 
 

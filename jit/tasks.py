@@ -311,7 +311,9 @@ def summarize_layer_stats(rows: list[dict]) -> dict:
 def write_layer_stats(rows: list[dict], path: Path) -> None:
     import csv
 
-    with open(path, "w", newline="") as f:
+    from jit.atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
