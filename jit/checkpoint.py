@@ -112,7 +112,8 @@ def load_jit_checkpoint(path, weights: str = "model_ema1") -> tuple[dict, dict]:
     """
     if weights not in WEIGHT_KEYS:
         raise CheckpointError(f"weights must be one of {', '.join(WEIGHT_KEYS)}, got {weights!r}")
-    ckpt = safe_load(path)
+    # Memory-mapped: only the chosen weights are read (not the other EMAs or the optimizer).
+    ckpt = safe_load(path, mmap=True)
     if weights not in ckpt:
         present = [k for k in WEIGHT_KEYS if k in ckpt]
         if not present:

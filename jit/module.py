@@ -231,7 +231,7 @@ class JiTModule(L.LightningModule):
         state, _ = load_jit_checkpoint(path, init_weights)
         load_into(self.denoiser, state, source=f"{path}[{init_weights!r}]")
         self.ema.reset(self.denoiser)
-        ckpt = safe_load(path)
+        ckpt = safe_load(path, mmap=True)  # only the EMA tensors are read from it
         for i, key in enumerate(("model_ema1", "model_ema2")):
             if key in ckpt:
                 self.ema.load_dict(i, {k: v for k, v in ckpt[key].items()})
