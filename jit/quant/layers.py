@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig, build_quant_config
+from .intmm import Int8Weights, int8_linear, new_digits, use_int8, write_digits
 from .quantizers import (
     _safe_step,
     adc_convert_,
@@ -73,9 +74,14 @@ class StaticThresholds:
     weight_scale: torch.Tensor | None = None
 
 
+# Integer codes of an input slice, [tokens, in_features]: a float tensor, or its INT8
+# base-128 digits (least significant first, intmm.py) when the INT8 kernel multiplies them.
+Codes = torch.Tensor | list[torch.Tensor]
+
+
 class AnalogPath(NamedTuple):
     name: str
-    codes: torch.Tensor  # integer input slice, [tokens, in_features]
+    codes: Codes
     gain: float  # weight of this path's result in the reconstruction
     reads: int  # analog reads averaged (noise std shrinks by sqrt(reads))
     noisy: bool
@@ -83,9 +89,9 @@ class AnalogPath(NamedTuple):
 
 class Split(NamedTuple):
     analog: list[AnalogPath]
-    digital: torch.Tensor | None  # exact digital path input (codes) or None
+    digital: Codes | None  # exact digital path input (codes) or None
     digital_gain: float
-    msb: torch.Tensor | None  # for statistics: the MSB slice (zero = LSB path alone)
+    msb: Codes | None  # for statistics: the MSB slice (zero = LSB path alone)
 
 
 class WeightCodes(NamedTuple):
@@ -125,7 +131,7 @@ class QuantLinear(nn.Linear):
         self._static: StaticThresholds | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
         self._weight_cache: tuple[tuple, WeightCodes] | None = None
-        self._int8_weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._int8_weights: Int8Weights | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, cfg: QuantConfig, name: str = "") -> QuantLinear:
@@ -292,7 +298,8 @@ class QuantLinear(nn.Linear):
         return [slice(start, start + rows) for start in range(0, self.in_features, rows)]
 
     # Whether _split_block writes an MSB slice, and whether it is a sparse digital input
-    # (then the digital matmul only runs over the input columns holding non-zero codes).
+    # (then the float digital matmul only runs over the input columns holding non-zero
+    # codes).
     has_msb = False
     sparse_digital = False
 
@@ -300,18 +307,37 @@ class QuantLinear(nn.Linear):
         """Slice one row block of activation codes in place (x_int keeps one slice, `msb`
         receives the other)."""
 
-    def _paths(self, x_int: torch.Tensor, msb: torch.Tensor | None) -> Split:
+    def _slice_ranges(self) -> list[tuple[int, int]]:
+        """[low, high] of the codes x_int keeps after `_split_block`, then of the MSB slice
+        (if any). Default: no split, the full activation range."""
+        return [(-qmax(self.cfg.act.bits) - 1, qmax(self.cfg.act.bits))]
+
+    def _paths(self, x_int: Codes, msb: Codes | None) -> Split:
         """The analog and digital paths over the sliced codes."""
         raise NotImplementedError
 
-    def _quantize_split(self, x2: torch.Tensor, act_clip: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
-                                   torch.Tensor | None]:
+    def _int8_kernel(self, x2: torch.Tensor) -> bool:
+        """Whether this call multiplies through INT8 digits (intmm.py): the result is the
+        same; statistics keep the float codes they count."""
+        inner = min(self.cfg.adc.tile_rows or self.in_features, self.in_features)
+        return self.stats is None and all(
+            use_int8(low, high, inner, self.cfg.weight.bits, x2.device, x2.dtype)
+            for low, high in self._slice_ranges())
+
+    def _quantize_split(self, x2: torch.Tensor, act_clip: torch.Tensor, as_digits: bool
+                        ) -> tuple[Codes, Codes | None, torch.Tensor, torch.Tensor | None]:
         """(x_int sliced, msb, act step, input columns with a non-zero MSB or None): the
-        activation quantizer (quantize_symmetric) and the split, fused per row block."""
+        activation quantizer (quantize_symmetric) and the split, fused per row block.
+        With `as_digits` the slices come as INT8 digits, written block by block from
+        small float buffers, and no column set is computed."""
         act_step = _safe_step(act_clip, qmax(self.cfg.act.bits))
-        x_int = torch.empty_like(x2)
-        msb = torch.empty_like(x2) if self.has_msb else None
+        ranges = self._slice_ranges()
+        if as_digits:
+            x_int, msb = (new_digits(x2.shape, *r, x2.device) for r in (ranges + [(0, 0)])[:2])
+            msb = msb if self.has_msb else None
+        else:
+            x_int = torch.empty_like(x2)
+            msb = torch.empty_like(x2) if self.has_msb else None
         stats = self.stats
         # Python-number bounds take ATen's scalar fast path; a per-channel clip stays a tensor.
         scalar = act_clip.dim() == 0
@@ -320,19 +346,31 @@ class QuantLinear(nn.Linear):
         step = float(act_step) if scalar else act_step
 
         def quantize(index: int, half: slice) -> None:
-            for block in row_blocks(half.stop - half.start, x2.shape[1]):
+            blocks = row_blocks(half.stop - half.start, x2.shape[1])
+            if as_digits:
+                buffer_rows = min(blocks[0].stop, half.stop - half.start)
+                codes_buffer = x2.new_empty((buffer_rows, x2.shape[1]))
+                msb_buffer = torch.empty_like(codes_buffer) if msb is not None else None
+            for block in blocks:
                 rows = slice(half.start + block.start, min(half.start + block.stop, half.stop))
-                codes = torch.clamp(x2[rows], clip_lo, clip_hi, out=x_int[rows])
+                n = rows.stop - rows.start
+                codes_out = codes_buffer[:n] if as_digits else x_int[rows]
+                codes = torch.clamp(x2[rows], clip_lo, clip_hi, out=codes_out)
                 round_(codes.div_(step))  # |codes| <= qmax (1 + 2^-23): round_ is exact
                 if stats is not None:
                     stats.observe_activations(x2[rows], act_clip, codes)
                 if msb is not None:
-                    self._split_block(codes, msb[rows])
+                    msb_out = msb_buffer[:n] if as_digits else msb[rows]
+                    self._split_block(codes, msb_out)
+                if as_digits:
+                    write_digits(codes, x_int, rows, max(-ranges[0][0], ranges[0][1]))
+                    if msb is not None:
+                        write_digits(msb_out, msb, rows, max(-ranges[1][0], ranges[1][1]))
 
         # statistics accumulate into one object: keep them on one thread
         run_on_halves(quantize, [slice(0, x2.shape[0])] if stats is not None else row_halves(*x2.shape))
         columns = None
-        if self.sparse_digital and msb is not None:
+        if self.sparse_digital and msb is not None and not as_digits:
             columns = msb.ne(0).any(0)
         return x_int, msb, act_step, columns
 
@@ -344,13 +382,14 @@ class QuantLinear(nn.Linear):
             self.observer(self.layer_name, "act", x)
         act_clip = self._act_clip(x2)
         weights = self._weight_codes(x2.device, dtype)
-        x_int, msb, act_step, columns = self._quantize_split(x2, act_clip)
+        as_digits = self._int8_kernel(x2)
+        x_int, msb, act_step, columns = self._quantize_split(x2, act_clip, as_digits)
         split = self._paths(x_int, msb)
         del x_int, msb
         if self.stats is not None and split.msb is not None:
             self.stats.observe_msb(split.msb)
         split = split._replace(msb=None)
-        y, unit = self._accumulate(split, weights.codes_t, x2.shape[0], columns)
+        y, unit = self._accumulate(split, weights, x2.shape[0], columns)
         del split
         scale = act_step * weights.step * unit
         bias = None if self.bias is None else self.bias.detach().to(dtype)
@@ -365,7 +404,28 @@ class QuantLinear(nn.Linear):
         y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y, act_clip, weights
 
-    def _accumulate(self, split: Split, codes_t: torch.Tensor, tokens: int,
+    def _int8_weights_for(self, weights: WeightCodes) -> Int8Weights:
+        """The weight codes packed for the INT8 kernel, cached with the float codes."""
+        cached = self._int8_weights
+        if cached is None or cached.codes_t is not weights.codes_t:  # held: never reused
+            cached = Int8Weights(weights.codes_t)
+            self._int8_weights = cached
+        return cached
+
+    def _product(self, codes: Codes, weights: WeightCodes, rows: slice, out: torch.Tensor,
+                 alpha: float | None = None) -> None:
+        """out = codes[:, rows] @ W_int[rows] (alpha None) or out += alpha * that, exact."""
+        if isinstance(codes, torch.Tensor):
+            if alpha is None:
+                torch.matmul(codes[:, rows], weights.codes_t[rows], out=out)
+            else:
+                out.addmm_(codes[:, rows], weights.codes_t[rows], alpha=alpha)
+            return
+        if rows != slice(None):
+            codes = [digit[:, rows] for digit in codes]
+        int8_linear(codes, self._int8_weights_for(weights), rows, out, alpha)
+
+    def _accumulate(self, split: Split, weights: WeightCodes, tokens: int,
                     columns: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """(acc, unit) with acc * unit = sum over analog paths and tiles of
         gain * ADC(codes[:, tile] @ W_int[tile]) + digital_gain * (digital @ W_int), in
@@ -374,10 +434,11 @@ class QuantLinear(nn.Linear):
         acc is kept in the first analog conversion's code units so that its scale, the
         digital path and the final output scale fuse into few passes, each run in row
         blocks (`row_blocks`). `columns` (bool, [in_features]) marks the input columns in
-        which the digital codes may be non-zero: the digital matmul skips the others
-        (and is skipped when there are none).
+        which the float digital codes may be non-zero: the digital matmul skips the
+        others (and is skipped when there are none).
         """
         adc, stats = self.cfg.adc, self.stats
+        codes_t = weights.codes_t
         out = codes_t.new_empty((tokens, self.out_features))
         scratch, unit = None, None
         tiles = self._tiles()
@@ -403,7 +464,7 @@ class QuantLinear(nn.Linear):
                 else:
                     scratch = torch.empty_like(out) if scratch is None else scratch
                     acc = scratch
-                torch.matmul(path.codes[:, rows], codes_t[rows], out=acc)
+                self._product(path.codes, weights, rows, acc)
                 if self.observer is not None:
                     self.observer(self.layer_name, f"adc.{path.name}", acc)
                 step = 1.0
@@ -427,76 +488,23 @@ class QuantLinear(nn.Linear):
                 out_is_codes = False
             del path
         digital = split.digital
-        if digital is not None:
-            if stats is not None:
-                stats.digital_macs += int(torch.count_nonzero(digital)) * self.out_features
-            weights_t, index = codes_t, None
-            if columns is not None and unit is not None:
-                index = columns.nonzero().squeeze(1)
-                if index.numel() == 0:
-                    return out, unit  # no MSB codes: the digital path has nothing to add
-                if 2 * index.numel() <= digital.shape[1]:
-                    digital, weights_t = digital[:, index], codes_t[index]
-                else:
-                    index = None
-            if unit is not None and self._digital_int8(out, digital, codes_t, index,
-                                                       split.digital_gain / unit):
-                return out, unit
-            if unit is None:
-                torch.matmul(digital, weights_t, out=out)
-                unit = split.digital_gain
-            else:
-                out.addmm_(digital, weights_t, alpha=split.digital_gain / unit)
+        if digital is None:
+            return out, unit
+        if stats is not None:
+            stats.digital_macs += int(torch.count_nonzero(digital)) * self.out_features
+        if columns is not None and unit is not None:
+            index = columns.nonzero().squeeze(1)
+            if index.numel() == 0:
+                return out, unit  # no MSB codes: the digital path has nothing to add
+            if 2 * index.numel() <= digital.shape[1]:
+                codes_t = codes_t[index]
+                weights = weights._replace(codes_t=codes_t)
+                digital = digital[:, index]
+        if unit is None:
+            self._product(digital, weights, slice(None), out)
+            return out, split.digital_gain
+        self._product(digital, weights, slice(None), out, split.digital_gain / unit)
         return out, unit
-
-
-    def _digital_int8(self, out: torch.Tensor, digital: torch.Tensor, codes_t: torch.Tensor,
-                      index: torch.Tensor | None, alpha: float) -> bool:
-        """out += alpha * (digital @ codes_t[index]) through the INT8 x INT8 -> INT32
-        matmul (torch._int_mm: exact, and about twice the speed of the float32 one on
-        CPUs with VNNI/AMX) when the scheme bounds the digital codes to INT8
-        (`digital_code_max`) and the weights are INT<=8. Returns False (nothing done) when
-        that does not apply; the float path then runs, with the same exact result."""
-        code_max = self.digital_code_max
-        # Measured (2 cores, AVX-512): faster at 2048->768; slower below a few hundred input
-        # rows (digits FFNs) and when the output is wider than the input (768->4096: the
-        # INT32 product, kept no larger than the input, needs row groups and a wide pass).
-        if (code_max is None or code_max > 127 or self.cfg.weight.bits > 8
-                or digital.shape[1] < self.int8_min_inner
-                or self.out_features > self.in_features
-                or out.device.type != "cpu" or not hasattr(torch, "_int_mm")
-                or QuantLinear._int_mm_broken
-                or self.in_features * code_max * 2 ** (self.cfg.weight.bits - 1) >= 2**31):
-            return False
-        # Keyed by the cached float codes themselves (held, so never a recycled address).
-        if self._int8_weights is None or self._int8_weights[0] is not codes_t:
-            self._int8_weights = (codes_t, codes_t.to(torch.int8))
-        w8 = self._int8_weights[1]
-        if index is not None:
-            w8 = w8[index]
-        d8 = torch.empty(digital.shape, dtype=torch.int8, device=digital.device)
-        for block in row_blocks(*digital.shape):
-            d8[block].copy_(digital[block])
-        # INT32 products in row groups no larger than the input activation.
-        tokens = out.shape[0]
-        group = max(1, tokens * self.in_features // self.out_features)
-        try:
-            for start in range(0, tokens, group):
-                prod = torch._int_mm(d8[start:start + group], w8)
-                rows_out = out[start:start + group]
-                for block in row_blocks(*prod.shape):
-                    rows_out[block].add_(prod[block], alpha=alpha)
-        except RuntimeError:
-            if start:
-                raise  # part of out is updated already: do not mask a genuine failure
-            QuantLinear._int_mm_broken = True  # e.g. shapes or builds without the kernel
-            return False
-        return True
-
-    # Largest |code| of the digital path, if the scheme bounds it (None: unbounded).
-    digital_code_max: int | None = None
-    int8_min_inner = 512
-    _int_mm_broken = False
 
 
 class HybridLinear(QuantLinear):
@@ -512,13 +520,15 @@ class HybridLinear(QuantLinear):
     def _split_block(self, x_int: torch.Tensor, msb: torch.Tensor | None) -> None:
         center_out_split_(x_int, self.cfg.split.lsb_bits, self.cfg.split.radix, out=msb)
 
-    @property
-    def digital_code_max(self) -> int:
-        """max |M| = ceil((qmax_act - Lmax) / R) (codes never pass +-qmax_act)."""
+    def _slice_ranges(self) -> list[tuple[int, int]]:
+        """L in the signed lsb_bits range; |M| <= ceil((qmax_act - Lmax) / R) (codes never
+        pass +-qmax_act)."""
         s = self.cfg.split
-        return max(0, -(-(qmax(self.cfg.act.bits) - (2 ** (s.lsb_bits - 1) - 1)) // s.radix))
+        lsb_max = 2 ** (s.lsb_bits - 1) - 1
+        msb_max = max(0, -(-(qmax(self.cfg.act.bits) - lsb_max) // s.radix))
+        return [(-lsb_max - 1, lsb_max), (-msb_max, msb_max)]
 
-    def _paths(self, x_int: torch.Tensor, msb: torch.Tensor | None) -> Split:
+    def _paths(self, x_int: Codes, msb: Codes | None) -> Split:
         analog = AnalogPath("lsb", x_int, 1.0, self.cfg.adc.samples, True)
         return Split([analog], msb, float(self.cfg.split.radix), msb)
 
@@ -537,7 +547,13 @@ class BitSerialLinear(QuantLinear):
         s = self.cfg.split
         bitserial_split_(x_int, s.lsb_bits, s.lsb_gain_shift, out=msb)
 
-    def _paths(self, x_int: torch.Tensor, msb: torch.Tensor | None) -> Split:
+    def _slice_ranges(self) -> list[tuple[int, int]]:
+        """LSB * 2^g in [0, (2^lb - 1) 2^g]; MSB = floor(x / 2^lb) over the INT range."""
+        s, code_max = self.cfg.split, qmax(self.cfg.act.bits)
+        return [(0, (2**s.lsb_bits - 1) * 2**s.lsb_gain_shift),
+                ((-code_max - 1) >> s.lsb_bits, code_max >> s.lsb_bits)]
+
+    def _paths(self, x_int: Codes, msb: Codes | None) -> Split:
         s = self.cfg.split
         analog = [AnalogPath("msb", msb, float(2**s.lsb_bits), self.cfg.adc.samples, True),
                   AnalogPath("lsb", x_int, 2.0**-s.lsb_gain_shift, 1, False)]
@@ -566,7 +582,7 @@ class W8A8Linear(QuantLinear):
 
     scheme = "w8a8"
 
-    def _paths(self, x_int: torch.Tensor, msb: torch.Tensor | None) -> Split:
+    def _paths(self, x_int: Codes, msb: Codes | None) -> Split:
         return Split([], x_int, 1.0, None)
 
 
