@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig, build_quant_config
-from .intmm import Int8Weights, int8_linear, new_digits, use_int8, write_digits
+from .intmm import GROUP_ELEMENTS, Int8Weights, int8_linear, new_digits, use_int8, write_digits
 from .quantizers import (
     _safe_step,
     adc_convert_,
@@ -414,16 +414,27 @@ class QuantLinear(nn.Linear):
 
     def _product(self, codes: Codes, weights: WeightCodes, rows: slice, out: torch.Tensor,
                  alpha: float | None = None) -> None:
-        """out = codes[:, rows] @ W_int[rows] (alpha None) or out += alpha * that, exact."""
+        """out = codes[:, rows] @ W_int[rows] (alpha None), or out += alpha * that, with
+        the same float operations on either kernel: the product is exact, then added."""
+        if alpha is not None:
+            tokens = out.shape[0]
+            group = max(1, min(tokens * self.in_features, GROUP_ELEMENTS) // self.out_features)
+            scratch = out.new_empty((min(group, tokens), self.out_features))
+            for start in range(0, tokens, group):
+                part = scratch[:min(group, tokens - start)]
+                rows_out = out[start:start + part.shape[0]]
+                group_codes = (codes[start:start + part.shape[0]] if isinstance(codes, torch.Tensor)
+                               else [digit[start:start + part.shape[0]] for digit in codes])
+                self._product(group_codes, weights, rows, part)
+                for block in row_blocks(*part.shape):
+                    rows_out[block].add_(part[block], alpha=alpha)
+            return
         if isinstance(codes, torch.Tensor):
-            if alpha is None:
-                torch.matmul(codes[:, rows], weights.codes_t[rows], out=out)
-            else:
-                out.addmm_(codes[:, rows], weights.codes_t[rows], alpha=alpha)
+            torch.matmul(codes[:, rows], weights.codes_t[rows], out=out)
             return
         if rows != slice(None):
             codes = [digit[:, rows] for digit in codes]
-        int8_linear(codes, self._int8_weights_for(weights), rows, out, alpha)
+        int8_linear(codes, self._int8_weights_for(weights), rows, out)
 
     def _accumulate(self, split: Split, weights: WeightCodes, tokens: int,
                     columns: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:

@@ -1,0 +1,124 @@
+"""The INT8-kernel path of the quantized layers (jit/quant/intmm.py): base-128 digits,
+exact products, and layer outputs identical to the float32 path in every scheme."""
+
+import pytest
+import torch
+from torch import nn
+
+from jit.quant import BitSerialLinear, HybridLinear, W8A8Linear, build_quant_config
+from jit.quant import intmm
+
+needs_kernel = pytest.mark.skipif(intmm.int8_speedup() == 0.0,
+                                  reason="no exact oneDNN INT8 linear on this build/CPU")
+
+
+@pytest.fixture
+def force_kernel():
+    """force_kernel(True/False) for one test; measuring again afterwards."""
+    yield intmm.force_int8_matmul
+    intmm.force_int8_matmul(None)
+
+
+@pytest.mark.parametrize("low,high,count", [(-128, 127, 1), (0, 124, 1), (-3, 3, 1),
+                                            (-256, 255, 2), (-1024, 1023, 2),
+                                            (-2**14, 2**14 - 1, 2), (-2**15, 2**15 - 1, 3),
+                                            (-2**20, 2**20, 3)])
+def test_digits_reconstruct_every_code_at_the_range_ends(low, high, count):
+    assert intmm.digit_count(low, high) == count
+    codes = torch.cat([torch.arange(low, min(low + 600, high + 1)),
+                       torch.arange(max(high - 600, low), high + 1),
+                       torch.randint(low, high + 1, (2000,))]).double()
+    codes = codes.float() if max(-low, high) < 2**24 else codes
+    digits = intmm.to_digits(codes.reshape(-1, 1), low, high)
+    assert len(digits) == count and all(d.dtype == torch.int8 for d in digits)
+    assert all(int(d.min()) >= 0 and int(d.max()) <= 127 for d in digits[:-1])
+    rebuilt = sum(d.double() * 128**i for i, d in enumerate(digits)).reshape(-1)
+    assert torch.equal(rebuilt, codes.double())
+
+
+def test_exhaustive_int11_codes_reconstruct():
+    codes = torch.arange(-1024, 1024).float().reshape(64, 32)
+    digits = intmm.to_digits(codes, -1024, 1023)
+    assert torch.equal(digits[0].float() + 128 * digits[1].float(), codes)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens,inner,out_features", [(1, 5, 3), (37, 100, 53),
+                                                       (300, 768, 96), (2100, 64, 700)])
+@pytest.mark.parametrize("low,high", [(-256, 255), (-3, 3), (-1024, 1023), (0, 124)])
+def test_int8_linear_is_exact(tokens, inner, out_features, low, high):
+    gen = torch.Generator().manual_seed(tokens + inner + low)
+    codes = torch.randint(low, high + 1, (tokens, inner), generator=gen).float()
+    w_t = torch.randint(-128, 128, (inner, out_features), generator=gen).float()
+    weights = intmm.Int8Weights(w_t)
+    digits = intmm.to_digits(codes, low, high)
+    out = torch.full((tokens, out_features), float("nan"))
+    intmm.int8_linear(digits, weights, slice(None), out)
+    assert torch.equal(out, codes @ w_t)
+    rows = slice(inner // 3, inner)  # a tile of input rows
+    intmm.int8_linear([d[:, rows] for d in digits], weights, rows, out)
+    assert torch.equal(out, codes[:, rows] @ w_t[rows])
+
+
+def test_int8_path_is_refused_where_it_could_not_be_exact(force_kernel):
+    force_kernel(True)
+    cpu = torch.device("cpu")
+    assert intmm.use_int8(-256, 255, 2048, 8, cpu, torch.float32)
+    assert not intmm.use_int8(-256, 255, 2048, 8, cpu, torch.float64)  # float64 inputs
+    assert not intmm.use_int8(-256, 255, 2048, 9, cpu, torch.float32)  # INT9 weights
+    assert not intmm.use_int8(-2**15, 2**15 - 1, 2**10, 8, cpu, torch.float32)  # INT32 sums
+    force_kernel(False)
+    assert not intmm.use_int8(-256, 255, 2048, 8, cpu, torch.float32)
+
+
+def _layer(cls, cfg, in_features, out_features, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_features, out_features, bias=bias)
+    return cls.from_linear(lin, build_quant_config({"scheme": cls.scheme, **cfg}), "blocks.3.mlp.w3")
+
+
+CASES = [
+    (HybridLinear, {}),
+    (HybridLinear, {"adc": {"bypass": True}}),
+    (HybridLinear, {"adc": {"tile_rows": 48, "noise_sigma_lsb": 4.0, "samples": 3}}),
+    (HybridLinear, {"weight": {"granularity": "channel"}, "act": {"bits": 12},
+                    "split": {"lsb_bits": 10, "radix": 512}}),
+    (HybridLinear, {"act": {"bits": 10}, "split": {"lsb_bits": 8, "radix": 256}}),
+    (BitSerialLinear, {}),
+    (BitSerialLinear, {"act": {"bits": 10}, "split": {"lsb_bits": 4}, "adc": {"tile_rows": 40}}),
+    (W8A8Linear, {}),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("cls,cfg", CASES)
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_layer_output_is_the_same_on_both_kernels(force_kernel, cls, cfg, mode):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 70, 150, generator=gen) / torch.rand(3, 70, 150, generator=gen).add_(0.05)
+    outputs = []
+    for kernel in (False, True):
+        force_kernel(kernel)
+        layer = _layer(cls, dict(cfg, mode=mode), 150, 200, bias=cls is not W8A8Linear)
+        if mode == "static":
+            clips = {p: 3e3 for p in layer.adc_paths}
+            layer.set_static(act_clip=8.0, adc_clip=clips or None)
+        with torch.no_grad():
+            outputs.append(torch.cat([layer(x), layer(x[:1])]))  # noise advances per call
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@needs_kernel
+def test_packed_weights_follow_weight_updates(force_kernel):
+    """Training updates the weight in place: the next forward must use the new codes."""
+    x = torch.randn(16, 64)
+    results = {}
+    for kernel in (False, True):
+        force_kernel(kernel)
+        layer = _layer(HybridLinear, {"adc": {"bypass": True}}, 64, 32)
+        with torch.no_grad():
+            before = layer(x)
+            layer.weight.mul_(-0.5)
+            results[kernel] = (before, layer(x))
+    assert not torch.equal(results[True][0], results[True][1])
+    assert torch.equal(results[True][1], results[False][1])
