@@ -14,12 +14,21 @@ Peak extra memory: peak RSS during one call (kernel VmHWM, reset through
 not counted; shown in MB and as a multiple of the input activation size. The script
 re-executes itself with MALLOC_MMAP_THRESHOLD_ fixed so that glibc returns every large
 buffer to the kernel on free; otherwise freed buffers stay resident and hide peaks.
+
+The "minimal hybrid" rows are a yardstick measured on the same machine in the same
+process: the hybrid forward written as one whole-tensor torch op per DESIGN.md formula
+(percentile by `kthvalue`, the two float32 matmuls, `randn` noise, no blocking, no
+sparsity), i.e. the straightforward implementation the ratio targets were set against.
+Before timing, its output with the ADC bypassed is checked against the project's layer,
+so both rows compute the same function.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import platform
 import statistics
 import sys
 import time
@@ -28,6 +37,7 @@ import torch
 from torch import nn
 
 from jit.quant import adc_bypassed, build_quant_config, percentile_abs
+from jit.quant.config import QuantConfig
 from jit.quant.layers import LAYER_CLASSES
 
 SHAPES = [  # (label, in_features, out_features, tokens per sample, batches)
@@ -99,6 +109,86 @@ def build(linear: nn.Linear, overrides: dict, mode: str, x: torch.Tensor) -> nn.
     return layer
 
 
+class MinimalHybrid(nn.Module):
+    """The yardstick: hybrid W8A11 (DESIGN.md) as whole-tensor ops, per-tensor weights.
+    `act_clip`/`adc_clip` given: static mode; None: dynamic."""
+
+    def __init__(self, linear: nn.Linear, cfg: QuantConfig, act_clip: float | None = None,
+                 adc_clip: float | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.act_clip, self.adc_clip = act_clip, adc_clip
+        w = linear.weight.detach()
+        self.w_step = w.abs().max() / (2 ** (cfg.weight.bits - 1) - 1)
+        self.w_int_t = torch.round(w / self.w_step).t().contiguous()  # once, as a cache would
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg, x2 = self.cfg, x.reshape(-1, x.shape[-1])
+        a_max, adc_max = 2 ** (cfg.act.bits - 1) - 1, 2 ** (cfg.adc.bits - 1) - 1
+        clip = self.act_clip
+        if clip is None:
+            flat = x2.abs().flatten()
+            # torch.quantile's 'linear' rule (q rounded to x's dtype), by two selections
+            q = float(torch.tensor(cfg.act.percentile / 100, dtype=x2.dtype))
+            rank = q * (flat.numel() - 1)
+            low = flat.kthvalue(int(rank) + 1).values
+            high = flat.kthvalue(min(int(rank) + 2, flat.numel())).values
+            clip = torch.lerp(low, high, rank - int(rank))
+        step = clip / a_max
+        x_int = torch.clamp(torch.round(torch.clamp(x2, -clip, clip) / step), -a_max - 1, a_max)
+        lsb_max, radix = 2 ** (cfg.split.lsb_bits - 1) - 1, cfg.split.radix
+        beyond = x_int - torch.clamp(x_int, -lsb_max - 1, lsb_max)
+        msb = torch.sign(beyond) * torch.ceil(beyond.abs() / radix)
+        lsb = x_int - radix * msb
+        acc = lsb @ self.w_int_t
+        if cfg.adc.bypass:
+            y_lsb = acc
+        else:
+            adc_step = (acc.abs().max() if self.adc_clip is None else self.adc_clip) / adc_max
+            sigma = cfg.adc.noise_sigma_lsb / cfg.adc.samples ** 0.5
+            noisy = acc + torch.randn(acc.shape, generator=self.generator) * (sigma * adc_step)
+            y_lsb = torch.clamp(torch.round(noisy / adc_step), -adc_max - 1, adc_max) * adc_step
+        y = (radix * (msb @ self.w_int_t) + y_lsb) * (step * self.w_step)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], -1)
+
+
+def minimal_hybrid(linear: nn.Linear, layer: nn.Module, x: torch.Tensor) -> MinimalHybrid:
+    """The yardstick for `layer` (a hybrid built by `build`, same mode and thresholds),
+    checked to compute the same function with the ADC bypassed."""
+    cfg, act_clip, adc_clip = layer.cfg, None, None
+    if layer.static is not None:
+        act_clip, adc_clip = layer.static.act_clip, layer.static.adc_clips["lsb"]
+    bypassed = dataclasses.replace(cfg, adc=dataclasses.replace(cfg.adc, bypass=True))
+    with adc_bypassed(layer):
+        expected = layer(x)
+    error = float((MinimalHybrid(linear, bypassed, act_clip, adc_clip)(x) - expected).abs().max()
+                  / expected.abs().max())
+    if error > 1e-4:  # a wrong formula is off by far more; a clip one ulp apart is not
+        raise AssertionError(f"minimal hybrid differs from the layer (relative {error:.2e})")
+    return MinimalHybrid(linear, cfg, act_clip, adc_clip)
+
+
+def machine() -> str:
+    """CPU model and vector extensions, for the results header."""
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    vector = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return f"{model} ({', '.join(vector) or 'no AVX2'}), {os.cpu_count()} logical CPUs"
+
+
 def main() -> None:
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20))
@@ -109,8 +199,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
-          f"median of {args.runs}")
+    print(f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"float32, median of {args.runs}")
     header = ("scheme", "mode", "shape", "batch x tokens", "ms", "x nn.Linear", "extra MB",
               "x input")
     print("| " + " | ".join(header) + " |")
@@ -130,11 +220,15 @@ def main() -> None:
                       f"{ref_ms:.1f} | 1.00 | 0.0 | 0.0 |")
                 for label, overrides, mode in CASES:
                     layer = build(linear, overrides, mode, x)
-                    ms, peak = measure(layer, x, args.runs)
-                    extra_mb = max(peak - ref_peak, 0) / 2**20
-                    print(f"| {label} | {mode} | {shape} | {rows} | "
-                          f"{ms:.1f} | {ms / ref_ms:.2f} | {extra_mb:.1f} | "
-                          f"{extra_mb / input_mb:.2f} |", flush=True)
+                    timed = [(label, layer)]
+                    if overrides["scheme"] == "hybrid":
+                        timed.append(("minimal hybrid", minimal_hybrid(linear, layer, x)))
+                    for name, module in timed:
+                        ms, peak = measure(module, x, args.runs)
+                        extra_mb = max(peak - ref_peak, 0) / 2**20
+                        print(f"| {name} | {mode} | {shape} | {rows} | "
+                              f"{ms:.1f} | {ms / ref_ms:.2f} | {extra_mb:.1f} | "
+                              f"{extra_mb / input_mb:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
