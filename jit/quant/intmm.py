@@ -1,11 +1,13 @@
 """Exact integer matmuls of activation codes with INT<=8 weight codes on INT8 kernels.
 
 The simulated array multiplies integers; its products are exact in float32 while sums
-stay below 2**24. CPUs with INT8 dot-product units (VNNI, AMX) run oneDNN's INT8 linear
-(`torch.ops.onednn.qlinear_pointwise`, weights packed once per layer) several times
-faster than a float32 matmul of the same shape (~7x at the JiT-B/16 FFN shapes on this
-project's AMX benchmark machine, see benchmarks/RESULTS.md). Codes wider than INT8 are
-cut into base-128 digits,
+stay below 2**24. CPUs with INT8 dot-product units (VNNI, AMX) can run oneDNN's INT8
+linear (`torch.ops.onednn.qlinear_pointwise`, weights packed once per layer) faster than
+a float32 matmul of the same shape. On CPUs without them (AVX2 only) that kernel is not
+exact for signed INT8 activations in the torch builds tried here, and the probe below
+turns it off.
+
+Codes wider than INT8 are cut into base-128 digits,
     v = sum_d 128^d * digit_d,  digit_0..n-2 in [0, 127], digit_n-1 signed,
 each digit multiplied on the INT8 kernel with the scale 128^d (a power of two: exact)
 and summed into the float32 output by the kernel itself. The result is the same integer
@@ -40,7 +42,7 @@ def force_int8_matmul(enabled: bool | None) -> None:
     _forced = enabled
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def int8_speedup() -> float:
     """Time of a float32 matmul over that of the INT8 linear at a mid-size shape, on this
     CPU (0.0 where the kernel is missing or not exact)."""
@@ -93,15 +95,15 @@ def use_int8(low: int, high: int, inner: int, weight_bits: int, device: torch.de
     return int8_speedup() > digit_count(low, high)
 
 
-def for_row_blocks(rows: int, cols: int, fn) -> None:
+def for_row_blocks(rows: int, cols: int, device: torch.device, fn) -> None:
     """fn(row slice) over cache-sized row blocks (`row_blocks`), the second half of the
     rows on the worker thread (`run_on_halves`)."""
 
     def run(index: int, half: slice) -> None:
-        for block in row_blocks(half.stop - half.start, cols):
+        for block in row_blocks(half.stop - half.start, cols, device):
             fn(slice(half.start + block.start, min(half.start + block.stop, half.stop)))
 
-    run_on_halves(run, row_halves(rows, cols))
+    run_on_halves(run, row_halves(rows, cols, device))
 
 
 def new_digits(shape: torch.Size | tuple, low: int, high: int,
@@ -130,7 +132,7 @@ def to_digits(codes: torch.Tensor, low: int, high: int) -> list[torch.Tensor]:
     significant first: codes == sum_d 128^d * digits[d]."""
     digits = new_digits(codes.shape, low, high, codes.device)
     bound = max(-low, high)
-    for_row_blocks(*codes.shape, lambda rows: write_digits(codes[rows], digits, rows, bound))
+    for_row_blocks(*codes.shape, codes.device, lambda rows: write_digits(codes[rows], digits, rows, bound))
     return digits
 
 

@@ -46,6 +46,7 @@ from .quantizers import (
     _safe_step,
     adc_convert_,
     bitserial_split_,
+    blockwise,
     center_out_split_,
     chunked_aminmax,
     percentile_abs,
@@ -346,7 +347,7 @@ class QuantLinear(nn.Linear):
         step = float(act_step) if scalar else act_step
 
         def quantize(index: int, half: slice) -> None:
-            blocks = row_blocks(half.stop - half.start, x2.shape[1])
+            blocks = row_blocks(half.stop - half.start, x2.shape[1], x2.device)
             if as_digits:
                 buffer_rows = min(blocks[0].stop, half.stop - half.start)
                 codes_buffer = x2.new_empty((buffer_rows, x2.shape[1]))
@@ -368,7 +369,8 @@ class QuantLinear(nn.Linear):
                         write_digits(msb_out, msb, rows, max(-ranges[1][0], ranges[1][1]))
 
         # statistics accumulate into one object: keep them on one thread
-        run_on_halves(quantize, [slice(0, x2.shape[0])] if stats is not None else row_halves(*x2.shape))
+        run_on_halves(quantize, [slice(0, x2.shape[0])] if stats is not None
+                      else row_halves(*x2.shape, x2.device))
         columns = None
         if self.sparse_digital and msb is not None and not as_digits:
             columns = msb.ne(0).any(0)
@@ -393,7 +395,7 @@ class QuantLinear(nn.Linear):
         del split
         scale = act_step * weights.step * unit
         bias = None if self.bias is None else self.bias.detach().to(dtype)
-        for rows in row_blocks(*y.shape):
+        for rows in row_blocks(*y.shape, y.device):
             if bias is not None:
                 torch.addcmul(bias, y[rows], scale, out=y[rows])
             else:
@@ -417,8 +419,12 @@ class QuantLinear(nn.Linear):
         """out = codes[:, rows] @ W_int[rows] (alpha None), or out += alpha * that, with
         the same float operations on either kernel: the product is exact, then added."""
         if alpha is not None:
-            tokens = out.shape[0]
-            group = max(1, min(tokens * self.in_features, GROUP_ELEMENTS) // self.out_features)
+            # The product waits in a scratch no larger than the input (and, on the CPU,
+            # than a cache-friendly group) before it is added.
+            tokens, scratch_elements = out.shape[0], out.shape[0] * self.in_features
+            if blockwise(out.device):
+                scratch_elements = min(scratch_elements, GROUP_ELEMENTS)
+            group = max(1, scratch_elements // self.out_features)
             scratch = out.new_empty((min(group, tokens), self.out_features))
             for start in range(0, tokens, group):
                 part = scratch[:min(group, tokens - start)]
@@ -426,7 +432,7 @@ class QuantLinear(nn.Linear):
                 group_codes = (codes[start:start + part.shape[0]] if isinstance(codes, torch.Tensor)
                                else [digit[start:start + part.shape[0]] for digit in codes])
                 self._product(group_codes, weights, rows, part)
-                for block in row_blocks(*part.shape):
+                for block in row_blocks(*part.shape, part.device):
                     rows_out[block].add_(part[block], alpha=alpha)
             return
         if isinstance(codes, torch.Tensor):
@@ -469,7 +475,7 @@ class QuantLinear(nn.Linear):
                     acc = out
                 elif out_is_codes and len(tiles) == 1 and adc.bits <= 16:
                     packed = torch.empty(out.shape, dtype=torch.int16, device=out.device)
-                    for block in row_blocks(*out.shape):
+                    for block in row_blocks(*out.shape, out.device):
                         packed[block].copy_(out[block])
                     acc = out
                 else:
@@ -491,7 +497,7 @@ class QuantLinear(nn.Linear):
                     out_is_codes = not adc.bypass
                     continue
                 alpha = step * path.gain / unit
-                for block in row_blocks(*out.shape):
+                for block in row_blocks(*out.shape, out.device):
                     if packed is not None:  # codes + alpha * acc, as out.add_(acc, alpha)
                         torch.add(packed[block], out[block], alpha=alpha, out=out[block])
                     else:

@@ -27,9 +27,20 @@ _TOPK_MAX_SHARE = 1 / 16
 CHUNK_ELEMENTS = 32767
 
 
-def row_blocks(rows: int, cols: int) -> list[slice]:
-    """Row slices of at most CHUNK_ELEMENTS elements (at least one row each)."""
-    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+# Device types whose elementwise work runs in row blocks and halves. Elsewhere (CUDA and
+# other accelerators) each op is one kernel over the whole tensor: a block per op would
+# only multiply kernel launches, and a second host thread adds nothing.
+BLOCKWISE_DEVICE_TYPES = frozenset({"cpu"})
+
+
+def blockwise(device: torch.device) -> bool:
+    return device.type in BLOCKWISE_DEVICE_TYPES
+
+
+def row_blocks(rows: int, cols: int, device: torch.device) -> list[slice]:
+    """Row slices of at most CHUNK_ELEMENTS elements (at least one row each) on the CPU;
+    all rows at once elsewhere."""
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1)) if blockwise(device) else max(rows, 1)
     return [slice(start, start + step) for start in range(0, rows, step)]
 
 
@@ -51,9 +62,10 @@ def _forget_worker() -> None:
 os.register_at_fork(after_in_child=_forget_worker)
 
 
-def row_halves(rows: int, cols: int) -> list[slice]:
-    """One slice, or two halves of the rows for tensors of HALVES_FROM_ELEMENTS or more."""
-    if rows < 2 or rows * cols < HALVES_FROM_ELEMENTS:
+def row_halves(rows: int, cols: int, device: torch.device) -> list[slice]:
+    """One slice, or on the CPU two halves of the rows for tensors of HALVES_FROM_ELEMENTS
+    or more."""
+    if rows < 2 or rows * cols < HALVES_FROM_ELEMENTS or not blockwise(device):
         return [slice(0, rows)]
     return [slice(0, rows // 2), slice(rows // 2, rows)]
 
@@ -98,9 +110,9 @@ def round_(t: torch.Tensor) -> torch.Tensor:
 
 def chunked_aminmax(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.aminmax over all elements of a 2-D tensor, block by block (NaN propagates)."""
-    if t.numel() <= CHUNK_ELEMENTS or t.dim() != 2:
+    if t.numel() <= CHUNK_ELEMENTS or t.dim() != 2 or not blockwise(t.device):
         return torch.aminmax(t)
-    parts = [torch.aminmax(t[rows]) for rows in row_blocks(t.shape[0], t.shape[1])]
+    parts = [torch.aminmax(t[rows]) for rows in row_blocks(*t.shape, t.device)]
     return (torch.stack([low for low, _ in parts]).min(),
             torch.stack([high for _, high in parts]).max())
 
@@ -156,7 +168,7 @@ def _largest_abs(x: torch.Tensor, k: int, stride: int = 16) -> torch.Tensor:
     not below t (NaN kept, as topk ranks it largest), checked to number at least k, so they
     hold the k largest; otherwise (rare: the sample misled) the full topk."""
     n = x.numel()
-    if n <= 8 * CHUNK_ELEMENTS or k * stride * 4 > n:
+    if n <= 8 * CHUNK_ELEMENTS or k * stride * 4 > n or not blockwise(x.device):
         return x.abs().topk(k, largest=True, sorted=True).values
     sample = x[::stride].abs()
     threshold = sample.topk(min(sample.numel(), 2 * (k // stride) + 16), largest=True,
@@ -243,7 +255,7 @@ def adc_convert_(acc: torch.Tensor, step: float, bits: int, noise_sigma_codes: f
     saturated when `count_saturated`, else 0.
     """
     code_max = qmax(bits)
-    halves = row_halves(*acc.shape)
+    halves = row_halves(*acc.shape, acc.device)
     generators = [generator] * len(halves)
     if noise_sigma_codes > 0 and len(halves) > 1 and generator is not None:
         # the second half draws from a generator seeded by the first: one stream per half
@@ -252,7 +264,7 @@ def adc_convert_(acc: torch.Tensor, step: float, bits: int, noise_sigma_codes: f
 
     def convert(index: int, half: slice) -> torch.Tensor | None:
         part = acc[half]
-        blocks = row_blocks(part.shape[0], part.shape[1])
+        blocks = row_blocks(*part.shape, part.device)
         noise = None
         if noise_sigma_codes > 0:
             noise = part.new_empty((min(blocks[0].stop, part.shape[0]), part.shape[1]))
