@@ -7,13 +7,19 @@ built-in digits model's FFN shapes ("digits JiT-S/4 FFN": 128->682 and 341->128,
 tokens, batch 128 and 256, i.e. 4096 and 8192 tokens per call, where passes over the
 output rather than the matmuls dominate), float32, no autograd. Inputs are Student-t (3
 degrees of freedom): at the 99.8th percentile clip 92% of their INT11 codes lie in the
-9-bit LSB range, the coverage the seed measured on real JiT activations (92.04%), so the digital MSB path sees realistic sparsity. Static rows use
-thresholds calibrated on the same input. Time: median of `runs` calls after a warm-up.
-Peak extra memory: peak RSS during one call (kernel VmHWM, reset through
+9-bit LSB range, the coverage the seed measured on real JiT activations (92.04%), so the
+digital MSB path sees realistic sparsity. Static rows use thresholds calibrated on the
+same input.
+
+Time: median of `runs` calls after a warm-up, in this process with the default
+allocator; "x nn.Linear" is the median of the per-round ratios, each layer call timed
+right after an nn.Linear call on the same input (paired_ms). Peak extra memory: peak RSS during one call (kernel VmHWM, reset through
 /proc/self/clear_refs) minus the same for nn.Linear, whose output buffer is therefore
-not counted; shown in MB and as a multiple of the input activation size. The script
-re-executes itself with MALLOC_MMAP_THRESHOLD_ fixed so that glibc returns every large
-buffer to the kernel on free; otherwise freed buffers stay resident and hide peaks.
+not counted; shown in MB and as a multiple of the input activation size. It is measured
+in a child process with MALLOC_MMAP_THRESHOLD_ fixed, so that glibc returns every large
+buffer to the kernel on free (otherwise freed buffers stay resident and hide peaks);
+times are not taken there, since that setting makes every large allocation a fresh
+mmap and penalises allocation-heavy code.
 
 The "minimal hybrid" rows are a yardstick measured on the same machine in the same
 process: the hybrid forward written as one whole-tensor torch op per DESIGN.md formula
@@ -27,9 +33,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -82,10 +91,21 @@ def median_ms(fn, runs: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def measure(module: nn.Module, x: torch.Tensor, runs: int) -> tuple[float, int]:
-    """(median ms, smallest peak of 3 calls in bytes) of module(x)."""
-    ms = median_ms(lambda: module(x), runs)
-    return ms, min(peak_bytes(lambda: module(x)) for _ in range(3))
+def paired_ms(fn, reference, runs: int) -> tuple[float, float]:
+    """(median ms of fn, median of fn's time over the reference's) with the two called
+    alternately, so that both see the same machine state: on a shared or throttled
+    machine the speed drifts over seconds, which separate series would put into the ratio."""
+    fn(), reference()
+    times, ratios = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        reference()
+        middle = time.perf_counter()
+        fn()
+        end = time.perf_counter()
+        times.append(end - middle)
+        ratios.append((end - middle) / (middle - start))
+    return 1e3 * statistics.median(times), statistics.median(ratios)
 
 
 def build(linear: nn.Linear, overrides: dict, mode: str, x: torch.Tensor) -> nn.Module:
@@ -189,46 +209,82 @@ def machine() -> str:
     return f"{model} ({', '.join(vector) or 'no AVX2'}), {os.cpu_count()} logical CPUs"
 
 
+def cases(runs_shapes=SHAPES):
+    """(shape label, batch label, input, [(row label, mode, module)]) per input, nn.Linear
+    first; modules are built lazily so that only one set is alive at a time."""
+    for label_shape, in_features, out_features, tokens, batches in runs_shapes:
+        torch.manual_seed(0)
+        with torch.inference_mode(False):  # parameters, even when iterated under inference
+            linear = nn.Linear(in_features, out_features)
+        for batch in batches:
+            x = torch.distributions.StudentT(3.0).sample((batch, tokens, in_features))
+            yield (f"{label_shape} {in_features}->{out_features}", f"{batch} x {tokens}",
+                   x.contiguous(), _modules(linear, x))
+
+
+def _modules(linear: nn.Linear, x: torch.Tensor):
+    yield "nn.Linear", "-", linear
+    for label, overrides, mode in CASES:
+        layer = build(linear, overrides, mode, x)
+        yield label, mode, layer
+        if overrides["scheme"] == "hybrid":
+            yield "minimal hybrid", mode, minimal_hybrid(linear, layer, x)
+
+
+def peak_table() -> None:
+    """Child process: one JSON line per row, {key: peak bytes of one call}."""
+    with torch.inference_mode():
+        for shape, rows, x, modules in cases():
+            for label, mode, module in modules:
+                peak = min(peak_bytes(functools.partial(module, x)) for _ in range(3))
+                print(json.dumps({"key": [label, mode, shape, rows], "peak": peak}), flush=True)
+
+
+def peaks_from_child(threads: int) -> dict[tuple, int]:
+    """Peak memory per row, measured in a child process in which glibc returns every large
+    buffer to the kernel on free (otherwise freed buffers stay resident and hide peaks).
+    Times are not taken there: that allocator setting makes every large allocation a fresh
+    mmap with page faults, which would penalise allocation-heavy code."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20))
+    child = subprocess.run([sys.executable, "-m", "benchmarks.quant_linear", "--peak-memory",
+                            "--threads", str(threads)], env=env, capture_output=True,
+                           text=True, check=True)
+    rows = (json.loads(line) for line in child.stdout.splitlines())
+    return {tuple(row["key"]): row["peak"] for row in rows}
+
+
 def main() -> None:
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20))
-        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.quant_linear",
-                                   *sys.argv[1:]], env)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peak-memory", action="store_true",
+                        help="internal: print peak memory rows as JSON and exit")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.peak_memory:
+        peak_table()
+        return
+    peaks = peaks_from_child(args.threads)
     print(f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"float32, median of {args.runs}")
     header = ("scheme", "mode", "shape", "batch x tokens", "ms", "x nn.Linear", "extra MB",
               "x input")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(["---"] * 4 + ["---:"] * 4) + "|")
-    for label_shape, in_features, out_features, tokens, batches in SHAPES:
-        torch.manual_seed(0)
-        linear = nn.Linear(in_features, out_features)
-        shape = f"{label_shape} {in_features}->{out_features}"
-        for batch in batches:
-            rows = f"{batch} x {tokens}"
-            x = torch.distributions.StudentT(3.0).sample((batch, tokens, in_features))
-            x = x.contiguous()
+    with torch.inference_mode():
+        for shape, rows, x, modules in cases():
             input_mb = x.numel() * x.element_size() / 2**20
-            with torch.inference_mode():
-                ref_ms, ref_peak = measure(linear, x, args.runs)
-                print(f"| nn.Linear | - | {shape} | {rows} | "
-                      f"{ref_ms:.1f} | 1.00 | 0.0 | 0.0 |")
-                for label, overrides, mode in CASES:
-                    layer = build(linear, overrides, mode, x)
-                    timed = [(label, layer)]
-                    if overrides["scheme"] == "hybrid":
-                        timed.append(("minimal hybrid", minimal_hybrid(linear, layer, x)))
-                    for name, module in timed:
-                        ms, peak = measure(module, x, args.runs)
-                        extra_mb = max(peak - ref_peak, 0) / 2**20
-                        print(f"| {name} | {mode} | {shape} | {rows} | "
-                              f"{ms:.1f} | {ms / ref_ms:.2f} | {extra_mb:.1f} | "
-                              f"{extra_mb / input_mb:.2f} |", flush=True)
+            reference = ref_peak = None
+            for label, mode, module in modules:
+                call, peak = functools.partial(module, x), peaks[(label, mode, shape, rows)]
+                if reference is None:  # nn.Linear comes first
+                    reference, ref_peak = call, peak
+                    ms, ratio = median_ms(call, args.runs), 1.0
+                else:
+                    ms, ratio = paired_ms(call, reference, args.runs)
+                extra_mb = max(peak - ref_peak, 0) / 2**20
+                print(f"| {label} | {mode} | {shape} | {rows} | {ms:.1f} | {ratio:.2f} "
+                      f"| {extra_mb:.1f} | {extra_mb / input_mb:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
