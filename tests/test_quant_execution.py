@@ -1,5 +1,5 @@
-"""Execution plans of the quantized layers: row blocks and two host threads on the CPU,
-one kernel per op over the whole tensor on accelerators (quantizers.blockwise). Both must
+"""Execution plans of the quantized layers: row blocks on the CPU, one kernel per op over
+the whole tensor on accelerators (quantizers.blockwise). Both must
 compute the same function; the accelerator plan must not launch more kernels for larger
 inputs. The accelerator plan is exercised on the CPU by emptying BLOCKWISE_DEVICE_TYPES."""
 
@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from jit.quant import adc_bypassed, build_quant_config, quantizers
 from jit.quant.layers import LAYER_CLASSES
-from jit.quant.quantizers import HALVES_FROM_ELEMENTS, percentile_abs
+from jit.quant.quantizers import CHUNK_ELEMENTS, percentile_abs
 
 
 @pytest.fixture
@@ -41,9 +41,9 @@ CASES = [
 @pytest.mark.parametrize("scheme,cfg", CASES)
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_whole_tensor_plan_gives_the_blocked_results(monkeypatch, scheme, cfg, mode):
-    # large enough for several row blocks and two halves on the CPU plan
-    x = heavy_tailed(2, 400, 300, seed=1)
-    assert min(x.numel(), 800 * 200) >= HALVES_FROM_ELEMENTS
+    # large enough for several row blocks on the CPU plan, input and output side
+    x = heavy_tailed(2, 1500, 300, seed=1)
+    assert min(x.numel(), 3000 * 200) >= 2 * CHUNK_ELEMENTS
     cfg = {**cfg, "mode": mode, "adc": {**cfg.get("adc", {}), "noise_sigma_lsb": 0.0}}
     layer = layer_for(scheme, **cfg)
     if mode == "static":
@@ -100,3 +100,15 @@ def test_accelerator_plan_launches_as_many_kernels_for_any_input_size(monkeypatc
     assert large > small  # the CPU plan works per row block: the counter sees that
     monkeypatch.setattr(quantizers, "BLOCKWISE_DEVICE_TYPES", frozenset())
     assert _ops_per_call(layer, 8 * 400) == _ops_per_call(layer, 400)
+
+
+def test_noisy_output_does_not_depend_on_the_thread_count():
+    layer = layer_for("hybrid", 300, 700, mode="dynamic")
+    x = heavy_tailed(2000, 300, seed=4)  # several row blocks on both sides
+    outputs = []
+    with torch.no_grad():
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            layer.reseed(7)
+            outputs.append(layer(x))
+    assert torch.equal(*outputs)

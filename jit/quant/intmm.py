@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from .quantizers import row_blocks, row_halves, run_on_halves
+from .quantizers import row_blocks
 
 DIGIT_BASE = 128
 _INT32_SAFE = 2**31 - 1
@@ -96,14 +96,9 @@ def use_int8(low: int, high: int, inner: int, weight_bits: int, device: torch.de
 
 
 def for_row_blocks(rows: int, cols: int, device: torch.device, fn) -> None:
-    """fn(row slice) over cache-sized row blocks (`row_blocks`), the second half of the
-    rows on the worker thread (`run_on_halves`)."""
-
-    def run(index: int, half: slice) -> None:
-        for block in row_blocks(half.stop - half.start, cols, device):
-            fn(slice(half.start + block.start, min(half.start + block.stop, half.stop)))
-
-    run_on_halves(run, row_halves(rows, cols, device))
+    """fn(row slice) over the row blocks of `row_blocks`."""
+    for block in row_blocks(rows, cols, device):
+        fn(slice(block.start, min(block.stop, rows)))
 
 
 def new_digits(shape: torch.Size | tuple, low: int, high: int,

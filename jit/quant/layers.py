@@ -54,8 +54,6 @@ from .quantizers import (
     quantize_symmetric,
     round_,
     row_blocks,
-    row_halves,
-    run_on_halves,
     stable_seed,
     weight_clip,
 )
@@ -346,31 +344,26 @@ class QuantLinear(nn.Linear):
         clip_lo = -clip_hi
         step = float(act_step) if scalar else act_step
 
-        def quantize(index: int, half: slice) -> None:
-            blocks = row_blocks(half.stop - half.start, x2.shape[1], x2.device)
+        tokens = x2.shape[0]
+        blocks = row_blocks(tokens, x2.shape[1], x2.device)
+        if as_digits:
+            codes_buffer = x2.new_empty((min(blocks[0].stop, tokens), x2.shape[1]))
+            msb_buffer = torch.empty_like(codes_buffer) if msb is not None else None
+        for block in blocks:
+            rows = slice(block.start, min(block.stop, tokens))
+            n = rows.stop - rows.start
+            codes_out = codes_buffer[:n] if as_digits else x_int[rows]
+            codes = torch.clamp(x2[rows], clip_lo, clip_hi, out=codes_out)
+            round_(codes.div_(step))  # |codes| <= qmax (1 + 2^-23): round_ is exact
+            if stats is not None:
+                stats.observe_activations(x2[rows], act_clip, codes)
+            if msb is not None:
+                msb_out = msb_buffer[:n] if as_digits else msb[rows]
+                self._split_block(codes, msb_out)
             if as_digits:
-                buffer_rows = min(blocks[0].stop, half.stop - half.start)
-                codes_buffer = x2.new_empty((buffer_rows, x2.shape[1]))
-                msb_buffer = torch.empty_like(codes_buffer) if msb is not None else None
-            for block in blocks:
-                rows = slice(half.start + block.start, min(half.start + block.stop, half.stop))
-                n = rows.stop - rows.start
-                codes_out = codes_buffer[:n] if as_digits else x_int[rows]
-                codes = torch.clamp(x2[rows], clip_lo, clip_hi, out=codes_out)
-                round_(codes.div_(step))  # |codes| <= qmax (1 + 2^-23): round_ is exact
-                if stats is not None:
-                    stats.observe_activations(x2[rows], act_clip, codes)
+                write_digits(codes, x_int, rows, max(-ranges[0][0], ranges[0][1]))
                 if msb is not None:
-                    msb_out = msb_buffer[:n] if as_digits else msb[rows]
-                    self._split_block(codes, msb_out)
-                if as_digits:
-                    write_digits(codes, x_int, rows, max(-ranges[0][0], ranges[0][1]))
-                    if msb is not None:
-                        write_digits(msb_out, msb, rows, max(-ranges[1][0], ranges[1][1]))
-
-        # statistics accumulate into one object: keep them on one thread
-        run_on_halves(quantize, [slice(0, x2.shape[0])] if stats is not None
-                      else row_halves(*x2.shape, x2.device))
+                    write_digits(msb_out, msb, rows, max(-ranges[1][0], ranges[1][1]))
         columns = None
         if self.sparse_digital and msb is not None and not as_digits:
             columns = msb.ne(0).any(0)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -19,17 +17,19 @@ from .config import WeightConfig
 # topk of the largest k is much cheaper than a selection when k is a small share of n
 # (high percentiles, the usual case); beyond that share two kthvalue calls win.
 _TOPK_MAX_SHARE = 1 / 16
+# Elements per pass of the candidate selection in _largest_abs (|.|, compare, select).
+_SELECTION_BLOCK = 32767
 
-# Elementwise work runs in row blocks of fewer elements than ATen's parallel grain size
-# (32768): each op then runs inline on the calling thread, in cache, with no OpenMP
-# fork/join. A full-tensor pass costs a thread wake-up per op (milliseconds when the
-# cores are busy) and a trip through DRAM; a chain of ops on one block does neither.
-CHUNK_ELEMENTS = 32767
+# Elementwise chains run over row blocks of at most CHUNK_ELEMENTS elements (1 MiB in
+# float32) on the CPU: each op still spreads over the cores (ATen's parallel grain size is
+# 32768 elements), the temporaries of a chain (noise, slice codes) stay bounded whatever
+# the batch, and a chain of ops finds its block in cache. On the project's 2-core CI
+# machine class this measured faster than both cache-sized blocks on two host threads and
+# whole-tensor ops (benchmarks/RESULTS.md).
+CHUNK_ELEMENTS = 2**18
 
-
-# Device types whose elementwise work runs in row blocks and halves. Elsewhere (CUDA and
-# other accelerators) each op is one kernel over the whole tensor: a block per op would
-# only multiply kernel launches, and a second host thread adds nothing.
+# Device types that work in row blocks. Elsewhere (CUDA and other accelerators) each op
+# is one kernel over the whole tensor: blocks would only multiply kernel launches.
 BLOCKWISE_DEVICE_TYPES = frozenset({"cpu"})
 
 
@@ -39,61 +39,16 @@ def blockwise(device: torch.device) -> bool:
 
 def row_blocks(rows: int, cols: int, device: torch.device) -> list[slice]:
     """Row slices of at most CHUNK_ELEMENTS elements (at least one row each) on the CPU;
-    all rows at once elsewhere."""
+    all rows at once elsewhere. Where blocks fall depends only on the shape and the
+    device type, so results (noise included) do not change with the thread count."""
     step = max(1, CHUNK_ELEMENTS // max(cols, 1)) if blockwise(device) else max(rows, 1)
     return [slice(start, start + step) for start in range(0, rows, step)]
-
-
-# Large elementwise chains run as two halves of rows, the second on a worker thread: the
-# blocks stay below the grain size (no OpenMP fork per op) while both cores work. ATen
-# releases the GIL inside each op, so the halves overlap. Where the halves fall depends
-# only on the tensor's shape, never on the thread count, so results (noise included)
-# do not change with torch.set_num_threads.
-HALVES_FROM_ELEMENTS = 4 * CHUNK_ELEMENTS
-_worker: ThreadPoolExecutor | None = None
-
-
-def _forget_worker() -> None:
-    # a forked child inherits the executor but not its thread: start a fresh one there
-    global _worker
-    _worker = None
-
-
-os.register_at_fork(after_in_child=_forget_worker)
-
-
-def row_halves(rows: int, cols: int, device: torch.device) -> list[slice]:
-    """One slice, or on the CPU two halves of the rows for tensors of HALVES_FROM_ELEMENTS
-    or more."""
-    if rows < 2 or rows * cols < HALVES_FROM_ELEMENTS or not blockwise(device):
-        return [slice(0, rows)]
-    return [slice(0, rows // 2), slice(rows // 2, rows)]
-
-
-def run_on_halves(fn, halves: list[slice]) -> list:
-    """[fn(0, halves[0]), fn(1, halves[1]), ...]: the last half on a worker thread when
-    torch may use two threads, otherwise one after the other (same results)."""
-    global _worker
-    if len(halves) == 1 or torch.get_num_threads() < 2:
-        return [fn(i, half) for i, half in enumerate(halves)]
-    if _worker is None:
-        _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jit-quant")
-    # grad and inference modes are thread-local: the worker runs in the caller's
-    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
-
-    def in_callers_mode(index, half):
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            return fn(index, half)
-
-    pending = _worker.submit(in_callers_mode, len(halves) - 1, halves[-1])
-    results = [fn(i, half) for i, half in enumerate(halves[:-1])]
-    return results + [pending.result()]
 
 
 # x + 1.5 * 2^(p-1) - 1.5 * 2^(p-1) rounds x to an integer, ties to even, exactly as
 # torch.round, for |x| < 2^(p-2) (p: significand bits): two adds with ATen's default
 # grain size. torch.round is a VML-style kernel that forks OpenMP threads from 2048
-# elements on, which on a busy machine costs milliseconds per row block.
+# elements on, which on a busy machine costs milliseconds per call.
 _ROUND_MAGIC = {torch.float32: 1.5 * 2.0**23, torch.float64: 1.5 * 2.0**52}
 ROUND_EXACT_BELOW = {torch.float32: 2.0**22, torch.float64: 2.0**51}
 
@@ -167,15 +122,15 @@ def _largest_abs(x: torch.Tensor, k: int, stride: int = 16) -> torch.Tensor:
     over all of x: a threshold t from a strided sample, then a selection over the elements
     not below t (NaN kept, as topk ranks it largest), checked to number at least k, so they
     hold the k largest; otherwise (rare: the sample misled) the full topk."""
-    n = x.numel()
-    if n <= 8 * CHUNK_ELEMENTS or k * stride * 4 > n or not blockwise(x.device):
+    n, block_size = x.numel(), _SELECTION_BLOCK
+    if n <= 8 * block_size or k * stride * 4 > n or not blockwise(x.device):
         return x.abs().topk(k, largest=True, sorted=True).values
     sample = x[::stride].abs()
     threshold = sample.topk(min(sample.numel(), 2 * (k // stride) + 16), largest=True,
                             sorted=True).values[-1]
     parts = []
-    for start in range(0, n, CHUNK_ELEMENTS):
-        block = x[start:start + CHUNK_ELEMENTS].abs()
+    for start in range(0, n, block_size):
+        block = x[start:start + block_size].abs()
         parts.append(block[~(block < threshold)])
     candidates = torch.cat(parts)
     if candidates.numel() < k:
@@ -250,36 +205,24 @@ def adc_convert_(acc: torch.Tensor, step: float, bits: int, noise_sigma_codes: f
     The thermal noise is referred to the ADC input and expressed in ADC steps (DESIGN.md:
     N(0, (sigma_lsb * s_adc)^2 / K) on `a`), so it is drawn with that std directly in the
     code domain, block by block (`row_blocks`, in row order: the stream is a function of
-    the generator state and acc's shape) into one small buffer, and each block is added,
-    rounded and clamped while it is in cache. Returns the number of codes that
+    the generator state, acc's shape and the device type) into one block-sized buffer, and
+    each block is added, rounded and clamped while it is in cache. Returns the number of codes that
     saturated when `count_saturated`, else 0.
     """
     code_max = qmax(bits)
-    halves = row_halves(*acc.shape, acc.device)
-    generators = [generator] * len(halves)
-    if noise_sigma_codes > 0 and len(halves) > 1 and generator is not None:
-        # the second half draws from a generator seeded by the first: one stream per half
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        generators[1] = torch.Generator(device=generator.device).manual_seed(seed)
-
-    def convert(index: int, half: slice) -> torch.Tensor | None:
-        part = acc[half]
-        blocks = row_blocks(*part.shape, part.device)
-        noise = None
-        if noise_sigma_codes > 0:
-            noise = part.new_empty((min(blocks[0].stop, part.shape[0]), part.shape[1]))
-        counts = []
-        for rows in blocks:
-            chunk = part[rows]
-            if noise is not None:
-                buf = noise[:chunk.shape[0]].normal_(0.0, noise_sigma_codes, generator=generators[index])
-                round_(torch.add(buf, chunk, alpha=1.0 / step, out=chunk))
-            else:
-                round_(chunk.div_(step))  # exact division: rounding ties as in the seed
-            if count_saturated:
-                counts.append((chunk > code_max).sum() + (chunk < -code_max - 1).sum())
-            chunk.clamp_(-code_max - 1, code_max)
-        return torch.stack(counts).sum() if counts else None
-
-    counts = [c for c in run_on_halves(convert, halves) if c is not None]
-    return int(sum(int(c) for c in counts)) if counts else 0
+    blocks = row_blocks(*acc.shape, acc.device)
+    noise = None
+    if noise_sigma_codes > 0:
+        noise = acc.new_empty((min(blocks[0].stop, acc.shape[0]), acc.shape[1]))
+    saturated = []
+    for rows in blocks:
+        chunk = acc[rows]
+        if noise is not None:
+            buf = noise[:chunk.shape[0]].normal_(0.0, noise_sigma_codes, generator=generator)
+            round_(torch.add(buf, chunk, alpha=1.0 / step, out=chunk))
+        else:
+            round_(chunk.div_(step))  # exact division: rounding ties as in the seed
+        if count_saturated:
+            saturated.append((chunk > code_max).sum() + (chunk < -code_max - 1).sum())
+        chunk.clamp_(-code_max - 1, code_max)
+    return int(torch.stack(saturated).sum()) if saturated else 0
