@@ -20,13 +20,14 @@ _TOPK_MAX_SHARE = 1 / 16
 # Elements per pass of the candidate selection in _largest_abs (|.|, compare, select).
 _SELECTION_BLOCK = 32767
 
-# Elementwise chains run over row blocks of at most CHUNK_ELEMENTS elements (1 MiB in
+# Elementwise chains run over row blocks of at most CHUNK_ELEMENTS elements (512 KiB in
 # float32) on the CPU: each op still spreads over the cores (ATen's parallel grain size is
-# 32768 elements), the temporaries of a chain (noise, slice codes) stay bounded whatever
-# the batch, and a chain of ops finds its block in cache. On the project's 2-core CI
-# machine class this measured faster than both cache-sized blocks on two host threads and
-# whole-tensor ops (benchmarks/RESULTS.md).
-CHUNK_ELEMENTS = 2**18
+# 32768 elements), the temporaries of a chain (noise, slice codes) stay small next to the
+# activations whatever the batch, and a chain of ops finds its block in cache. On the
+# project's 2-core CI machine class this measured faster than both cache-sized blocks on
+# two host threads and whole-tensor ops (benchmarks/RESULTS.md); 2^18 was as fast but
+# raised the bit-serial layer's peak memory above 4x its input at small batches.
+CHUNK_ELEMENTS = 2**17
 
 # Device types that work in row blocks. Elsewhere (CUDA and other accelerators) each op
 # is one kernel over the whole tensor: blocks would only multiply kernel launches.
