@@ -1,6 +1,6 @@
 """Forward time and peak extra memory of the quantized linear layers vs nn.Linear.
 
-    python -m benchmarks.quant_linear [--runs 15] [--threads 2]
+    python -m benchmarks.quant_linear [--runs 15] [--threads 2] [--block-elements N]
 
 JiT-B/16 FFN shapes (768->4096 and 2048->768), 288 tokens, batch 2 and 8, plus the
 built-in digits model's FFN shapes ("digits JiT-S/4 FFN": 128->682 and 341->128, 32
@@ -45,7 +45,7 @@ import time
 import torch
 from torch import nn
 
-from jit.quant import adc_bypassed, build_quant_config, percentile_abs
+from jit.quant import adc_bypassed, build_quant_config, percentile_abs, quantizers
 from jit.quant.config import QuantConfig
 from jit.quant.layers import LAYER_CLASSES
 
@@ -240,15 +240,15 @@ def peak_table() -> None:
                 print(json.dumps({"key": [label, mode, shape, rows], "peak": peak}), flush=True)
 
 
-def peaks_from_child(threads: int) -> dict[tuple, int]:
+def peaks_from_child() -> dict[tuple, int]:
     """Peak memory per row, measured in a child process in which glibc returns every large
     buffer to the kernel on free (otherwise freed buffers stay resident and hide peaks).
     Times are not taken there: that allocator setting makes every large allocation a fresh
     mmap with page faults, which would penalise allocation-heavy code."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20))
     child = subprocess.run([sys.executable, "-m", "benchmarks.quant_linear", "--peak-memory",
-                            "--threads", str(threads)], env=env, capture_output=True,
-                           text=True, check=True)
+                            *sys.argv[1:]], env=env, capture_output=True, text=True,
+                           check=True)
     rows = (json.loads(line) for line in child.stdout.splitlines())
     return {tuple(row["key"]): row["peak"] for row in rows}
 
@@ -257,16 +257,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--block-elements", type=int, default=quantizers.CHUNK_ELEMENTS,
+                        help="elements per row block of the CPU plan (quantizers."
+                             "CHUNK_ELEMENTS; default %(default)s); 0: whole tensors")
     parser.add_argument("--peak-memory", action="store_true",
                         help="internal: print peak memory rows as JSON and exit")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.block_elements > 0:
+        quantizers.CHUNK_ELEMENTS = args.block_elements
+    else:  # the accelerator plan: one op per whole tensor
+        quantizers.BLOCKWISE_DEVICE_TYPES = frozenset()
     if args.peak_memory:
         peak_table()
         return
-    peaks = peaks_from_child(args.threads)
+    peaks = peaks_from_child()
+    plan = (f"CPU row blocks of {quantizers.CHUNK_ELEMENTS} elements"
+            if quantizers.blockwise(torch.device("cpu")) else "whole-tensor ops")
     print(f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"float32, median of {args.runs}")
+          f"float32, median of {args.runs}, {plan}")
     header = ("scheme", "mode", "shape", "batch x tokens", "ms", "x nn.Linear", "extra MB",
               "x input")
     print("| " + " | ".join(header) + " |")

@@ -1,0 +1,65 @@
+"""Kernels for the hybrid layer's digital MSB product on this CPU: is there anything
+faster than the dense float32 matmul?
+
+    python -m benchmarks.digital_kernels [--runs 9] [--threads 2]
+
+The MSB codes of INT11 Student-t(3) activations clipped at their 99.8th percentile (the
+center-out split, values in {-3..3}, ~8% non-zero, as in benchmarks.quant_linear) times
+INT8 weight codes, at the JiT-B/16 FFN shapes. Candidates: the dense float32 matmul the
+layer uses; a CSR sparse matmul (conversion timed separately, since the layer would pay
+it per call); torch._int_mm (INT8 x INT8 -> INT32). Each result is checked to equal the
+float32 product. Times are medians of `runs` calls after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from functools import partial
+
+import torch
+
+from benchmarks.quant_linear import machine, median_ms
+from jit.quant.quantizers import center_out_split_, percentile_abs, quantize_symmetric
+
+SHAPES = [(768, 4096, 576), (768, 4096, 2304), (2048, 768, 576), (2048, 768, 2304)]
+
+
+def msb_codes(tokens: int, in_features: int) -> torch.Tensor:
+    x = torch.distributions.StudentT(3.0).sample((tokens, in_features))
+    codes, _ = quantize_symmetric(x, percentile_abs(x, 99.8), 11)
+    return center_out_split_(codes, 9, 256)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    torch.manual_seed(0)
+    print(f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {args.runs}")
+    print("| in->out | tokens | MSB density | dense f32 ms | to CSR ms | CSR matmul ms "
+          "| _int_mm ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for in_features, out_features, tokens in SHAPES:
+        msb = msb_codes(tokens, in_features)
+        weight_t = torch.randint(-127, 128, (in_features, out_features)).float()
+        dense = msb @ weight_t
+        csr = msb.to_sparse_csr()
+        msb8, weight8 = msb.to(torch.int8), weight_t.to(torch.int8)
+        assert torch.equal(csr @ weight_t, dense)
+        assert torch.equal(torch._int_mm(msb8, weight8).float(), dense)
+        density = float(msb.ne(0).float().mean())
+        times = [median_ms(partial(torch.matmul, msb, weight_t), args.runs),
+                 median_ms(msb.to_sparse_csr, args.runs),
+                 median_ms(partial(torch.matmul, csr, weight_t), args.runs),
+                 median_ms(partial(torch._int_mm, msb8, weight8), max(1, args.runs // 3))]
+        print(f"| {in_features}->{out_features} | {tokens} | {density:.3f} | "
+              + " | ".join(f"{t:.1f}" for t in times) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
