@@ -127,7 +127,8 @@ def to_digits(codes: torch.Tensor, low: int, high: int) -> list[torch.Tensor]:
     significant first: codes == sum_d 128^d * digits[d]."""
     digits = new_digits(codes.shape, low, high, codes.device)
     bound = max(-low, high)
-    for_row_blocks(*codes.shape, codes.device, lambda rows: write_digits(codes[rows], digits, rows, bound))
+    for_row_blocks(*codes.shape, codes.device,
+                   lambda rows: write_digits(codes[rows], digits, rows, bound))
     return digits
 
 

@@ -365,8 +365,12 @@ class QuantLinear(nn.Linear):
                 if msb is not None:
                     write_digits(msb_out, msb, rows, max(-ranges[1][0], ranges[1][1]))
         columns = None
-        if self.sparse_digital and msb is not None and not as_digits:
-            columns = msb.ne(0).any(0)
+        if self.sparse_digital and msb is not None and not as_digits and tokens:
+            # The digital matmul is narrowed only to at most half of the columns; when the
+            # first block alone has MSB codes in more, the full scan cannot find fewer.
+            first = msb[:min(blocks[0].stop, tokens)]
+            if 2 * int(first.ne(0).any(0).sum()) <= msb.shape[1]:
+                columns = msb.ne(0).any(0)
         return x_int, msb, act_step, columns
 
     def _simulate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, WeightCodes]:

@@ -206,9 +206,9 @@ def adc_convert_(acc: torch.Tensor, step: float, bits: int, noise_sigma_codes: f
     The thermal noise is referred to the ADC input and expressed in ADC steps (DESIGN.md:
     N(0, (sigma_lsb * s_adc)^2 / K) on `a`), so it is drawn with that std directly in the
     code domain, block by block (`row_blocks`, in row order: the stream is a function of
-    the generator state, acc's shape and the device type) into one block-sized buffer, and
-    each block is added, rounded and clamped while it is in cache. Returns the number of codes that
-    saturated when `count_saturated`, else 0.
+    the generator state, acc's shape and the device type) into one block-sized buffer,
+    and each block is added, rounded and clamped while it is in cache. Returns the number
+    of codes that saturated when `count_saturated`, else 0.
     """
     code_max = qmax(bits)
     blocks = row_blocks(*acc.shape, acc.device)
