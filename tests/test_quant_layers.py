@@ -107,6 +107,8 @@ def fake_quant_reference(layer, x):
     ((1, 1), 1, 1, "tensor"), ((3, 5), 5, 7, "tensor"), ((2, 9, 33), 33, 17, "channel"),
     ((4, 288, 96), 96, 64, "tensor"), ((1000, 257), 257, 31, "channel"),
     ((2, 50, 768), 768, 40, "tensor"),
+    # wide outputs: the digital product is added in slabs of output columns
+    ((2, 300, 32), 32, 2048, "tensor"), ((600, 96), 96, 1000, "channel"),
 ])
 def test_hybrid_bypass_equals_int8_x_int11_fake_quant(shape, in_features, out_features,
                                                        granularity):

@@ -416,21 +416,7 @@ class QuantLinear(nn.Linear):
         """out = codes[:, rows] @ W_int[rows] (alpha None), or out += alpha * that, with
         the same float operations on either kernel: the product is exact, then added."""
         if alpha is not None:
-            # The product waits in a scratch no larger than the input (and, on the CPU,
-            # than a cache-friendly group) before it is added.
-            tokens, scratch_elements = out.shape[0], out.shape[0] * self.in_features
-            if blockwise(out.device):
-                scratch_elements = min(scratch_elements, GROUP_ELEMENTS)
-            group = max(1, scratch_elements // self.out_features)
-            scratch = out.new_empty((min(group, tokens), self.out_features))
-            for start in range(0, tokens, group):
-                part = scratch[:min(group, tokens - start)]
-                rows_out = out[start:start + part.shape[0]]
-                group_codes = (codes[start:start + part.shape[0]] if isinstance(codes, torch.Tensor)
-                               else [digit[start:start + part.shape[0]] for digit in codes])
-                self._product(group_codes, weights, rows, part)
-                for block in row_blocks(*part.shape, part.device):
-                    rows_out[block].add_(part[block], alpha=alpha)
+            self._add_product(codes, weights, rows, out, alpha)
             return
         if isinstance(codes, torch.Tensor):
             torch.matmul(codes[:, rows], weights.codes_t[rows], out=out)
@@ -438,6 +424,42 @@ class QuantLinear(nn.Linear):
         if rows != slice(None):
             codes = [digit[:, rows] for digit in codes]
         int8_linear(codes, self._int8_weights_for(weights), rows, out)
+
+    def _add_product(self, codes: Codes, weights: WeightCodes, rows: slice, out: torch.Tensor,
+                     alpha: float) -> None:
+        """out += alpha * (codes[:, rows] @ W_int[rows]). The exact product waits in a
+        scratch no larger than the input (on the CPU also at most GROUP_ELEMENTS) and is
+        then added, so both kernels do the same float operations. The scratch holds either
+        groups of token rows, each multiplying all the weights, or (float codes) slabs of
+        output columns, each multiplying all the codes: whichever re-reads fewer elements,
+        the weights once per row group or the codes once per column slab."""
+        tokens, out_features = out.shape
+        scratch_elements = tokens * self.in_features
+        if blockwise(out.device):
+            scratch_elements = min(scratch_elements, GROUP_ELEMENTS)
+        group = max(1, scratch_elements // out_features)
+        width = max(1, scratch_elements // max(tokens, 1))
+        inner = weights.codes_t[rows].shape[0]
+        row_reads = -(-tokens // group) * inner * out_features
+        column_reads = -(-out_features // width) * tokens * inner
+        if isinstance(codes, torch.Tensor) and column_reads < row_reads:
+            lhs, scratch = codes[:, rows], out.new_empty((tokens, min(width, out_features)))
+            for start in range(0, out_features, width):
+                columns = slice(start, min(start + width, out_features))
+                part = scratch[:, :columns.stop - columns.start]
+                torch.matmul(lhs, weights.codes_t[rows, columns], out=part)
+                for block in row_blocks(*part.shape, part.device):
+                    out[block, columns].add_(part[block], alpha=alpha)
+            return
+        scratch = out.new_empty((min(group, tokens), out_features))
+        for start in range(0, tokens, group):
+            part = scratch[:min(group, tokens - start)]
+            rows_out = out[start:start + part.shape[0]]
+            group_codes = (codes[start:start + part.shape[0]] if isinstance(codes, torch.Tensor)
+                           else [digit[start:start + part.shape[0]] for digit in codes])
+            self._product(group_codes, weights, rows, part)
+            for block in row_blocks(*part.shape, part.device):
+                rows_out[block].add_(part[block], alpha=alpha)
 
     def _accumulate(self, split: Split, weights: WeightCodes, tokens: int,
                     columns: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
