@@ -428,17 +428,17 @@ class QuantLinear(nn.Linear):
     def _add_product(self, codes: Codes, weights: WeightCodes, rows: slice, out: torch.Tensor,
                      alpha: float) -> None:
         """out += alpha * (codes[:, rows] @ W_int[rows]). The exact product waits in a
-        scratch no larger than the input (on the CPU also at most GROUP_ELEMENTS) and is
-        then added, so both kernels do the same float operations. The scratch holds either
-        groups of token rows, each multiplying all the weights, or (float codes) slabs of
-        output columns, each multiplying all the codes: whichever re-reads fewer elements,
-        the weights once per row group or the codes once per column slab."""
+        scratch no larger than the input and is then added, so both kernels do the same
+        float operations. The scratch holds either groups of token rows (on the CPU at
+        most GROUP_ELEMENTS, to stay in cache), each multiplying all the weights, or (float
+        codes) slabs of in_features output columns, each multiplying all the codes:
+        whichever re-reads fewer elements, the weights once per row group or the codes
+        once per column slab (measured: benchmarks/RESULTS.md)."""
         tokens, out_features = out.shape
-        scratch_elements = tokens * self.in_features
+        group_elements = tokens * self.in_features
         if blockwise(out.device):
-            scratch_elements = min(scratch_elements, GROUP_ELEMENTS)
-        group = max(1, scratch_elements // out_features)
-        width = max(1, scratch_elements // max(tokens, 1))
+            group_elements = min(group_elements, GROUP_ELEMENTS)
+        group, width = max(1, group_elements // out_features), self.in_features
         inner = weights.codes_t[rows].shape[0]
         row_reads = -(-tokens // group) * inner * out_features
         column_reads = -(-out_features // width) * tokens * inner
