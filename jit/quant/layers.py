@@ -48,7 +48,6 @@ from .quantizers import (
     bitserial_split_,
     blockwise,
     center_out_split_,
-    chunked_aminmax,
     percentile_abs,
     qmax,
     quantize_symmetric,
@@ -255,7 +254,7 @@ class QuantLinear(nn.Linear):
         return entry
 
     def _act_clip(self, x: torch.Tensor) -> torch.Tensor:
-        low, high = chunked_aminmax(x)
+        low, high = torch.aminmax(x)
         if not bool(torch.isfinite(low) & torch.isfinite(high)):
             raise FloatingPointError(f"layer '{self.layer_name}': NaN or Inf in the input "
                                      "activations")
@@ -284,7 +283,7 @@ class QuantLinear(nn.Linear):
         # converters range on what they convert, as auto-ranging hardware would; a global
         # peak would need every tile's result before any tile is converted. Static clips
         # are per layer and shared by all tiles (calibration collects every tile's sums).
-        low, high = chunked_aminmax(acc)
+        low, high = torch.aminmax(acc)
         peak = max(-float(low), float(high))
         if peak == 0 and self.dynamic_step_eps == 0:
             return 1.0  # all-zero accumulation: any step gives code 0

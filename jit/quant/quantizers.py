@@ -64,15 +64,6 @@ def round_(t: torch.Tensor) -> torch.Tensor:
     return t.add_(magic).sub_(magic)
 
 
-def chunked_aminmax(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.aminmax over all elements of a 2-D tensor, block by block (NaN propagates)."""
-    if t.numel() <= CHUNK_ELEMENTS or t.dim() != 2 or not blockwise(t.device):
-        return torch.aminmax(t)
-    parts = [torch.aminmax(t[rows]) for rows in row_blocks(*t.shape, t.device)]
-    return (torch.stack([low for low, _ in parts]).min(),
-            torch.stack([high for _, high in parts]).max())
-
-
 def stable_seed(seed: int, name: str) -> int:
     """A 63-bit generator seed from (seed, layer name), identical across processes and
     Python versions (unlike hash(), which is salted per process)."""
