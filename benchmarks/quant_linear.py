@@ -13,9 +13,10 @@ same input.
 
 Time: median of `runs` calls after a warm-up, in this process with the default
 allocator; "x nn.Linear" is the median of the per-round ratios, each layer call timed
-right after an nn.Linear call on the same input (paired_ms). Peak extra memory: peak RSS during one call (kernel VmHWM, reset through
-/proc/self/clear_refs) minus the same for nn.Linear, whose output buffer is therefore
-not counted; shown in MB and as a multiple of the input activation size. It is measured
+right after an nn.Linear call on the same input (paired_ms). Peak extra memory: peak
+RSS during one call (kernel VmHWM, reset through /proc/self/clear_refs) minus the same
+for nn.Linear, whose output buffer is therefore not counted; shown in MB and as a
+multiple of the input activation size. It is measured
 in a child process with MALLOC_MMAP_THRESHOLD_ fixed, so that glibc returns every large
 buffer to the kernel on free (otherwise freed buffers stay resident and hide peaks);
 times are not taken there, since that setting makes every large allocation a fresh
@@ -209,10 +210,10 @@ def machine() -> str:
     return f"{model} ({', '.join(vector) or 'no AVX2'}), {os.cpu_count()} logical CPUs"
 
 
-def cases(runs_shapes=SHAPES):
+def cases():
     """(shape label, batch label, input, [(row label, mode, module)]) per input, nn.Linear
     first; modules are built lazily so that only one set is alive at a time."""
-    for label_shape, in_features, out_features, tokens, batches in runs_shapes:
+    for label_shape, in_features, out_features, tokens, batches in SHAPES:
         torch.manual_seed(0)
         with torch.inference_mode(False):  # parameters, even when iterated under inference
             linear = nn.Linear(in_features, out_features)

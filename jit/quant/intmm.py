@@ -95,12 +95,6 @@ def use_int8(low: int, high: int, inner: int, weight_bits: int, device: torch.de
     return int8_speedup() > digit_count(low, high)
 
 
-def for_row_blocks(rows: int, cols: int, device: torch.device, fn) -> None:
-    """fn(row slice) over the row blocks of `row_blocks`."""
-    for block in row_blocks(rows, cols, device):
-        fn(slice(block.start, min(block.stop, rows)))
-
-
 def new_digits(shape: torch.Size | tuple, low: int, high: int,
                device: torch.device | None = None) -> list[torch.Tensor]:
     """Empty INT8 digit tensors for codes in [low, high]."""
@@ -127,8 +121,9 @@ def to_digits(codes: torch.Tensor, low: int, high: int) -> list[torch.Tensor]:
     significant first: codes == sum_d 128^d * digits[d]."""
     digits = new_digits(codes.shape, low, high, codes.device)
     bound = max(-low, high)
-    for_row_blocks(*codes.shape, codes.device,
-                   lambda rows: write_digits(codes[rows], digits, rows, bound))
+    for block in row_blocks(*codes.shape, codes.device):
+        rows = slice(block.start, min(block.stop, codes.shape[0]))
+        write_digits(codes[rows], digits, rows, bound)
     return digits
 
 
