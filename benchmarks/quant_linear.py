@@ -264,6 +264,8 @@ def main() -> None:
     parser.add_argument("--peak-memory", action="store_true",
                         help="internal: print peak memory rows as JSON and exit")
     args = parser.parse_args()
+    if args.block_elements < 0 or args.runs < 1 or args.threads < 1:
+        parser.error("--block-elements must be >= 0, --runs and --threads >= 1")
     torch.set_num_threads(args.threads)
     if args.block_elements > 0:
         quantizers.CHUNK_ELEMENTS = args.block_elements
