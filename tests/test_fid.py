@@ -1,11 +1,17 @@
 """Fréchet distance, streaming statistics, Inception Score, extractors and reference statistics."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.feature_extractor_inceptionv3 import (
+    URL_INCEPTION_V3,
+    FeatureExtractorInceptionV3,
+)
 from torch_fidelity.metric_isc import isc_features_to_metric
+from torchvision.models import VGG16_Weights
 
 from jit.metrics.features import FeatureExtractorError, create_feature_space, inception_cache_path
 from jit.metrics.fid import GaussianStats, InceptionScoreStats, frechet_distance
@@ -131,6 +137,54 @@ def test_inception_end_to_end_on_random_weights(random_inception_weights, tmp_pa
     isc = InceptionScoreStats(6, 1008, splits=2)
     isc.update(logits, torch.arange(6))
     assert all(np.isfinite(isc.compute()))
+
+
+class _CreatesFileWhenUnpickled:
+    """A pickle payload: full unpickling calls open(marker, "w"), creating the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["inception-v3-compat", "vgg16"])
+@pytest.mark.parametrize("where", ["user_file", "hub_cache"])
+def test_crafted_weights_file_is_refused_without_running_it(tmp_path, monkeypatch, name, where):
+    """fid.inception_weights (and the torch-hub cache file handed over when it is unset) is
+    read with weights_only=True before torch-fidelity, which would unpickle it fully."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("JIT_OFFLINE", "1")
+    marker = tmp_path / "payload_ran"
+    url = URL_INCEPTION_V3 if name == "inception-v3-compat" else VGG16_Weights.IMAGENET1K_V1.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+    weights = tmp_path / "weights.pth" if where == "user_file" else cached
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"fc.weight": _CreatesFileWhenUnpickled(marker)}, weights)
+    with pytest.raises(FeatureExtractorError) as info:
+        create_feature_space(name, weights if where == "user_file" else None)
+    message = str(info.value)
+    assert not marker.exists()
+    assert str(weights) in message and "\n" not in message
+    assert "object io.open" in message
+
+
+def test_crafted_digits_classifier_weights_are_refused(tmp_path):
+    marker = tmp_path / "payload_ran"
+    weights = tmp_path / "digits.pt"
+    torch.save({"meta": {}, "state_dict": _CreatesFileWhenUnpickled(marker)}, weights)
+    with pytest.raises(FeatureExtractorError) as info:
+        create_feature_space("digits-cnn", weights)
+    assert not marker.exists()
+    assert str(weights) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_weights_file_that_is_not_a_state_dict_names_the_file(tmp_path):
+    weights = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], weights)
+    with pytest.raises(FeatureExtractorError, match=f"{weights}.* not a state dict"):
+        create_feature_space("inception-v3-compat", weights)
 
 
 def test_unregistered_extractor_lists_registered():

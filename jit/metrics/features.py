@@ -4,11 +4,19 @@ Creating the extractor is the first thing an evaluation does, so a missing weigh
 or an offline machine is reported before any image is generated. torch-fidelity would
 otherwise try to download the Inception weights in its constructor and hang or fail with
 a network error.
+
+torch-fidelity's Inception and VGG16 constructors read a weights file with full
+unpickling (`torch.load(weights_only=False)`), so a crafted file would run code. For those
+extractors the project reads the file itself (the user's file or the torch-hub cache) with
+`weights_only=True` and hands torch-fidelity only the verified tensors, re-serialized in
+memory.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import socket
 import threading
 from dataclasses import dataclass
@@ -19,6 +27,7 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
+from torchvision.models import VGG16_Weights
 
 import jit.metrics.digits_cnn  # noqa: F401  (registers "digits-cnn" with torch-fidelity)
 
@@ -26,6 +35,9 @@ INCEPTION = "inception-v3-compat"
 # Any of these set to 1/true means: never touch the network.
 OFFLINE_ENV = ("JIT_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _PROBE = ("github.com", 443)
+# Extractors whose torch-fidelity constructor unpickles a weights file without restriction,
+# with the URL of the default weights (file names carry a hash prefix that torch.hub checks).
+UNRESTRICTED_LOADERS = {INCEPTION: URL_INCEPTION_V3, "vgg16": VGG16_Weights.IMAGENET1K_V1.url}
 
 
 class FeatureExtractorError(RuntimeError):
@@ -36,9 +48,14 @@ def registered_extractors() -> list[str]:
     return sorted(FEATURE_EXTRACTORS_REGISTRY)
 
 
+def hub_cache_path(url: str) -> Path:
+    """Where torch.hub keeps the file downloaded from `url`."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
 def inception_cache_path() -> Path:
     """Where torch.hub (used by torch-fidelity) keeps the downloaded Inception weights."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(URL_INCEPTION_V3).path)
+    return hub_cache_path(URL_INCEPTION_V3)
 
 
 def _offline_by_env() -> bool:
@@ -69,23 +86,61 @@ def network_available(timeout: float = 3.0) -> bool:
 
 
 def resolve_weights(name: str, weights_path: str | os.PathLike | None) -> str | None:
-    """The weights file to hand torch-fidelity, or None to let it use its cache/download."""
+    """The weights file to read, or None to let torch-fidelity use its cache/download."""
     if weights_path is not None:
         path = Path(weights_path).expanduser()
         if not path.is_file():
             raise FeatureExtractorError(f"feature extractor weights file not found: {path}")
         return str(path)
-    if name == INCEPTION:
-        cached = inception_cache_path()
+    if name in UNRESTRICTED_LOADERS:
+        cached = hub_cache_path(UNRESTRICTED_LOADERS[name])
         if cached.is_file():
             return str(cached)
         if not network_available():
+            option = "fid.inception_weights" if name == INCEPTION else "fid.extractor_weights"
             raise FeatureExtractorError(
-                f"Inception weights are not available offline: no local file given and none cached at "
-                f"{cached}. Download {URL_INCEPTION_V3} on a machine with internet access and pass "
-                f"fid.inception_weights=/path/to/weights.pth (or copy it to that cache path)."
+                f"{name} weights are not available offline: no local file given and none cached at "
+                f"{cached}. Download {UNRESTRICTED_LOADERS[name]} on a machine with internet access and "
+                f"pass {option}=/path/to/weights.pth (or copy it to that cache path)."
             )
     return None
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _load_failure(exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in a few words."""
+    blocked = re.search(r"GLOBAL (\S+)", str(exc))
+    if blocked:
+        return f"it would unpickle the Python object {blocked.group(1)}, not just tensors"
+    return _one_line(exc)
+
+
+def verified_weights(name: str, path: str | None) -> io.BytesIO:
+    """The state dict of `path` (or of a fresh hub download) read with weights_only=True,
+    re-serialized in memory: what torch-fidelity then unpickles holds nothing but tensors."""
+    try:
+        if path is None:
+            state = torch.hub.load_state_dict_from_url(UNRESTRICTED_LOADERS[name], map_location="cpu",
+                                                       progress=False, check_hash=True, weights_only=True)
+            path = str(hub_cache_path(UNRESTRICTED_LOADERS[name]))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FeatureExtractorError(
+            f"{name} weights {path or UNRESTRICTED_LOADERS[name]} refused (read with "
+            f"torch.load(weights_only=True)): {_load_failure(exc)}"
+        ) from exc
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise FeatureExtractorError(f"{name} weights {path} are not a state dict of named tensors")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 @dataclass
@@ -124,17 +179,21 @@ def create_feature_space(name: str, weights_path=None, device="cpu", probe_size:
         logits_layer = cls.get_default_feature_layer_for_metric("isc")
     except KeyError:
         logits_layer = None
-    layers = [fid_layer] + ([logits_layer] if logits_layer else [])
+    layers = list(dict.fromkeys([fid_layer] + ([logits_layer] if logits_layer else [])))  # vgg16: same layer twice
     kwargs = {"verbose": False}
     weights = resolve_weights(name, weights_path)
-    if weights is not None:
+    if name in UNRESTRICTED_LOADERS:
+        kwargs["feature_extractor_weights_path"] = verified_weights(name, weights)
+    elif weights is not None:
         kwargs["feature_extractor_weights_path"] = weights
     try:
         extractor = create_feature_extractor(name, layers, cuda=False, **kwargs)
     except FeatureExtractorError:
         raise
     except Exception as exc:
-        raise FeatureExtractorError(f"could not create feature extractor {name!r}: {type(exc).__name__}: {exc}") from exc
+        source = f" from {weights}" if weights else ""
+        raise FeatureExtractorError(
+            f"could not create feature extractor {name!r}{source}: {_one_line(exc)}") from exc
     device = torch.device(device)
     extractor.to(device)
     space = FeatureSpace(name, extractor, fid_layer, logits_layer, 0, device)
