@@ -12,6 +12,7 @@ the project may import it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -21,7 +22,45 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_path", "atomic_torch_save", "atomic_write_json", "atomic_write_text"]
+__all__ = ["OutputWriteError", "atomic_path", "atomic_torch_save", "atomic_write_json", "atomic_write_text",
+           "check_writable", "write_error"]
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+class OutputWriteError(OSError):
+    """An output cannot be written (full disk, no permission, read-only file system); its
+    message is one line naming the path."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def write_error(err: OSError, path: str | os.PathLike, any_errno: bool = False) -> OSError:
+    """`err` as an OutputWriteError naming `path` when the disk is full or `path` is not
+    writable (with `any_errno`: whatever the reason); otherwise `err` itself."""
+    if isinstance(err, OutputWriteError):
+        return err
+    if err.errno in _NO_SPACE:
+        return OutputWriteError(err.errno, f"no space left on {path}", str(path))
+    if err.errno in _NOT_WRITABLE or any_errno:
+        reason = os.strerror(err.errno).lower() if err.errno else str(err)
+        return OutputWriteError(err.errno, f"cannot write {path}: {reason}", str(path))
+    return err
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Create `folder` if needed and a file in it (removed again), or raise OutputWriteError.
+
+    A real write rather than os.access, which says yes to root on a read-only mount.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.unlink(_create_temporary(folder / ".write-check"))
+    except OSError as err:
+        raise write_error(err, folder, any_errno=True) from err
 
 
 def _create_temporary(path: Path) -> Path:
@@ -70,22 +109,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     The caller writes to the yielded path and closes it inside the `with` block.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temporary(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _create_temporary(path)
+    except OSError as err:
+        raise write_error(err, path) from err
     try:
         yield tmp
         _fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        mapped = write_error(err, path) if isinstance(err, OSError) else err
+        if mapped is not err:
+            raise mapped from err
         raise
     _fsync_dir(path.parent)
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """torch.save(obj, path), atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a Python file: a full disk then raises OSError(ENOSPC), not the zip writer's
+    # "unexpected pos" RuntimeError.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8",

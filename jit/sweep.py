@@ -4,6 +4,11 @@ Runs as a Hydra callback (`on_multirun_end`) in the launching process, after eve
 finished, for the basic launcher and for submitit alike. Each job directory holds its
 overrides (`.hydra/overrides.yaml`) and, when it succeeded, `results.json`; a failed job
 still gets a row, with its status, so one failure does not hide the others.
+
+A sweep folder may be reused. The sweep writes a fresh id into `.sweep_id` when it starts;
+each job removes the outputs of an earlier sweep from its folder and copies the id into it
+(jit.tasks.main), and the summary lists only the folders carrying this sweep's id. When any
+job failed, the multirun exits with code 1 once the summary is written.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
+import uuid
 from pathlib import Path
 
 import yaml
@@ -22,6 +29,21 @@ from jit.atomic import atomic_path, atomic_write_text
 X_KEY = "quant.adc.bits"
 LINE_KEY = "quant.adc.noise_sigma_lsb"
 METRIC_PREFERENCE = ("fid", "fid_digits", "cond_accuracy", "inception_score")
+SWEEP_ID_FILE = ".sweep_id"
+
+
+def _sweep_id(folder: Path) -> str | None:
+    marker = folder / SWEEP_ID_FILE
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def mark_sweep_job(job_dir: str | Path) -> None:
+    """Copy the running sweep's id into the job folder: its outputs belong to this sweep."""
+    from hydra.core.hydra_config import HydraConfig
+
+    sweep_id = _sweep_id(Path(HydraConfig.get().sweep.dir))
+    if sweep_id is not None:
+        atomic_write_text(Path(job_dir) / SWEEP_ID_FILE, sweep_id)
 
 
 def _parse_override(text: str) -> tuple[str, str]:
@@ -31,7 +53,9 @@ def _parse_override(text: str) -> tuple[str, str]:
 
 def collect_rows(sweep_dir: Path) -> tuple[list[dict], list[str]]:
     rows, swept = [], []
-    job_dirs = sorted((p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")),
+    sweep_id = _sweep_id(sweep_dir)
+    job_dirs = sorted((p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")
+                       if sweep_id is None or _sweep_id(p.parent.parent) == sweep_id),
                       key=lambda p: (len(p.name), p.name))
     for job in job_dirs:
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
@@ -41,8 +65,10 @@ def collect_rows(sweep_dir: Path) -> tuple[list[dict], list[str]]:
             row[key] = value
             if key not in swept:
                 swept.append(key)
-        results = job / "results.json"
-        if results.exists():
+        results, failure = job / "results.json", job / "failed.json"
+        if failure.exists():  # also when the job failed after writing its results
+            row["status"] = "failed: " + json.loads(failure.read_text()).get("error", "")[:120]
+        elif results.exists():
             data = json.loads(results.read_text())
             row["status"] = data.get("status", "ok")
             for name, value in (data.get("metrics") or {}).items():
@@ -52,9 +78,7 @@ def collect_rows(sweep_dir: Path) -> tuple[list[dict], list[str]]:
                 if isinstance(value, (int, float)):
                     row[f"fp_{name}"] = value
         else:
-            failure = job / "failed.json"
-            row["status"] = "failed: " + json.loads(failure.read_text()).get("error", "")[:120] \
-                if failure.exists() else "no results"
+            row["status"] = "no results"
         rows.append(row)
     return rows, swept
 
@@ -126,12 +150,22 @@ def summarize(sweep_dir: str | Path) -> dict:
         return {"rows": 0}
     write_tables(rows, sweep_dir)
     figure = plot(rows, swept, sweep_dir)
-    return {"rows": len(rows), "swept": swept, "plot": str(figure) if figure else None}
+    return {"rows": len(rows), "ok": sum(row["status"] == "ok" for row in rows), "swept": swept,
+            "plot": str(figure) if figure else None}
 
 
 class SweepSummary(Callback):
+    def on_multirun_start(self, config, **kwargs) -> None:
+        atomic_write_text(Path(config.hydra.sweep.dir) / SWEEP_ID_FILE, uuid.uuid4().hex)
+
     def on_multirun_end(self, config, **kwargs) -> None:
-        info = summarize(config.hydra.sweep.dir)
-        if info["rows"]:
-            print(f"sweep summary: {info['rows']} jobs -> {Path(config.hydra.sweep.dir) / 'summary.md'}"
-                  + (f", plot {info['plot']}" if info.get("plot") else ""))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        info = summarize(sweep_dir)
+        if not info["rows"]:
+            return
+        print(f"sweep summary: {info['rows']} jobs -> {sweep_dir / 'summary.md'}"
+              + (f", plot {info['plot']}" if info.get("plot") else ""))
+        failed = info["rows"] - info["ok"]
+        if failed:
+            print(f"{failed} of {info['rows']} sweep jobs failed; see {sweep_dir / 'summary.md'}", file=sys.stderr)
+            raise SystemExit(1)  # Hydra turns callback exceptions into warnings, not an exit code

@@ -103,6 +103,17 @@ def test_cfg_job_prints_the_full_config(tmp_path):
 
 
 # ------------------------------------------------------------------ bad input
+def test_bad_input_deletes_only_what_the_run_created(tmp_path):
+    """A bad override in an existing folder of logs removes Hydra's files, not the user's."""
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "important.log").write_text("keep me")
+    proc = run(["quant.adc.bits=0", f"hydra.run.dir={out}"], tmp_path, check=False)
+    assert proc.returncode == 2 and "quant.adc.bits" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["important.log"]
+    assert (out / "important.log").read_text() == "keep me"
+
+
 @pytest.mark.parametrize("args, message", [
     (["quant=nope"], r"Could not find 'quant/nope'"),
     (["sampler.steps=abc"], r"sampler.steps"),
@@ -168,13 +179,22 @@ def test_wandb_offline_records_quant_hyperparameters(trained_tiny, tmp_path):
 
 
 def test_failing_sweep_job_is_reported_and_the_others_complete(trained_tiny, tmp_path):
+    """Also in a reused sweep folder: the earlier sweep's rows (an "ok" job 1, a job 2 this
+    sweep does not have) must not show, and the multirun ends with code 1 after the summary."""
     sweep = tmp_path / "sweep"
+    for job, bits in enumerate(["4", "8", "10"]):  # an earlier sweep, all ok
+        (sweep / str(job) / ".hydra").mkdir(parents=True)
+        (sweep / str(job) / ".hydra" / "overrides.yaml").write_text(f"- quant.adc.bits={bits}\n")
+        (sweep / str(job) / "results.json").write_text(json.dumps({"metrics": {"fid_digits": 1.0}}))
     proc = run(["-m", f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL, "compare_fp=false",
-                "quant.mode=dynamic", "quant.adc.bits=6,40", f"hydra.sweep.dir={sweep}"], tmp_path)
+                "quant.mode=dynamic", "quant.adc.bits=6,40", f"hydra.sweep.dir={sweep}"], tmp_path, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
     rows = {r["quant.adc.bits"]: r for r in csv.DictReader(open(sweep / "summary.csv"))}
+    assert set(rows) == {"6", "40"}
     assert rows["6"]["status"] == "ok" and float(rows["6"]["fid_digits"]) >= 0
     assert rows["40"]["status"].startswith("failed") and "quant.adc.bits" in rows["40"]["status"]
-    assert "quant.adc.bits" in proc.stderr
+    assert not (sweep / "1" / "results.json").exists()
+    assert "quant.adc.bits" in proc.stderr and "1 of 2 sweep jobs failed" in proc.stderr
 
 
 def test_submitit_local_two_job_sweep(trained_tiny, tmp_path):
@@ -217,3 +237,110 @@ def test_export_task_writes_the_official_layout(trained_tiny, tmp_path):
          f"hydra.run.dir={tmp_path / 'export'}"], tmp_path)
     _, meta = load_jit_checkpoint(target, "model_ema2")
     assert meta["variant"] == "JiT-T/4" and meta["img_size"] == 16
+
+
+# ------------------------------------------------------------- run folder, full disk, sweeps
+def run_main(tmp_path, monkeypatch, task_fn, *overrides, multirun=False):
+    """jit.tasks.main in-process on the default config with the eval task replaced by task_fn."""
+    from jit import tasks
+    from jit.config import Task
+
+    calls = []
+
+    def task(cfg):
+        calls.append(cfg)
+        return task_fn(cfg)
+
+    monkeypatch.setitem(tasks.TASKS, Task.eval, task)
+    if multirun:
+        monkeypatch.setattr(tasks, "sweep_group", lambda cfg: "sweep")
+        monkeypatch.setattr("jit.sweep.mark_sweep_job", lambda job_dir: None)
+    cfg = compose_run([f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
+                       *overrides])
+    return tasks.main(cfg), calls
+
+
+def test_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from jit.atomic import atomic_torch_save
+
+    target = tmp_path / "out" / "calibration.pt"
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(tmp_path, monkeypatch, lambda cfg: atomic_torch_save({}, target))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: no space left on {target}"
+    assert not list(target.parent.glob(".*.tmp"))
+    # an OSError without a file name names the run folder
+    with pytest.raises(SystemExit):
+        run_main(tmp_path, monkeypatch, no_space)
+    assert capsys.readouterr().err.strip() == f"error: no space left on {tmp_path / 'out'}"
+
+
+def test_unwritable_cache_or_output_folder_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    import errno
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    ran = []
+    with pytest.raises(SystemExit):  # a path under a regular file can never be created
+        run_main(tmp_path, monkeypatch, ran.append, f"paths.cache_dir={blocker / 'cache'}")
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot write {blocker / 'cache'}") and "\n" not in err
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr("jit.atomic._create_temporary", read_only)
+    with pytest.raises(SystemExit):
+        run_main(tmp_path, monkeypatch, ran.append)
+    assert capsys.readouterr().err.strip() == f"error: cannot write {tmp_path / 'out'}: read-only file system"
+    assert not ran
+
+
+def test_new_run_replaces_the_outputs_of_an_earlier_run(tmp_path, monkeypatch):
+    """Never a folder mixing two runs: earlier outputs go at startup, inputs and user files stay."""
+    out = tmp_path / "out"
+    (out / "baseline_fp").mkdir(parents=True)
+    for name in ("results.json", "layer_stats.csv", "coverage.csv", "baseline_fp/results.json", "notes.txt"):
+        (out / name).write_text("earlier run")
+    torch.save({}, out / "calibration.pt")  # given to this run as its calibration input
+    seen = []
+    run_main(tmp_path, monkeypatch, lambda cfg: seen.append(sorted(p.name for p in out.iterdir())),
+             f"quant.calibration_file={out / 'calibration.pt'}")
+    assert seen == [["calibration.pt", "notes.txt"]]
+
+
+@pytest.mark.parametrize("error", [FloatingPointError("nan in blocks.0.mlp.w12"), RuntimeError("boom")])
+def test_any_failing_sweep_job_records_failed_json(tmp_path, monkeypatch, error):
+    def fail(cfg):
+        raise error
+
+    result, _ = run_main(tmp_path, monkeypatch, fail, multirun=True)
+    assert result is None
+    record = json.loads((tmp_path / "out" / "failed.json").read_text())
+    assert record == {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+
+
+def test_sweep_summary_uses_only_this_sweeps_jobs(tmp_path):
+    from jit.sweep import SWEEP_ID_FILE, collect_rows
+
+    sweep = tmp_path / "sweep"
+    for job, (sweep_id, files) in enumerate([("new", {"results.json": {"metrics": {"fid": 3.0}}}),
+                                             ("new", {"results.json": {"metrics": {"fid": 1.0}},
+                                                      "failed.json": {"error": "ValueError: bad"}}),
+                                             ("old", {"results.json": {"metrics": {"fid": 2.0}}})]):
+        (sweep / str(job) / ".hydra").mkdir(parents=True)
+        (sweep / str(job) / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        (sweep / str(job) / SWEEP_ID_FILE).write_text(sweep_id)
+        for name, content in files.items():
+            (sweep / str(job) / name).write_text(json.dumps(content))
+    (sweep / SWEEP_ID_FILE).write_text("new")
+    rows, swept = collect_rows(sweep)
+    assert [(r["seed"], r["status"]) for r in rows] == [("0", "ok"), ("1", "failed: ValueError: bad")]
+    assert swept == ["seed"]
