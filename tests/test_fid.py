@@ -235,6 +235,16 @@ def test_reference_file_layouts_and_errors(tmp_path):
         load_reference_stats(tmp_path / "junk.npz", space)
 
 
+@pytest.mark.parametrize("layout", ["mu_sigma", "arr_0"])
+def test_reference_file_with_pickled_array_names_the_file(tmp_path, layout):
+    path = tmp_path / "pickled.npz"
+    objects = np.array([{"a": 1}, None], dtype=object)
+    arrays = {"mu": objects, "sigma": np.eye(4)} if layout == "mu_sigma" else {"arr_0": objects}
+    np.savez(path, **arrays)
+    with pytest.raises(ReferenceStatsError, match=f"{path}: array '(mu|arr_0)' holds pickled Python objects"):
+        load_reference_stats(path, _Space(4))
+
+
 class _DataModule:
     dataset_name, img_size, batch_size, num_workers = "toy", 8, 4, 0
 

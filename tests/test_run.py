@@ -344,3 +344,18 @@ def test_sweep_summary_uses_only_this_sweeps_jobs(tmp_path):
     rows, swept = collect_rows(sweep)
     assert [(r["seed"], r["status"]) for r in rows] == [("0", "ok"), ("1", "failed: ValueError: bad")]
     assert swept == ["seed"]
+
+
+# ------------------------------------------------------------------ packaging
+def test_package_metadata_builds_without_deprecation_warnings(monkeypatch):
+    """`pip install -e .` reads pyproject.toml this way; the license is an SPDX expression."""
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    monkeypatch.chdir(ROOT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
+    assert dist.metadata.license_expression == "MIT"

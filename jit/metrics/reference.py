@@ -53,6 +53,14 @@ def stats_of_images(images, space: FeatureSpace, batch_size: int = 100) -> Gauss
     return stats
 
 
+def _array(data, key: str, path: Path) -> np.ndarray:
+    try:
+        return data[key]
+    except ValueError as exc:  # an object array: reading it would need pickle
+        raise ReferenceStatsError(f"reference statistics file {path}: array {key!r} holds pickled Python "
+                                  f"objects, not numbers ({exc})") from exc
+
+
 def load_reference_stats(path, space: FeatureSpace) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) from an npz; raises ReferenceStatsError with the reason when unusable."""
     path = Path(path).expanduser()
@@ -65,9 +73,9 @@ def load_reference_stats(path, space: FeatureSpace) -> tuple[np.ndarray, np.ndar
     with data:
         keys = set(data.files)
         if {"mu", "sigma"} <= keys:
-            return _check(data["mu"], data["sigma"], space.feature_dim, path)
+            return _check(_array(data, "mu", path), _array(data, "sigma", path), space.feature_dim, path)
         if "arr_0" in keys:
-            images = data["arr_0"]
+            images = _array(data, "arr_0", path)
             if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
                 raise ReferenceStatsError(
                     f"{path} has no mu/sigma and its arr_0 is {images.dtype} {images.shape}, "
