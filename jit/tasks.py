@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
 from jit.checkpoint import CheckpointError, safe_load, save_official_checkpoint
@@ -406,14 +406,16 @@ def prepare_run_dir(cfg: DictConfig) -> None:
     check_writable(run_dir)
     if cfg.task == Task.eval:
         check_writable(Path(cfg.paths.cache_dir).expanduser())
+    if rank_zero_only.rank != 0:  # DDP/SLURM ranks start the same job: one of them clears
+        return
     inputs = _config_paths(to_plain(cfg))
     for path in [run_dir / name for name in RUN_OUTPUTS] + list(run_dir.glob(".samples.rank*.u8")):
         if path.resolve() in inputs or not (path.exists() or path.is_symlink()):
             continue
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            shutil.rmtree(path, ignore_errors=True)
         else:
-            path.unlink()
+            path.unlink(missing_ok=True)
 
 
 def _files_hydra_wrote(run_dir: Path) -> list[Path]:
