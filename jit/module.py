@@ -296,10 +296,11 @@ class JiTModule(L.LightningModule):
         self, labels: torch.Tensor, noise: torch.Tensor | None = None, **sampler_overrides
     ) -> torch.Tensor:
         """Images in [-1, 1] from the current weights (wrap in `eval_weights_context` to pick EMAs)."""
-        unknown = set(sampler_overrides) - set(SAMPLER_DEFAULTS) - {"generator"}
+        unknown = set(sampler_overrides) - set(SAMPLER_DEFAULTS) - {"generator", "step_callback"}
         if unknown:
             raise ValueError(
-                f"unknown sampler option(s) {sorted(unknown)}; allowed: {sorted(SAMPLER_DEFAULTS)} and generator"
+                f"unknown sampler option(s) {sorted(unknown)}; allowed: {sorted(SAMPLER_DEFAULTS)}, "
+                "generator and step_callback"
             )
         settings = {**self.sampler, **sampler_overrides}
         settings["interval"] = tuple(settings["interval"])

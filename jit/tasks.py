@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
@@ -81,14 +82,19 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def build_callbacks(cfg: DictConfig, training: bool) -> list:
+    """The `callbacks` group serves training; eval and calibration show their own
+    progress (generation, calibration passes), so their trainer gets none."""
     if not training:
-        return [instantiate(node) for name, node in (cfg.callbacks or {}).items()
-                if node is not None and "RichProgressBar" in str(node.get("_target_", ""))]
+        return []
     return [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
 
 
 def build_trainer(cfg: DictConfig, loggers: list, callbacks: list) -> L.Trainer:
-    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, _convert_="all")
+    # Without a progress-bar callback (eval) Lightning would add its default bar, which
+    # shows only the one-step dummy test loop the evaluation runs in.
+    progress_bar = any(isinstance(c, ProgressBar) for c in callbacks)
+    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                       enable_progress_bar=progress_bar, _convert_="all")
 
 
 def checkpoint_kind(path: str | None) -> str | None:
@@ -267,7 +273,8 @@ def evaluate(cfg: DictConfig) -> dict:
         baseline = None
         if cfg.compare_fp and qcfg.scheme != "fp":
             rank_zero_info("evaluating the float model (baseline)")
-            fp = FIDEvaluation(fid_cfg, run_dir=run_dir / "baseline_fp", extra={**common, "quant": {"scheme": "fp"}})
+            fp = FIDEvaluation(fid_cfg, run_dir=run_dir / "baseline_fp", log_prefix="eval_fp",
+                               extra={**common, "quant": {"scheme": "fp"}})
             baseline = fp.run(trainer, module, dm)["metrics"]
         provenance = prepare_quantized(module, qcfg, cfg, dm, run_dir, trainer)
         layer_stats = quant_statistics(module, qcfg, fid_cfg, dm.num_classes)
@@ -285,6 +292,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
     results = run_in_test_loop(trainer, module, pipeline)
     finalize_loggers(trainer)
+    if trainer.is_global_zero:
+        print(f"run directory: {run_dir}\nresults: {run_dir / 'results.json'}")
     return results
 
 
@@ -470,6 +479,9 @@ def main(cfg: DictConfig):
     exception, records `failed.json` in its folder and returns, so the other jobs carry on;
     the sweep summary lists the failure and the multirun exits non-zero (jit.sweep).
     """
+    from jit.console import quiet_dependencies
+
+    quiet_dependencies()
     run_dir = Path(cfg.paths.output_dir)
     multirun = sweep_group(cfg) is not None
     created = _files_hydra_wrote(run_dir)

@@ -135,6 +135,18 @@ def test_bad_input_one_clear_line(args, message, tmp_path):
 
 
 # ------------------------------------------------------------------ real runs
+def test_training_progress_bar_names_the_step_limit():
+    from types import SimpleNamespace
+
+    from jit.callbacks.progress import TrainingProgressBar
+
+    bar = TrainingProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=4000)
+    assert bar._get_train_description(1) == "Epoch 1 · to step 4000"
+    bar._trainer = SimpleNamespace(max_epochs=3, max_steps=-1)
+    assert bar._get_train_description(1) == "Epoch 1/2"
+
+
 def test_tiny_train_writes_checkpoints(trained_tiny):
     assert (trained_tiny / "checkpoint-last.pth").exists()
     assert (trained_tiny / "checkpoints" / "last.ckpt").exists()
@@ -144,13 +156,28 @@ def test_tiny_train_writes_checkpoints(trained_tiny):
 
 def test_tiny_eval_writes_results_grid_and_coverage(trained_tiny, tmp_path):
     out = tmp_path / "eval"
-    run([f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL, f"hydra.run.dir={out}"], tmp_path)
+    proc = run([f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL, f"hydra.run.dir={out}"],
+               tmp_path)
     results = json.loads((out / "results.json").read_text())
     assert {"fid_digits", "cond_accuracy"} <= set(results["metrics"])
     assert {"fid_digits", "cond_accuracy"} <= set(results["baseline_fp"])
     assert results["quant"]["scheme"] == "hybrid" and results["num_images"] == 20
     assert (out / "sample_grid.png").exists() or results.get("sample_grid")
     assert list(out.glob("*coverage*.csv")), list(out.iterdir())
+    # The float baseline and the quantized model log under their own keys.
+    rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
+    assert {"eval/fid_digits", "eval_fp/fid_digits"} <= set(rows[0])
+    assert any(r["eval/fid_digits"] for r in rows) and any(r["eval_fp/fid_digits"] for r in rows)
+    # The console: each log line once, no dependency chatter, no test-loop bar, and the
+    # run ends by saying where its results are.
+    console = proc.stdout + proc.stderr
+    lines = [line.split("]", 2)[-1].strip() for line in console.splitlines() if "[INFO]" in line]
+    assert lines and len(lines) == len(set(lines)), console
+    assert not any(line.startswith("INFO:") for line in console.splitlines()), console
+    for chatter in ("Tip:", "was configured so", "Testing", "LeafSpec"):
+        assert chatter not in console, console
+    assert proc.stdout.rstrip().splitlines()[-2:] == [f"run directory: {out}",
+                                                       f"results: {out / 'results.json'}"]
 
 
 def test_multirun_sweep_summary(trained_tiny, tmp_path):

@@ -239,15 +239,18 @@ class FIDEvaluation(L.Callback):
     the `task=eval` path. The module must provide `generate(labels, noise=None, **sampler)`
     (or a `denoiser` with that method), a `sampler` dict and `eval_weights_context(which)`.
     `extra` (quantization config, calibration provenance, per-layer statistics summary)
-    is written into results.json as given.
+    is written into results.json as given. Metrics and the sample grid are logged under
+    `log_prefix` (`eval`; the float baseline of a quantized run uses `eval_fp`).
     """
 
-    def __init__(self, cfg=None, run_dir=None, extra: dict | None = None, device=None):
+    def __init__(self, cfg=None, run_dir=None, extra: dict | None = None, device=None,
+                 log_prefix: str = "eval"):
         super().__init__()
         self.cfg = FIDConfig.from_any(cfg)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.extra = dict(extra or {})
         self.device = device
+        self.log_prefix = log_prefix
         self.results: dict | None = None
 
     def on_test_start(self, trainer, pl_module) -> None:
@@ -357,7 +360,12 @@ class FIDEvaluation(L.Callback):
                     idx = mine[b0 : b0 + cfg.batch_size]
                     noise = initial_noise(cfg.seed, idx, image_shape, denoiser.noise_scale).to(device)
                     y = labels[idx].to(device)
-                    x = generate(y, noise=noise, **sampler)
+                    done_before = min(cfg.num_images, b0 * world)
+
+                    def advance(steps_done, steps, n=len(idx) * world, base=done_before):
+                        progress.update(task, completed=min(cfg.num_images, base + n * steps_done / steps))
+
+                    x = generate(y, noise=noise, step_callback=advance, **sampler)
                     images = from_model_range(x)
                     if images.shape[1] == 1:  # grey models: the extractors take RGB
                         images = images.expand(-1, 3, -1, -1)
@@ -459,12 +467,13 @@ class FIDEvaluation(L.Callback):
         if logger is None:
             return
         step = int(getattr(trainer, "global_step", 0))
-        logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        prefix = self.log_prefix
+        logger.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
         if grid is None:
             return  # CSV and other loggers: the PNG in the run dir is all there is
         from lightning.pytorch.loggers import TensorBoardLogger
 
         if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image("eval/sample_grid", grid, step, dataformats="HWC")
+            logger.experiment.add_image(f"{prefix}/sample_grid", grid, step, dataformats="HWC")
         elif hasattr(logger, "log_image"):  # wandb
-            logger.log_image(key="eval/sample_grid", images=[grid], step=step)
+            logger.log_image(key=f"{prefix}/sample_grid", images=[grid], step=step)

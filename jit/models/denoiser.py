@@ -93,13 +93,15 @@ class Denoiser(nn.Module):
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, noise: torch.Tensor | None = None, steps: int = 50,
                  method: str = "heun", cfg_scale: float = 1.0, interval=(0.1, 1.0),
-                 schedule: str = "linear", generator: torch.Generator | None = None) -> torch.Tensor:
+                 schedule: str = "linear", generator: torch.Generator | None = None,
+                 step_callback=None) -> torch.Tensor:
         """Integrate the probability-flow ODE from noise (t=0) to an image (t=1).
 
         `noise` is the initial state z_0 itself (already multiplied by noise_scale); when
         omitted it is drawn as noise_scale * N(0, I) from `generator`. `steps - 1` steps of
         `method` are followed by one Euler step, as in the official sampler. Returns images
-        in the model's range (about [-1, 1]).
+        in the model's range (about [-1, 1]). `step_callback(done, steps)`, if given, is
+        called after each step (progress display).
         """
         if method not in SAMPLING_METHODS:
             raise ValueError(f"unknown sampling method {method!r}; allowed: {', '.join(SAMPLING_METHODS)}")
@@ -123,4 +125,6 @@ class Denoiser(nn.Module):
             else:
                 v_next = self.guided_velocity(z_euler, t_next, labels, cfg_scale, interval)
                 z = z + (t_next - t) * 0.5 * (v + v_next)
+            if step_callback is not None:
+                step_callback(i + 1, steps)
         return z
