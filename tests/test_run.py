@@ -233,12 +233,15 @@ def _generated(trained_tiny, tmp_path, name, *overrides):
     return images, json.loads((out / "results.json").read_text())["metrics"]["fid_digits"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_generated_images_do_not_depend_on_the_batch_size(trained_tiny, tmp_path, mode):
     runs = [_generated(trained_tiny, tmp_path, f"b{b}", f"quant.mode={mode}", f"fid.batch_size={b}")
             for b in (1, 7, 32)]
     for images, fid in runs[1:]:
-        assert (images == runs[0][0]).all() and fid == runs[0][1]
+        # Bitwise-equal images; the feature statistics are summed per batch, so the FID
+        # may move in the last float digits.
+        assert (images == runs[0][0]).all() and fid == pytest.approx(runs[0][1], rel=1e-6)
 
 
 @pytest.mark.slow
@@ -247,4 +250,4 @@ def test_generated_images_do_not_depend_on_the_process_count(trained_tiny, tmp_p
     one = _generated(trained_tiny, tmp_path, "one", f"quant.mode={mode}", "fid.batch_size=4")
     two = _generated(trained_tiny, tmp_path, "two", f"quant.mode={mode}", "fid.batch_size=4",
                      "trainer=ddp_cpu")
-    assert (one[0] == two[0]).all() and one[1] == two[1]
+    assert (one[0] == two[0]).all() and one[1] == pytest.approx(two[1], rel=1e-6)
