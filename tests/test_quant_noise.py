@@ -118,8 +118,8 @@ def test_default_outside_a_context_is_row_index_and_noisy_call_count():
 
 
 @pytest.mark.parametrize("ids,message", [
-    ([0, 1, 2], r"layer 'blocks\.3\.mlp\.w3': called with a batch of 2 samples inside a "
-                r"sample_context of 3"),
+    ([0, 1, 2], (r"layer 'blocks\.3\.mlp\.w3': called with a batch of 2 samples inside a "
+                 r"sample_context of 3")),
     ([-1, 0], r"layer 'blocks\.3\.mlp\.w3': sample ids must lie in \[0, "),
     ([0, SAMPLE_ID_BOUND], r"layer 'blocks\.3\.mlp\.w3': sample ids must lie in \[0, "),
 ])
