@@ -24,8 +24,8 @@ mmap and penalises allocation-heavy code.
 
 The "minimal hybrid" rows are a yardstick measured on the same machine in the same
 process: the hybrid forward written as one whole-tensor torch op per DESIGN.md formula
-(percentile by `kthvalue`, the two float32 matmuls, `randn` noise, no blocking, no
-sparsity), i.e. the straightforward implementation the ratio targets were set against.
+(per-sample percentile by `kthvalue`, per-sample ADC peaks, the two float32 matmuls,
+`randn` noise, no blocking, no sparsity), i.e. the straightforward implementation the ratio targets were set against.
 Before timing, its output with the ADC bypassed is checked against the project's layer,
 so both rows compute the same function.
 """
@@ -149,14 +149,16 @@ class MinimalHybrid(nn.Module):
         cfg, x2 = self.cfg, x.reshape(-1, x.shape[-1])
         a_max, adc_max = 2 ** (cfg.act.bits - 1) - 1, 2 ** (cfg.adc.bits - 1) - 1
         clip = self.act_clip
+        samples = x.shape[0]  # dynamic ranges per sample (quant.dynamic_scope=sample)
         if clip is None:
-            flat = x2.abs().flatten()
+            flat = x.abs().reshape(samples, -1)
             # torch.quantile's 'linear' rule (q rounded to x's dtype), by two selections
             q = float(torch.tensor(cfg.act.percentile / 100, dtype=x2.dtype))
-            rank = q * (flat.numel() - 1)
-            low = flat.kthvalue(int(rank) + 1).values
-            high = flat.kthvalue(min(int(rank) + 2, flat.numel())).values
-            clip = torch.lerp(low, high, rank - int(rank))
+            rank = q * (flat.shape[1] - 1)
+            low = flat.kthvalue(int(rank) + 1, dim=1).values
+            high = flat.kthvalue(min(int(rank) + 2, flat.shape[1]), dim=1).values
+            clip = torch.lerp(low, high, rank - int(rank)).repeat_interleave(
+                x2.shape[0] // samples).unsqueeze(1)
         step = clip / a_max
         x_int = torch.clamp(torch.round(torch.clamp(x2, -clip, clip) / step), -a_max - 1, a_max)
         lsb_max, radix = 2 ** (cfg.split.lsb_bits - 1) - 1, cfg.split.radix
@@ -167,7 +169,11 @@ class MinimalHybrid(nn.Module):
         if cfg.adc.bypass:
             y_lsb = acc
         else:
-            adc_step = (acc.abs().max() if self.adc_clip is None else self.adc_clip) / adc_max
+            peak = self.adc_clip
+            if peak is None:
+                peak = acc.abs().reshape(samples, -1).amax(1).repeat_interleave(
+                    acc.shape[0] // samples).unsqueeze(1)
+            adc_step = peak / adc_max
             sigma = cfg.adc.noise_sigma_lsb / cfg.adc.samples ** 0.5
             noisy = acc + torch.randn(acc.shape, generator=self.generator) * (sigma * adc_step)
             y_lsb = torch.clamp(torch.round(noisy / adc_step), -adc_max - 1, adc_max) * adc_step

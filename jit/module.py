@@ -24,6 +24,7 @@ from jit.checkpoint import CheckpointError, load_into, load_jit_checkpoint, safe
 from jit.datamodules import to_model_range
 from jit.ema import EMA
 from jit.models import Denoiser, build_jit
+from jit.quant import sample_context
 
 DENOISER_DEFAULTS = {
     "P_mean": -0.8,
@@ -418,7 +419,8 @@ class JiTModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, labels = batch
-        loss = self.denoiser.loss(self._images(x), labels)
+        with sample_context(self.denoiser.net, self._train_sample_ids(x.shape[0], batch_idx)):
+            loss = self.denoiser.loss(self._images(x), labels)
         finite = bool(torch.isfinite(loss.detach()))
         if self.trainer.world_size > 1:
             # Every rank must stop together, or the others wait forever in the gradient all-reduce.
@@ -431,6 +433,16 @@ class JiTModule(L.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=x.shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=x.shape[0])
         return loss
+
+    def _train_sample_ids(self, local_batch: int, batch_idx: int) -> range:
+        """Global sample ids of this rank's rows: micro-batch number x global batch + rank
+        offset + row, so quantized layers draw the same noise for a sample whatever the
+        process count (jit.quant.sample_context)."""
+        accumulate = max(1, int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1))
+        micro_batch = self.global_step * accumulate + batch_idx % accumulate
+        world = max(1, int(self.trainer.world_size))
+        start = (micro_batch * world + self.global_rank) * local_batch
+        return range(start, start + local_batch)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.denoiser.parameters() if p.grad is not None]

@@ -215,7 +215,7 @@ def quant_statistics(module: JiTModule, qcfg, fid_cfg, num_classes: int) -> list
     STATS_IMAGES images of the FID set (same labels and initial noise), not on all of them.
     """
     from jit.callbacks.evaluation import balanced_labels, initial_noise
-    from jit.quant import collect_stats, enable_stats, reset_stats
+    from jit.quant import collect_stats, enable_stats, reset_stats, sample_context
 
     if qcfg.scheme == "fp":
         return []
@@ -228,7 +228,8 @@ def quant_statistics(module: JiTModule, qcfg, fid_cfg, num_classes: int) -> list
     enable_stats(denoiser.net, True)
     reset_stats(denoiser.net)
     try:
-        with module.eval_weights_context(module.eval_weights):
+        with module.eval_weights_context(module.eval_weights), \
+                sample_context(denoiser.net, indices):
             module.generate(labels, noise=noise, **fid_cfg.sampler)
         return collect_stats(denoiser.net)
     finally:

@@ -85,7 +85,9 @@ class _CountOps(TorchDispatchMode):
 
 
 def _ops_per_call(layer, tokens):
-    x = heavy_tailed(tokens, layer.in_features, seed=3)
+    # One sample: on accelerators each sample's noise is one draw (noise.py), so the
+    # launches grow with the samples of a batch but not with their tokens.
+    x = heavy_tailed(1, tokens, layer.in_features, seed=3)
     with torch.no_grad():
         layer(x)  # weight codes cached
         with _CountOps() as counter:

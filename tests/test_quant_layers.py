@@ -39,7 +39,8 @@ def heavy_tailed(*shape, dtype=torch.float32, seed=0):
 def _fixture_layer(case):
     k, f = case["layer_kwargs"], case["forward_kwargs"]
     cfg = build_quant_config({
-        "scheme": "bitserial", "mode": "static" if f else "dynamic",
+        # The seed takes dynamic ranges over the whole call.
+        "scheme": "bitserial", "mode": "static" if f else "dynamic", "dynamic_scope": "batch",
         "weight": {"bits": k["weight_nbit"], "clip_pct": k.get("weight_clip_pct") or None},
         "act": {"bits": k["act_bits"]},
         "split": {"lsb_bits": k["lsb_bits"], "lsb_gain_shift": k["lsb_gain_shift"]},
@@ -93,10 +94,17 @@ def _largest_adc_step_in_output(layer, x):
 
 # ----- hybrid exactness under bypass -----------------------------------------------------------
 def fake_quant_reference(layer, x):
-    """INT8 x INT11 fake quantization in float64: s_x s_w (W_int @ x_int) + b."""
+    """INT8 x INT11 fake quantization in float64: s_x s_w (W_int @ x_int) + b, with the
+    activation clip taken per sample, per token or over the whole input (dynamic_scope)."""
     x64 = x.double().reshape(-1, layer.in_features)
     w64 = layer.weight.detach().double()
-    clip = percentile_abs(x64, layer.cfg.act.percentile)
+    scope, pct = layer.cfg.dynamic_scope, layer.cfg.act.percentile
+    if scope == "batch":
+        clip = percentile_abs(x64, pct)
+    else:
+        group = x64.shape[0] // x.shape[0] if scope == "sample" and x.dim() > 1 else 1
+        clip = torch.stack([percentile_abs(rows, pct) for rows in x64.split(group)])
+        clip = clip.repeat_interleave(group).unsqueeze(1)
     x_int, s_x = quantize_symmetric(x64, clip, layer.cfg.act.bits)
     w_int, s_w = quantize_symmetric(w64, weight_clip(w64, layer.cfg.weight), layer.cfg.weight.bits)
     y = (x_int @ w_int.t()) * (s_x * s_w.reshape(-1)) + layer.bias.detach().double()
@@ -110,10 +118,11 @@ def fake_quant_reference(layer, x):
     # wide outputs: the digital product is added in slabs of output columns
     ((2, 300, 32), 32, 2048, "tensor"), ((600, 96), 96, 1000, "channel"),
 ])
+@pytest.mark.parametrize("scope", ["sample", "batch", "token"])
 def test_hybrid_bypass_equals_int8_x_int11_fake_quant(shape, in_features, out_features,
-                                                       granularity):
+                                                       granularity, scope):
     layer = make(HybridLinear, in_features, out_features, adc={"bypass": True},
-                 weight={"granularity": granularity})
+                 weight={"granularity": granularity}, dynamic_scope=scope)
     x = heavy_tailed(*shape, dtype=torch.float64)
     with torch.no_grad():
         y = layer(x)
@@ -122,8 +131,8 @@ def test_hybrid_bypass_equals_int8_x_int11_fake_quant(shape, in_features, out_fe
 
 
 def test_hybrid_bypass_equals_fake_quant_above_2_pow_24_elements():
-    tokens = 2**24 // 32 + 1000  # 2**24 + 32000 activation values
-    layer = make(HybridLinear, 32, 3, adc={"bypass": True})
+    tokens = 2**24 // 32 + 1000  # 2**24 + 32000 activation values, one percentile
+    layer = make(HybridLinear, 32, 3, adc={"bypass": True}, dynamic_scope="batch")
     x = heavy_tailed(tokens, 32, dtype=torch.float64, seed=1)
     assert x.numel() > 2**24
     with torch.no_grad():
@@ -270,8 +279,9 @@ def test_tile_rows_change_nothing_under_bypass(cls):
 
 def test_tiles_are_quantized_per_tile():
     x = heavy_tailed(40, 100, dtype=torch.float64)
-    layer = make(HybridLinear, 100, 24, adc={"noise_sigma_lsb": 0.0, "tile_rows": 32})
-    untiled = make(HybridLinear, 100, 24, adc={"noise_sigma_lsb": 0.0})
+    layer = make(HybridLinear, 100, 24, adc={"noise_sigma_lsb": 0.0, "tile_rows": 32},
+                 dynamic_scope="batch")
+    untiled = make(HybridLinear, 100, 24, adc={"noise_sigma_lsb": 0.0}, dynamic_scope="batch")
     with torch.no_grad():
         y, y_untiled = layer(x), untiled(x)
     assert not torch.allclose(y, y_untiled)
@@ -309,7 +319,7 @@ def test_static_mode_without_thresholds_names_the_layer():
 
 def test_static_thresholds_are_what_the_forward_uses():
     x = heavy_tailed(16, 64)
-    dynamic = make(HybridLinear, adc={"noise_sigma_lsb": 0.0})
+    dynamic = make(HybridLinear, adc={"noise_sigma_lsb": 0.0}, dynamic_scope="batch")
     peaks = {}
     dynamic.observer = lambda name, kind, t: peaks.setdefault(kind, float(t.abs().max()))
     with torch.no_grad():
@@ -376,7 +386,7 @@ def test_non_finite_activations_raise_with_the_layer_name(cls, bad):
     (W8A8Linear, {}), (HybridLinear, {"weight": {"granularity": "channel", "clip_pct": 99.0}}),
 ])
 def test_backward_is_the_straight_through_gradient(cls, cfg):
-    layer = make(cls, **cfg)
+    layer = make(cls, dynamic_scope="batch", **cfg)  # the reference clips the whole input
     x = heavy_tailed(4, 10, 64).requires_grad_(True)
     y = layer(x)
     upstream = torch.randn_like(y)

@@ -386,3 +386,37 @@ def test_package_metadata_builds_without_deprecation_warnings(monkeypatch):
         warnings.simplefilter("error")
         dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
     assert dist.metadata.license_expression == "MIT"
+
+
+# ------------------------------------------------------------ reproducible simulation
+def _generated(trained_tiny, tmp_path, name, *overrides):
+    """(images as exported, fid_digits) of an eval run with thermal noise on."""
+    out = tmp_path / name
+    run([f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL, "fid.num_images=14",
+         "fid.export_npz=true", "compare_fp=false", "quant.adc.noise_sigma_lsb=2.0", *overrides,
+         f"hydra.run.dir={out}"], tmp_path)
+    import numpy as np
+
+    with np.load(out / "samples.npz", allow_pickle=False) as npz:
+        images = npz["arr_0"]
+    return images, json.loads((out / "results.json").read_text())["metrics"]["fid_digits"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_generated_images_do_not_depend_on_the_batch_size(trained_tiny, tmp_path, mode):
+    runs = [_generated(trained_tiny, tmp_path, f"b{b}", f"quant.mode={mode}", f"fid.batch_size={b}")
+            for b in (1, 7, 32)]
+    for images, fid in runs[1:]:
+        # Bitwise-equal images; the feature statistics are summed per batch, so the FID
+        # may move in the last float digits.
+        assert (images == runs[0][0]).all() and fid == pytest.approx(runs[0][1], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_generated_images_do_not_depend_on_the_process_count(trained_tiny, tmp_path, mode):
+    one = _generated(trained_tiny, tmp_path, "one", f"quant.mode={mode}", "fid.batch_size=4")
+    two = _generated(trained_tiny, tmp_path, "two", f"quant.mode={mode}", "fid.batch_size=4",
+                     "trainer=ddp_cpu")
+    assert (one[0] == two[0]).all() and one[1] == pytest.approx(two[1], rel=1e-6)

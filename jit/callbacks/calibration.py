@@ -34,7 +34,7 @@ import torch
 from jit.atomic import atomic_path
 from jit.datamodules import to_model_range
 from jit.quant import artefact as art
-from jit.quant import build_quant_config, quantized_layers
+from jit.quant import build_quant_config, quantized_layers, sample_context
 from jit.quant.calibration import COVERAGE_COLUMNS, SOURCES, CalibrationError, calibrate
 from jit.quant.calibrators import METHODS
 
@@ -133,8 +133,10 @@ def _data_forward(denoiser, device):
 
 
 def _sampling_batches(num_images: int, batch_size: int, num_classes: int) -> list:
-    labels = torch.arange(num_images) % num_classes  # class-balanced, every prefix too
-    return list(labels.split(batch_size))
+    """(image indices, labels) batches; the index is each image's sample id."""
+    indices = torch.arange(num_images)
+    labels = indices % num_classes  # class-balanced, every prefix too
+    return list(zip(indices.split(batch_size), labels.split(batch_size)))
 
 
 def _sampling_forward(denoiser, device, sampler: Mapping):
@@ -143,10 +145,12 @@ def _sampling_forward(denoiser, device, sampler: Mapping):
     if "interval" in settings:
         settings["interval"] = tuple(settings["interval"])
 
-    def forward(labels, generator):
+    def forward(batch, generator):
+        indices, labels = batch
         shape = (labels.shape[0], denoiser.in_channels, denoiser.img_size, denoiser.img_size)
         noise = denoiser.noise_scale * torch.randn(shape, generator=generator)
-        return denoiser.generate(labels.to(device), noise.to(device), **settings)
+        with sample_context(denoiser.net, indices):
+            return denoiser.generate(labels.to(device), noise.to(device), **settings)
     return forward
 
 

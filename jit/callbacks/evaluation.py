@@ -1,9 +1,10 @@
 """FID evaluation: deterministic sharded generation streamed into a feature extractor.
 
 Image i (global index) gets label labels[i] and initial noise drawn from a generator
-seeded with seed * 1_000_003 + i; rank r of W generates i = r, r + W, r + 2W, ... So the
-generated set does not depend on the number of processes or the batch size whenever the
-model is batch-independent. Images never leave memory unless PNGs or an npz are asked
+seeded with seed * 1_000_003 + i, and i is its sample id for the quantized layers'
+thermal noise (jit.quant.sample_context); rank r of W generates i = r, r + W, r + 2W, ...
+So the generated set does not depend on the number of processes or the batch size
+whenever the model is batch-independent. Images never leave memory unless PNGs or an npz are asked
 for; features are reduced to float64 sufficient statistics at once (constant memory),
 and the statistics of all ranks are summed at the end.
 
@@ -41,6 +42,7 @@ from jit.datamodules import from_model_range
 from jit.metrics.features import INCEPTION, create_feature_space
 from jit.metrics.fid import GaussianStats, InceptionScoreStats, all_reduce_sum, frechet_distance
 from jit.metrics.reference import reference_stats
+from jit.quant import sample_context
 
 LABEL_STRATEGIES = ("repeat", "spread")
 WEIGHT_CHOICES = ("raw", "ema1", "ema2")
@@ -334,6 +336,7 @@ class FIDEvaluation(L.Callback):
         sampler = self._sampler(module)
         weights = self._weights(module)
         generate = self._generate_fn(module)
+        net = getattr(denoiser, "net", None)  # the backbone whose calls are counted
         run_dir.mkdir(parents=True, exist_ok=True)
 
         # ---- generation, streamed
@@ -360,12 +363,14 @@ class FIDEvaluation(L.Callback):
                     idx = mine[b0 : b0 + cfg.batch_size]
                     noise = initial_noise(cfg.seed, idx, image_shape, denoiser.noise_scale).to(device)
                     y = labels[idx].to(device)
-                    done_before = min(cfg.num_images, b0 * world)
+                    in_flight, done_before = len(idx) * world, min(cfg.num_images, b0 * world)
 
-                    def advance(steps_done, steps, n=len(idx) * world, base=done_before):
+                    def advance(steps_done, steps, n=in_flight, base=done_before):
                         progress.update(task, completed=min(cfg.num_images, base + n * steps_done / steps))
 
-                    x = generate(y, noise=noise, step_callback=advance, **sampler)
+                    # The global index is the sample id of the thermal noise too.
+                    with sample_context(net, idx) if net is not None else contextlib.nullcontext():
+                        x = generate(y, noise=noise, step_callback=advance, **sampler)
                     images = from_model_range(x)
                     if images.shape[1] == 1:  # grey models: the extractors take RGB
                         images = images.expand(-1, 3, -1, -1)

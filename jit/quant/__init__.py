@@ -13,13 +13,15 @@ from .layers import (
                      W8A8Linear,
                      quantized_layers,
 )
+from .noise import SAMPLE_ID_BOUND, sample_context
 from .quantizers import percentile_abs, stable_seed
 from .stats import collect_stats, enable_stats, reset_stats
 from .surgery import adc_bypassed, noise_disabled, quantize_model, reseed
 
 __all__ = [
-    "ActConfig", "AdcConfig", "BitSerialLinear", "HybridLinear", "QuantConfig", "QuantLinear",
+    "SAMPLE_ID_BOUND", "ActConfig", "AdcConfig", "BitSerialLinear", "HybridLinear", "QuantConfig", "QuantLinear",
     "SplitConfig", "StaticThresholds", "W8A8Linear", "WeightConfig", "adc_bypassed",
     "build_quant_config", "collect_stats", "enable_stats", "noise_disabled", "percentile_abs",
-    "quantize_model", "quantized_layers", "reseed", "reset_stats", "stable_seed",
+    "quantize_model", "quantized_layers", "reseed", "reset_stats", "sample_context",
+    "stable_seed",
 ]

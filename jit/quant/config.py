@@ -3,7 +3,8 @@
 `build_quant_config` is the entry point: it accepts a `QuantConfig`, an OmegaConf
 `DictConfig` or a plain nested mapping with the user-facing names
 
-    quant.scheme, quant.mode, quant.targets, quant.seed, quant.calibration_file,
+    quant.scheme, quant.mode, quant.dynamic_scope, quant.targets, quant.seed,
+    quant.calibration_file,
     quant.weight.{bits, clip_pct, granularity}, quant.act.{bits, percentile},
     quant.split.{lsb_bits, radix, lsb_gain_shift},
     quant.adc.{bits, bypass, noise_sigma_lsb, samples, tile_rows}
@@ -27,6 +28,10 @@ from typing import Any
 
 SCHEMES = ("fp", "w8a8", "hybrid", "bitserial")
 MODES = ("dynamic", "static")
+# What a dynamic activation clip and a dynamic ADC peak are taken over: one token, one
+# sample (the leading dimension of the layer input: its tokens), or the whole call (the
+# seed's behaviour, which makes results depend on the batch size).
+DYNAMIC_SCOPES = ("token", "sample", "batch")
 GRANULARITIES = ("tensor", "channel")
 DEFAULT_TARGETS = ("blocks.*.mlp.w12", "blocks.*.mlp.w3")
 BITS_RANGE = (2, 16)
@@ -162,6 +167,7 @@ class QuantConfig:
 
     scheme: str = "hybrid"
     mode: str = "dynamic"
+    dynamic_scope: str = "sample"
     targets: tuple[str, ...] = DEFAULT_TARGETS
     seed: int = 0
     calibration_file: str | None = None
@@ -173,6 +179,7 @@ class QuantConfig:
     def __post_init__(self) -> None:
         _check_choice("scheme", self.scheme, SCHEMES)
         _check_choice("mode", self.mode, MODES)
+        _check_choice("dynamic_scope", self.dynamic_scope, DYNAMIC_SCOPES)
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         if not targets or not all(isinstance(t, str) and t for t in targets):
             _fail("targets", "a non-empty list of glob patterns on module names", self.targets)

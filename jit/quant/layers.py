@@ -24,9 +24,16 @@ Calibration-facing API (used by the calibration module, also fine by hand):
 - `jit.quant.noise_disabled(model)` / `adc_bypassed(model)` (surgery.py) switch the
   thermal noise / the whole ADC off temporarily and restore the prior settings.
 
-Noise is drawn from one torch.Generator per layer and device, seeded with
-`stable_seed(cfg.seed, layer_name)` (SHA-256 of "seed/name"), so the same seed, model
-and inputs give the same outputs in any process; `reseed` restarts the streams.
+Thermal noise is stateless (noise.py): each sample's noise is drawn from a generator
+re-seeded with a key mixed from `stable_seed(cfg.seed, layer_name)` (SHA-256 of
+"seed/name"), the sample id and the call index that `sample_context` supplies (outside a
+context: the row index and the layer's own count of noisy forwards, which `reseed`
+restarts). So a sample gets the same noise at any batch size, position, process count or
+order.
+
+Dynamic clips and ADC peaks are taken over `cfg.dynamic_scope`: one token, one sample
+(the input's leading dimension, the default) or the whole call (`batch`, the seed's
+behaviour). Per-sample and per-token steps are [rows, 1] tensors, one batched op each.
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ from torch import nn
 
 from .config import QuantConfig, build_quant_config
 from .intmm import GROUP_ELEMENTS, Int8Weights, int8_linear, new_digits, use_int8, write_digits
+from .noise import SampleContext, noise_key
 from .quantizers import (
+    SampleNoise,
     _safe_step,
     adc_convert_,
     bitserial_split_,
@@ -58,6 +67,21 @@ from .quantizers import (
 )
 
 Observer = Callable[[str, str, torch.Tensor], None]
+# A step or scale: a Python number for the whole call, or a [rows, 1] tensor per row.
+RowScale = float | torch.Tensor
+
+
+def _rows(value: RowScale | torch.Tensor, rows: slice) -> RowScale | torch.Tensor:
+    """The rows of a per-row [rows, 1] tensor; anything else applies to every row."""
+    return value[rows] if isinstance(value, torch.Tensor) and value.dim() == 2 else value
+
+
+def _add_scaled_(out: torch.Tensor, src: torch.Tensor, alpha: RowScale) -> None:
+    """out += alpha * src, alpha a number or per-row [rows of out, 1]."""
+    if isinstance(alpha, torch.Tensor):
+        out.addcmul_(src, alpha)
+    else:
+        out.add_(src, alpha=alpha)
 
 
 @dataclass(frozen=True)
@@ -128,6 +152,8 @@ class QuantLinear(nn.Linear):
         self.stats = None  # a stats.LayerStats while statistics are enabled
         self._static: StaticThresholds | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._sample_context: SampleContext | None = None  # set by noise.sample_context
+        self._noise_calls = 0  # noisy forwards outside a context (their call index)
         self._weight_cache: tuple[tuple, WeightCodes] | None = None
         self._int8_weights: Int8Weights | None = None
 
@@ -146,9 +172,11 @@ class QuantLinear(nn.Linear):
                 f"w{c.weight.bits}a{c.act.bits}, adc={'bypass' if c.adc.bypass else c.adc.bits}")
 
     def __getstate__(self):
-        # Generators and the weight cache are rebuilt lazily (deepcopy, pickling).
+        # Generators and the weight cache are rebuilt lazily (deepcopy, pickling); a copy
+        # restarts the default call count, like `reseed`, and belongs to no context.
         state = super().__getstate__()
-        state = dict(state, _generators={}, _weight_cache=None, _int8_weights=None)
+        state = dict(state, _generators={}, _weight_cache=None, _int8_weights=None,
+                     _sample_context=None, _noise_calls=0)
         return state
 
     # ----- static thresholds -------------------------------------------------------
@@ -212,17 +240,37 @@ class QuantLinear(nn.Linear):
         self._static = None
         self._weight_cache = None
 
-    # ----- noise streams -------------------------------------------------------------
+    # ----- noise keys -----------------------------------------------------------------
     def reseed(self, seed: int) -> None:
-        """Restart this layer's noise stream from `seed` (and the layer name)."""
+        """Key this layer's noise on `seed` (and the layer name) from now on, and restart
+        the call count used outside a sample context."""
         self.cfg = dataclasses.replace(self.cfg, seed=seed)
-        self._generators.clear()
+        self._noise_calls = 0
+
+    def _call_key(self, batch: int) -> tuple[int, list[int] | range]:
+        """(key of this call, sample ids of the batch rows): noise.py's context, or the
+        default outside one. Checks the batch against the context."""
+        base = stable_seed(self.cfg.seed, self.layer_name)
+        context = self._sample_context
+        if context is None:
+            return base, range(batch)
+        context.check(self.layer_name, batch)
+        return noise_key(base, context.calls, context.next_use(self)), context.sample_ids
+
+    def _sample_keys(self, call_key: int, sample_ids, noisy: bool) -> list[int] | None:
+        """One key per sample for this call's noise, or None when it draws none."""
+        if not noisy:
+            return None
+        if self._sample_context is None:
+            call_key = noise_key(call_key, self._noise_calls)
+            self._noise_calls += 1
+        return [noise_key(call_key, sample) for sample in sample_ids]
 
     def _generator(self, device: torch.device) -> torch.Generator:
+        """A generator per device, re-seeded with a sample's key before each draw."""
         gen = self._generators.get(device)
         if gen is None:
             gen = torch.Generator(device=device)
-            gen.manual_seed(stable_seed(self.cfg.seed, self.layer_name))
             self._generators[device] = gen
         return gen
 
@@ -253,13 +301,29 @@ class QuantLinear(nn.Linear):
         self._weight_cache = (key, entry)
         return entry
 
-    def _act_clip(self, x: torch.Tensor) -> torch.Tensor:
+    def _scope_rows(self, tokens: int, per_sample: int) -> int | None:
+        """Rows per dynamic range group (dynamic_scope token/sample), or None for one
+        range over the whole call (static mode, scope batch, or an empty input)."""
+        if self.cfg.mode == "static" or self.cfg.dynamic_scope == "batch" or not tokens:
+            return None
+        return 1 if self.cfg.dynamic_scope == "token" else per_sample
+
+    def _act_clip(self, x: torch.Tensor, group: int | None) -> torch.Tensor:
+        """Activation clip: 0-d, or per row [rows, 1] (equal within each group of `group`
+        rows)."""
         low, high = torch.aminmax(x)
         if not bool(torch.isfinite(low) & torch.isfinite(high)):
             raise FloatingPointError(f"layer '{self.layer_name}': NaN or Inf in the input "
                                      "activations")
         if self.cfg.mode == "static":
             return torch.tensor(self._require_static().act_clip, dtype=x.dtype, device=x.device)
+        if group is not None:
+            grouped = x.reshape(-1, group * x.shape[1])
+            if self.cfg.act.percentile == 100.0:
+                clip = grouped.abs().amax(dim=1)
+            else:
+                clip = percentile_abs(grouped, self.cfg.act.percentile, dim=1)
+            return clip.repeat_interleave(group).unsqueeze(1)
         if self.cfg.act.percentile == 100.0:
             return torch.maximum(-low, high)
         return percentile_abs(x, self.cfg.act.percentile)
@@ -270,7 +334,9 @@ class QuantLinear(nn.Linear):
                                "thresholds: calibrate it or call set_static()")
         return self._static
 
-    def _adc_step(self, path: str, acc: torch.Tensor) -> float:
+    def _adc_step(self, path: str, acc: torch.Tensor, group: int | None) -> RowScale:
+        """The ADC step: a number, or per row [rows, 1] (dynamic, per group of `group`
+        rows)."""
         code_max = qmax(self.cfg.adc.bits)
         if self.cfg.mode == "static":
             clip = self._require_static().adc_clips.get(path)
@@ -283,6 +349,14 @@ class QuantLinear(nn.Linear):
         # converters range on what they convert, as auto-ranging hardware would; a global
         # peak would need every tile's result before any tile is converted. Static clips
         # are per layer and shared by all tiles (calibration collects every tile's sums).
+        if group is not None:
+            low, high = torch.aminmax(acc.reshape(-1, group * acc.shape[1]), dim=1)
+            peak = torch.maximum(-low, high)
+            if self.dynamic_step_eps == 0:  # all-zero accumulation: any step gives code 0
+                step = torch.where(peak > 0, peak / code_max, torch.ones_like(peak))
+            else:
+                step = peak / code_max + self.dynamic_step_eps
+            return step.repeat_interleave(group).unsqueeze(1)
         low, high = torch.aminmax(acc)
         peak = max(-float(low), float(high))
         if peak == 0 and self.dynamic_step_eps == 0:
@@ -337,7 +411,7 @@ class QuantLinear(nn.Linear):
             x_int = torch.empty_like(x2)
             msb = torch.empty_like(x2) if self.has_msb else None
         stats = self.stats
-        # Python-number bounds take ATen's scalar fast path; a per-channel clip stays a tensor.
+        # Python-number bounds take ATen's scalar fast path; a per-row clip stays a tensor.
         scalar = act_clip.dim() == 0
         clip_hi = float(act_clip) if scalar else act_clip
         clip_lo = -clip_hi
@@ -352,10 +426,11 @@ class QuantLinear(nn.Linear):
             rows = slice(block.start, min(block.stop, tokens))
             n = rows.stop - rows.start
             codes_out = codes_buffer[:n] if as_digits else x_int[rows]
-            codes = torch.clamp(x2[rows], clip_lo, clip_hi, out=codes_out)
-            round_(codes.div_(step))  # |codes| <= qmax (1 + 2^-23): round_ is exact
+            codes = torch.clamp(x2[rows], _rows(clip_lo, rows), _rows(clip_hi, rows),
+                                out=codes_out)
+            round_(codes.div_(_rows(step, rows)))  # |codes| <= qmax (1 + 2^-23): exact
             if stats is not None:
-                stats.observe_activations(x2[rows], act_clip, codes)
+                stats.observe_activations(x2[rows], _rows(act_clip, rows), codes)
             if msb is not None:
                 msb_out = msb_buffer[:n] if as_digits else msb[rows]
                 self._split_block(codes, msb_out)
@@ -376,9 +451,14 @@ class QuantLinear(nn.Linear):
         """The hardware forward (no autograd). Returns (y, activation clip, weight codes)."""
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         x2 = x.detach().reshape(-1, self.in_features).to(dtype)
+        # A sample is one entry of the leading dimension (one row of a 2-D input).
+        batch = x.shape[0] if x.dim() > 1 else 1
+        per_sample = x2.shape[0] // batch if batch else 0
+        call_key, sample_ids = self._call_key(batch)
         if self.observer is not None:
             self.observer(self.layer_name, "act", x)
-        act_clip = self._act_clip(x2)
+        group = self._scope_rows(x2.shape[0], per_sample)
+        act_clip = self._act_clip(x2, group)
         weights = self._weight_codes(x2.device, dtype)
         as_digits = self._int8_kernel(x2)
         x_int, msb, act_step, columns = self._quantize_split(x2, act_clip, as_digits)
@@ -387,11 +467,19 @@ class QuantLinear(nn.Linear):
         if self.stats is not None and split.msb is not None:
             self.stats.observe_msb(split.msb)
         split = split._replace(msb=None)
-        y, unit = self._accumulate(split, weights, x2.shape[0], columns)
+        adc = self.cfg.adc
+        noisy = bool(self.adc_paths) and not adc.bypass and adc.noise_sigma_lsb > 0
+        noise = None
+        if noisy and per_sample:
+            noise = (per_sample, self._sample_keys(call_key, sample_ids, noisy))
+        y, unit = self._accumulate(split, weights, x2.shape[0], columns, group, noise)
         del split
-        scale = act_step * weights.step * unit
+        per_row = act_step.dim() == 2 or isinstance(unit, torch.Tensor)
+        scale = None if per_row else act_step * weights.step * unit
         bias = None if self.bias is None else self.bias.detach().to(dtype)
         for rows in row_blocks(*y.shape, y.device):
+            if per_row:
+                scale = _rows(act_step, rows) * weights.step * _rows(unit, rows)
             if bias is not None:
                 torch.addcmul(bias, y[rows], scale, out=y[rows])
             else:
@@ -411,7 +499,7 @@ class QuantLinear(nn.Linear):
         return cached
 
     def _product(self, codes: Codes, weights: WeightCodes, rows: slice, out: torch.Tensor,
-                 alpha: float | None = None) -> None:
+                 alpha: RowScale | None = None) -> None:
         """out = codes[:, rows] @ W_int[rows] (alpha None), or out += alpha * that, with
         the same float operations on either kernel: the product is exact, then added."""
         if alpha is not None:
@@ -425,7 +513,7 @@ class QuantLinear(nn.Linear):
         int8_linear(codes, self._int8_weights_for(weights), rows, out)
 
     def _add_product(self, codes: Codes, weights: WeightCodes, rows: slice, out: torch.Tensor,
-                     alpha: float) -> None:
+                     alpha: RowScale) -> None:
         """out += alpha * (codes[:, rows] @ W_int[rows]). The exact product waits in a
         scratch no larger than the input and is then added, so both kernels do the same
         float operations. The scratch holds either groups of token rows (on the CPU at
@@ -448,7 +536,7 @@ class QuantLinear(nn.Linear):
                 part = scratch[:, :columns.stop - columns.start]
                 torch.matmul(lhs, weights.codes_t[rows, columns], out=part)
                 for block in row_blocks(*part.shape, part.device):
-                    out[block, columns].add_(part[block], alpha=alpha)
+                    _add_scaled_(out[block, columns], part[block], _rows(alpha, block))
             return
         scratch = out.new_empty((min(group, tokens), out_features))
         for start in range(0, tokens, group):
@@ -457,11 +545,14 @@ class QuantLinear(nn.Linear):
             group_codes = (codes[start:start + part.shape[0]] if isinstance(codes, torch.Tensor)
                            else [digit[start:start + part.shape[0]] for digit in codes])
             self._product(group_codes, weights, rows, part)
+            group_alpha = _rows(alpha, slice(start, start + part.shape[0]))
             for block in row_blocks(*part.shape, part.device):
-                rows_out[block].add_(part[block], alpha=alpha)
+                _add_scaled_(rows_out[block], part[block], _rows(group_alpha, block))
 
     def _accumulate(self, split: Split, weights: WeightCodes, tokens: int,
-                    columns: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+                    columns: torch.Tensor | None = None, group: int | None = None,
+                    noise: tuple[int, list[int]] | None = None
+                    ) -> tuple[torch.Tensor, RowScale]:
         """(acc, unit) with acc * unit = sum over analog paths and tiles of
         gain * ADC(codes[:, tile] @ W_int[tile]) + digital_gain * (digital @ W_int), in
         integer-product units, [tokens, out_features].
@@ -470,7 +561,9 @@ class QuantLinear(nn.Linear):
         digital path and the final output scale fuse into few passes, each run in row
         blocks (`row_blocks`). `columns` (bool, [in_features]) marks the input columns in
         which the float digital codes may be non-zero: the digital matmul skips the
-        others (and is skipped when there are none).
+        others (and is skipped when there are none). `group`: rows per dynamic ADC range
+        (`_adc_step`). `noise`: (rows per sample, one key per sample) of this call; each
+        path and tile mixes its own index into the keys.
         """
         adc, stats = self.cfg.adc, self.stats
         codes_t = weights.codes_t
@@ -484,10 +577,11 @@ class QuantLinear(nn.Linear):
         out_is_codes = False
         while split.analog:
             path = split.analog.pop(0)
+            path_index = self.adc_paths.index(path.name)
             if stats is not None:
                 stats.analog_macs += path.codes.numel() * self.out_features * path.reads
             sigma = adc.noise_sigma_lsb / math.sqrt(path.reads) if path.noisy else 0.0
-            for rows in tiles:
+            for tile_index, rows in enumerate(tiles):
                 packed = None
                 if unit is None:
                     acc = out
@@ -504,10 +598,13 @@ class QuantLinear(nn.Linear):
                     self.observer(self.layer_name, f"adc.{path.name}", acc)
                 step = 1.0
                 if not adc.bypass:
-                    step = self._adc_step(path.name, acc)
-                    saturated = adc_convert_(acc, step, adc.bits, sigma,
-                                             self._generator(acc.device) if sigma else None,
-                                             stats is not None)
+                    step = self._adc_step(path.name, acc, group)
+                    draw = None
+                    if sigma and noise is not None:
+                        keys = [noise_key(key, path_index, tile_index) for key in noise[1]]
+                        draw = SampleNoise(self._generator(acc.device), noise[0], keys)
+                    saturated = adc_convert_(acc, step, adc.bits, sigma if draw else 0.0,
+                                             draw, stats is not None)
                     if stats is not None:
                         stats.observe_adc(acc.numel(), saturated)
                 if unit is None:
@@ -516,10 +613,12 @@ class QuantLinear(nn.Linear):
                     continue
                 alpha = step * path.gain / unit
                 for block in row_blocks(*out.shape, out.device):
-                    if packed is not None:  # codes + alpha * acc, as out.add_(acc, alpha)
+                    if packed is not None and isinstance(alpha, torch.Tensor):
+                        out[block].mul_(alpha[block]).add_(packed[block])
+                    elif packed is not None:  # codes + alpha * acc, as out.add_(acc, alpha)
                         torch.add(packed[block], out[block], alpha=alpha, out=out[block])
                     else:
-                        out[block].add_(acc[block], alpha=alpha)
+                        _add_scaled_(out[block], acc[block], _rows(alpha, block))
                 out_is_codes = False
             del path
         digital = split.digital

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -189,29 +190,86 @@ def bitserial_split_(x_int: torch.Tensor, lsb_bits: int, lsb_gain_shift: int = 0
     return msb
 
 
-def adc_convert_(acc: torch.Tensor, step: float, bits: int, noise_sigma_codes: float = 0.0,
-                 generator: torch.Generator | None = None, count_saturated: bool = False) -> int:
+class SampleNoise(NamedTuple):
+    """Where a tile's thermal noise comes from: `generator` re-seeded with `keys[s]` for
+    the rows of sample s (rows s * rows_per_sample onwards; noise.py derives the keys)."""
+
+    generator: torch.Generator
+    rows_per_sample: int
+    keys: list[int]
+
+
+def noise_blocks(rows: int, cols: int, device: torch.device, noise: SampleNoise | None
+                 ) -> list[tuple[slice, list[tuple[slice, int | None]]]]:
+    """Row blocks for the elementwise ADC passes and, inside each, the noise segments:
+    (rows relative to the block, key to re-seed with or None to continue the stream).
+
+    A sample's noise is drawn only on its own rows, in segments of a size that depends on
+    its shape and the device type alone (on the CPU at most CHUNK_ELEMENTS, so they stay
+    in cache; elsewhere the whole sample in one draw); blocks gather whole segments, so
+    where they fall never changes the noise. Without noise: `row_blocks`."""
+    if noise is None:
+        return [(block, []) for block in row_blocks(rows, cols, device)]
+    per_sample = noise.rows_per_sample
+    segment = max(1, CHUNK_ELEMENTS // max(cols, 1)) if blockwise(device) else per_sample
+    segment = max(1, min(segment, per_sample))
+    block_rows = max(segment, CHUNK_ELEMENTS // max(cols, 1)) if blockwise(device) else rows
+    blocks, start, segments = [], 0, []
+    for sample, key in enumerate(noise.keys):
+        first = sample * per_sample
+        for offset in range(0, per_sample, segment):
+            low, high = first + offset, first + min(offset + segment, per_sample)
+            if high - start > block_rows and segments:
+                blocks.append((slice(start, low), segments))
+                start, segments = low, []
+            segments.append((slice(low - start, high - start), key if offset == 0 else None))
+    if segments:
+        blocks.append((slice(start, rows), segments))
+    return blocks
+
+
+def adc_convert_(acc: torch.Tensor, step: float | torch.Tensor, bits: int,
+                 noise_sigma_codes: float = 0.0, noise: SampleNoise | None = None,
+                 count_saturated: bool = False) -> int:
     """In place on a 2-D accumulation: acc -> clamp(round(acc/step + e), -2^(n-1), 2^(n-1)-1)
     with e ~ N(0, noise_sigma_codes^2).
 
     The thermal noise is referred to the ADC input and expressed in ADC steps (DESIGN.md:
     N(0, (sigma_lsb * s_adc)^2 / K) on `a`), so it is drawn with that std directly in the
-    code domain, block by block (`row_blocks`, in row order: the stream is a function of
-    the generator state, acc's shape and the device type) into one block-sized buffer,
-    and each block is added, rounded and clamped while it is in cache. Returns the number
-    of codes that saturated when `count_saturated`, else 0.
+    code domain, per sample from `noise` (`noise_blocks`), into one block-sized buffer,
+    and each block is added, rounded and clamped while it is in cache. `step` is a
+    Python number (one step for the whole tile) or a [rows, 1] tensor (one per row: the
+    dynamic sample and token scopes). Returns the number of codes that saturated when
+    `count_saturated`, else 0.
     """
     code_max = qmax(bits)
-    blocks = row_blocks(*acc.shape, acc.device)
-    noise = None
-    if noise_sigma_codes > 0:
-        noise = acc.new_empty((min(blocks[0].stop, acc.shape[0]), acc.shape[1]))
+    if noise_sigma_codes <= 0:
+        noise = None
+    elif noise is None:
+        raise ValueError("adc_convert_: noise_sigma_codes > 0 needs the samples' noise keys")
+    blocks = noise_blocks(*acc.shape, acc.device, noise)
+    buffer = None
+    if noise is not None:
+        buffer = acc.new_empty((max(b.stop - b.start for b, _ in blocks), acc.shape[1]))
+    per_row = isinstance(step, torch.Tensor)
     saturated = []
-    for rows in blocks:
+    for rows, segments in blocks:
         chunk = acc[rows]
-        if noise is not None:
-            buf = noise[:chunk.shape[0]].normal_(0.0, noise_sigma_codes, generator=generator)
-            round_(torch.add(buf, chunk, alpha=1.0 / step, out=chunk))
+        if per_row:
+            chunk.div_(step[rows])
+        if buffer is not None:
+            buf = buffer[:chunk.shape[0]]
+            generator = noise.generator
+            for segment, key in segments:
+                if key is not None:
+                    generator.manual_seed(key)
+                buf[segment].normal_(0.0, noise_sigma_codes, generator=generator)
+            if per_row:
+                round_(chunk.add_(buf))
+            else:
+                round_(torch.add(buf, chunk, alpha=1.0 / step, out=chunk))
+        elif per_row:
+            round_(chunk)
         else:
             round_(chunk.div_(step))  # exact division: rounding ties as in the seed
         if count_saturated:

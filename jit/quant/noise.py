@@ -1,0 +1,119 @@
+"""Stateless thermal noise: which sample and which call a layer's rows belong to.
+
+Every analog read's noise is a pure function of (quant seed, layer name, sample id, call
+index of that sample, use of the layer within that call, analog path, tile, output
+element, read): the layer derives one 63-bit key per (sample, path, tile) by a stable
+integer mix of these numbers (`noise_key`, plain Python ints: no device work, no host
+sync) and draws that sample's noise from a generator re-seeded with the key
+(`adc_convert_` in quantizers.py). A sample's noise is drawn on its own rows only, in
+blocks that depend on its own shape and the device type alone, so it does not depend on
+the batch it is in, its position there, the process that runs it or the calls before it.
+CPU and CUDA generators produce different (equally distributed) values for one key.
+
+The loops that own the samples say who is who:
+
+    with sample_context(net, sample_ids):   # host-side ints, one per batch row
+        images = sampler(net, ...)          # every net(...) call is one call index
+
+`sample_context` registers a forward pre-hook on `net` that counts its calls, so each
+sampling step, Heun stage or CFG branch gets its own call index without the network
+knowing; the quantized layers inside `net` read the active context. A layer called with
+a batch whose leading dimension is not `len(sample_ids)` raises ValueError naming it.
+
+Outside any context (plain nn.Module use) a layer takes sample id = row index in the
+batch (the leading dimension) and call index = the number of its own forwards that drew
+noise since creation, copy or `reseed`. That default depends on batch composition and
+call order; reproducible runs use a context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+# Sample ids are mixed into 64-bit keys; the bound keeps them well apart from the other
+# key parts and is far above any data set (2^48 images).
+SAMPLE_ID_BOUND = 2**48
+_MASK64 = 2**64 - 1
+
+
+def _splitmix64(value: int) -> int:
+    """The splitmix64 finaliser: a bijective avalanche of 64-bit integers."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def noise_key(base: int, *parts: int) -> int:
+    """A 63-bit generator seed from `base` (the layer's stable_seed) and integer `parts`
+    (sample id, call index, ...), identical in every process and Python version."""
+    key = base & _MASK64
+    for part in parts:
+        # splitmix64 is a bijection: for one prefix, distinct parts give distinct keys.
+        key = _splitmix64(key ^ (part & _MASK64))
+    return key & (2**63 - 1)
+
+
+class SampleContext:
+    """Sample ids of the rows of every batch `net` is called with, and its call count."""
+
+    def __init__(self, sample_ids: Iterable[int] | torch.Tensor) -> None:
+        if isinstance(sample_ids, torch.Tensor):
+            if sample_ids.is_floating_point() or sample_ids.dim() != 1:
+                raise TypeError("sample_ids must be a 1-D integer tensor or a sequence of ints")
+            sample_ids = sample_ids.cpu().tolist()
+        ids = list(sample_ids)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise TypeError("sample_ids must be integers")
+        self.sample_ids = ids
+        self.low = min(ids, default=0)
+        self.high = max(ids, default=0)
+        self.calls = -1  # the pre-hook makes the first call index 0
+        self.uses: dict[int, int] = {}  # id(layer) -> its forwards within the current call
+
+    def begin_call(self) -> None:
+        self.calls += 1
+        self.uses.clear()
+
+    def check(self, layer_name: str, batch: int) -> None:
+        """Errors naming the layer for a batch that is not the context's samples."""
+        if batch != len(self.sample_ids):
+            raise ValueError(f"layer '{layer_name}': called with a batch of {batch} samples "
+                             f"inside a sample_context of {len(self.sample_ids)} sample ids")
+        if self.low < 0 or self.high >= SAMPLE_ID_BOUND:
+            raise ValueError(f"layer '{layer_name}': sample ids must lie in [0, "
+                             f"{SAMPLE_ID_BOUND}), got {self.low}..{self.high}")
+
+    def next_use(self, layer: nn.Module) -> int:
+        use = self.uses.get(id(layer), 0)
+        self.uses[id(layer)] = use + 1
+        return use
+
+
+def _quantized_layers(net: nn.Module) -> list[nn.Module]:
+    return [m for m in net.modules() if hasattr(m, "_sample_context")]
+
+
+@contextlib.contextmanager
+def sample_context(net: nn.Module, sample_ids: Iterable[int] | torch.Tensor
+                   ) -> Iterator[SampleContext]:
+    """Inside the block, every forward of `net` is one call of the samples `sample_ids`
+    (host-side ints, one per row of the batch, in [0, SAMPLE_ID_BOUND)); the quantized
+    layers in `net` key their thermal noise on (sample id, call index). Nesting on the
+    same layers restores the outer context on exit."""
+    context = SampleContext(sample_ids)
+    layers = _quantized_layers(net)
+    prior = [(layer, layer._sample_context) for layer in layers]
+    handle = net.register_forward_pre_hook(lambda module, args: context.begin_call())
+    try:
+        for layer in layers:
+            layer._sample_context = context
+        yield context
+    finally:
+        handle.remove()
+        for layer, previous in prior:
+            layer._sample_context = previous

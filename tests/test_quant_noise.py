@@ -1,0 +1,135 @@
+"""Stateless thermal noise (jit/quant/noise.py) and quant.dynamic_scope at the layer level:
+a sample's output does not depend on the batch around it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from jit.quant import (
+    SAMPLE_ID_BOUND,
+    BitSerialLinear,
+    HybridLinear,
+    build_quant_config,
+    percentile_abs,
+    reseed,
+    sample_context,
+)
+
+
+def make(cls, mode="dynamic", name="blocks.0.mlp.w12", **cfg):
+    torch.manual_seed(0)
+    layer = cls.from_linear(nn.Linear(64, 40), build_quant_config(
+        {"scheme": cls.scheme, "mode": mode, "adc": {"noise_sigma_lsb": 3.0}, **cfg}), name)
+    if mode == "static":
+        x = torch.randn(8, 20, 64)
+        clips = dict.fromkeys(layer.adc_paths, 4000.0)
+        layer.set_static(float(percentile_abs(x, 99.8)), clips)
+    return layer
+
+
+def batch(samples=8, tokens=20):
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(samples, tokens, 64, generator=gen) * torch.rand(
+        samples, 1, 1, generator=gen).mul(4).add(0.5)  # samples of different ranges
+
+
+@pytest.mark.parametrize("cls", [HybridLinear, BitSerialLinear])
+@pytest.mark.parametrize("mode,scope", [("static", "sample"), ("dynamic", "sample"),
+                                        ("dynamic", "token")])
+def test_a_sample_alone_equals_the_same_sample_in_a_batch(cls, mode, scope):
+    layer = make(cls, mode, dynamic_scope=scope)
+    x = batch()
+    with torch.no_grad(), sample_context(layer, range(100, 108)):
+        together = [layer(x) for _ in range(2)]  # two calls: call indices 0 and 1
+    for row in (0, 3, 7):
+        with torch.no_grad(), sample_context(layer, [100 + row]):
+            alone = [layer(x[row:row + 1]) for _ in range(2)]
+        for call in range(2):
+            assert torch.equal(alone[call][0], together[call][row])
+    assert not torch.equal(together[0], together[1])  # noise differs across calls
+
+
+def test_batch_scope_depends_on_the_batch_and_sample_scope_does_not():
+    x = batch()
+    outs = {}
+    for scope in ("batch", "sample"):
+        layer = make(HybridLinear, adc={"noise_sigma_lsb": 0.0}, dynamic_scope=scope)
+        with torch.no_grad():
+            outs[scope] = (layer(x)[2], layer(x[2:3])[0])
+    assert torch.equal(*outs["sample"]) and not torch.equal(*outs["batch"])
+
+
+def test_noise_differs_across_samples_and_depends_only_on_the_keys():
+    layer = make(HybridLinear, "static")
+    x = batch(4).mean(0, keepdim=True).expand(4, -1, -1).contiguous()  # one input, 4 ids
+    with torch.no_grad():
+        with sample_context(layer, [5, 6, 7, 8]):
+            y = layer(x)
+        assert not torch.equal(y[0], y[1])
+        with sample_context(layer, [8, 7, 6, 5]):  # order and position do not matter
+            assert torch.equal(layer(x).flip(0), y)
+        reseed(layer, 1)
+        with sample_context(layer, [5, 6, 7, 8]):
+            assert not torch.equal(layer(x), y)
+
+
+def test_a_long_sample_is_drawn_alike_in_any_batch():
+    """Several row blocks per sample (tokens x out > CHUNK_ELEMENTS) and per batch."""
+    torch.manual_seed(0)
+    layer = HybridLinear.from_linear(nn.Linear(16, 512), build_quant_config(
+        {"scheme": "hybrid", "mode": "static"}), "w")
+    layer.set_static(3.0, 800.0)
+    x = torch.randn(3, 700, 16)
+    with torch.no_grad():
+        with sample_context(layer, [0, 1, 2]):
+            together = layer(x)
+        with sample_context(layer, [1]):
+            assert torch.equal(layer(x[1:2])[0], together[1])
+
+
+def test_call_index_counts_forwards_of_the_context_module():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = make(HybridLinear, "static")
+
+        def forward(self, x):
+            return self.w(x), self.w(x)  # two uses of one layer in one call: distinct noise
+
+    net, x = Twice(), batch(2)
+    with torch.no_grad(), sample_context(net, [0, 1]):
+        first, second = net(x)
+        third, _ = net(x)
+    assert not torch.equal(first, second) and not torch.equal(first, third)
+    with torch.no_grad(), sample_context(net, [0, 1]):
+        assert torch.equal(net(x)[0], first)  # a new context starts at call 0
+
+
+def test_default_outside_a_context_is_row_index_and_noisy_call_count():
+    layer, x = make(HybridLinear, "static"), batch(2)
+    with torch.no_grad():
+        a, b = layer(x), layer(x)
+        reseed(layer, 0)
+        assert torch.equal(layer(x), a) and not torch.equal(a, b)
+        with sample_context(layer, [0, 1]):
+            assert not torch.equal(layer(x), a)  # context keys differ from the default
+
+
+@pytest.mark.parametrize("ids,message", [
+    ([0, 1, 2], (r"layer 'blocks\.3\.mlp\.w3': called with a batch of 2 samples inside a "
+                 r"sample_context of 3")),
+    ([-1, 0], r"layer 'blocks\.3\.mlp\.w3': sample ids must lie in \[0, "),
+    ([0, SAMPLE_ID_BOUND], r"layer 'blocks\.3\.mlp\.w3': sample ids must lie in \[0, "),
+])
+def test_bad_sample_ids_name_the_layer(ids, message):
+    layer = make(HybridLinear, "static", name="blocks.3.mlp.w3")
+    with pytest.raises(ValueError, match=message), sample_context(layer, ids):
+        layer(batch(2))
+
+
+def test_unknown_dynamic_scope_is_one_line_naming_the_key():
+    with pytest.raises(ValueError, match=r"^quant\.dynamic_scope must be one of token, sample, "
+                                         r"batch, got 'image'$"):
+        build_quant_config({"dynamic_scope": "image"})
