@@ -281,3 +281,34 @@ def test_atomic_savez_keeps_old_file_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         atomic_savez(path, mu=np.ones(2))
     assert np.array_equal(np.load(path)["mu"], np.zeros(2)) and list(tmp_path.iterdir()) == [path]
+
+
+# ------------------------------------------------------------------ run-layout independence
+def test_statistics_do_not_depend_on_batching_or_arrival_order():
+    torch.manual_seed(0)
+    features = torch.randn(203, 9) * 5 + 2
+    logits = torch.randn(203, 12) * 3
+
+    def scores(chunks):
+        gauss, isc = GaussianStats(9), InceptionScoreStats(203, 12, splits=4)
+        for chunk in chunks:
+            gauss.update(features[chunk], chunk)
+            isc.update(logits[chunk], chunk)
+        return gauss.mu_sigma(), isc.compute()
+
+    (mu, sigma), is_score = scores(torch.arange(203).split(203))
+    for chunks in (torch.arange(203).split(1), torch.randperm(203).split(7), torch.randperm(203).split(32)):
+        (mu2, sigma2), is2 = scores(chunks)
+        assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)  # bitwise
+        assert is2 == is_score
+
+
+def test_features_of_an_image_do_not_depend_on_the_batch_around_it():
+    space = create_feature_space("digits-cnn", None, device="cpu", probe_size=16)
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8)
+    whole, whole_logits = space(images)
+    for size in (1, 7):
+        parts = [space(chunk) for chunk in images.split(size)]
+        assert torch.equal(torch.cat([f for f, _ in parts]), whole)
+        assert torch.equal(torch.cat([lg for _, lg in parts]), whole_logits)

@@ -375,7 +375,7 @@ class FIDEvaluation(L.Callback):
                     if images.shape[1] == 1:  # grey models: the extractors take RGB
                         images = images.expand(-1, 3, -1, -1)
                     features, logits = space(images)
-                    stats.update(features)
+                    stats.update(features, idx)
                     if use_is:
                         is_stats.update(logits, idx)
                     elif logits is not None:

@@ -160,10 +160,22 @@ class FeatureSpace:
 
     @torch.no_grad()
     def __call__(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """uint8 [B, 3, H, W] -> (features [B, D], logits [B, K] or None), float32 on the CPU."""
-        out = self.extractor.convert_features_tuple_to_dict(self.extractor(images_uint8.to(self.device)))
-        logits = out[self.logits_layer].float().cpu() if self.logits_layer else None
-        return out[self.fid_layer].float().cpu(), logits
+        """uint8 [B, 3, H, W] -> (features [B, D], logits [B, K] or None), float32 on the CPU.
+
+        One image per forward pass: convolution kernels pick their algorithm by batch size,
+        so batched features of an image change in the last bits with the batch around it,
+        and a score would depend on fid.batch_size and the process count.
+        """
+        features, logits = [], []
+        for image in images_uint8.to(self.device).split(1):
+            out = self.extractor.convert_features_tuple_to_dict(self.extractor(image))
+            features.append(out[self.fid_layer].float().cpu())
+            if self.logits_layer:
+                logits.append(out[self.logits_layer].float().cpu())
+        if not features:
+            empty = torch.zeros(0, 0)
+            return empty, (empty if self.logits_layer else None)
+        return torch.cat(features), (torch.cat(logits) if self.logits_layer else None)
 
 
 def create_feature_space(name: str, weights_path=None, device="cpu", probe_size: int = 32) -> FeatureSpace:

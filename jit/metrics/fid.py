@@ -1,10 +1,14 @@
-"""Fréchet distance, streaming Gaussian statistics and the Inception Score, all in float64.
+"""Fréchet distance, Gaussian statistics and the Inception Score, all in float64.
 
 torch-fidelity 0.4.0 computes FID only from two feature sets it extracted itself and
 asserts equal dtypes of mu/sigma; published reference statistics come as (mu, sigma)
-npz files. So the distance is computed here from (mu, sigma), and features are reduced
-to sufficient statistics as they stream out of the extractor: memory stays constant in
-the number of images and the statistics of several ranks simply add up.
+npz files. So the distance is computed here from (mu, sigma).
+
+A score must not depend on the run layout (batch size, process count, arrival order),
+and float sums do depend on their order. So the statistics keep every feature row with
+its global image index (as torch-fidelity keeps all features: N x D float32, 400 MB at
+FID-50k with 2048-d Inception features) and reduce them once, in index order and in
+fixed chunks, after the rows of all ranks have been gathered.
 """
 
 from __future__ import annotations
@@ -53,88 +57,155 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return buffer.to(tensor.device)
 
 
-class GaussianStats:
-    """Running sum, sum of outer products and count of feature vectors, in float64.
+# Rows reduced per matmul when the statistics are computed: fixed, so the float sums are
+# the same for any batch size or process count.
+REDUCE_CHUNK_ROWS = 4096
+
+
+def gather_rows(rows: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, indices) of all ranks, ordered by index (a no-op sort without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            else rows.device
+        count = torch.tensor([rows.shape[0]], device=device)
+        counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+        dist.all_gather(counts, count)
+        longest = int(max(c.item() for c in counts))
+        padded = rows.new_zeros((longest, *rows.shape[1:])).to(device)
+        padded[:rows.shape[0]] = rows.to(device)
+        padded_idx = torch.full((longest,), -1, dtype=torch.long, device=device)
+        padded_idx[:rows.shape[0]] = indices.to(device)
+        all_rows = [torch.empty_like(padded) for _ in counts]
+        all_idx = [torch.empty_like(padded_idx) for _ in counts]
+        dist.all_gather(all_rows, padded)
+        dist.all_gather(all_idx, padded_idx)
+        rows = torch.cat([r[:int(c.item())] for r, c in zip(all_rows, counts)]).cpu()
+        indices = torch.cat([i[:int(c.item())] for i, c in zip(all_idx, counts)]).cpu()
+    order = torch.argsort(indices, stable=True)
+    return rows[order], indices[order]
+
+
+class _IndexedRows:
+    """Rows collected with their global index; `all_gather` puts every rank's rows, in
+    index order, on every rank."""
+
+    def __init__(self, width: int):
+        self.width = int(width)
+        self._rows: list[torch.Tensor] = []
+        self._indices: list[torch.Tensor] = []
+        self._next = 0  # index given to rows that come without one (arrival order)
+
+    def _add(self, rows: torch.Tensor, indices, what: str) -> None:
+        rows = torch.as_tensor(rows).detach().cpu()
+        if rows.ndim != 2 or rows.shape[1] != self.width:
+            raise ValueError(f"{what} have shape {tuple(rows.shape)}, expected [N, {self.width}]")
+        if indices is None:
+            indices = torch.arange(self._next, self._next + rows.shape[0])
+        indices = torch.as_tensor(indices, dtype=torch.long).cpu().reshape(-1)
+        if indices.numel() != rows.shape[0]:
+            raise ValueError(f"{indices.numel()} indices for {rows.shape[0]} {what}")
+        self._next = max(self._next, int(indices.max()) + 1) if indices.numel() else self._next
+        self._rows.append(rows)
+        self._indices.append(indices)
+
+    def rows(self, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._rows:
+            return torch.zeros(0, self.width, dtype=dtype), torch.zeros(0, dtype=torch.long)
+        rows, indices = torch.cat(self._rows), torch.cat(self._indices)
+        order = torch.argsort(indices, stable=True)
+        return rows[order].to(dtype), indices[order]
+
+    def _merge(self, other: _IndexedRows) -> None:
+        if other.width != self.width:
+            raise ValueError(f"cannot merge statistics of dims {self.width} and {other.width}")
+        self._rows += other._rows
+        self._indices += other._indices
+        self._next = max(self._next, other._next)
+
+    def _all_gather(self) -> None:
+        rows, indices = gather_rows(*self.rows(torch.float32 if self._float32() else torch.float64))
+        self._rows, self._indices = [rows], [indices]
+
+    def _float32(self) -> bool:
+        return all(r.dtype == torch.float32 for r in self._rows)
+
+    @property
+    def count(self) -> int:
+        return sum(r.shape[0] for r in self._rows)
+
+
+class GaussianStats(_IndexedRows):
+    """Mean and covariance of feature vectors keyed by global image index, in float64.
 
     mu = S / n and sigma = (Q - n mu mu^T) / (n - 1), the unbiased covariance as
-    numpy.cov (and hence torch-fidelity) computes it.
+    numpy.cov (and hence torch-fidelity) computes it; S and Q are summed in index order
+    over fixed chunks, so the result depends only on the set of (index, features) pairs.
     """
 
     def __init__(self, dim: int):
-        self.dim = int(dim)
-        self.sum = torch.zeros(self.dim, dtype=torch.float64)
-        self.outer = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-        self.count = 0
+        super().__init__(dim)
+        self.dim = self.width
 
-    def update(self, features: torch.Tensor) -> None:
-        x = torch.as_tensor(features).detach().to("cpu", torch.float64)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"features have shape {tuple(x.shape)}, expected [N, {self.dim}]")
-        self.sum += x.sum(0)
-        self.outer += x.T @ x
-        self.count += x.shape[0]
+    def update(self, features: torch.Tensor, indices=None) -> None:
+        """Add feature rows; `indices` are their global image indices (default: arrival order)."""
+        self._add(features, indices, "features")
 
     def merge(self, other: GaussianStats) -> GaussianStats:
-        if other.dim != self.dim:
-            raise ValueError(f"cannot merge statistics of dims {self.dim} and {other.dim}")
-        self.sum += other.sum
-        self.outer += other.outer
-        self.count += other.count
+        self._merge(other)
         return self
 
     def all_reduce(self) -> GaussianStats:
-        """Sum the statistics of all ranks in place (a no-op without torch.distributed)."""
-        packed = torch.cat([self.sum, self.outer.flatten(), torch.tensor([float(self.count)], dtype=torch.float64)])
-        packed = all_reduce_sum(packed)
-        self.sum = packed[: self.dim].clone()
-        self.outer = packed[self.dim : self.dim + self.dim**2].reshape(self.dim, self.dim).clone()
-        self.count = round(packed[-1].item())
+        """Gather the rows of all ranks onto every rank (a no-op without torch.distributed)."""
+        self._all_gather()
         return self
 
     def mu_sigma(self) -> tuple[np.ndarray, np.ndarray]:
         if self.count < 2:
             raise ValueError(f"a covariance needs at least 2 feature vectors, got {self.count}")
-        mu = self.sum / self.count
-        sigma = (self.outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
+        rows, _ = self.rows(torch.float64)
+        total = torch.zeros(self.dim, dtype=torch.float64)
+        outer = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        for chunk in rows.split(REDUCE_CHUNK_ROWS):
+            total += chunk.sum(0)
+            outer += chunk.T @ chunk
+        n = rows.shape[0]
+        mu = total / n
+        sigma = (outer - n * torch.outer(mu, mu)) / (n - 1)
         return mu.numpy(), sigma.numpy()
 
 
-class InceptionScoreStats:
-    """Inception Score from logits with constant memory, split by global image index.
+class InceptionScoreStats(_IndexedRows):
+    """Inception Score from logits keyed by global image index.
 
     Image i goes to split k when k N / S <= i < (k+1) N / S (torch-fidelity's contiguous
     splits, without its shuffle: our labels already cycle through the classes, so every
     split is class-balanced). Per split, IS_k = exp(E[sum p log p] - sum q log q) with q
-    the split's mean class distribution, so the sums of p and of sum p log p suffice.
+    the split's mean class distribution; sums run in index order.
     """
 
     def __init__(self, num_images: int, num_classes: int, splits: int = 10):
         if num_images < splits:
             raise ValueError(f"the Inception Score needs at least splits={splits} images, got {num_images}")
+        super().__init__(num_classes)
         self.num_images, self.splits = int(num_images), int(splits)
         self.bounds = torch.tensor([k * num_images // splits for k in range(splits + 1)])
-        self.p_sum = torch.zeros(splits, num_classes, dtype=torch.float64)
-        self.neg_entropy_sum = torch.zeros(splits, dtype=torch.float64)
-        self.count = torch.zeros(splits, dtype=torch.float64)
 
     def update(self, logits: torch.Tensor, indices: torch.Tensor) -> None:
-        logits = logits.detach().to("cpu", torch.float64)
-        split = torch.searchsorted(self.bounds, torch.as_tensor(indices).cpu(), right=True) - 1
-        log_p = logits.log_softmax(dim=1)
-        p = log_p.exp()
-        self.p_sum.index_add_(0, split, p)
-        self.neg_entropy_sum.index_add_(0, split, (p * log_p).sum(1))
-        self.count.index_add_(0, split, torch.ones_like(split, dtype=torch.float64))
+        self._add(logits, indices, "logits")
 
     def all_reduce(self) -> InceptionScoreStats:
-        self.p_sum = all_reduce_sum(self.p_sum)
-        self.neg_entropy_sum = all_reduce_sum(self.neg_entropy_sum)
-        self.count = all_reduce_sum(self.count)
+        self._all_gather()
         return self
 
     def compute(self) -> tuple[float, float]:
         """(mean, std) of the per-split scores."""
-        q = self.p_sum / self.count[:, None]
-        q_log_q = torch.where(q > 0, q * q.log(), torch.zeros_like(q)).sum(1)
-        scores = (self.neg_entropy_sum / self.count - q_log_q).exp().numpy()
+        logits, indices = self.rows(torch.float64)
+        split = torch.searchsorted(self.bounds, indices, right=True) - 1
+        scores = []
+        for k in range(self.splits):
+            log_p = logits[split == k].log_softmax(dim=1)
+            p = log_p.exp()
+            q = p.mean(0)
+            q_log_q = torch.where(q > 0, q * q.log(), torch.zeros_like(q)).sum()
+            scores.append(float(((p * log_p).sum(1).mean() - q_log_q).exp()))
         return float(np.mean(scores)), float(np.std(scores))

@@ -49,7 +49,7 @@ def stats_of_images(images, space: FeatureSpace, batch_size: int = 100) -> Gauss
     stats = GaussianStats(space.feature_dim)
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
-        stats.update(space(batch)[0])
+        stats.update(space(batch)[0], torch.arange(start, start + batch.shape[0]))
     return stats
 
 
@@ -105,15 +105,22 @@ def compute_split_stats(datamodule, split: str, space: FeatureSpace) -> Gaussian
     rank, world = _rank_world()
     if hasattr(datamodule, "split_dataset"):
         dataset = datamodule.split_dataset(split)
-        loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)),
-                            batch_size=getattr(datamodule, "batch_size", 64),
+        mine = range(rank, len(dataset), world)
+        loader = DataLoader(Subset(dataset, mine), batch_size=getattr(datamodule, "batch_size", 64),
                             num_workers=getattr(datamodule, "num_workers", 0))
-        batches = iter(loader)
-    else:  # a bare loader: every rank iterates it and keeps its share of the batches
-        batches = (b for i, b in enumerate(datamodule.dataloader(split)) if i % world == rank)
+        stats = GaussianStats(space.feature_dim)
+        done = 0
+        for images, _labels in loader:  # in order: the k-th image of this shard is mine[k]
+            stats.update(space(images)[0], torch.tensor(mine[done:done + images.shape[0]]))
+            done += images.shape[0]
+        return stats.all_reduce()
+    # A bare loader: every rank iterates it and keeps its share of the batches.
     stats = GaussianStats(space.feature_dim)
-    for images, _labels in batches:
-        stats.update(space(images)[0])
+    start = 0
+    for i, (images, _labels) in enumerate(datamodule.dataloader(split)):
+        if i % world == rank:
+            stats.update(space(images)[0], torch.arange(start, start + images.shape[0]))
+        start += images.shape[0]
     return stats.all_reduce()
 
 
