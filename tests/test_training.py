@@ -23,6 +23,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from jit.atomic import _create_temporary, remove_stale_temporaries
 from jit.checkpoint import build_denoiser_from_checkpoint, load_jit_checkpoint
 from jit.datamodules import DigitsDataModule
 from jit.ema import EMA
@@ -474,3 +475,16 @@ def test_atomic_checkpoint_io_never_leaves_a_partial_file(tmp_path, monkeypatch)
     monkeypatch.undo()
     assert torch.load(target, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_stale_temporaries_of_killed_writes_are_removed_and_nothing_else(tmp_path):
+    left = [_create_temporary(tmp_path / "last.ckpt"), _create_temporary(tmp_path / "results.json")]
+    left[1].write_bytes(b"partial")
+    lookalikes = ["last.ckpt", "notes.tmp", ".last.ckpt.tmp", "last.ckpt.0a1b2c3d.tmp",
+                  ".last.ckpt.0A1B2C3D.tmp", ".last.ckpt.0a1b2c3.tmp"]
+    for name in lookalikes:
+        (tmp_path / name).touch()
+    (tmp_path / ".dir.0a1b2c3d.tmp").mkdir()
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(left)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*lookalikes, ".dir.0a1b2c3d.tmp"])
+    assert remove_stale_temporaries(tmp_path / "missing") == []
