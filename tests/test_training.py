@@ -295,18 +295,23 @@ def final_state(c: dict) -> dict:
 EXACT = {"subset_frac": 0.03, "random_flip": True, "every_n": 2, "max_steps": 13}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, sig):
-    reference = final_state(cfg(tmp_path / "reference", **EXACT, result=str(tmp_path / "ref.pt")))
+@pytest.mark.parametrize(
+    "sig, workers",
+    [(signal.SIGTERM, 0), (signal.SIGKILL, 2)],  # workers load batches ahead of the training loop
+    ids=["sigterm", "sigkill-2-workers"],
+)
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, sig, workers):
+    exact = {**EXACT, "num_workers": workers}
+    reference = final_state(cfg(tmp_path / "reference", **exact, result=str(tmp_path / "ref.pt")))
 
-    c = cfg(tmp_path / "interrupted", **EXACT)
+    c = cfg(tmp_path / "interrupted", **exact)
     interrupt_at(c, 7, sig)  # epoch 1, third batch
     last = tmp_path / "interrupted" / "checkpoints" / "last.ckpt"
     # SIGTERM saves at the step it arrives; SIGKILL leaves the periodic checkpoint of step 6.
     assert load_ckpt(last)["global_step"] == (7 if sig == signal.SIGTERM else 6)
     resumed = final_state({**c, "ckpt_path": str(last), "result": str(tmp_path / "resumed.pt")})
 
-    assert resumed["global_step"] == reference["global_step"] == EXACT["max_steps"]
+    assert resumed["global_step"] == reference["global_step"] == exact["max_steps"]
     assert_state_equal(resumed["params"], reference["params"])
     for mine, theirs in zip(resumed["ema"]["shadows"], reference["ema"]["shadows"], strict=True):
         assert_state_equal(mine, theirs)

@@ -4,7 +4,7 @@
 
 Options (JSON): root, max_steps, every_n (checkpoint period in steps, null = none),
 ckpt_path (resume), devices (>1 = DDP over gloo on CPU), batch_size, img_size, blr,
-seed, subset_frac and random_flip (data), progress (file rewritten with the global step
+seed, subset_frac, random_flip and num_workers (data), progress (file rewritten with the global step
 after every batch), pause_at (after that step, wait up to a minute for SIGTERM or SIGKILL,
 so a parent interrupts at a known step), result (torch file per rank with the final
 parameters, EMAs and lr; "{rank}" is substituted).
@@ -40,6 +40,7 @@ DEFAULTS = {
     "seed": 0,
     "subset_frac": 1.0,
     "random_flip": False,
+    "num_workers": 0,
     "progress": None,
     "pause_at": None,
     "result": None,
@@ -78,6 +79,7 @@ def make_datamodule(cfg: dict) -> DigitsDataModule:
         batch_size=cfg["batch_size"],
         subset_frac=cfg["subset_frac"],
         random_flip=cfg["random_flip"],
+        num_workers=cfg["num_workers"],
     )
 
 
