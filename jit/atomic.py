@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +24,10 @@ from pathlib import Path
 import torch
 
 __all__ = ["OutputWriteError", "atomic_path", "atomic_torch_save", "atomic_write_json", "atomic_write_text",
-           "check_writable", "write_error"]
+           "check_writable", "remove_stale_temporaries", "write_error"]
+
+# The names `_create_temporary` gives: `.<target name>.<8 hex digits>.tmp`.
+_TEMPORARY_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
@@ -77,6 +81,24 @@ def _create_temporary(path: Path) -> Path:
             continue
         return tmp
     raise FileExistsError(f"no unused temporary file name beside {str(path)!r}")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that writes killed mid-way (SIGKILL, power loss) left in
+    `folder`; only regular files named as this module names them, nothing else.
+
+    Call it where no other process of the run writes to `folder` yet (at the start of a run).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [
+        entry for entry in folder.iterdir()
+        if _TEMPORARY_NAME.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink()
+    ]
+    for entry in stale:
+        entry.unlink(missing_ok=True)
+    return stale
 
 
 def _fsync_file(path: Path) -> None:

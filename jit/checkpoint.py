@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ def safe_load(path: str | os.PathLike, mmap: bool = False) -> dict:
     """torch.load restricted to tensors, containers and argparse.Namespace.
 
     `mmap=True` maps the tensors instead of reading them (cheap peeks at large files).
+    Legacy (non-zip) files cannot be mapped and are read whole.
     """
     path = Path(path)
     if not path.exists():
@@ -38,6 +40,7 @@ def safe_load(path: str | os.PathLike, mmap: bool = False) -> dict:
         raise CheckpointError(f"checkpoint path is not a file: {path}")
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"checkpoint is not readable (permissions): {path}")
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

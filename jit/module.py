@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import random
 import time
 from collections.abc import Mapping
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -142,6 +144,28 @@ def official_state_from_lightning(ckpt: Mapping) -> dict:
     }
 
 
+def rng_states(device: torch.device) -> dict:
+    """The global RNG states (torch CPU, the CUDA device in use, numpy, Python), as tensors
+    and plain containers so a checkpoint holding them still loads with weights_only=True."""
+    keys, pos, has_gauss, cached = np.random.get_state()[1:]
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_states(states: Mapping, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+    keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
 class JiTModule(L.LightningModule):
     """Denoiser + optimiser + two EMAs.
 
@@ -226,6 +250,7 @@ class JiTModule(L.LightningModule):
         self._raw_backup: list[list[torch.Tensor]] = []
         self._val_stack: contextlib.ExitStack | None = None
         self._last_batch_end: float | None = None
+        self._rng_states_to_restore: dict | None = None
 
     # ------------------------------------------------------------------ weights
     def _init_from_official(self, path, init_weights: str) -> None:
@@ -411,6 +436,11 @@ class JiTModule(L.LightningModule):
                 "used to scale the learning rate"
             )
         self._last_batch_end = None
+        if self._rng_states_to_restore is not None:
+            # Here, after Lightning's set-up, so that the first step after a resume draws its
+            # times, noise and label drops as the uninterrupted run did.
+            restore_rng_states(self._rng_states_to_restore, self.device)
+            self._rng_states_to_restore = None
 
     @staticmethod
     def _images(x: torch.Tensor) -> torch.Tensor:
@@ -504,6 +534,8 @@ class JiTModule(L.LightningModule):
             )
         checkpoint["ema"] = self.ema.state_dict()
         checkpoint["init_checkpoint"] = self.init_source
+        # Every rank is seeded alike, so rank 0's states (the ones saved) fit every rank.
+        checkpoint["rng_states"] = rng_states(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "ema" not in checkpoint:
@@ -513,3 +545,4 @@ class JiTModule(L.LightningModule):
             )
         self.ema.load_state_dict(checkpoint["ema"])
         self.init_source = checkpoint.get("init_checkpoint", self.init_source)
+        self._rng_states_to_restore = checkpoint.get("rng_states")

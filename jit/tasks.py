@@ -155,13 +155,51 @@ def check_calibration_inputs(cfg: DictConfig, qcfg, dm) -> None:
 
 
 # -------------------------------------------------------------------------------- tasks
+# What a training stopped by SIGTERM exits with, after saving last.ckpt: 128 + 15, as a shell
+# reports a process that SIGTERM ended. Not 0 (finished) nor 1/2 (failed, or bad input).
+EXIT_INTERRUPTED = 128 + 15
+
+
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    node = (cfg.callbacks or {}).get("checkpoint")
+    dirpath = node.get("dirpath") if node is not None else None
+    return Path(dirpath) if dirpath else Path(cfg.paths.output_dir) / "checkpoints"
+
+
+def latest_checkpoint(folder: Path) -> str:
+    """`ckpt_path=last`: the newest last*.ckpt of the run's checkpoint folder (as Lightning picks)."""
+    found = sorted(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    if not found:
+        raise ConfigError(f"ckpt_path=last: no last*.ckpt in {folder}; name the run directory to resume "
+                          "with hydra.run.dir=<that directory>")
+    return str(found[-1])
+
+
 def train(cfg: DictConfig) -> dict:
-    kind = checkpoint_kind(cfg.ckpt_path)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from jit.atomic import remove_stale_temporaries
+
+    ckpt_path = latest_checkpoint(checkpoint_dir(cfg)) if cfg.ckpt_path == "last" else cfg.ckpt_path
+    kind = checkpoint_kind(ckpt_path)
     dm = instantiate(cfg.data)
-    module = JiTModule(**module_kwargs(cfg), init_checkpoint=cfg.ckpt_path if kind == "official" else None,
+    module = JiTModule(**module_kwargs(cfg), init_checkpoint=ckpt_path if kind == "official" else None,
                        init_weights="model")
     trainer = build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg, training=True))
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path if kind == "lightning" else None)
+    if trainer.is_global_zero:  # before anything of this run writes there
+        for folder in (Path(cfg.paths.output_dir), checkpoint_dir(cfg)):
+            for stale in remove_stale_temporaries(folder):
+                rank_zero_info(f"removed {stale.name}, left in {folder} by an interrupted write")
+    if ckpt_path is not None:
+        rank_zero_info(f"resuming from {ckpt_path}" if kind == "lightning" else f"fine-tuning from {ckpt_path}")
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path if kind == "lightning" else None)
+    except SIGTERMException:
+        if trainer.is_global_zero:
+            print(f"training stopped by SIGTERM at step {trainer.global_step} (exit code {EXIT_INTERRUPTED}); "
+                  f"resume with the same overrides plus: ckpt_path=last hydra.run.dir={cfg.paths.output_dir}",
+                  file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     finalize_loggers(trainer)
     out = Path(cfg.paths.output_dir) / "checkpoint-last.pth"
     if trainer.is_global_zero:

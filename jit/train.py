@@ -61,7 +61,8 @@ class SaveOnSignal(Callback):
     status 0) at the end of the batch without saving. This callback runs first, in
     `on_train_batch_end`, and saves through `trainer.save_checkpoint` (so through the
     configured CheckpointIO: atomically). Under DDP the decision is reduced over ranks,
-    because saving is collective. Resume with `ckpt_path="last"` or the file's path.
+    because saving is collective. Resume with `python run.py ... ckpt_path=last
+    hydra.run.dir=<run dir>` (README, "Resuming"), or `trainer.fit(ckpt_path=<the file>)`.
     `dirpath` defaults to the ModelCheckpoint's folder, else `<root>/checkpoints`.
     """
 

@@ -95,6 +95,24 @@ def test_truncated_file(tmp_path, official_tiny_ckpt_path):
         load_jit_checkpoint(path)
 
 
+def test_legacy_non_zip_checkpoint_loads_like_the_zip_one(tmp_path, official_tiny_ckpt_path):
+    """torch.save(..., _use_new_zipfile_serialization=False) files cannot be memory-mapped."""
+    original = torch.load(official_tiny_ckpt_path, weights_only=False)
+    legacy = tmp_path / "legacy.pth"
+    torch.save(original, legacy, _use_new_zipfile_serialization=False)
+    for weights in ("model", "model_ema1"):
+        state, meta = load_jit_checkpoint(legacy, weights)
+        expected, _ = load_jit_checkpoint(official_tiny_ckpt_path, weights)
+        assert state.keys() == expected.keys()
+        assert all(torch.equal(state[k], expected[k]) for k in state)
+        assert meta["variant"] == "JiT-T/4" and meta["epoch"] == 2
+    # a legacy file cut short is still reported as such
+    truncated = tmp_path / "legacy_truncated.pth"
+    truncated.write_bytes(legacy.read_bytes()[:50_000])
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        load_jit_checkpoint(truncated)
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned",))

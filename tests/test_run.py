@@ -418,3 +418,51 @@ def test_generated_images_do_not_depend_on_the_process_count(trained_tiny, tmp_p
     two = _generated(trained_tiny, tmp_path, "two", f"quant.mode={mode}", "fid.batch_size=4",
                      "trainer=ddp_cpu")
     assert (one[0] == two[0]).all() and one[1] == two[1]  # bitwise
+
+
+# ------------------------------------------------------------------ interrupt and resume
+TINY_TRAIN = ["experiment=digits_train", "model=jit_t4", "model.net.input_size=16", "data.batch_size=16",
+              "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=2",
+              "callbacks.progress=null"]
+
+
+def test_sigterm_exits_143_and_ckpt_path_last_resumes_in_the_same_run_directory(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "run.py"), *TINY_TRAIN, "trainer.max_steps=100000",
+           f"hydra.run.dir={out}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("checkpoints/step*.ckpt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert f"ckpt_path=last hydra.run.dir={out}" in err
+    stopped = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert stopped >= 2
+
+    # what a write killed mid-way leaves behind, next to files that only look alike
+    stale = out / "checkpoints" / ".last.ckpt.0a1b2c3d.tmp"
+    stale.touch()
+    kept = [out / "checkpoints" / "notes.tmp", out / ".results.json.tmp", out / "keep.0a1b2c3d.tmp"]
+    for path in kept:
+        path.touch()
+
+    target = stopped + 2 + stopped % 2  # even: the periodic checkpoint writes last.ckpt at the end
+    resumed = run([*TINY_TRAIN, f"trainer.max_steps={target}", "ckpt_path=last", f"hydra.run.dir={out}"],
+                  tmp_path)
+    log = resumed.stdout + resumed.stderr
+    assert f"resuming from {out / 'checkpoints' / 'last.ckpt'}" in log
+    assert "dirpath has changed" not in log
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == target
+    assert not stale.exists() and all(path.exists() for path in kept)
+    assert not list((out / "checkpoints").glob("last-v*.ckpt"))
+    assert (out / "checkpoint-last.pth").exists()
+
+    fresh = run(["experiment=digits_train", "ckpt_path=last", f"hydra.run.dir={tmp_path / 'new'}"], tmp_path,
+                check=False)
+    assert fresh.returncode == 2
+    assert f"ckpt_path=last: no last*.ckpt in {tmp_path / 'new' / 'checkpoints'}" in fresh.stderr

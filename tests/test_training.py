@@ -23,6 +23,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from jit.atomic import _create_temporary, remove_stale_temporaries
 from jit.checkpoint import build_denoiser_from_checkpoint, load_jit_checkpoint
 from jit.datamodules import DigitsDataModule
 from jit.ema import EMA
@@ -272,6 +273,50 @@ def test_killed_run_resumes_with_identical_state(tmp_path):
     assert trainer.global_step == step + 2
 
 
+def interrupt_at(c: dict, step: int, sig: int) -> None:
+    """Run `c` in a subprocess, stop it with `sig` once it has finished global step `step`."""
+    progress = Path(c["root"]) / "progress"
+    progress.parent.mkdir(parents=True, exist_ok=True)
+    proc = launch({**c, "progress": str(progress), "pause_at": step})
+    try:
+        wait_for(lambda: progress.exists() and progress.read_text() == str(step), proc)
+    finally:
+        proc.send_signal(sig)
+        proc.communicate(timeout=120)
+
+
+def final_state(c: dict) -> dict:
+    run.main(c)
+    return torch.load(c["result"].format(rank=0), weights_only=True)
+
+
+# 43 training images in batches of 8: 5 steps per epoch, so runs cross epoch boundaries and
+# stop mid-epoch; random flips make the data order and the augmentation both matter.
+EXACT = {"subset_frac": 0.03, "random_flip": True, "every_n": 2, "max_steps": 13}
+
+
+@pytest.mark.parametrize(
+    "sig, workers",
+    [(signal.SIGTERM, 0), (signal.SIGKILL, 2)],  # workers load batches ahead of the training loop
+    ids=["sigterm", "sigkill-2-workers"],
+)
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, sig, workers):
+    exact = {**EXACT, "num_workers": workers}
+    reference = final_state(cfg(tmp_path / "reference", **exact, result=str(tmp_path / "ref.pt")))
+
+    c = cfg(tmp_path / "interrupted", **exact)
+    interrupt_at(c, 7, sig)  # epoch 1, third batch
+    last = tmp_path / "interrupted" / "checkpoints" / "last.ckpt"
+    # SIGTERM saves at the step it arrives; SIGKILL leaves the periodic checkpoint of step 6.
+    assert load_ckpt(last)["global_step"] == (7 if sig == signal.SIGTERM else 6)
+    resumed = final_state({**c, "ckpt_path": str(last), "result": str(tmp_path / "resumed.pt")})
+
+    assert resumed["global_step"] == reference["global_step"] == exact["max_steps"]
+    assert_state_equal(resumed["params"], reference["params"])
+    for mine, theirs in zip(resumed["ema"]["shadows"], reference["ema"]["shadows"], strict=True):
+        assert_state_equal(mine, theirs)
+
+
 def test_sigterm_writes_checkpoint_before_stopping(tmp_path):
     progress = tmp_path / "progress"
     c = cfg(tmp_path, max_steps=10_000, every_n=None, progress=str(progress))
@@ -434,3 +479,16 @@ def test_atomic_checkpoint_io_never_leaves_a_partial_file(tmp_path, monkeypatch)
     monkeypatch.undo()
     assert torch.load(target, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_stale_temporaries_of_killed_writes_are_removed_and_nothing_else(tmp_path):
+    left = [_create_temporary(tmp_path / "last.ckpt"), _create_temporary(tmp_path / "results.json")]
+    left[1].write_bytes(b"partial")
+    lookalikes = ["last.ckpt", "notes.tmp", ".last.ckpt.tmp", "last.ckpt.0a1b2c3d.tmp",
+                  ".last.ckpt.0A1B2C3D.tmp", ".last.ckpt.0a1b2c3.tmp"]
+    for name in lookalikes:
+        (tmp_path / name).touch()
+    (tmp_path / ".dir.0a1b2c3d.tmp").mkdir()
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(left)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*lookalikes, ".dir.0a1b2c3d.tmp"])
+    assert remove_stale_temporaries(tmp_path / "missing") == []

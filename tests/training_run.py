@@ -4,8 +4,10 @@
 
 Options (JSON): root, max_steps, every_n (checkpoint period in steps, null = none),
 ckpt_path (resume), devices (>1 = DDP over gloo on CPU), batch_size, img_size, blr,
-seed, progress (file rewritten with the global step after every batch), result (torch
-file per rank with the final parameters, EMAs and lr; "{rank}" is substituted).
+seed, subset_frac, random_flip and num_workers (data), progress (file rewritten with the global step
+after every batch), pause_at (after that step, wait up to a minute for SIGTERM or SIGKILL,
+so a parent interrupts at a known step), result (torch file per rank with the final
+parameters, EMAs and lr; "{rank}" is substituted).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -35,7 +38,11 @@ DEFAULTS = {
     "img_size": 16,
     "blr": 0.02,
     "seed": 0,
+    "subset_frac": 1.0,
+    "random_flip": False,
+    "num_workers": 0,
     "progress": None,
+    "pause_at": None,
     "result": None,
 }
 
@@ -43,13 +50,18 @@ DEFAULTS = {
 class Progress(Callback):
     """Writes the global step after each batch, so a parent process can time its signals."""
 
-    def __init__(self, path):
+    def __init__(self, path, pause_at=None):
         self.path = Path(path)
+        self.pause_at = pause_at
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(str(trainer.global_step))
         os.replace(tmp, self.path)
+        if trainer.global_step == self.pause_at:
+            deadline = time.monotonic() + 60
+            while not trainer.received_sigterm and time.monotonic() < deadline:
+                time.sleep(0.02)
 
 
 def make_module(cfg: dict) -> JiTModule:
@@ -62,15 +74,23 @@ def make_module(cfg: dict) -> JiTModule:
 
 
 def make_datamodule(cfg: dict) -> DigitsDataModule:
-    return DigitsDataModule(img_size=cfg["img_size"], batch_size=cfg["batch_size"])
+    return DigitsDataModule(
+        img_size=cfg["img_size"],
+        batch_size=cfg["batch_size"],
+        subset_frac=cfg["subset_frac"],
+        random_flip=cfg["random_flip"],
+        num_workers=cfg["num_workers"],
+    )
 
 
 def make_trainer(cfg: dict, callbacks=()) -> L.Trainer:
-    callbacks = list(callbacks) + checkpoint_callbacks(
+    callbacks = list(callbacks)
+    if cfg["progress"]:
+        # First, so that SIGTERM received during a pause is acted on at the same batch end.
+        callbacks.insert(0, Progress(cfg["progress"], cfg["pause_at"]))
+    callbacks += checkpoint_callbacks(
         os.path.join(cfg["root"], "checkpoints"), every_n_train_steps=cfg["every_n"] or 10**9
     )
-    if cfg["progress"]:
-        callbacks.append(Progress(cfg["progress"]))
     strategy = "auto"
     if cfg["devices"] > 1:
         from lightning.pytorch.strategies import DDPStrategy

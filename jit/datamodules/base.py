@@ -9,13 +9,13 @@ from typing import Protocol
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 SPLITS = ("train", "val", "calibration", "reference")
 SOURCE_SPLITS = ("train", "val")
 
 # Separate random streams, so that e.g. changing subset_frac never moves the calibration set.
-_STREAM_SUBSET, _STREAM_CALIBRATION, _STREAM_HOLDOUT = 1, 2, 3
+_STREAM_SUBSET, _STREAM_CALIBRATION, _STREAM_HOLDOUT, _STREAM_FLIP = 1, 2, 3, 4
 
 
 class SplitDataset(Protocol):
@@ -51,6 +51,77 @@ def stratified_order(labels: np.ndarray, seed, balanced: bool = False) -> np.nda
         key = (rank + 0.5) / np.bincount(labels)[labels]
     class_turn = rng.permutation(int(labels.max()) + 1)[labels]
     return np.lexsort((class_turn, key))
+
+
+def index_and_flip(key, random_flip: bool) -> tuple[int, bool]:
+    """A dataset key as (index, flip). The training sampler hands out (index, flip) pairs, so
+    an image's flip follows from the seed and epoch alone, not from which loader worker
+    reads it nor from the global RNG (which a resumed run must find as it was saved). A plain
+    index flips at random when flips are enabled."""
+    if isinstance(key, tuple):
+        index, flip = key
+        return int(index), random_flip and bool(flip)
+    return int(key), random_flip and bool(torch.rand(()) < 0.5)
+
+
+class ResumableSampler(DistributedSampler):
+    """The training order: a permutation of the dataset drawn from (seed, epoch) alone, this
+    rank's share of it, each index paired with its flip when the dataset flips. After
+    `ResumableLoader.load_state_dict` the next pass starts `skip` samples into the epoch.
+
+    A DistributedSampler, so that Lightning keeps it under DDP (it replaces or wraps any
+    other sampler) and calls its `set_epoch` at every epoch start.
+    """
+
+    def __init__(self, dataset, seed: int, num_replicas: int = 1, rank: int = 0,
+                 flip: bool = False):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.flip = flip
+        self.skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip:]
+        self.skip = 0
+        if not self.flip:
+            return iter(indices)
+        rng = np.random.default_rng([self.seed, _STREAM_FLIP, self.epoch])
+        flips = rng.random(len(self.dataset)) < 0.5
+        return iter([(i, bool(flips[i])) for i in indices])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position Lightning stores in checkpoints (`state_dict`) and restores
+    on resume (`load_state_dict`): a resumed run gets the rest of the interrupted epoch in the
+    same order with the same flips, as if it had never stopped.
+
+    The position counts batches handed to the training loop, not those workers prepared
+    ahead. The workers' base seed comes from a generator seeded by the epoch, so starting a
+    pass never draws from the global RNG, whose saved state the loss's noise continues from.
+    """
+
+    def __init__(self, dataset, sampler: ResumableSampler, **kwargs):
+        super().__init__(dataset, sampler=sampler, generator=torch.Generator(), **kwargs)
+        self._epoch = sampler.epoch
+        self._batches = 0  # handed out in `self._epoch`
+        self._start = 0  # where the next pass starts (set on resume)
+
+    def __iter__(self):
+        self._epoch, self._batches, self._start = self.sampler.epoch, self._start, 0
+        self.generator.manual_seed(self.sampler.seed + self.sampler.epoch)
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= len(self):  # saved at the end of an epoch: the next one starts afresh
+            epoch, batches = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = batches * self.batch_size
+        self._start = batches
 
 
 def _require(condition: bool, message: str) -> None:
@@ -220,11 +291,18 @@ class ImageDataModule(L.LightningDataModule):
             batch_size=self.batch_size if batch_size is None else batch_size,
             shuffle=shuffle,
             drop_last=drop_last,
-            num_workers=self.num_workers,
-            # Pinning without a GPU only costs time and makes torch warn.
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            # Worker seeds from the data seed: starting a pass leaves the global RNG alone.
+            generator=torch.Generator().manual_seed(self.seed),
+            **self._worker_options(),
         )
+
+    def _worker_options(self) -> dict:
+        return {
+            "num_workers": self.num_workers,
+            # Pinning without a GPU only costs time and makes torch warn.
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": self.persistent_workers and self.num_workers > 0,
+        }
 
     # -- Lightning hooks -----------------------------------------------------------------
 
@@ -248,7 +326,13 @@ class ImageDataModule(L.LightningDataModule):
             size >= self.batch_size,
             f"the train split has {size} images, fewer than batch_size={self.batch_size}",
         )
-        return self.dataloader("train", shuffle=True, drop_last=True)
+        dataset = self.split_dataset("train")
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = ResumableSampler(dataset, seed=self.seed, num_replicas=replicas, rank=rank,
+                                   flip=bool(getattr(dataset, "random_flip", False)))
+        return ResumableLoader(dataset, sampler, batch_size=self.batch_size, drop_last=True,
+                               **self._worker_options())
 
     def val_dataloader(self) -> DataLoader:
         return self.dataloader("val")

@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .base import _STREAM_HOLDOUT, ImageDataModule, _require, shared_args, stratified_order
+from .base import (
+    _STREAM_HOLDOUT,
+    ImageDataModule,
+    _require,
+    index_and_flip,
+    shared_args,
+    stratified_order,
+)
 
 DIGITS_NUM_CLASSES = 10
 
@@ -31,9 +38,10 @@ class UInt8ImageDataset(Dataset):
             self.images[torch.from_numpy(indices)], self.labels[indices], random_flip
         )
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key) -> tuple[torch.Tensor, int]:
+        index, flip = index_and_flip(key, self.random_flip)
         img = self.images[index].expand(3, -1, -1)
-        if self.random_flip and bool(torch.rand(()) < 0.5):
+        if flip:
             img = img.flip(-1)
         return img.contiguous(), int(self.labels[index])
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .base import ImageDataModule, shared_args
+from .base import ImageDataModule, index_and_flip, shared_args
 from .transforms import center_crop, pil_to_uint8_chw, to_rgb
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ class ImageFolderSplit(Dataset):
             img.load()
             return to_rgb(img)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key) -> tuple[torch.Tensor, int]:
+        index, flip = index_and_flip(key, self.random_flip)
         n = len(self)
         for step in range(n):
             j = (index + step) % n
@@ -92,7 +93,6 @@ class ImageFolderSplit(Dataset):
                 self.bad[j] = True
                 log.warning("skipping corrupt image %s: %s", self.path(j), err)
                 continue
-            flip = self.random_flip and bool(torch.rand(()) < 0.5)
             return pil_to_uint8_chw(img, flip=flip), int(self.labels[j])
         raise CorruptImageError(f"no readable image in {self.folder}: all {n} files failed")
 
