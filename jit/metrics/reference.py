@@ -1,7 +1,7 @@
 """Reference statistics (mu, sigma) for FID: from an npz file or computed once and cached.
 
-Accepted files: the official JiT `fid_stats/jit_in256_stats.npz` and ADM's
-`VIRTUAL_imagenet256_labeled.npz` both hold `mu` and `sigma` (ADM adds images `arr_0`
+Accepted files: the official JiT `fid_stats/jit_in256_stats.npz` (512 px models:
+`jit_in512_stats.npz`) and ADM's `VIRTUAL_imagenet256_labeled.npz` all hold `mu` and `sigma` (ADM adds images `arr_0`
 and spatial `mu_s`/`sigma_s`, ignored here). A file with only `arr_0` (NHWC uint8 images,
 as ADM-style sample exports) is reduced to statistics with the current extractor.
 """
