@@ -41,6 +41,8 @@ def _check(mu, sigma, feature_dim: int, source) -> tuple[np.ndarray, np.ndarray]
             f"extractor gives {feature_dim}-d features (expected mu ({feature_dim},), sigma "
             f"({feature_dim}, {feature_dim})); were they computed with a different extractor?"
         )
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ReferenceStatsError(f"reference statistics {source} contain NaN or Inf values")
     return mu, sigma
 
 
@@ -53,8 +55,12 @@ def stats_of_images(images, space: FeatureSpace, batch_size: int = 100) -> Gauss
     return stats
 
 
-def load_reference_stats(path, space: FeatureSpace) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) from an npz; raises ReferenceStatsError with the reason when unusable."""
+def load_reference_stats(path, space: FeatureSpace, reduce_images: bool = True):
+    """(mu, sigma) from an npz; raises ReferenceStatsError with the reason when unusable.
+
+    With `reduce_images=False` a file of images (`arr_0`) is left alone and None returned:
+    a quick check of a statistics file at startup.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise ReferenceStatsError(f"reference statistics file not found: {path}")
@@ -67,6 +73,8 @@ def load_reference_stats(path, space: FeatureSpace) -> tuple[np.ndarray, np.ndar
         if {"mu", "sigma"} <= keys:
             return _check(data["mu"], data["sigma"], space.feature_dim, path)
         if "arr_0" in keys:
+            if not reduce_images:
+                return None
             images = data["arr_0"]
             if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
                 raise ReferenceStatsError(
