@@ -12,10 +12,10 @@ import re
 import numpy as np
 import pytest
 import torch
+from test_run import compose_run, run
 
 from jit.checkpoint import CheckpointError
 from jit.config import ConfigError, validate
-from test_run import compose_run, run
 
 SHIPPED = "jit/assets/digits_jit.pth"
 TINY = ["fid.num_images=20", "fid.batch_size=10", "sampler.steps=2", "sampler.method=euler",
