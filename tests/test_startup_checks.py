@@ -8,6 +8,7 @@ the error came first.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from test_run import compose_run, run
 from jit.checkpoint import CheckpointError
 from jit.config import ConfigError, validate
 
-SHIPPED = "jit/assets/digits_jit.pth"
+SHIPPED = Path(__file__).resolve().parents[1] / "jit" / "assets" / "digits_jit.pth"
 TINY = ["fid.num_images=20", "fid.batch_size=10", "sampler.steps=2", "sampler.method=euler",
         "calibration.num_images=8", "calibration.batch_size=8"]
 DIGITS_FEATURES = 64  # feature dimension of the shipped digits classifier
