@@ -60,6 +60,14 @@ def safe_load(path: str | os.PathLike, mmap: bool = False) -> dict:
     return obj
 
 
+def check_finite_weights(state: dict, source: str) -> None:
+    """A NaN or Inf weight is refused once, here, naming the parameter; left in, it would
+    surface much later as a silent garbage FID or as an error in some downstream layer."""
+    for name, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(value.isfinite().all()):
+            raise CheckpointError(f"{source}: parameter {name} holds NaN or Inf values")
+
+
 def _args_dict(args) -> dict:
     if args is None:
         return {}
@@ -128,6 +136,7 @@ def load_jit_checkpoint(path, weights: str = "model_ema1") -> tuple[dict, dict]:
     state = ckpt[weights]
     if not isinstance(state, dict) or not state or not all(str(k).startswith("net.") for k in state):
         raise CheckpointError(f"{path}[{weights!r}] is not a JiT Denoiser state dict (keys must start with 'net.')")
+    check_finite_weights(state, f"{path}[{weights!r}]")
     args = _args_dict(ckpt.get("args"))
     arch = infer_architecture(state)
     fits = matching_variants(state)

@@ -8,6 +8,7 @@ live in `validate`, also called before anything heavy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -147,8 +148,27 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def check_finite(node: Any, key: str = "") -> None:
+    """Every number anywhere in a (nested) config must be finite: no inf or nan settings.
+
+    One walk over the whole tree, so groups validated elsewhere (quant, calibration, fid,
+    trainer) are covered too; the error names the full key.
+    """
+    if isinstance(node, DictConfig) or OmegaConf.is_list(node):
+        node = OmegaConf.to_container(node, resolve=False, enum_to_str=True)
+    if isinstance(node, dict):
+        for name, value in node.items():
+            check_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, (list, tuple)):
+        for index, value in enumerate(node):
+            check_finite(value, f"{key}[{index}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{key}: must be a finite number, got {node}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Range checks across the run config; raises ConfigError naming the key."""
+    check_finite(cfg)
     s, o, net, den = cfg.sampler, cfg.optim, cfg.model.net, cfg.model.denoiser
     _check(s.steps >= 1, "sampler.steps", f"must be >= 1, got {s.steps}")
     _check(s.cfg_scale >= 0, "sampler.cfg_scale", f"must be >= 0, got {s.cfg_scale}")

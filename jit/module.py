@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from jit.checkpoint import CheckpointError, load_into, load_jit_checkpoint, safe_load
+from jit.checkpoint import (
+    CheckpointError,
+    check_finite_weights,
+    load_into,
+    load_jit_checkpoint,
+    safe_load,
+)
 from jit.datamodules import to_model_range
 from jit.ema import EMA
 from jit.models import Denoiser, build_jit
@@ -260,6 +266,7 @@ class JiTModule(L.LightningModule):
         ckpt = safe_load(path, mmap=True)  # only the EMA tensors are read from it
         for i, key in enumerate(("model_ema1", "model_ema2")):
             if key in ckpt:
+                check_finite_weights(ckpt[key], f"{path}[{key!r}]")
                 self.ema.load_dict(i, {k: v for k, v in ckpt[key].items()})
         rank_zero_info(
             f"initialised from {path}: weights {init_weights}, EMAs from model_ema1/model_ema2"
@@ -543,6 +550,9 @@ class JiTModule(L.LightningModule):
                 "the checkpoint holds no 'ema' state; it was not written by JiTModule "
                 "(to start from an official checkpoint use init_checkpoint)"
             )
+        check_finite_weights(checkpoint["state_dict"], "checkpoint state_dict")
+        for i, shadow in enumerate(checkpoint["ema"]["shadows"]):
+            check_finite_weights(shadow, f"checkpoint EMA {i + 1}")
         self.ema.load_state_dict(checkpoint["ema"])
         self.init_source = checkpoint.get("init_checkpoint", self.init_source)
         self._rng_states_to_restore = checkpoint.get("rng_states")

@@ -154,6 +154,32 @@ def check_calibration_inputs(cfg: DictConfig, qcfg, dm) -> None:
                               f"calibration split (raise data.calib_num_images)")
 
 
+def check_before_generation(cfg: DictConfig, qcfg, module: JiTModule, dm, fid_cfg=None) -> None:
+    """Inputs that would otherwise fail only after the float baseline, the calibration or
+    the whole generation: calibration data and file, quantization targets, reference
+    statistics. Raises with the key or file named."""
+    from jit.quant import artefact, target_names
+
+    check_calibration_inputs(cfg, qcfg, dm)
+    targets = target_names(module.denoiser.net, qcfg.targets)
+    if qcfg.calibration_file is not None:
+        if qcfg.scheme == "fp" or qcfg.mode != "static":
+            raise ConfigError(f"quant.calibration_file: only static mode uses it; with quant.scheme="
+                              f"{qcfg.scheme} quant.mode={qcfg.mode} it would be ignored (set "
+                              "quant.mode=static or drop quant.calibration_file)")
+        if not Path(qcfg.calibration_file).is_file():
+            raise ConfigError(f"quant.calibration_file: no such file: {qcfg.calibration_file}")
+        artefact.check_fits(artefact.load(qcfg.calibration_file), dict.fromkeys(targets), lambda _: qcfg)
+    stats_file = fid_cfg.reference.get("stats_file") if fid_cfg is not None else None
+    if stats_file:
+        from jit.metrics.features import INCEPTION, create_feature_space
+        from jit.metrics.reference import load_reference_stats
+
+        weights = fid_cfg.inception_weights if fid_cfg.extractor == INCEPTION else fid_cfg.extractor_weights
+        space = create_feature_space(fid_cfg.extractor, weights, probe_size=module.denoiser.img_size)
+        load_reference_stats(stats_file, space, reduce_images=False)
+
+
 # -------------------------------------------------------------------------------- tasks
 # What a training stopped by SIGTERM exits with, after saving last.ckpt: 128 + 15, as a shell
 # reports a process that SIGTERM ended. Not 0 (finished) nor 1/2 (failed, or bad input).
@@ -304,7 +330,7 @@ def evaluate(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     module, source = load_module(cfg)
     dm = instantiate(cfg.data)
-    check_calibration_inputs(cfg, qcfg, dm)
+    check_before_generation(cfg, qcfg, module, dm, fid_cfg)
     trainer = build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg, training=False))
     common = {"checkpoint": source, "task": "eval"}
 
@@ -344,7 +370,7 @@ def calibrate(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     module, _ = load_module(cfg)
     dm = instantiate(cfg.data)
-    check_calibration_inputs(cfg, qcfg, dm)
+    check_before_generation(cfg, qcfg, module, dm)
     info = prepare_quantized(module, qcfg, cfg, dm, run_dir)
     print(f"calibration artefact: {info['calibration']['file']}")
     return info

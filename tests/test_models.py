@@ -36,6 +36,63 @@ def test_every_sampler_case_matches_official(official_tiny_cases, official_tiny_
         assert err <= 1e-3, f"{case['method']} steps={case['steps']} cfg={case['cfg_scale']}: {err}"
 
 
+def reference_sample(denoiser, labels, z, steps, method, cfg_scale, interval, t_eps):
+    """The official sampling loop as the fixture README states it, on float32 tensors only:
+    every velocity runs both passes and picks the scale with a tensor comparison of t."""
+    net, null = denoiser.net, torch.full_like(labels, denoiser.num_classes)
+    low, high = interval
+    times = torch.linspace(0.0, 1.0, steps + 1).view(-1, 1, 1, 1, 1).expand(-1, z.shape[0], 1, 1, 1)
+
+    def velocity(z, t):
+        v_cond = (net(z, t.flatten(), labels) - z) / (1.0 - t).clamp_min(t_eps)
+        v_uncond = (net(z, t.flatten(), null) - z) / (1.0 - t).clamp_min(t_eps)
+        scale = torch.where((t < high) & ((low == 0) | (t > low)), cfg_scale, 1.0)
+        return v_uncond + scale * (v_cond - v_uncond)
+
+    with torch.no_grad():
+        for i in range(steps):
+            t, t_next = times[i], times[i + 1]
+            v = velocity(z, t)
+            if method == "heun" and i < steps - 1:
+                v = 0.5 * (v + velocity(z + (t_next - t) * v, t_next))
+            z = z + (t_next - t) * v
+    return z
+
+
+def test_reference_sampler_reproduces_the_official_fixtures(official_tiny_cases, official_tiny_ckpt_path):
+    denoiser = tiny_denoiser(official_tiny_cases, official_tiny_ckpt_path, "model_ema1")
+    for case in official_tiny_cases["sampler"]:
+        out = reference_sample(denoiser, case["labels"], case["z0"], case["steps"], case["method"],
+                               case["cfg_scale"], case["interval"], case["t_eps"])
+        assert (out - case["expected"]).abs().max().item() <= 1e-3
+
+
+# float32 times that land exactly on a bound: t = 0.2 (5 steps), t = 0.7 (10 steps, high only)
+# and both (10 steps). float32(0.2) > 0.2 and float32(0.7) < 0.7, so a float64 comparison
+# would put both inside the interval.
+@pytest.mark.parametrize("method, steps, interval", [
+    ("euler", 5, (0.2, 0.9)), ("heun", 5, (0.2, 0.9)), ("euler", 10, (0.15, 0.7)), ("heun", 10, (0.2, 0.7)),
+])
+def test_cfg_interval_bounds_match_the_official_comparison(official_tiny_cases, official_tiny_ckpt_path,
+                                                           method, steps, interval):
+    times = torch.linspace(0.0, 1.0, steps + 1)
+    assert any(bool((times == torch.tensor(b)).any()) for b in interval)
+    denoiser = tiny_denoiser(official_tiny_cases, official_tiny_ckpt_path, "model_ema1")
+    case = official_tiny_cases["sampler"][0]
+    expected = reference_sample(denoiser, case["labels"], case["z0"], steps, method, 2.9, interval,
+                                denoiser.t_eps)
+    out = denoiser.generate(case["labels"], noise=case["z0"], steps=steps, method=method, cfg_scale=2.9,
+                            interval=interval)
+    assert (out - expected).abs().max().item() <= 1e-5
+
+
+def test_guidance_mask_excludes_float32_bounds():
+    times = torch.linspace(0.0, 1.0, 11)
+    mask = Denoiser.guidance_mask(times, (0.2, 0.7))
+    assert mask.tolist() == [False, False, False, True, True, True, True, False, False, False, False]
+    assert Denoiser.guidance_mask(times, (0.0, 0.7))[0]
+
+
 def test_denoiser_state_dict_is_the_official_wrappers(official_tiny_ckpt_path, official_tiny_cases):
     state, _ = load_jit_checkpoint(official_tiny_ckpt_path, "model")
     denoiser = Denoiser(JiT(**official_tiny_cases["config"]), 10)

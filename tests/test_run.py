@@ -66,7 +66,7 @@ def test_every_group_option_composes_and_instantiates(group, tmp_path, monkeypat
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     for option in options(group):
-        extra = ["data.root=/nonexistent"] if option in ("imagenet",) or "in256" in option else []
+        extra = ["data.root=/nonexistent"] if option in ("imagenet",) or "_in" in option else []
         cfg = compose_run([f"{group}={option}", "paths.output_dir=" + str(tmp_path), *extra])
         if group == "model":
             with torch.device("meta"):
@@ -94,6 +94,27 @@ def test_every_group_option_composes_and_instantiates(group, tmp_path, monkeypat
 def test_launchers_compose(launcher, tmp_path):
     cfg = compose_run([f"hydra/launcher={launcher}", f"paths.output_dir={tmp_path}"], hydra_cfg=True)
     assert cfg.hydra.launcher._target_.endswith("Launcher")
+
+
+# Official evaluation settings (README of LTH14/JiT): cfg per model, 512 px with noise 2.0 for /32.
+@pytest.mark.parametrize("preset, name, size, noise_scale, cfg_scale", [
+    ("jit_b16_in256_eval", "JiT-B/16", 256, 1.0, 3.0), ("jit_l16_in256_eval", "JiT-L/16", 256, 1.0, 2.4),
+    ("jit_h16_in256_eval", "JiT-H/16", 256, 1.0, 2.2), ("jit_b32_in512_eval", "JiT-B/32", 512, 2.0, 3.0),
+    ("jit_l32_in512_eval", "JiT-L/32", 512, 2.0, 2.5), ("jit_h32_in512_eval", "JiT-H/32", 512, 2.0, 2.3),
+])
+def test_official_eval_presets(preset, name, size, noise_scale, cfg_scale, tmp_path):
+    cfg = compose_run([f"experiment={preset}", "data.root=/data/imagenet", f"paths.output_dir={tmp_path}"])
+    assert cfg.task == "eval" and cfg.eval_weights == "ema1"
+    assert cfg.model.net.name == name and cfg.model.net.input_size == size and cfg.data.img_size == size
+    assert cfg.model.denoiser.noise_scale == noise_scale
+    assert dict(cfg.sampler) == {"method": "heun", "steps": 50, "cfg_scale": cfg_scale, "interval": [0.1, 1.0],
+                                 "schedule": "linear"}
+
+
+@pytest.mark.parametrize("variant", ["b", "l", "h"])
+def test_patch32_models_default_to_512px_and_noise_2(variant, tmp_path):
+    cfg = compose_run([f"model=jit_{variant}32", f"paths.output_dir={tmp_path}"])
+    assert cfg.model.net.input_size == 512 and cfg.model.denoiser.noise_scale == 2.0
 
 
 def test_cfg_job_prints_the_full_config(tmp_path):

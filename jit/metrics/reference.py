@@ -1,7 +1,7 @@
 """Reference statistics (mu, sigma) for FID: from an npz file or computed once and cached.
 
-Accepted files: the official JiT `fid_stats/jit_in256_stats.npz` and ADM's
-`VIRTUAL_imagenet256_labeled.npz` both hold `mu` and `sigma` (ADM adds images `arr_0`
+Accepted files: the official JiT `fid_stats/jit_in256_stats.npz` (512 px models:
+`jit_in512_stats.npz`) and ADM's `VIRTUAL_imagenet256_labeled.npz` all hold `mu` and `sigma` (ADM adds images `arr_0`
 and spatial `mu_s`/`sigma_s`, ignored here). A file with only `arr_0` (NHWC uint8 images,
 as ADM-style sample exports) is reduced to statistics with the current extractor.
 """
@@ -41,6 +41,8 @@ def _check(mu, sigma, feature_dim: int, source) -> tuple[np.ndarray, np.ndarray]
             f"extractor gives {feature_dim}-d features (expected mu ({feature_dim},), sigma "
             f"({feature_dim}, {feature_dim})); were they computed with a different extractor?"
         )
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ReferenceStatsError(f"reference statistics {source} contain NaN or Inf values")
     return mu, sigma
 
 
@@ -61,8 +63,12 @@ def _array(data, key: str, path: Path) -> np.ndarray:
                                   f"objects, not numbers ({exc})") from exc
 
 
-def load_reference_stats(path, space: FeatureSpace) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) from an npz; raises ReferenceStatsError with the reason when unusable."""
+def load_reference_stats(path, space: FeatureSpace, reduce_images: bool = True):
+    """(mu, sigma) from an npz; raises ReferenceStatsError with the reason when unusable.
+
+    With `reduce_images=False` a file of images (`arr_0`) is left alone and None returned:
+    a quick check of a statistics file at startup.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise ReferenceStatsError(f"reference statistics file not found: {path}")
@@ -75,6 +81,8 @@ def load_reference_stats(path, space: FeatureSpace) -> tuple[np.ndarray, np.ndar
         if {"mu", "sigma"} <= keys:
             return _check(_array(data, "mu", path), _array(data, "sigma", path), space.feature_dim, path)
         if "arr_0" in keys:
+            if not reduce_images:
+                return None
             images = _array(data, "arr_0", path)
             if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
                 raise ReferenceStatsError(

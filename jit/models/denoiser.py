@@ -77,15 +77,22 @@ class Denoiser(nn.Module):
             return torch.cat([torch.zeros(1, dtype=torch.float64), inner, torch.ones(1, dtype=torch.float64)]).float().to(device)
         raise ValueError(f"unknown time schedule {schedule!r}; allowed: {', '.join(TIME_SCHEDULES)}")
 
-    def guided_velocity(self, z, t, labels, cfg_scale: float, interval) -> torch.Tensor:
-        """v_u + s (v_c - v_u), with s = cfg_scale only while low < t < high (low == 0 includes t = 0)."""
+    @staticmethod
+    def guidance_mask(ts: torch.Tensor, interval) -> torch.Tensor:
+        """Which times get CFG: low < t < high (low == 0 includes t = 0).
+
+        Compared on the float32 time tensor, as the official sampler does: a time equal to
+        a bound in float32 is outside the interval, which a float64 comparison would not say.
+        """
+        low, high = interval
+        inside = ts < high
+        return inside & (ts > low) if low != 0 else inside
+
+    def guided_velocity(self, z, t, labels, scale: float) -> torch.Tensor:
+        """v_u + scale (v_c - v_u); scale 1 is v_c alone (no unconditional pass)."""
         t_batch = t.expand(z.shape[0])
         v_cond = self.velocity(self.net(z, t_batch, labels), z, t)
-        low, high = interval
-        tv = float(t)
-        scale = cfg_scale if (tv < high and (low == 0 or tv > low)) else 1.0
         if scale == 1.0:
-            # v_u + 1 * (v_c - v_u) is v_c: skip the unconditional pass
             return v_cond
         v_uncond = self.velocity(self.net(z, t_batch, torch.full_like(labels, self.num_classes)), z, t)
         return v_uncond + scale * (v_cond - v_uncond)
@@ -116,14 +123,16 @@ class Denoiser(nn.Module):
                 raise ValueError(f"initial noise has shape {tuple(noise.shape)}, expected {shape}")
             z = noise.to(device)
         ts = self.timesteps(steps, schedule, device=device)
+        # One host sync per call (not per step) decides which steps need the unconditional pass.
+        scales = [cfg_scale if inside else 1.0 for inside in self.guidance_mask(ts, interval).tolist()]
         for i in range(steps):
             t, t_next = ts[i], ts[i + 1]
-            v = self.guided_velocity(z, t, labels, cfg_scale, interval)
+            v = self.guided_velocity(z, t, labels, scales[i])
             z_euler = z + (t_next - t) * v
             if method == "euler" or i == steps - 1:
                 z = z_euler
             else:
-                v_next = self.guided_velocity(z_euler, t_next, labels, cfg_scale, interval)
+                v_next = self.guided_velocity(z_euler, t_next, labels, scales[i + 1])
                 z = z + (t_next - t) * 0.5 * (v + v_next)
             if step_callback is not None:
                 step_callback(i + 1, steps)

@@ -294,6 +294,8 @@ class QuantLinear(nn.Linear):
             step, clip = static.weight_scale.to(device=device, dtype=dtype), None
         else:
             w = self.weight.detach().to(dtype)
+            if not bool(w.isfinite().all()):  # once per weight version: the codes are cached
+                raise FloatingPointError(f"layer '{self.layer_name}': NaN or Inf in the weights")
             clip = weight_clip(w, self.cfg.weight)
             codes, step = quantize_symmetric(w, clip, self.cfg.weight.bits)
             step = step.reshape(-1) if step.dim() else step

@@ -22,6 +22,23 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def target_names(linears: Any, targets: tuple[str, ...]) -> list[str]:
+    """Names among `linears` (names of nn.Linear modules, or a model) that `targets` select.
+
+    A pattern that matches none is an error naming it and listing some available names.
+    """
+    if isinstance(linears, nn.Module):
+        linears = [name for name, m in linears.named_modules()
+                   if isinstance(m, nn.Linear) and not isinstance(m, QuantLinear)]
+    linears = list(linears)
+    for pattern in targets:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in linears):
+            listed = ", ".join(linears[:_LISTED_NAMES]) or "none"
+            raise ValueError(f"quant.targets pattern {pattern!r} matches no nn.Linear module "
+                             f"(available: {listed}{', ...' if len(linears) > _LISTED_NAMES else ''})")
+    return [name for name in linears if _matches(name, targets)]
+
+
 def quantize_model(model: nn.Module, cfg: Any) -> list[str]:
     """Replace the nn.Linear modules whose names match `cfg.targets` (glob patterns) by the
     scheme's quantized layer, in place; return the replaced names.
@@ -34,12 +51,7 @@ def quantize_model(model: nn.Module, cfg: Any) -> list[str]:
     cfg = build_quant_config(cfg)
     linears = {name: m for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and not isinstance(m, QuantLinear)}
-    for pattern in cfg.targets:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in linears):
-            listed = ", ".join(list(linears)[:_LISTED_NAMES]) or "none"
-            raise ValueError(f"quant.targets pattern {pattern!r} matches no nn.Linear module "
-                             f"(available: {listed}{', ...' if len(linears) > _LISTED_NAMES else ''})")
-    names = [name for name in linears if _matches(name, cfg.targets)]
+    names = target_names(linears, cfg.targets)
     if cfg.scheme == "fp":
         return []
     cls = LAYER_CLASSES[cfg.scheme]
