@@ -13,7 +13,9 @@ Every layer's mode, thresholds, observer, statistics and noise settings are rest
 afterwards; the model is left as it was and the result is returned as an artefact dict
 (see artefact.py) for `artefact.save` / `apply`.
 
-Memory is O(layers x paths x num_bins): histograms, never stored tensors.
+Every histogram's grid is fixed in advance (AbsHistogram), so the thresholds are exactly
+the same for any order or split of the calibration batches. Memory is
+O(layers x paths x num_bins): histograms, never stored tensors.
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ import torch
 from torch import nn
 
 from . import artefact as art
-from .calibrators import METHODS, threshold
+from .calibrators import METHODS, default_bins, levels_for, threshold
 from .layers import QuantLinear, quantized_layers
 from .quantizers import qmax, quantize_symmetric, weight_clip
 from .stats import collect_stats, enable_stats
 from .surgery import adc_bypassed, noise_disabled
 
 SOURCES = ("data", "sampling")
-_HISTC_CHUNK = 1 << 22
+_INDEX_CHUNK = 1 << 22
 
 
 class CalibrationError(ValueError):
@@ -43,34 +45,61 @@ class CalibrationError(ValueError):
 
 
 class AbsHistogram:
-    """Streaming histogram of |x| over a range that grows to fit, in bounded memory.
+    """Histogram of |x| on a grid fixed before counting, so that the counts (and every
+    threshold drawn from them) are the same for any order or split of the data.
 
-    `num_bins` equal bins over [0, upper]. The first non-zero batch sets `upper` to its
-    max |x|; when a later batch exceeds it, `upper` grows by an integer factor f and
-    every f neighbouring bins merge into one. The merge is exact (old edges stay edges),
-    unlike re-binning by interpolation, and keeps the data in more than the top
-    1/f of the bins. Zeros always land in bin 0, whatever the range becomes.
+    The grid is anchored at powers of two, not at the data: each octave [2^e, 2^(e+1)) is
+    cut into `bins_per_octave` (S, a power of two) equal bins. The octave holding max|x|
+    (the top) and the OCTAVES_BELOW octaves under it are kept; everything below them is one
+    uniform run of S bins as wide as those of the lowest kept octave (zeros in bin 0). All
+    widths being powers of two, each bin lies inside exactly one bin of any coarser layout:
+    when a larger max moves the top up, bins merge exactly, and the result equals counting
+    everything at once with the final top. Any kept octave's bins plus everything below
+    form a uniform grid of [0, 2^(e+1)) at width 2^e / S: a clip in that octave is searched
+    with between S and 2S bins below it, whatever the outliers above (calibrators.py).
+    Memory is (OCTAVES_BELOW + 2) * S counts.
     """
 
-    def __init__(self, num_bins: int):
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
-            raise CalibrationError(f"calibration.num_bins must be an integer >= 2, got {num_bins!r}")
-        self.counts = torch.zeros(num_bins, dtype=torch.float64)
-        self.upper = 0.0
+    OCTAVES_BELOW = 12
+
+    def __init__(self, bins_per_octave: int):
+        if (isinstance(bins_per_octave, bool) or not isinstance(bins_per_octave, int)
+                or bins_per_octave < 2 or bins_per_octave & (bins_per_octave - 1)):
+            raise CalibrationError("calibration.num_bins must be a power of two >= 2 (bins per "
+                                   f"octave of |x|) or null, got {bins_per_octave!r}")
+        self.bins_per_octave = bins_per_octave
+        self.counts = torch.zeros((self.OCTAVES_BELOW + 2) * bins_per_octave, dtype=torch.int64)
+        self.top: int | None = None  # exponent of the octave holding amax
         self.amax = 0.0
         self.total = 0
 
-    def _grow(self, new_max: float) -> None:
-        factor = max(2, math.ceil(new_max / self.upper))
-        while factor * self.upper < new_max:  # the ratio may round down
-            factor += 1
-        n = self.counts.numel()
-        padded = torch.zeros(-(-n // factor) * factor, dtype=torch.float64)
-        padded[:n] = self.counts
-        merged = padded.view(-1, factor).sum(1)
-        self.counts = torch.zeros(n, dtype=torch.float64)
-        self.counts[: merged.numel()] = merged
-        self.upper *= factor
+    @property
+    def low(self) -> int:
+        """Exponent of the lowest kept octave (grid undefined until a non-zero value)."""
+        return self.top - self.OCTAVES_BELOW
+
+    @property
+    def _log2_bins(self) -> int:
+        return self.bins_per_octave.bit_length() - 1
+
+    def _bin_index(self, a: torch.Tensor) -> torch.Tensor:
+        # float64 makes every scaling by a power of two exact, so floor() is exact
+        a = a.double()
+        size, low = self.bins_per_octave, self.low
+        mantissa, exponent = torch.frexp(a)  # a = mantissa * 2^exponent, mantissa in [0.5, 1)
+        in_octaves = (exponent.long() - low) * size + torch.floor((2 * mantissa - 1) * size).long()
+        below = torch.floor(a * 2.0 ** (self._log2_bins - low)).long()
+        return torch.where(a < 2.0 ** low, below, in_octaves)
+
+    def _move_top(self, top: int) -> None:
+        size, shift = self.bins_per_octave, min(top - self.top, 62)
+        old = torch.arange(self.counts.numel())
+        exponent = self.low + old // size - 1
+        down = (self.low + shift - exponent).clamp(0, 62)  # octaves that join the run below
+        new = torch.where(old < size, old >> shift,
+                          torch.where(down > 0, (size + old % size) >> down, old - shift * size))
+        self.counts = torch.zeros_like(self.counts).index_add_(0, new, self.counts)
+        self.top = top
 
     def add(self, x: torch.Tensor) -> None:
         a = x.detach().reshape(-1).abs().float()
@@ -80,26 +109,40 @@ class AbsHistogram:
         if not math.isfinite(m):
             raise CalibrationError("non-finite values (NaN or Inf) in a calibration tensor")
         if m > 0:
-            if self.upper == 0.0:
-                self.upper = m
-            elif m > self.upper:
-                self._grow(m)
-            # histc counts in float32, exact only up to 2^24 per bin: chunk below that,
-            # sum in float64 on the CPU (also where x lives on a GPU)
-            for chunk in a.split(_HISTC_CHUNK):
-                self.counts += torch.histc(chunk, self.counts.numel(), 0.0, self.upper).cpu().double()
-        else:
+            top = math.frexp(m)[1] - 1
+            if self.top is None:
+                self.top = top
+            elif top > self.top:
+                self._move_top(top)
+        if self.top is None:  # only zeros so far: they go to bin 0 of any grid
             self.counts[0] += a.numel()
+        else:
+            for chunk in a.split(_INDEX_CHUNK):
+                index = self._bin_index(chunk)
+                self.counts += torch.bincount(index, minlength=self.counts.numel()).cpu()
         self.amax = max(self.amax, m)
         self.total += a.numel()
 
+    def edges(self) -> torch.Tensor:
+        """float64 bin edges (len(counts) + 1 values, exact)."""
+        size = self.bins_per_octave
+        b = torch.arange(self.counts.numel() + 1, dtype=torch.int64)
+        exponent = self.low + b // size - 1
+        in_octaves = torch.ldexp(1 + (b % size).double() / size, exponent.double())
+        below = torch.ldexp(b.double(), torch.tensor(float(self.low - self._log2_bins)))
+        return torch.where(b < size, below, in_octaves)
+
     def share_above(self, value: float) -> float:
         """Share of the values above `value` (linear inside the bin that holds it)."""
-        if self.total == 0 or value >= self.upper:
+        if self.total == 0 or self.top is None:
             return 0.0
-        pos = value / self.upper * self.counts.numel()
-        k = int(pos)
-        above = float(self.counts[k + 1:].sum()) + float(self.counts[k]) * (k + 1 - pos)
+        edges = self.edges()
+        if value >= float(edges[-1]):
+            return 0.0
+        k = max(int(torch.searchsorted(edges, torch.tensor([value], dtype=torch.float64),
+                                       right=True)[0]) - 1, 0)
+        inside = (float(edges[k + 1]) - value) / float(edges[k + 1] - edges[k])
+        above = float(self.counts[k + 1:].sum()) + float(self.counts[k]) * min(inside, 1.0)
         return above / self.total
 
 
@@ -137,8 +180,12 @@ def _set_mode(layers: dict[str, QuantLinear], mode: str) -> None:
         layer.cfg = dataclasses.replace(layer.cfg, mode=mode)
 
 
+def _bits(layer: QuantLinear, kind: str) -> int:
+    return layer.cfg.act.bits if kind == "act" else layer.cfg.adc.bits
+
+
 def _observe(layers: dict[str, QuantLinear], hists: dict, kinds: Callable[[str], bool],
-             num_bins: int) -> None:
+             num_bins: int | None) -> None:
     """Install observers feeding `hists[(layer name, kind)]` for the kinds wanted."""
     for name, layer in layers.items():
         def observer(_, kind, tensor, name=name):
@@ -148,7 +195,8 @@ def _observe(layers: dict[str, QuantLinear], hists: dict, kinds: Callable[[str],
                 raise CalibrationError(f"layer {name}: got an empty {kind} tensor")
             hist = hists.get((name, kind))
             if hist is None:
-                hist = hists[(name, kind)] = AbsHistogram(num_bins)
+                bins = num_bins or default_bins(_bits(layers[name], kind))
+                hist = hists[(name, kind)] = AbsHistogram(bins)
             try:
                 hist.add(tensor)
             except CalibrationError as err:
@@ -168,6 +216,18 @@ def _run(forward, batches, seed: int) -> int:
     return images
 
 
+def _check_bins(method: str, num_bins: int, layers: dict[str, QuantLinear]) -> None:
+    if method != "kl":
+        return
+    for name, layer in layers.items():
+        for kind in ("act", *(f"adc.{path}" for path in layer.adc_paths)):
+            levels = levels_for(_bits(layer, kind))
+            if num_bins < levels:
+                raise CalibrationError(
+                    f"calibration.num_bins={num_bins} is below the {levels} levels of layer "
+                    f"{name} ({kind}); KL needs num_bins >= 2^(bits-1), or null for the default")
+
+
 def _clip(method, hist, bits, percentile, name) -> float:
     try:
         return threshold(method, hist, bits, percentile=percentile, name=name)
@@ -185,7 +245,7 @@ def export_weights(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---------------------------------------------------------------------- calibrate ----
 def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
-              num_bins: int = 4096, percentile: float = 99.99, seed: int = 0,
+              num_bins: int | None = None, percentile: float = 99.99, seed: int = 0,
               forward: Callable[[Any, torch.Generator], Any] | None = None,
               source: str = "data", save_weights: bool = False,
               coverage: list | None = None) -> dict:
@@ -195,6 +255,8 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
     forward(batch, generator): runs one batch through the model (default `model(*batch)`);
         use `generator` for any randomness so calibration is reproducible.
     method: kl | percentile | minmax | mse (calibrators.py), for activations and ADCs.
+    num_bins: histogram bins per octave of |x| (a power of two); None: 16 per level of
+        each quantizer (`calibrators.default_bins`, 16384 for INT11).
     coverage: if a list is given, one row per layer is appended (see `coverage_rows`).
     Layer names are relative to `model`; pass the module the artefact will be applied to.
     """
@@ -209,7 +271,9 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
     schemes = {layer.cfg.scheme for layer in layers.values()}
     if len(schemes) != 1:
         raise CalibrationError(f"layers of several schemes ({sorted(schemes)}) in one model")
-    AbsHistogram(num_bins)  # validates num_bins before any work
+    if num_bins is not None:
+        AbsHistogram(num_bins)  # validates num_bins before any work
+        _check_bins(method, num_bins, layers)
     forward = forward or _default_forward(model)
     hists: dict[tuple[str, str], AbsHistogram] = {}
     was_training = model.training

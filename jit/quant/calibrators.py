@@ -1,7 +1,7 @@
 """Threshold (clip value) search on histograms of |x|.
 
-Every calibrator takes an `AbsHistogram`-like object (`counts`: float64 counts of |x| in
-`num_bins` equal bins over [0, upper]; `amax`: the exact max |x| seen; `total`) and the
+Every calibrator takes an `AbsHistogram` (calibration.py: `counts` of |x| on a grid of
+octaves anchored at powers of two, `edges()`, the exact max |x| `amax`, `total`) and the
 bit width of the symmetric signed quantizer being calibrated, and returns a clip value c:
 the quantizer then uses step c / (2^(bits-1) - 1).
 
@@ -10,6 +10,14 @@ Levels. A symmetric signed b-bit quantizer maps |x| in [0, c] onto the codes
 quantises the reference histogram of |x| to 2^(b-1) levels (128 for INT8, as TensorRT's
 entropy calibrator does; 1024 for INT11 activations, 512 for a 10-bit ADC), so each
 quantizer is calibrated for its own resolution.
+
+Resolution. What the KL compares is the shape of |x| inside each level, so what matters is
+the number of bins below the clip, not below max|x|: with heavy tails the clip is a small
+fraction of the max, and a grid over [0, max] leaves too few bins per level (the clip then
+wanders as the bin count changes). The KL search therefore evaluates a clip in octave
+[2^e, 2^(e+1)) on that octave's own uniform grid, with between `bins_per_octave` and twice
+as many bins below it; `default_bins` (16 per level) is where the clip stops moving when
+the bins double (benchmarks/RESULTS.md, "KL calibration").
 """
 
 from __future__ import annotations
@@ -27,6 +35,11 @@ METHODS = ("kl", "percentile", "minmax", "mse")
 _TIE = 1e-12
 # Elements of the [candidates, levels] work arrays per block: bounds peak memory (~50 MB).
 _BLOCK_ELEMENTS = 1 << 20
+# Histogram bins per quantisation level for the default grid (see "Resolution" above).
+BINS_PER_LEVEL = 16
+# KL candidates per octave: clips 2^e (1 + j / 512), a grid of the clip value itself that
+# does not move when the histogram gets finer (steps of 0.1-0.2 % of the clip).
+CANDIDATES_PER_OCTAVE = 512
 
 
 def levels_for(bits: int) -> int:
@@ -34,14 +47,9 @@ def levels_for(bits: int) -> int:
     return 1 << (bits - 1)
 
 
-def _bin_width(hist) -> float:
-    return float(hist.upper) / hist.counts.numel()
-
-
-def _last_nonempty(counts: torch.Tensor) -> int:
-    """Number of bins up to and including the last non-empty one."""
-    nz = torch.nonzero(counts > 0)
-    return int(nz[-1]) + 1 if nz.numel() else 0
+def default_bins(bits: int) -> int:
+    """Bins per octave when calibration.num_bins is null: 16 per level of the quantizer."""
+    return BINS_PER_LEVEL * levels_for(bits)
 
 
 def _check(hist, name: str = "tensor") -> None:
@@ -102,37 +110,56 @@ def kl_divergences(counts, levels: int, candidates) -> np.ndarray:
     return np.concatenate(out)
 
 
-def kl_candidates(counts: torch.Tensor, levels: int) -> torch.Tensor | None:
-    """Candidates i = levels .. last non-empty bin; None if the data spans fewer bins."""
-    last = _last_nonempty(counts)
-    if last < levels:
-        return None
-    return torch.arange(levels, last + 1, dtype=torch.int64)
+def octave_grids(hist):
+    """For each kept octave e of `hist`, bottom up: (counts, bin width, candidates).
+
+    counts: float64 counts of the uniform grid of [0, 2^(e+1)) at width 2^e / S, plus one
+    last entry holding everything above 2^(e+1) (outliers, only ever folded); candidates:
+    numbers of bins i (clip i * width) in [S, 2S), CANDIDATES_PER_OCTAVE of them, cut at the
+    bin holding amax (which is always a candidate: clipping at the max).
+    """
+    size = hist.bins_per_octave
+    edges = hist.edges().numpy()
+    cumulative = np.concatenate([[0.0], np.cumsum(hist.counts.numpy().astype(np.float64))])
+    total = cumulative[-1]
+    stride = max(1, size // CANDIDATES_PER_OCTAVE)
+    grids = []
+    for exponent in range(hist.low, hist.top + 1):
+        width = math.ldexp(1.0, exponent) / size
+        points = np.arange(2 * size + 1) * width  # exact: every point is an edge of `hist`
+        at = np.searchsorted(edges, points)
+        counts = np.append(np.diff(cumulative[at]), total - cumulative[at[-1]])
+        candidates = np.arange(size, 2 * size, stride)
+        if exponent == hist.top:
+            last = int(np.flatnonzero(counts[:-1])[-1]) + 1
+            candidates = np.append(candidates[candidates < last], last)
+        grids.append((counts, width, candidates))
+    return grids
+
+
+def kl_best(kl: np.ndarray) -> int:
+    """Index of the first candidate whose KL ties the minimum (candidates ascending: the
+    smallest clip wins, a finer step for the same information loss)."""
+    return int(np.flatnonzero(kl <= kl.min() + _TIE)[0])
 
 
 def kl_threshold(hist, bits: int, name: str = "tensor") -> float:
-    """Entropy calibration: the clip minimising KL(P || Q) at 2^(bits-1) levels."""
+    """Entropy calibration: the clip minimising KL(P || Q) at 2^(bits-1) levels, searched
+    over every kept octave, each on its own grid."""
     _check(hist, name)
     levels = levels_for(bits)
-    if hist.counts.numel() < levels:
+    if hist.bins_per_octave < levels:
         raise ValueError(
-            f"{name}: num_bins={hist.counts.numel()} is below the {levels} levels of a "
+            f"{name}: num_bins={hist.bins_per_octave} is below the {levels} levels of a "
             f"{bits}-bit quantizer; KL calibration needs num_bins >= 2^(bits-1) "
-            f"(better >= 2^bits), raise calibration.num_bins"
+            f"(converged at {default_bins(bits)}), raise calibration.num_bins or set it to null"
         )
-    candidates = kl_candidates(hist.counts, levels)
-    if candidates is None:
-        # The data fills fewer bins than the quantizer has levels: the histogram cannot
-        # resolve a better clip than the max.
-        return float(hist.amax)
-    kl = kl_divergences(hist.counts.numpy(), levels, candidates.numpy())
-    return clip_of_best(kl, candidates, hist)
-
-
-def clip_of_best(kl: np.ndarray, candidates: torch.Tensor, hist) -> float:
-    """The clip of the smallest candidate whose KL ties the minimum."""
-    best = int(np.flatnonzero(kl <= kl.min() + _TIE)[0])
-    return min(float(candidates[best]) * _bin_width(hist), float(hist.amax))
+    kls, clips = [], []
+    for counts, width, candidates in octave_grids(hist):
+        kls.append(kl_divergences(counts, levels, candidates))
+        clips.append(candidates * width)
+    best = kl_best(np.concatenate(kls))
+    return min(float(np.concatenate(clips)[best]), float(hist.amax))
 
 
 # ------------------------------------------------------------------ other methods ----
@@ -144,13 +171,15 @@ def percentile_threshold(hist, percentile: float, name: str = "tensor") -> float
     if percentile == 100.0:
         return float(hist.amax)
     h = hist.counts.to(torch.float64)
+    edges = hist.edges()
     cum = h.cumsum(0)
     target = percentile / 100.0 * float(cum[-1])
     k = int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64))[0])
     k = min(k, h.numel() - 1)
     below = float(cum[k - 1]) if k > 0 else 0.0
     frac = (target - below) / float(h[k]) if h[k] > 0 else 1.0
-    return min((k + frac) * _bin_width(hist), float(hist.amax))
+    value = float(edges[k]) + frac * float(edges[k + 1] - edges[k])
+    return min(value, float(hist.amax))
 
 
 def minmax_threshold(hist, name: str = "tensor") -> float:
@@ -164,20 +193,20 @@ def mse_threshold(hist, bits: int, name: str = "tensor") -> float:
 
     For clip c (step s = c / qmax), a value at bin centre x costs (x - c)^2 above c, x^2 if
     it rounds to zero (x < s/2) and s^2 / 12 otherwise (uniform rounding error); prefix
-    sums evaluate every candidate c = i * bin_width in one pass.
+    sums evaluate every candidate c = a bin edge in one pass.
     """
     _check(hist, name)
     qmax = levels_for(bits) - 1
     h = hist.counts.to(torch.float64)
-    w = _bin_width(hist)
-    x = (torch.arange(h.numel(), dtype=torch.float64) + 0.5) * w
+    edges = hist.edges()
+    x = (edges[1:] + edges[:-1]) / 2
     zero = h.new_zeros(1)
     H0, H1, H2 = (torch.cat([zero, (h * x**p).cumsum(0)]) for p in (0, 1, 2))
-    last = max(_last_nonempty(h), 1)
+    last = int(torch.nonzero(h)[-1]) + 1
     i = torch.arange(1, last + 1, dtype=torch.int64)
-    c = i.to(torch.float64) * w
+    c = edges[i]
     s = c / qmax
-    j = torch.minimum(torch.ceil(s / (2 * w) - 0.5).clamp_min(0).to(torch.int64), i)
+    j = torch.minimum(torch.searchsorted(x, s / 2), i)  # bins whose centre rounds to zero
     err = (
         H2[j]
         + (H0[i] - H0[j]) * s**2 / 12
