@@ -106,7 +106,8 @@ def kl_divergences(counts, levels: int, candidates) -> np.ndarray:
             log_q = np.log(np.where(filled, unfolded, 1.0) / np.where(filled, n, 1.0))
             plogq = np.einsum("ij,ij->i", unfolded, log_q)
             plogq += np.where(tail > 0, tail * np.log(unfolded[:, -1] / n[:, -1]), 0.0)
-            out.append((plogp - plogq) / total + np.log((total - tail) / total))
+            kl = (plogp - plogq) / total + np.log((total - tail) / total)
+            out.append(np.where(tail < total, kl, np.inf))  # nothing below the clip: Q = 0
     return np.concatenate(out)
 
 
