@@ -50,7 +50,7 @@ class CalibrationConfig:
     num_images: int = 256
     batch_size: int = 32
     source: str = "data"
-    num_bins: int | None = None  # bins per octave of |x|; None: 16 per quantizer level
+    num_bins: int | None = None  # None: calibrators.default_bins per quantizer
     percentile: float = 99.99
     seed: int = 0
     save_weights: bool = False
@@ -66,7 +66,7 @@ class CalibrationConfig:
         nb = self.num_bins
         if nb is not None and (isinstance(nb, bool) or not isinstance(nb, int) or nb < 2
                                or nb & (nb - 1)):
-            fail("num_bins", "a power of two >= 2 (bins per octave of |x|) or null", nb)
+            fail("num_bins", "a power of two >= 2 or null", nb)
         for key, low in (("num_images", 1), ("batch_size", 1), ("seed", 0)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

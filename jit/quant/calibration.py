@@ -45,61 +45,33 @@ class CalibrationError(ValueError):
 
 
 class AbsHistogram:
-    """Histogram of |x| on a grid fixed before counting, so that the counts (and every
-    threshold drawn from them) are the same for any order or split of the data.
+    """Histogram of |x|: `num_bins` equal bins over [0, upper), on a grid fixed before
+    counting, so that the counts (and every threshold drawn from them) are the same for any
+    order or split of the data.
 
-    The grid is anchored at powers of two, not at the data: each octave [2^e, 2^(e+1)) is
-    cut into `bins_per_octave` (S, a power of two) equal bins. The octave holding max|x|
-    (the top) and the OCTAVES_BELOW octaves under it are kept; everything below them is one
-    uniform run of S bins as wide as those of the lowest kept octave (zeros in bin 0). All
-    widths being powers of two, each bin lies inside exactly one bin of any coarser layout:
-    when a larger max moves the top up, bins merge exactly, and the result equals counting
-    everything at once with the final top. Any kept octave's bins plus everything below
-    form a uniform grid of [0, 2^(e+1)) at width 2^e / S: a clip in that octave is searched
-    with between S and 2S bins below it, whatever the outliers above (calibrators.py).
-    Memory is (OCTAVES_BELOW + 2) * S counts.
+    `upper` is the smallest power of two above max|x|, not max|x| itself: when a later
+    batch raises the max, `upper` doubles d times and every 2^d neighbouring bins merge.
+    A bin of the finer grid lies inside exactly one bin of the coarser one, and the bin of
+    a value is a floor of x * 2^k (exact in float64), so the result equals counting all the
+    data at once with the final `upper`. The max|x| itself covers between half and all of
+    the bins. Zeros always land in bin 0.
     """
 
-    OCTAVES_BELOW = 12
-
-    def __init__(self, bins_per_octave: int):
-        if (isinstance(bins_per_octave, bool) or not isinstance(bins_per_octave, int)
-                or bins_per_octave < 2 or bins_per_octave & (bins_per_octave - 1)):
-            raise CalibrationError("calibration.num_bins must be a power of two >= 2 (bins per "
-                                   f"octave of |x|) or null, got {bins_per_octave!r}")
-        self.bins_per_octave = bins_per_octave
-        self.counts = torch.zeros((self.OCTAVES_BELOW + 2) * bins_per_octave, dtype=torch.int64)
-        self.top: int | None = None  # exponent of the octave holding amax
+    def __init__(self, num_bins: int):
+        if (isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2
+                or num_bins & (num_bins - 1)):
+            raise CalibrationError(f"calibration.num_bins must be a power of two >= 2 or null, "
+                                   f"got {num_bins!r}")
+        self.counts = torch.zeros(num_bins, dtype=torch.int64)
+        self.upper = 0.0
         self.amax = 0.0
         self.total = 0
 
-    @property
-    def low(self) -> int:
-        """Exponent of the lowest kept octave (grid undefined until a non-zero value)."""
-        return self.top - self.OCTAVES_BELOW
-
-    @property
-    def _log2_bins(self) -> int:
-        return self.bins_per_octave.bit_length() - 1
-
-    def _bin_index(self, a: torch.Tensor) -> torch.Tensor:
-        # float64 makes every scaling by a power of two exact, so floor() is exact
-        a = a.double()
-        size, low = self.bins_per_octave, self.low
-        mantissa, exponent = torch.frexp(a)  # a = mantissa * 2^exponent, mantissa in [0.5, 1)
-        in_octaves = (exponent.long() - low) * size + torch.floor((2 * mantissa - 1) * size).long()
-        below = torch.floor(a * 2.0 ** (self._log2_bins - low)).long()
-        return torch.where(a < 2.0 ** low, below, in_octaves)
-
-    def _move_top(self, top: int) -> None:
-        size, shift = self.bins_per_octave, min(top - self.top, 62)
+    def _raise_upper(self, upper: float) -> None:
+        shift = min(round(math.log2(upper / self.upper)), 62)
         old = torch.arange(self.counts.numel())
-        exponent = self.low + old // size - 1
-        down = (self.low + shift - exponent).clamp(0, 62)  # octaves that join the run below
-        new = torch.where(old < size, old >> shift,
-                          torch.where(down > 0, (size + old % size) >> down, old - shift * size))
-        self.counts = torch.zeros_like(self.counts).index_add_(0, new, self.counts)
-        self.top = top
+        self.counts = torch.zeros_like(self.counts).index_add_(0, old >> shift, self.counts)
+        self.upper = upper
 
     def add(self, x: torch.Tensor) -> None:
         a = x.detach().reshape(-1).abs().float()
@@ -109,40 +81,28 @@ class AbsHistogram:
         if not math.isfinite(m):
             raise CalibrationError("non-finite values (NaN or Inf) in a calibration tensor")
         if m > 0:
-            top = math.frexp(m)[1] - 1
-            if self.top is None:
-                self.top = top
-            elif top > self.top:
-                self._move_top(top)
-        if self.top is None:  # only zeros so far: they go to bin 0 of any grid
-            self.counts[0] += a.numel()
-        else:
+            upper = math.ldexp(1.0, math.frexp(m)[1])  # smallest power of two > m
+            if self.upper == 0.0:
+                self.upper = upper
+            elif upper > self.upper:
+                self._raise_upper(upper)
+            # float64 makes x * (num_bins / upper), a scaling by a power of two, exact
+            scale = self.counts.numel() / self.upper
             for chunk in a.split(_INDEX_CHUNK):
-                index = self._bin_index(chunk)
+                index = torch.floor(chunk.double() * scale).long()
                 self.counts += torch.bincount(index, minlength=self.counts.numel()).cpu()
+        else:
+            self.counts[0] += a.numel()
         self.amax = max(self.amax, m)
         self.total += a.numel()
 
-    def edges(self) -> torch.Tensor:
-        """float64 bin edges (len(counts) + 1 values, exact)."""
-        size = self.bins_per_octave
-        b = torch.arange(self.counts.numel() + 1, dtype=torch.int64)
-        exponent = self.low + b // size - 1
-        in_octaves = torch.ldexp(1 + (b % size).double() / size, exponent.double())
-        below = torch.ldexp(b.double(), torch.tensor(float(self.low - self._log2_bins)))
-        return torch.where(b < size, below, in_octaves)
-
     def share_above(self, value: float) -> float:
         """Share of the values above `value` (linear inside the bin that holds it)."""
-        if self.total == 0 or self.top is None:
+        if self.total == 0 or value >= self.upper:
             return 0.0
-        edges = self.edges()
-        if value >= float(edges[-1]):
-            return 0.0
-        k = max(int(torch.searchsorted(edges, torch.tensor([value], dtype=torch.float64),
-                                       right=True)[0]) - 1, 0)
-        inside = (float(edges[k + 1]) - value) / float(edges[k + 1] - edges[k])
-        above = float(self.counts[k + 1:].sum()) + float(self.counts[k]) * min(inside, 1.0)
+        pos = value / self.upper * self.counts.numel()
+        k = int(pos)
+        above = float(self.counts[k + 1:].sum()) + float(self.counts[k]) * (k + 1 - pos)
         return above / self.total
 
 
@@ -188,14 +148,14 @@ def _observe(layers: dict[str, QuantLinear], hists: dict, kinds: Callable[[str],
              num_bins: int | None) -> None:
     """Install observers feeding `hists[(layer name, kind)]` for the kinds wanted."""
     for name, layer in layers.items():
-        def observer(_, kind, tensor, name=name):
+        def observer(_, kind, tensor, name=name, layer=layer):
             if not kinds(kind):
                 return
             if tensor.numel() == 0:
                 raise CalibrationError(f"layer {name}: got an empty {kind} tensor")
             hist = hists.get((name, kind))
             if hist is None:
-                bins = num_bins or default_bins(_bits(layers[name], kind))
+                bins = num_bins or default_bins(_bits(layer, kind))
                 hist = hists[(name, kind)] = AbsHistogram(bins)
             try:
                 hist.add(tensor)
@@ -255,8 +215,8 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
     forward(batch, generator): runs one batch through the model (default `model(*batch)`);
         use `generator` for any randomness so calibration is reproducible.
     method: kl | percentile | minmax | mse (calibrators.py), for activations and ADCs.
-    num_bins: histogram bins per octave of |x| (a power of two); None: 16 per level of
-        each quantizer (`calibrators.default_bins`, 16384 for INT11).
+    num_bins: histogram bins over [0, the power of two above max|x|) (a power of two);
+        None: BINS_PER_LEVEL per level of each quantizer (`calibrators.default_bins`).
     coverage: if a list is given, one row per layer is appended (see `coverage_rows`).
     Layer names are relative to `model`; pass the module the artefact will be applied to.
     """

@@ -1,9 +1,9 @@
 """Threshold (clip value) search on histograms of |x|.
 
-Every calibrator takes an `AbsHistogram` (calibration.py: `counts` of |x| on a grid of
-octaves anchored at powers of two, `edges()`, the exact max |x| `amax`, `total`) and the
-bit width of the symmetric signed quantizer being calibrated, and returns a clip value c:
-the quantizer then uses step c / (2^(bits-1) - 1).
+Every calibrator takes an `AbsHistogram`-like object (`counts` of |x| in `num_bins`
+equal bins over [0, upper]; `amax`: the exact max |x| seen; `total`) and the bit width of
+the symmetric signed quantizer being calibrated, and returns a clip value c: the quantizer
+then uses step c / (2^(bits-1) - 1).
 
 Levels. A symmetric signed b-bit quantizer maps |x| in [0, c] onto the codes
 0..qmax = 2^(b-1) - 1, i.e. 2^(b-1) distinct magnitudes. The KL calibrator therefore
@@ -13,11 +13,9 @@ quantizer is calibrated for its own resolution.
 
 Resolution. What the KL compares is the shape of |x| inside each level, so what matters is
 the number of bins below the clip, not below max|x|: with heavy tails the clip is a small
-fraction of the max, and a grid over [0, max] leaves too few bins per level (the clip then
-wanders as the bin count changes). The KL search therefore evaluates a clip in octave
-[2^e, 2^(e+1)) on that octave's own uniform grid, with between `bins_per_octave` and twice
-as many bins below it; `default_bins` (16 per level) is where the clip stops moving when
-the bins double (benchmarks/RESULTS.md, "KL calibration").
+fraction of the max (about 1/8 on |Student-t(2)|), and too few bins per level make the
+clip wander as the bin count changes. `default_bins` (BINS_PER_LEVEL per level) is where
+the clip stops moving when the bins double (benchmarks/RESULTS.md, "KL calibration").
 """
 
 from __future__ import annotations
@@ -35,10 +33,11 @@ METHODS = ("kl", "percentile", "minmax", "mse")
 _TIE = 1e-12
 # Elements of the [candidates, levels] work arrays per block: bounds peak memory (~50 MB).
 _BLOCK_ELEMENTS = 1 << 20
-# Histogram bins per quantisation level for the default grid (see "Resolution" above).
-BINS_PER_LEVEL = 16
-# KL candidates per octave: clips 2^e (1 + j / 512), a grid of the clip value itself that
-# does not move when the histogram gets finer (steps of 0.1-0.2 % of the clip).
+# Histogram bins per quantisation level by default (see "Resolution" above).
+BINS_PER_LEVEL = 128
+# KL candidates per octave of the bin index: i in [2^k, 2^(k+1)) in steps of 2^k / 512
+# (every bin below 512), i.e. clips 0.1-0.2 % apart. The same clip values stay candidates
+# when the bins double, and the search costs O(log(bins) x 512 x levels), not O(bins x levels).
 CANDIDATES_PER_OCTAVE = 512
 
 
@@ -48,8 +47,14 @@ def levels_for(bits: int) -> int:
 
 
 def default_bins(bits: int) -> int:
-    """Bins per octave when calibration.num_bins is null: 16 per level of the quantizer."""
+    """Histogram bins when calibration.num_bins is null: BINS_PER_LEVEL per level."""
     return BINS_PER_LEVEL * levels_for(bits)
+
+
+def _last_nonempty(counts: torch.Tensor) -> int:
+    """Number of bins up to and including the last non-empty one."""
+    nz = torch.nonzero(counts > 0)
+    return int(nz[-1]) + 1 if nz.numel() else 0
 
 
 def _check(hist, name: str = "tensor") -> None:
@@ -111,31 +116,15 @@ def kl_divergences(counts, levels: int, candidates) -> np.ndarray:
     return np.concatenate(out)
 
 
-def octave_grids(hist):
-    """For each kept octave e of `hist`, bottom up: (counts, bin width, candidates).
-
-    counts: float64 counts of the uniform grid of [0, 2^(e+1)) at width 2^e / S, plus one
-    last entry holding everything above 2^(e+1) (outliers, only ever folded); candidates:
-    numbers of bins i (clip i * width) in [S, 2S), CANDIDATES_PER_OCTAVE of them, cut at the
-    bin holding amax (which is always a candidate: clipping at the max).
-    """
-    size = hist.bins_per_octave
-    edges = hist.edges().numpy()
-    cumulative = np.concatenate([[0.0], np.cumsum(hist.counts.numpy().astype(np.float64))])
-    total = cumulative[-1]
-    stride = max(1, size // CANDIDATES_PER_OCTAVE)
-    grids = []
-    for exponent in range(hist.low, hist.top + 1):
-        width = math.ldexp(1.0, exponent) / size
-        points = np.arange(2 * size + 1) * width  # exact: every point is an edge of `hist`
-        at = np.searchsorted(edges, points)
-        counts = np.append(np.diff(cumulative[at]), total - cumulative[at[-1]])
-        candidates = np.arange(size, 2 * size, stride)
-        if exponent == hist.top:
-            last = int(np.flatnonzero(counts[:-1])[-1]) + 1
-            candidates = np.append(candidates[candidates < last], last)
-        grids.append((counts, width, candidates))
-    return grids
+def kl_candidates(counts: torch.Tensor, levels: int) -> np.ndarray:
+    """Candidate numbers of bins kept: from `levels` to the last non-empty bin (always a
+    candidate: clipping at the max), CANDIDATES_PER_OCTAVE per octave of the index."""
+    last = _last_nonempty(counts)
+    parts = [np.arange(1 << k, 1 << (k + 1), max(1, (1 << k) // CANDIDATES_PER_OCTAVE))
+             for k in range(max(last, 1).bit_length())]
+    candidates = np.concatenate(parts)
+    candidates = candidates[(candidates >= levels) & (candidates < last)]
+    return np.append(candidates, last)
 
 
 def kl_best(kl: np.ndarray) -> int:
@@ -145,25 +134,30 @@ def kl_best(kl: np.ndarray) -> int:
 
 
 def kl_threshold(hist, bits: int, name: str = "tensor") -> float:
-    """Entropy calibration: the clip minimising KL(P || Q) at 2^(bits-1) levels, searched
-    over every kept octave, each on its own grid."""
+    """Entropy calibration: the clip minimising KL(P || Q) at 2^(bits-1) levels."""
     _check(hist, name)
     levels = levels_for(bits)
-    if hist.bins_per_octave < levels:
+    if hist.counts.numel() < levels:
         raise ValueError(
-            f"{name}: num_bins={hist.bins_per_octave} is below the {levels} levels of a "
+            f"{name}: num_bins={hist.counts.numel()} is below the {levels} levels of a "
             f"{bits}-bit quantizer; KL calibration needs num_bins >= 2^(bits-1) "
             f"(converged at {default_bins(bits)}), raise calibration.num_bins or set it to null"
         )
-    kls, clips = [], []
-    for counts, width, candidates in octave_grids(hist):
-        kls.append(kl_divergences(counts, levels, candidates))
-        clips.append(candidates * width)
-    best = kl_best(np.concatenate(kls))
-    return min(float(np.concatenate(clips)[best]), float(hist.amax))
+    if _last_nonempty(hist.counts) <= levels:
+        # The data fill no more bins than the quantizer has levels: the histogram cannot
+        # resolve a better clip than the max.
+        return float(hist.amax)
+    candidates = kl_candidates(hist.counts, levels)
+    kl = kl_divergences(hist.counts.double().numpy(), levels, candidates)
+    clip = float(candidates[kl_best(kl)]) * float(hist.upper) / hist.counts.numel()
+    return min(clip, float(hist.amax))
 
 
 # ------------------------------------------------------------------ other methods ----
+def _bin_width(hist) -> float:
+    return float(hist.upper) / hist.counts.numel()
+
+
 def percentile_threshold(hist, percentile: float, name: str = "tensor") -> float:
     """The `percentile`-th percentile of |x|, linearly interpolated inside its bin."""
     _check(hist, name)
@@ -172,15 +166,13 @@ def percentile_threshold(hist, percentile: float, name: str = "tensor") -> float
     if percentile == 100.0:
         return float(hist.amax)
     h = hist.counts.to(torch.float64)
-    edges = hist.edges()
     cum = h.cumsum(0)
     target = percentile / 100.0 * float(cum[-1])
     k = int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64))[0])
     k = min(k, h.numel() - 1)
     below = float(cum[k - 1]) if k > 0 else 0.0
     frac = (target - below) / float(h[k]) if h[k] > 0 else 1.0
-    value = float(edges[k]) + frac * float(edges[k + 1] - edges[k])
-    return min(value, float(hist.amax))
+    return min((k + frac) * _bin_width(hist), float(hist.amax))
 
 
 def minmax_threshold(hist, name: str = "tensor") -> float:
@@ -194,20 +186,20 @@ def mse_threshold(hist, bits: int, name: str = "tensor") -> float:
 
     For clip c (step s = c / qmax), a value at bin centre x costs (x - c)^2 above c, x^2 if
     it rounds to zero (x < s/2) and s^2 / 12 otherwise (uniform rounding error); prefix
-    sums evaluate every candidate c = a bin edge in one pass.
+    sums evaluate every candidate c = i * bin_width in one pass.
     """
     _check(hist, name)
     qmax = levels_for(bits) - 1
     h = hist.counts.to(torch.float64)
-    edges = hist.edges()
-    x = (edges[1:] + edges[:-1]) / 2
+    w = _bin_width(hist)
+    x = (torch.arange(h.numel(), dtype=torch.float64) + 0.5) * w
     zero = h.new_zeros(1)
     H0, H1, H2 = (torch.cat([zero, (h * x**p).cumsum(0)]) for p in (0, 1, 2))
-    last = int(torch.nonzero(h)[-1]) + 1
+    last = max(_last_nonempty(h), 1)
     i = torch.arange(1, last + 1, dtype=torch.int64)
-    c = edges[i]
+    c = i.to(torch.float64) * w
     s = c / qmax
-    j = torch.minimum(torch.searchsorted(x, s / 2), i)  # bins whose centre rounds to zero
+    j = torch.minimum(torch.ceil(s / (2 * w) - 0.5).clamp_min(0).to(torch.int64), i)
     err = (
         H2[j]
         + (H0[i] - H0[j]) * s**2 / 12
@@ -215,7 +207,6 @@ def mse_threshold(hist, bits: int, name: str = "tensor") -> float:
     )
     best = int(torch.argmin(err))
     return min(float(c[best]), float(hist.amax))
-
 
 def threshold(method: str, hist, bits: int, *, percentile: float = 99.99,
               name: str = "tensor") -> float:
