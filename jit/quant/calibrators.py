@@ -208,6 +208,7 @@ def mse_threshold(hist, bits: int, name: str = "tensor") -> float:
     best = int(torch.argmin(err))
     return min(float(c[best]), float(hist.amax))
 
+
 def threshold(method: str, hist, bits: int, *, percentile: float = 99.99,
               name: str = "tensor") -> float:
     """Clip value for a `bits`-bit symmetric quantizer by `method` (one of METHODS)."""
