@@ -1,46 +1,64 @@
-"""KL threshold search: vectorised vs a per-threshold loop, and all of JiT-B/16's FFN.
+"""KL calibration: convergence in the bin count, speed of the threshold search.
 
-    python -m benchmarks.kl_search
+    python -m benchmarks.kl_search                # everything
+    python -m benchmarks.kl_search --skip-loops --skip-digits
 
-1. One histogram (heavy-tailed |x|, filling every bin): the vectorised search
-   (`calibrators.kl_threshold`) against two per-threshold loops over the same candidates
-   and the same definition of P and Q, each checked to choose the same clip:
-   - straightforward: for each candidate, P and Q built level by level in Python (the
-     shape of the usual entropy-calibration code, and of the seed's);
-   - per-threshold numpy: the levels of one candidate in a few numpy calls (reduceat),
-     only the loop over candidates left in Python - a stronger baseline.
-   Both the classic 8-bit setting (2048 bins, 128 levels) and this project's INT11
-   activations at the default 4096 bins (1024 levels).
-2. Every threshold of JiT-B/16's 24 FFN layers (12 blocks x w12, w3) from collected
-   histograms at the default 4096 bins: hybrid W8A11 (act INT11 + one 10-bit ADC path)
-   and bit-serial W8A12 (act INT12 + two 10-bit ADC paths).
-Prints a Markdown section for benchmarks/RESULTS.md.
+1. Convergence: the INT11 KL clip (as a share of max|x|) against `calibration.num_bins` on
+   |Student-t(2)| and |Student-t(4)| (1M samples, three seeds), and on every layer of the
+   shipped digits model as the default run calibrates it (experiment=digits_demo: 200
+   calibration images, hybrid W8A11, activations INT11 and the 10-bit ADC path), each
+   calibration timed.
+2. Speed: one threshold at the default bins, the vectorised KL against two per-threshold
+   loops over the same candidates (the usual shape of entropy calibration code, and a
+   per-candidate numpy loop), and all thresholds of JiT-B/16's 24 FFN layers.
+Prints Markdown sections for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import itertools
 import math
+import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from jit.quant.calibration import AbsHistogram
-from jit.quant.calibrators import clip_of_best, kl_candidates, kl_threshold, levels_for
+from jit.quant.calibrators import (
+    default_bins,
+    kl_best,
+    kl_candidates,
+    kl_threshold,
+    levels_for,
+)
 
 FFN_LAYERS = 24
+BINS = (4096, 8192, 16384, 32768, 65536, 131072, 262144)
+DEFAULT = 131072  # default_bins(11)
+
+
+def student_t_abs(dof: int, n: int = 1_000_000, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    normal = torch.randn(n, generator=gen, dtype=torch.float64)
+    chi2 = torch.randn(dof, n, generator=gen, dtype=torch.float64).square().sum(0)
+    return (normal / (chi2 / dof).sqrt()).abs().float()
+
+
+def abs_hist(values: torch.Tensor, num_bins: int) -> AbsHistogram:
+    hist = AbsHistogram(num_bins)
+    hist.add(values)
+    return hist
 
 
 def heavy_tailed_hist(num_bins: int, seed: int, n: int = 1_000_000) -> AbsHistogram:
     """|Student-t(3)| samples: a long sparse tail like real activations and ADC inputs."""
-    gen = torch.Generator().manual_seed(seed)
-    normal = torch.randn(n, generator=gen)
-    chi2 = torch.randn(3, n, generator=gen).square().sum(0)
-    hist = AbsHistogram(num_bins)
-    hist.add(normal / (chi2 / 3).sqrt())
-    return hist
+    return abs_hist(student_t_abs(3, n, seed), num_bins)
 
 
 def _kl(p: np.ndarray, q: np.ndarray) -> float:
@@ -83,8 +101,8 @@ def kl_per_threshold_numpy(counts: np.ndarray, levels: int, candidates) -> np.nd
 
 def loop_threshold(kl_fn, hist: AbsHistogram, bits: int) -> float:
     candidates = kl_candidates(hist.counts, levels_for(bits))
-    kl = kl_fn(hist.counts.numpy(), levels_for(bits), candidates.numpy())
-    return clip_of_best(kl, candidates, hist)
+    kl = kl_fn(hist.counts.double().numpy(), levels_for(bits), candidates)
+    return min(float(candidates[kl_best(kl)]) * hist.upper / hist.counts.numel(), hist.amax)
 
 
 def median_time(fn, repeats: int) -> tuple[float, object]:
@@ -96,20 +114,22 @@ def median_time(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def compare(num_bins: int, bits: int) -> dict:
+def compare(num_bins: int, bits: int, loops: bool) -> dict:
     hist = heavy_tailed_hist(num_bins, seed=bits)
-    t_vec, c_vec = median_time(lambda: kl_threshold(hist, bits), 15)
-    t_loop, c_loop = median_time(lambda: loop_threshold(kl_straightforward, hist, bits), 1)
-    t_np, c_np = median_time(lambda: loop_threshold(kl_per_threshold_numpy, hist, bits), 3)
-    assert c_vec == c_loop == c_np, (c_vec, c_loop, c_np)
+    t_vec, c_vec = median_time(lambda: kl_threshold(hist, bits), 5)
     candidates = len(kl_candidates(hist.counts, levels_for(bits)))
-    return {"bins": num_bins, "bits": bits, "candidates": candidates, "loop_s": t_loop,
-            "np_ms": t_np * 1e3, "vec_ms": t_vec * 1e3}
+    row = {"bins": num_bins, "bits": bits, "candidates": candidates, "vec_ms": t_vec * 1e3}
+    if loops:
+        t_loop, c_loop = median_time(lambda: loop_threshold(kl_straightforward, hist, bits), 1)
+        t_np, c_np = median_time(lambda: loop_threshold(kl_per_threshold_numpy, hist, bits), 1)
+        assert c_vec == c_loop == c_np, (c_vec, c_loop, c_np)
+        row.update(loop_s=t_loop, np_ms=t_np * 1e3)
+    return row
 
 
-def whole_model(act_bits: int, adc_paths: int, num_bins: int = 4096) -> tuple[float, int]:
+def whole_model(act_bits: int, adc_paths: int) -> tuple[float, int]:
     """Seconds to compute every FFN threshold of JiT-B/16 from its histograms."""
-    hists = [(heavy_tailed_hist(num_bins, seed=i, n=200_000), bits)
+    hists = [(heavy_tailed_hist(default_bins(bits), seed=i, n=200_000), bits)
              for i, bits in enumerate([act_bits] + [10] * adc_paths)]
     # every layer has its own histograms; the work per histogram does not depend on
     # which layer it came from, so a few distinct ones are cycled through
@@ -120,23 +140,129 @@ def whole_model(act_bits: int, adc_paths: int, num_bins: int = 4096) -> tuple[fl
     return time.perf_counter() - start, len(jobs)
 
 
+def change(values: list[float]) -> str:
+    """Relative change of the clip when the default bin count doubles."""
+    steps = [abs(b / a - 1) for a, b in itertools.pairwise(values)]
+    return f"{100 * steps[BINS.index(DEFAULT)]:.1f}%"
+
+
+def synthetic_convergence() -> None:
+    print("INT11 (1024 levels) KL clip / max|x| on |Student-t| (1M samples) against "
+          "`calibration.num_bins` (bins over [0, the power of two above max|x|)); last column: "
+          f"change from the default {DEFAULT} to {2 * DEFAULT} bins.\n")
+    print("| data | seed | " + " | ".join(str(b) for b in BINS) + " | default doubled |")
+    print("| --- | ---: |" + " ---: |" * len(BINS) + " ---: |")
+    for dof in (2, 4):
+        for seed in range(3):
+            values = student_t_abs(dof, seed=seed)
+            amax = float(values.max())
+            clips = [kl_threshold(abs_hist(values, b), 11) / amax for b in BINS]
+            print(f"| \\|t({dof})\\| (max {amax:.0f}) | {seed} | "
+                  + " | ".join(f"{c:.4f}" for c in clips) + f" | {change(clips)} |")
+    print()
+
+
+def digits_convergence() -> None:
+    """Every layer of the shipped digits model, calibrated as the default run does."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from jit.callbacks.calibration import (
+        CalibrationConfig,
+        _calibration_batches,
+        _data_forward,
+        _eval_weights,
+    )
+    from jit.config import register_schemas, to_plain
+    from jit.quant import quantize_model
+    from jit.quant.calibration import calibrate
+    from jit.quant.layers import quantized_layers
+    from jit.quant.surgery import adc_bypassed, noise_disabled
+    from jit.tasks import load_module, quant_config
+
+    register_schemas()
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        cfg = compose("run", overrides=["experiment=digits_demo", "paths.output_dir=unused"])
+    module, _ = load_module(cfg)
+    quantize_model(module.denoiser.net, quant_config(cfg))
+    calib = CalibrationConfig.from_any(to_plain(cfg.calibration))
+    batches = _calibration_batches(instantiate(cfg.data), calib)
+    forward = _data_forward(module.denoiser, "cpu")
+    clips, seconds = {}, {}
+    with _eval_weights(module, None):
+        for bins in BINS:
+            start = time.perf_counter()
+            artefact = calibrate(module.denoiser.net, batches, method="kl", num_bins=bins,
+                                 seed=calib.seed, forward=forward)
+            seconds[bins] = time.perf_counter() - start
+            clips[bins] = artefact["layers"]
+    # clip / max: the max of each quantity is the grid-independent amax of its histogram
+    amax = {}
+    net = module.denoiser.net
+
+    def record(name, kind, tensor):
+        if (kind == "act") == (mode == "dynamic"):  # act max in the act pass, ADC in the ADC pass
+            amax[(name, kind)] = max(amax.get((name, kind), 0.0), float(tensor.abs().max()))
+
+    layers = quantized_layers(net)
+    with torch.no_grad(), noise_disabled(net), adc_bypassed(net), _eval_weights(module, None):
+        for mode in ("dynamic", "static"):
+            for name, layer in layers.items():
+                layer.cfg = dataclasses.replace(layer.cfg, mode=mode)
+                layer.observer = record
+                if mode == "static":
+                    layer.set_static(clips[DEFAULT][name]["act_clip"])
+            for index, batch in enumerate(batches):
+                forward(batch, torch.Generator().manual_seed(calib.seed * 1_000_003 + index))
+    for layer in layers.values():
+        layer.observer = None
+    print(f"Shipped digits model (JiT-S/4, 16 px), `experiment=digits_demo` calibration "
+          f"({calib.num_images} images, source {calib.source}), hybrid W8A11: KL clip / max per "
+          "layer; activations INT11 (1024 levels), ADC path `lsb` 10 bits (512 levels), "
+          f"the same `num_bins` for both. ADC maxima are those under the {DEFAULT}-bin act clips.\n")
+    print("| layer | quantity | " + " | ".join(str(b) for b in BINS) + " | default doubled |")
+    print("| --- | --- |" + " ---: |" * len(BINS) + " ---: |")
+    worst = 0.0
+    for name in layers:
+        act = [clips[b][name]["act_clip"] / amax[(name, "act")] for b in BINS]
+        adc = [clips[b][name]["adc_clip"]["lsb"] / amax[(name, "adc.lsb")] for b in BINS]
+        for kind, row in (("act", act), ("ADC lsb", adc)):
+            worst = max(worst, float(change(row)[:-1]))
+            print(f"| {name} | {kind} | " + " | ".join(f"{c:.4f}" for c in row)
+                  + f" | {change(row)} |")
+    print(f"\nLargest change from {DEFAULT} to {2 * DEFAULT} bins over all digits layers: "
+          f"{worst:.1f}%. Calibration wall time (two passes over the images, all thresholds): "
+          + ", ".join(f"{b}: {seconds[b]:.1f} s" for b in seconds)
+          + ".\n")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-loops", action="store_true", help="no per-threshold loop baselines")
+    parser.add_argument("--skip-digits", action="store_true", help="no digits-model calibration")
+    args = parser.parse_args()
     torch.set_num_threads(2)
-    rows = [compare(2048, 8), compare(4096, 11)]
     print("## KL calibration\n")
     print(f"`python -m benchmarks.kl_search`; {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, 2 threads, shared 2-core machine. Histograms of "
-          "|Student-t(3)| (1M samples) filling every bin.\n")
-    print("| bins | bits (levels) | candidates | straightforward loop | per-threshold numpy "
-          "| vectorised | speed-up vs loop / vs numpy loop | same clip |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |")
+          f"torch {torch.__version__}, 2 threads, shared 2-core machine "
+          f"(load average {os.getloadavg()[0]:.1f} at start).\n")
+    synthetic_convergence()
+    if not args.skip_digits:
+        digits_convergence()
+    rows = [compare(2048, 8, not args.skip_loops), compare(default_bins(10), 10, False),
+            compare(default_bins(11), 11, not args.skip_loops)]
+    print("One threshold at the default bins (128 per level) on |Student-t(3)| (1M samples).\n")
+    print("| bins | bits (levels) | candidates | straightforward loop | "
+          "per-threshold numpy | vectorised | same clip |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | :---: |")
     for r in rows:
+        loops = (f"{r['loop_s']:.2f} s | {r['np_ms']:.0f} ms" if "loop_s" in r else "- | -")
         print(f"| {r['bins']} | {r['bits']} ({levels_for(r['bits'])}) | {r['candidates']} | "
-              f"{r['loop_s']:.2f} s | {r['np_ms']:.0f} ms | {r['vec_ms']:.1f} ms | "
-              f"{r['loop_s'] * 1e3 / r['vec_ms']:.0f}x / {r['np_ms'] / r['vec_ms']:.0f}x | yes |")
+              f"{loops} | {r['vec_ms']:.0f} ms | {'yes' if 'loop_s' in r else '-'} |")
     print()
     print("All KL thresholds of JiT-B/16's 24 FFN layers from collected histograms "
-          "(4096 bins):\n")
+          "(default bins):\n")
     print("| scheme | thresholds | total (s) |")
     print("| --- | ---: | ---: |")
     for scheme, act_bits, paths in (("hybrid W8A11", 11, 1), ("bit-serial W8A12", 12, 2)):

@@ -110,17 +110,50 @@ def test_percentile_minmax_mse():
     assert mse4 < mse8  # fewer levels: rounding costs more, so clip harder
 
 
-def test_histogram_grows_exactly_and_stays_bounded():
-    gen = torch.Generator().manual_seed(2)
-    parts = [torch.randn(10_000, generator=gen) * s for s in (0.5, 1.0, 3.0, 2.0)]
-    h = AbsHistogram(1000)
-    for part in parts:
-        h.add(part)
-    assert h.counts.numel() == 1000 and h.total == 40_000
-    assert h.amax == float(torch.cat(parts).abs().max()) <= h.upper
-    direct = torch.histc(torch.cat(parts).abs(), 1000, 0, h.upper).double()
-    # identical up to values sitting on a bin edge (float rounding of the edge position)
-    assert (h.counts - direct).abs().sum() <= 4
+def student_t_abs(dof, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, generator=gen, dtype=torch.float64)
+    chi2 = torch.randn(dof, n, generator=gen, dtype=torch.float64).square().sum(0)
+    return (z / (chi2 / dof).sqrt()).float()
+
+
+def test_histogram_counts_exactly_on_a_fixed_grid():
+    """Counts equal a direct histogram on the final grid however the data arrive, the
+    merges when the max grows included; the size does not depend on the data."""
+    x = student_t_abs(2, 100_000, seed=2)
+    x[:10] = 0
+    h = hist_of(x, 1024)
+    assert h.counts.numel() == 1024 and h.total == 100_000
+    assert h.upper == 2.0 ** math.ceil(math.log2(h.amax)) and h.amax == float(x.abs().max())
+    direct, _ = np.histogram(x.abs().double().numpy(), bins=np.linspace(0, h.upper, 1025))
+    assert np.array_equal(h.counts.numpy(), direct)
+    by_max = sorted(x.split(7000), key=lambda part: float(part.abs().max()))  # max grows 14x
+    grown = AbsHistogram(1024)
+    for part in [torch.zeros(5)] + by_max:
+        grown.add(part)
+    assert grown.upper == h.upper and torch.equal(grown.counts[1:], h.counts[1:])
+    assert grown.counts[0] == h.counts[0] + 5
+
+
+@pytest.mark.parametrize("method", ["kl", "percentile", "mse", "minmax"])
+def test_thresholds_identical_for_any_split_and_order(method):
+    """|Student-t(2)|, 1M values: one batch, 8 batches, 8 permuted batches and 8 batches
+    of a shuffled order give bitwise-identical histograms and clips (the growing
+    histogram this replaces gave 0.539 vs 0.253 of max for 8 vs 1 batches)."""
+    x = student_t_abs(2, 1_000_000, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    splits = {"one": [x], "eight": list(x.chunk(8))}
+    splits["permuted"] = [splits["eight"][k] for k in torch.randperm(8, generator=gen)]
+    splits["shuffled"] = list(x[torch.randperm(x.numel(), generator=gen)].chunk(8))
+    hists, clips = {}, {}
+    for key, parts in splits.items():
+        hists[key] = AbsHistogram(131072)
+        for part in parts:
+            hists[key].add(part)
+        clips[key] = threshold(method, hists[key], 11)
+    for key in splits:
+        assert torch.equal(hists[key].counts, hists["one"].counts), key
+        assert clips[key] == clips["one"], (key, clips)
 
 
 # ------------------------------------------------------------------------ calibrate ----
@@ -165,11 +198,12 @@ def layer_outputs(model, batches):
 @pytest.mark.parametrize("method", ["kl", "percentile"])
 def test_static_reproduces_dynamic_on_the_calibration_data(method):
     """Per layer, noise off, same inputs: the relative RMS difference between static and
-    dynamic outputs measured 0.03-0.52% (kl) and 0.01-0.46% (percentile 99.8, the
+    dynamic outputs measured 0.04-1.2% (kl) and 0.01-0.51% (percentile 99.8, the
     dynamic clip's own percentile), each below the dynamic mode's own error against the
-    float layer (0.05-1.6%). Bound: <= 1% and <= that quantisation error."""
+    float layer (0.05-1.4%). Bound: <= 1.5% and <= that quantisation error. 32 images
+    (33k-100k values per layer): a 1024-level KL needs more values than 8 images give."""
     den = tiny_model({**HYBRID, "adc": {"noise_sigma_lsb": 0.0}})
-    net, batches = den.net, noised_batches(den)
+    net, batches = den.net, noised_batches(den, n=32, batch=16)
     inputs = layer_outputs(net, batches)
     artefact = calibrate(net, batches, method=method, percentile=99.8)
     layers = quantized_layers(net)
@@ -184,7 +218,7 @@ def test_static_reproduces_dynamic_on_the_calibration_data(method):
         rms = y_dyn.pow(2).mean().sqrt()
         static_err = float((y_static - y_dyn).pow(2).mean().sqrt() / rms)
         quant_err = float((y_dyn - y_float).pow(2).mean().sqrt() / rms)
-        assert static_err <= 1e-2, (name, static_err)
+        assert static_err <= 1.5e-2, (name, static_err)
         assert static_err <= quant_err, (name, static_err, quant_err)
 
 
@@ -212,6 +246,22 @@ def test_calibration_restores_noise_and_state_and_is_reproducible():
         y2 = net(*batches[0])
         y3 = net(*batches[0])
     assert torch.equal(y1, y2) and not torch.equal(y2, y3)  # noise is back on
+
+
+def test_artefact_identical_for_permuted_and_resplit_batches():
+    """calibrate() on the tiny JiT with its batches in another order, and on one quantized
+    layer with its inputs split differently (heavy-tailed, so the max grows from batch to
+    batch): bitwise-identical artefacts, ADC clips included."""
+    den = tiny_model({**HYBRID, "mode": "static"})
+    batches = noised_batches(den, n=12, batch=4)
+    assert calibrate(den.net, batches) == calibrate(den.net, [batches[k] for k in (2, 0, 1)])
+    model = linear_model(mode="static")
+    x = student_t_abs(2, 48 * 16, seed=3).reshape(48, 16) * torch.randn(48, 16).sign()
+    x = x[x.abs().amax(1).argsort()]  # max grows batch after batch
+    for method in ("kl", "percentile", "mse"):
+        one = calibrate(model, [x], method=method)
+        for parts in (list(x.split(16)), list(x.split(7))[::-1], list(x.split(5))[1::2] + list(x.split(5))[::2]):
+            assert calibrate(model, parts, method=method) == one, method
 
 
 def test_round_trip_save_load_apply(tmp_path):
@@ -294,6 +344,23 @@ def test_zero_images():
         calibrate(linear_model(), [])
     with pytest.raises(CalibrationError, match=r"calibration\.num_images must be an integer >= 1"):
         CalibrationConfig(num_images=0)
+
+
+def test_num_bins_validation():
+    for bad in (0, 3, 1000, 2.0, True, "4096"):
+        with pytest.raises(CalibrationError, match=r"calibration\.num_bins must be a power of two "
+                           r">= 2 or null, got"):
+            CalibrationConfig(num_bins=bad)
+    assert CalibrationConfig().num_bins is None and CalibrationConfig(num_bins=8192).num_bins == 8192
+    with pytest.raises(CalibrationError, match=r"calibration\.num_bins must be a power of two"):
+        calibrate(linear_model(), [torch.randn(4, 16)], num_bins=100)
+    # KL at INT11 needs >= 1024 bins: refused before any forward pass
+    calls = []
+    with pytest.raises(CalibrationError, match=r"num_bins=512 is below the 1024 levels of layer 0 "
+                       r"\(act\)"):
+        calibrate(linear_model(), [torch.randn(4, 16)], num_bins=512,
+                  forward=lambda batch, generator: calls.append(batch))
+    assert calls == []
 
 
 def test_empty_and_constant_tensors():

@@ -50,7 +50,7 @@ class CalibrationConfig:
     num_images: int = 256
     batch_size: int = 32
     source: str = "data"
-    num_bins: int = 4096
+    num_bins: int | None = None  # None: calibrators.default_bins per quantizer
     percentile: float = 99.99
     seed: int = 0
     save_weights: bool = False
@@ -63,7 +63,11 @@ class CalibrationConfig:
             fail("method", "one of " + ", ".join(METHODS), self.method)
         if self.source not in SOURCES:
             fail("source", "one of " + ", ".join(SOURCES), self.source)
-        for key, low in (("num_images", 1), ("batch_size", 1), ("num_bins", 2), ("seed", 0)):
+        nb = self.num_bins
+        if nb is not None and (isinstance(nb, bool) or not isinstance(nb, int) or nb < 2
+                               or nb & (nb - 1)):
+            fail("num_bins", "a power of two >= 2 or null", nb)
+        for key, low in (("num_images", 1), ("batch_size", 1), ("seed", 0)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 fail(key, f"an integer >= {low}", value)

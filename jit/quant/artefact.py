@@ -6,7 +6,7 @@ Format (a plain dict written with `torch.save`, loadable with `weights_only=True
       "kind": "jit-aimc-calibration", "format_version": 1,
       "scheme": "hybrid",                    # quant.scheme the thresholds were made for
       "method": "kl", "num_images": 256, "source": "data",   # or "sampling", "seed:<file>"
-      "options": {"num_bins": 4096, "percentile": ..., "seed": 0},
+      "options": {"num_bins": None, "percentile": ..., "seed": 0},  # None: default_bins
       "layers": {
         "blocks.0.mlp.w12": {
           "act_clip": 3.1,                   # activation clip value c (step c / qmax)

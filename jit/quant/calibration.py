@@ -13,7 +13,9 @@ Every layer's mode, thresholds, observer, statistics and noise settings are rest
 afterwards; the model is left as it was and the result is returned as an artefact dict
 (see artefact.py) for `artefact.save` / `apply`.
 
-Memory is O(layers x paths x num_bins): histograms, never stored tensors.
+Every histogram's grid is fixed in advance (AbsHistogram), so the thresholds are exactly
+the same for any order or split of the calibration batches. Memory is
+O(layers x paths x num_bins): histograms, never stored tensors.
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ import torch
 from torch import nn
 
 from . import artefact as art
-from .calibrators import METHODS, threshold
+from .calibrators import METHODS, default_bins, levels_for, threshold
 from .layers import QuantLinear, quantized_layers
 from .quantizers import qmax, quantize_symmetric, weight_clip
 from .stats import collect_stats, enable_stats
 from .surgery import adc_bypassed, noise_disabled
 
 SOURCES = ("data", "sampling")
-_HISTC_CHUNK = 1 << 22
+_INDEX_CHUNK = 1 << 22
 
 
 class CalibrationError(ValueError):
@@ -43,34 +45,33 @@ class CalibrationError(ValueError):
 
 
 class AbsHistogram:
-    """Streaming histogram of |x| over a range that grows to fit, in bounded memory.
+    """Histogram of |x|: `num_bins` equal bins over [0, upper), on a grid fixed before
+    counting, so that the counts (and every threshold drawn from them) are the same for any
+    order or split of the data.
 
-    `num_bins` equal bins over [0, upper]. The first non-zero batch sets `upper` to its
-    max |x|; when a later batch exceeds it, `upper` grows by an integer factor f and
-    every f neighbouring bins merge into one. The merge is exact (old edges stay edges),
-    unlike re-binning by interpolation, and keeps the data in more than the top
-    1/f of the bins. Zeros always land in bin 0, whatever the range becomes.
+    `upper` is the smallest power of two above max|x|, not max|x| itself: when a later
+    batch raises the max, `upper` doubles d times and every 2^d neighbouring bins merge.
+    A bin of the finer grid lies inside exactly one bin of the coarser one, and the bin of
+    a value is a floor of x * 2^k (exact in float64), so the result equals counting all the
+    data at once with the final `upper`. The max|x| itself covers between half and all of
+    the bins. Zeros always land in bin 0.
     """
 
     def __init__(self, num_bins: int):
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
-            raise CalibrationError(f"calibration.num_bins must be an integer >= 2, got {num_bins!r}")
-        self.counts = torch.zeros(num_bins, dtype=torch.float64)
+        if (isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2
+                or num_bins & (num_bins - 1)):
+            raise CalibrationError(f"calibration.num_bins must be a power of two >= 2 or null, "
+                                   f"got {num_bins!r}")
+        self.counts = torch.zeros(num_bins, dtype=torch.int64)
         self.upper = 0.0
         self.amax = 0.0
         self.total = 0
 
-    def _grow(self, new_max: float) -> None:
-        factor = max(2, math.ceil(new_max / self.upper))
-        while factor * self.upper < new_max:  # the ratio may round down
-            factor += 1
-        n = self.counts.numel()
-        padded = torch.zeros(-(-n // factor) * factor, dtype=torch.float64)
-        padded[:n] = self.counts
-        merged = padded.view(-1, factor).sum(1)
-        self.counts = torch.zeros(n, dtype=torch.float64)
-        self.counts[: merged.numel()] = merged
-        self.upper *= factor
+    def _raise_upper(self, upper: float) -> None:
+        shift = min(round(math.log2(upper / self.upper)), 62)
+        old = torch.arange(self.counts.numel())
+        self.counts = torch.zeros_like(self.counts).index_add_(0, old >> shift, self.counts)
+        self.upper = upper
 
     def add(self, x: torch.Tensor) -> None:
         a = x.detach().reshape(-1).abs().float()
@@ -80,14 +81,16 @@ class AbsHistogram:
         if not math.isfinite(m):
             raise CalibrationError("non-finite values (NaN or Inf) in a calibration tensor")
         if m > 0:
+            upper = math.ldexp(1.0, math.frexp(m)[1])  # smallest power of two > m
             if self.upper == 0.0:
-                self.upper = m
-            elif m > self.upper:
-                self._grow(m)
-            # histc counts in float32, exact only up to 2^24 per bin: chunk below that,
-            # sum in float64 on the CPU (also where x lives on a GPU)
-            for chunk in a.split(_HISTC_CHUNK):
-                self.counts += torch.histc(chunk, self.counts.numel(), 0.0, self.upper).cpu().double()
+                self.upper = upper
+            elif upper > self.upper:
+                self._raise_upper(upper)
+            # float64 makes x * (num_bins / upper), a scaling by a power of two, exact
+            scale = self.counts.numel() / self.upper
+            for chunk in a.split(_INDEX_CHUNK):
+                index = torch.floor(chunk.double() * scale).long()
+                self.counts += torch.bincount(index, minlength=self.counts.numel()).cpu()
         else:
             self.counts[0] += a.numel()
         self.amax = max(self.amax, m)
@@ -137,18 +140,23 @@ def _set_mode(layers: dict[str, QuantLinear], mode: str) -> None:
         layer.cfg = dataclasses.replace(layer.cfg, mode=mode)
 
 
+def _bits(layer: QuantLinear, kind: str) -> int:
+    return layer.cfg.act.bits if kind == "act" else layer.cfg.adc.bits
+
+
 def _observe(layers: dict[str, QuantLinear], hists: dict, kinds: Callable[[str], bool],
-             num_bins: int) -> None:
+             num_bins: int | None) -> None:
     """Install observers feeding `hists[(layer name, kind)]` for the kinds wanted."""
     for name, layer in layers.items():
-        def observer(_, kind, tensor, name=name):
+        def observer(_, kind, tensor, name=name, layer=layer):
             if not kinds(kind):
                 return
             if tensor.numel() == 0:
                 raise CalibrationError(f"layer {name}: got an empty {kind} tensor")
             hist = hists.get((name, kind))
             if hist is None:
-                hist = hists[(name, kind)] = AbsHistogram(num_bins)
+                bins = num_bins or default_bins(_bits(layer, kind))
+                hist = hists[(name, kind)] = AbsHistogram(bins)
             try:
                 hist.add(tensor)
             except CalibrationError as err:
@@ -168,6 +176,18 @@ def _run(forward, batches, seed: int) -> int:
     return images
 
 
+def _check_bins(method: str, num_bins: int, layers: dict[str, QuantLinear]) -> None:
+    if method != "kl":
+        return
+    for name, layer in layers.items():
+        for kind in ("act", *(f"adc.{path}" for path in layer.adc_paths)):
+            levels = levels_for(_bits(layer, kind))
+            if num_bins < levels:
+                raise CalibrationError(
+                    f"calibration.num_bins={num_bins} is below the {levels} levels of layer "
+                    f"{name} ({kind}); KL needs num_bins >= 2^(bits-1), or null for the default")
+
+
 def _clip(method, hist, bits, percentile, name) -> float:
     try:
         return threshold(method, hist, bits, percentile=percentile, name=name)
@@ -185,7 +205,7 @@ def export_weights(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---------------------------------------------------------------------- calibrate ----
 def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
-              num_bins: int = 4096, percentile: float = 99.99, seed: int = 0,
+              num_bins: int | None = None, percentile: float = 99.99, seed: int = 0,
               forward: Callable[[Any, torch.Generator], Any] | None = None,
               source: str = "data", save_weights: bool = False,
               coverage: list | None = None) -> dict:
@@ -195,6 +215,8 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
     forward(batch, generator): runs one batch through the model (default `model(*batch)`);
         use `generator` for any randomness so calibration is reproducible.
     method: kl | percentile | minmax | mse (calibrators.py), for activations and ADCs.
+    num_bins: histogram bins over [0, the power of two above max|x|) (a power of two);
+        None: BINS_PER_LEVEL per level of each quantizer (`calibrators.default_bins`).
     coverage: if a list is given, one row per layer is appended (see `coverage_rows`).
     Layer names are relative to `model`; pass the module the artefact will be applied to.
     """
@@ -209,7 +231,9 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
     schemes = {layer.cfg.scheme for layer in layers.values()}
     if len(schemes) != 1:
         raise CalibrationError(f"layers of several schemes ({sorted(schemes)}) in one model")
-    AbsHistogram(num_bins)  # validates num_bins before any work
+    if num_bins is not None:
+        AbsHistogram(num_bins)  # validates num_bins before any work
+        _check_bins(method, num_bins, layers)
     forward = forward or _default_forward(model)
     hists: dict[tuple[str, str], AbsHistogram] = {}
     was_training = model.training

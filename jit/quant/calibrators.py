@@ -1,15 +1,21 @@
 """Threshold (clip value) search on histograms of |x|.
 
-Every calibrator takes an `AbsHistogram`-like object (`counts`: float64 counts of |x| in
-`num_bins` equal bins over [0, upper]; `amax`: the exact max |x| seen; `total`) and the
-bit width of the symmetric signed quantizer being calibrated, and returns a clip value c:
-the quantizer then uses step c / (2^(bits-1) - 1).
+Every calibrator takes an `AbsHistogram`-like object (`counts` of |x| in `num_bins`
+equal bins over [0, upper]; `amax`: the exact max |x| seen; `total`) and the bit width of
+the symmetric signed quantizer being calibrated, and returns a clip value c: the quantizer
+then uses step c / (2^(bits-1) - 1).
 
 Levels. A symmetric signed b-bit quantizer maps |x| in [0, c] onto the codes
 0..qmax = 2^(b-1) - 1, i.e. 2^(b-1) distinct magnitudes. The KL calibrator therefore
 quantises the reference histogram of |x| to 2^(b-1) levels (128 for INT8, as TensorRT's
 entropy calibrator does; 1024 for INT11 activations, 512 for a 10-bit ADC), so each
 quantizer is calibrated for its own resolution.
+
+Resolution. What the KL compares is the shape of |x| inside each level, so what matters is
+the number of bins below the clip, not below max|x|: with heavy tails the clip is a small
+fraction of the max (about 1/8 on |Student-t(2)|), and too few bins per level make the
+clip wander as the bin count changes. `default_bins` (BINS_PER_LEVEL per level) is where
+the clip stops moving when the bins double (benchmarks/RESULTS.md, "KL calibration").
 """
 
 from __future__ import annotations
@@ -27,6 +33,12 @@ METHODS = ("kl", "percentile", "minmax", "mse")
 _TIE = 1e-12
 # Elements of the [candidates, levels] work arrays per block: bounds peak memory (~50 MB).
 _BLOCK_ELEMENTS = 1 << 20
+# Histogram bins per quantisation level by default (see "Resolution" above).
+BINS_PER_LEVEL = 128
+# KL candidates per octave of the bin index: i in [2^k, 2^(k+1)) in steps of 2^k / 512
+# (every bin below 512), i.e. clips 0.1-0.2 % apart. The same clip values stay candidates
+# when the bins double, and the search costs O(log(bins) x 512 x levels), not O(bins x levels).
+CANDIDATES_PER_OCTAVE = 512
 
 
 def levels_for(bits: int) -> int:
@@ -34,8 +46,9 @@ def levels_for(bits: int) -> int:
     return 1 << (bits - 1)
 
 
-def _bin_width(hist) -> float:
-    return float(hist.upper) / hist.counts.numel()
+def default_bins(bits: int) -> int:
+    """Histogram bins when calibration.num_bins is null: BINS_PER_LEVEL per level."""
+    return BINS_PER_LEVEL * levels_for(bits)
 
 
 def _last_nonempty(counts: torch.Tensor) -> int:
@@ -98,16 +111,26 @@ def kl_divergences(counts, levels: int, candidates) -> np.ndarray:
             log_q = np.log(np.where(filled, unfolded, 1.0) / np.where(filled, n, 1.0))
             plogq = np.einsum("ij,ij->i", unfolded, log_q)
             plogq += np.where(tail > 0, tail * np.log(unfolded[:, -1] / n[:, -1]), 0.0)
-            out.append((plogp - plogq) / total + np.log((total - tail) / total))
+            kl = (plogp - plogq) / total + np.log((total - tail) / total)
+            out.append(np.where(tail < total, kl, np.inf))  # nothing below the clip: Q = 0
     return np.concatenate(out)
 
 
-def kl_candidates(counts: torch.Tensor, levels: int) -> torch.Tensor | None:
-    """Candidates i = levels .. last non-empty bin; None if the data spans fewer bins."""
+def kl_candidates(counts: torch.Tensor, levels: int) -> np.ndarray:
+    """Candidate numbers of bins kept: from `levels` to the last non-empty bin (always a
+    candidate: clipping at the max), CANDIDATES_PER_OCTAVE per octave of the index."""
     last = _last_nonempty(counts)
-    if last < levels:
-        return None
-    return torch.arange(levels, last + 1, dtype=torch.int64)
+    parts = [np.arange(1 << k, 1 << (k + 1), max(1, (1 << k) // CANDIDATES_PER_OCTAVE))
+             for k in range(max(last, 1).bit_length())]
+    candidates = np.concatenate(parts)
+    candidates = candidates[(candidates >= levels) & (candidates < last)]
+    return np.append(candidates, last)
+
+
+def kl_best(kl: np.ndarray) -> int:
+    """Index of the first candidate whose KL ties the minimum (candidates ascending: the
+    smallest clip wins, a finer step for the same information loss)."""
+    return int(np.flatnonzero(kl <= kl.min() + _TIE)[0])
 
 
 def kl_threshold(hist, bits: int, name: str = "tensor") -> float:
@@ -118,24 +141,23 @@ def kl_threshold(hist, bits: int, name: str = "tensor") -> float:
         raise ValueError(
             f"{name}: num_bins={hist.counts.numel()} is below the {levels} levels of a "
             f"{bits}-bit quantizer; KL calibration needs num_bins >= 2^(bits-1) "
-            f"(better >= 2^bits), raise calibration.num_bins"
+            f"(converged at {default_bins(bits)}), raise calibration.num_bins or set it to null"
         )
-    candidates = kl_candidates(hist.counts, levels)
-    if candidates is None:
-        # The data fills fewer bins than the quantizer has levels: the histogram cannot
+    if _last_nonempty(hist.counts) <= levels:
+        # The data fill no more bins than the quantizer has levels: the histogram cannot
         # resolve a better clip than the max.
         return float(hist.amax)
-    kl = kl_divergences(hist.counts.numpy(), levels, candidates.numpy())
-    return clip_of_best(kl, candidates, hist)
-
-
-def clip_of_best(kl: np.ndarray, candidates: torch.Tensor, hist) -> float:
-    """The clip of the smallest candidate whose KL ties the minimum."""
-    best = int(np.flatnonzero(kl <= kl.min() + _TIE)[0])
-    return min(float(candidates[best]) * _bin_width(hist), float(hist.amax))
+    candidates = kl_candidates(hist.counts, levels)
+    kl = kl_divergences(hist.counts.double().numpy(), levels, candidates)
+    clip = float(candidates[kl_best(kl)]) * float(hist.upper) / hist.counts.numel()
+    return min(clip, float(hist.amax))
 
 
 # ------------------------------------------------------------------ other methods ----
+def _bin_width(hist) -> float:
+    return float(hist.upper) / hist.counts.numel()
+
+
 def percentile_threshold(hist, percentile: float, name: str = "tensor") -> float:
     """The `percentile`-th percentile of |x|, linearly interpolated inside its bin."""
     _check(hist, name)
