@@ -4,9 +4,10 @@ Image i (global index) gets label labels[i] and initial noise drawn from a gener
 seeded with seed * 1_000_003 + i, and i is its sample id for the quantized layers'
 thermal noise (jit.quant.sample_context); rank r of W generates i = r, r + W, r + 2W, ...
 So the generated set does not depend on the number of processes or the batch size
-whenever the model is batch-independent. Images never leave memory unless PNGs or an npz are asked
-for; features are reduced to float64 sufficient statistics at once (constant memory),
-and the statistics of all ranks are summed at the end.
+whenever the model is batch-independent. Images never leave memory unless PNGs or an npz
+are asked for; each image's features (one extractor pass per image) are kept with its
+global index, and the statistics are reduced once, in index order, after all ranks'
+rows are gathered (jit.metrics.fid), so the score does not depend on the layout either.
 
 Everything that can fail on bad input (config values, extractor name, Inception weights,
 reference statistics and their shape) is checked before the first image is generated.
