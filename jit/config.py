@@ -117,6 +117,11 @@ class PathsSchema:
 
 
 @dataclass
+class EvalSchema:
+    layer_stats_images: int = 50  # per-layer statistics pass over the first N FID images; 0 = off
+
+
+@dataclass
 class RunSchema:
     task: Task = Task.eval
     seed: int = 0
@@ -128,6 +133,7 @@ class RunSchema:
     optim: OptimSchema = field(default_factory=OptimSchema)
     ema: EMASchema = field(default_factory=EMASchema)
     export: ExportSchema = field(default_factory=ExportSchema)
+    eval: EvalSchema = field(default_factory=EvalSchema)
     paths: PathsSchema = field(default_factory=PathsSchema)
     # Groups whose keys depend on the chosen option; their builders validate them.
     data: Any = MISSING
@@ -179,6 +185,8 @@ def validate(cfg: DictConfig) -> None:
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
            f"must be two numbers in [0, 1), got {list(o.betas)}")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _check(cfg.eval.layer_stats_images >= 0, "eval.layer_stats_images",
+           f"must be >= 0 (0 = no per-layer statistics), got {cfg.eval.layer_stats_images}")
     for key in ("decay1", "decay2"):
         value = cfg.ema[key]
         _check(0 <= value < 1, f"ema.{key}", f"must be in [0, 1), got {value}")

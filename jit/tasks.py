@@ -45,7 +45,8 @@ def flat_hparams(cfg: DictConfig) -> dict:
             out[prefix] = node
 
     plain = to_plain(cfg)
-    for section in ("task", "seed", "ckpt_path", "eval_weights", "model", "quant", "calibration", "sampler", "fid"):
+    for section in ("task", "seed", "ckpt_path", "eval_weights", "model", "quant", "calibration", "sampler", "fid",
+                    "eval"):
         if section in plain:
             walk(section, plain[section])
     walk("data", {k: v for k, v in plain["data"].items() if k != "_target_"})
@@ -269,32 +270,30 @@ def prepare_quantized(module: JiTModule, qcfg, cfg: DictConfig, dm, run_dir: Pat
     return {"calibration": provenance, "quantized_layers": len(replaced)}
 
 
-STATS_IMAGES = 50  # per-layer statistics are gathered on this many generated images
-
-
-def quant_statistics(module: JiTModule, qcfg, fid_cfg, num_classes: int) -> list[dict]:
+def quant_statistics(module: JiTModule, qcfg, fid_cfg, num_classes: int, num_images: int) -> list[dict]:
     """Per-layer statistics over a short sampling run with the evaluation's sampler and weights.
 
     Statistics cost several extra passes per call, so they are gathered on the first
-    STATS_IMAGES images of the FID set (same labels and initial noise), not on all of them.
+    `num_images` images of the FID set (same labels, initial noise and noise sample ids),
+    in batches of fid.batch_size; `eval.layer_stats_images=0` skips them.
     """
     from jit.callbacks.evaluation import balanced_labels, initial_noise
     from jit.quant import collect_stats, enable_stats, reset_stats, sample_context
 
-    if qcfg.scheme == "fp":
+    n = min(num_images, fid_cfg.num_images)
+    if qcfg.scheme == "fp" or n == 0:
         return []
-    n = min(STATS_IMAGES, fid_cfg.num_images)
     denoiser = module.denoiser
     shape = (denoiser.in_channels, denoiser.img_size, denoiser.img_size)
-    indices = torch.arange(n)
-    noise = initial_noise(fid_cfg.seed, indices, shape, denoiser.noise_scale)
-    labels = balanced_labels(fid_cfg.num_images, num_classes, fid_cfg.label_strategy)[:n]
+    labels = balanced_labels(fid_cfg.num_images, num_classes, fid_cfg.label_strategy)
     enable_stats(denoiser.net, True)
     reset_stats(denoiser.net)
     try:
-        with module.eval_weights_context(module.eval_weights), \
-                sample_context(denoiser.net, indices):
-            module.generate(labels, noise=noise, **fid_cfg.sampler)
+        with module.eval_weights_context(module.eval_weights):
+            for indices in torch.arange(n).split(fid_cfg.batch_size):
+                noise = initial_noise(fid_cfg.seed, indices, shape, denoiser.noise_scale)
+                with sample_context(denoiser.net, indices):
+                    module.generate(labels[indices], noise=noise, **fid_cfg.sampler)
         return collect_stats(denoiser.net)
     finally:
         enable_stats(denoiser.net, False)
@@ -342,11 +341,12 @@ def evaluate(cfg: DictConfig) -> dict:
                                extra={**common, "quant": {"scheme": "fp"}})
             baseline = fp.run(trainer, module, dm)["metrics"]
         provenance = prepare_quantized(module, qcfg, cfg, dm, run_dir, trainer)
-        layer_stats = quant_statistics(module, qcfg, fid_cfg, dm.num_classes)
+        stats_images = min(cfg.eval.layer_stats_images, fid_cfg.num_images)
+        layer_stats = quant_statistics(module, qcfg, fid_cfg, dm.num_classes, stats_images)
         extra = {**common, "quant": qcfg.to_dict(), **provenance, "baseline_fp": baseline}
         if layer_stats:
             extra["layer_stats_summary"] = summarize_layer_stats(layer_stats)
-            extra["layer_stats_images"] = min(STATS_IMAGES, fid_cfg.num_images)
+            extra["layer_stats_images"] = stats_images
             if trainer.is_global_zero:
                 write_layer_stats(layer_stats, run_dir / "layer_stats.csv")
                 log_table(trainer, "quant/layer_stats", layer_stats)

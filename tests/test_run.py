@@ -139,6 +139,7 @@ def test_bad_input_deletes_only_what_the_run_created(tmp_path):
     (["quant=nope"], r"Could not find 'quant/nope'"),
     (["sampler.steps=abc"], r"sampler.steps"),
     (["sampler.steps=0"], r"sampler.steps: must be >= 1, got 0"),
+    (["eval.layer_stats_images=-1"], r"eval.layer_stats_images: must be >= 0"),
     (["quant.adc.bits=40"], r"quant.adc.bits"),
     (["no_such_key=1"], r"no_such_key"),
     (["data=imagenet"], r"data.root"),
@@ -205,9 +206,12 @@ def test_multirun_sweep_summary(trained_tiny, tmp_path):
     sweep = tmp_path / "sweep"
     run(["-m", f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL, "compare_fp=false",
          "quant.mode=dynamic", "quant.adc.bits=4,8", "quant.adc.noise_sigma_lsb=0,8",
-         f"hydra.sweep.dir={sweep}"], tmp_path)
+         "eval.layer_stats_images=0", f"hydra.sweep.dir={sweep}"], tmp_path)
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert len(rows) == 4
+    # eval.layer_stats_images=0: no statistics pass, no layer_stats.csv
+    assert not list(sweep.glob("*/layer_stats.csv"))
+    assert all("layer_stats_summary" not in json.loads(r.read_text()) for r in sweep.glob("*/results.json"))
     assert {r["quant.adc.bits"] for r in rows} == {"4", "8"}
     assert all(r["status"] == "ok" and float(r["fid_digits"]) >= 0 for r in rows)
     assert (sweep / "summary.md").exists() and list(sweep.glob("summary_*.png"))
