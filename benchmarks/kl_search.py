@@ -1,16 +1,16 @@
 """KL calibration: convergence in the bin count, speed of the threshold search.
 
     python -m benchmarks.kl_search                # everything
-    python -m benchmarks.kl_search --skip-loops --skip-digits
+    python -m benchmarks.kl_search --skip-digits
 
 1. Convergence: the INT11 KL clip (as a share of max|x|) against `calibration.num_bins` on
-   |Student-t(2)| and |Student-t(4)| (1M samples, three seeds), and on every layer of the
+   |Student-t(2)| and |Student-t(4)| (1M samples, three seeds), on sparse tails
+   (|Student-t(3)|, |Student-t(4)|, 200k samples), and on every layer of the
    shipped digits model as the default run calibrates it (experiment=digits_demo: 200
    calibration images, hybrid W8A11, activations INT11 and the 10-bit ADC path), each
    calibration timed.
-2. Speed: one threshold at the default bins, the vectorised KL against two per-threshold
-   loops over the same candidates (the usual shape of entropy calibration code, and a
-   per-candidate numpy loop), and all thresholds of JiT-B/16's 24 FFN layers.
+2. Speed: one threshold at the default bins for 8, 10 and 11 bits, and all thresholds of
+   JiT-B/16's 24 FFN layers.
 Prints Markdown sections for benchmarks/RESULTS.md.
 """
 
@@ -19,20 +19,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import math
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from jit.quant.calibration import AbsHistogram
 from jit.quant.calibrators import (
     default_bins,
-    kl_best,
     kl_candidates,
     kl_threshold,
     levels_for,
@@ -61,50 +58,6 @@ def heavy_tailed_hist(num_bins: int, seed: int, n: int = 1_000_000) -> AbsHistog
     return abs_hist(student_t_abs(3, n, seed), num_bins)
 
 
-def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    p, q = p / p.sum(), q / q.sum()
-    mask = p > 0
-    if np.any(q[mask] == 0):
-        return math.inf
-    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
-
-
-def kl_straightforward(counts: np.ndarray, levels: int, candidates) -> np.ndarray:
-    """Per candidate and per level, in Python."""
-    out = []
-    for i in candidates:
-        p = counts[:i].copy()
-        p[-1] += counts[i:].sum()  # outliers folded into the edge bin
-        q = np.zeros(i)
-        for level in range(levels):
-            lo, hi = -(-level * i // levels), -(-(level + 1) * i // levels)
-            nonempty = p[lo:hi] > 0
-            if nonempty.any():
-                q[lo:hi][nonempty] = counts[lo:hi].sum() / nonempty.sum()
-        out.append(_kl(p, q))
-    return np.asarray(out)
-
-
-def kl_per_threshold_numpy(counts: np.ndarray, levels: int, candidates) -> np.ndarray:
-    """Per candidate in Python, its levels in numpy."""
-    out = []
-    for i in candidates:
-        p = counts[:i].copy()
-        p[-1] += counts[i:].sum()
-        starts = -((-np.arange(levels) * i) // levels)  # ceil(level * i / levels)
-        mass = np.add.reduceat(counts[:i], starts)
-        nonempty = np.add.reduceat((p > 0).astype(np.float64), starts)
-        q = np.repeat(mass / np.maximum(nonempty, 1), np.diff(np.append(starts, i))) * (p > 0)
-        out.append(_kl(p, q))
-    return np.asarray(out)
-
-
-def loop_threshold(kl_fn, hist: AbsHistogram, bits: int) -> float:
-    candidates = kl_candidates(hist.counts, levels_for(bits))
-    kl = kl_fn(hist.counts.double().numpy(), levels_for(bits), candidates)
-    return min(float(candidates[kl_best(kl)]) * hist.upper / hist.counts.numel(), hist.amax)
-
-
 def median_time(fn, repeats: int) -> tuple[float, object]:
     times, result = [], None
     for _ in range(repeats):
@@ -114,17 +67,11 @@ def median_time(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def compare(num_bins: int, bits: int, loops: bool) -> dict:
+def compare(num_bins: int, bits: int) -> dict:
     hist = heavy_tailed_hist(num_bins, seed=bits)
-    t_vec, c_vec = median_time(lambda: kl_threshold(hist, bits), 5)
+    seconds, _ = median_time(lambda: kl_threshold(hist, bits), 5)
     candidates = len(kl_candidates(hist.counts, levels_for(bits)))
-    row = {"bins": num_bins, "bits": bits, "candidates": candidates, "vec_ms": t_vec * 1e3}
-    if loops:
-        t_loop, c_loop = median_time(lambda: loop_threshold(kl_straightforward, hist, bits), 1)
-        t_np, c_np = median_time(lambda: loop_threshold(kl_per_threshold_numpy, hist, bits), 1)
-        assert c_vec == c_loop == c_np, (c_vec, c_loop, c_np)
-        row.update(loop_s=t_loop, np_ms=t_np * 1e3)
-    return row
+    return {"bins": num_bins, "bits": bits, "candidates": candidates, "ms": seconds * 1e3}
 
 
 def whole_model(act_bits: int, adc_paths: int) -> tuple[float, int]:
@@ -152,12 +99,12 @@ def synthetic_convergence() -> None:
           f"change from the default {DEFAULT} to {2 * DEFAULT} bins.\n")
     print("| data | seed | " + " | ".join(str(b) for b in BINS) + " | default doubled |")
     print("| --- | ---: |" + " ---: |" * len(BINS) + " ---: |")
-    for dof in (2, 4):
+    for dof, n in ((2, 1_000_000), (4, 1_000_000), (3, 200_000), (4, 200_000)):
         for seed in range(3):
-            values = student_t_abs(dof, seed=seed)
+            values = student_t_abs(dof, n, seed=seed)
             amax = float(values.max())
             clips = [kl_threshold(abs_hist(values, b), 11) / amax for b in BINS]
-            print(f"| \\|t({dof})\\| (max {amax:.0f}) | {seed} | "
+            print(f"| \\|t({dof})\\|, {n // 1000}k (max {amax:.0f}) | {seed} | "
                   + " | ".join(f"{c:.4f}" for c in clips) + f" | {change(clips)} |")
     print()
 
@@ -239,7 +186,6 @@ def digits_convergence() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--skip-loops", action="store_true", help="no per-threshold loop baselines")
     parser.add_argument("--skip-digits", action="store_true", help="no digits-model calibration")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -250,16 +196,14 @@ def main() -> None:
     synthetic_convergence()
     if not args.skip_digits:
         digits_convergence()
-    rows = [compare(2048, 8, not args.skip_loops), compare(default_bins(10), 10, False),
-            compare(default_bins(11), 11, not args.skip_loops)]
-    print("One threshold at the default bins (128 per level) on |Student-t(3)| (1M samples).\n")
-    print("| bins | bits (levels) | candidates | straightforward loop | "
-          "per-threshold numpy | vectorised | same clip |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | :---: |")
+    rows = [compare(default_bins(bits), bits) for bits in (8, 10, 11)]
+    print("One threshold at the default bins (128 per level) on |Student-t(3)| (1M samples), "
+          "median of 5.\n")
+    print("| bins | bits (levels) | candidates | time |")
+    print("| ---: | ---: | ---: | ---: |")
     for r in rows:
-        loops = (f"{r['loop_s']:.2f} s | {r['np_ms']:.0f} ms" if "loop_s" in r else "- | -")
         print(f"| {r['bins']} | {r['bits']} ({levels_for(r['bits'])}) | {r['candidates']} | "
-              f"{loops} | {r['vec_ms']:.0f} ms | {'yes' if 'loop_s' in r else '-'} |")
+              f"{r['ms']:.0f} ms |")
     print()
     print("All KL thresholds of JiT-B/16's 24 FFN layers from collected histograms "
           "(default bins):\n")

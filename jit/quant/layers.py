@@ -101,6 +101,16 @@ class StaticThresholds:
 Codes = torch.Tensor | list[torch.Tensor]
 
 
+class StaticAct(NamedTuple):
+    """The static activation clip on the device (0-d) and, as host numbers, the clip and
+    the step exactly as the device computes them: the quantizer's scalar bounds without
+    reading the device."""
+
+    clip: torch.Tensor
+    clip_value: float
+    step_value: float
+
+
 class AnalogPath(NamedTuple):
     name: str
     codes: Codes
@@ -156,6 +166,7 @@ class QuantLinear(nn.Linear):
         self._noise_calls = 0  # noisy forwards outside a context (their call index)
         self._weight_cache: tuple[tuple, WeightCodes] | None = None
         self._int8_weights: Int8Weights | None = None
+        self._static_act_cache: tuple[tuple, StaticAct] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, cfg: QuantConfig, name: str = "") -> QuantLinear:
@@ -176,7 +187,7 @@ class QuantLinear(nn.Linear):
         # restarts the default call count, like `reseed`, and belongs to no context.
         state = super().__getstate__()
         state = dict(state, _generators={}, _weight_cache=None, _int8_weights=None,
-                     _sample_context=None, _noise_calls=0)
+                     _static_act_cache=None, _sample_context=None, _noise_calls=0)
         return state
 
     # ----- static thresholds -------------------------------------------------------
@@ -310,15 +321,36 @@ class QuantLinear(nn.Linear):
             return None
         return 1 if self.cfg.dynamic_scope == "token" else per_sample
 
+    def _check_finite(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        """NaN/Inf in the input. Inside a sample_context the verdict stays on the device
+        and the context raises when it exits (no host sync per call); outside one it is
+        read at once."""
+        finite = torch.isfinite(low) & torch.isfinite(high)
+        if self._sample_context is not None:
+            self._sample_context.record_finite(self.layer_name, finite)
+        elif not bool(finite):
+            raise FloatingPointError(f"layer '{self.layer_name}': NaN or Inf in the input "
+                                     "activations")
+
+    def _static_act(self, dtype: torch.dtype, device: torch.device) -> StaticAct:
+        """The static clip and step for this dtype and device, computed once (on the
+        CPU) per clip value."""
+        static = self._require_static()
+        key = (static.act_clip, dtype, device, self.cfg.act.bits)
+        if self._static_act_cache is None or self._static_act_cache[0] != key:
+            clip = torch.tensor(static.act_clip, dtype=dtype)
+            step = _safe_step(clip, qmax(self.cfg.act.bits))
+            entry = StaticAct(clip.to(device), float(clip), float(step))
+            self._static_act_cache = (key, entry)
+        return self._static_act_cache[1]
+
     def _act_clip(self, x: torch.Tensor, group: int | None) -> torch.Tensor:
         """Activation clip: 0-d, or per row [rows, 1] (equal within each group of `group`
         rows)."""
         low, high = torch.aminmax(x)
-        if not bool(torch.isfinite(low) & torch.isfinite(high)):
-            raise FloatingPointError(f"layer '{self.layer_name}': NaN or Inf in the input "
-                                     "activations")
+        self._check_finite(low, high)
         if self.cfg.mode == "static":
-            return torch.tensor(self._require_static().act_clip, dtype=x.dtype, device=x.device)
+            return self._static_act(x.dtype, x.device).clip
         if group is not None:
             grouped = x.reshape(-1, group * x.shape[1])
             if self.cfg.act.percentile == 100.0:
@@ -359,8 +391,10 @@ class QuantLinear(nn.Linear):
             else:
                 step = peak / code_max + self.dynamic_step_eps
             return step.repeat_interleave(group).unsqueeze(1)
+        # The seed's whole-call scope reads its peak on the host (one sync per tile), so
+        # its step is the float64 number a static clip of that value gives.
         low, high = torch.aminmax(acc)
-        peak = max(-float(low), float(high))
+        peak = float(torch.maximum(-low, high))
         if peak == 0 and self.dynamic_step_eps == 0:
             return 1.0  # all-zero accumulation: any step gives code 0
         return peak / code_max + self.dynamic_step_eps
@@ -398,7 +432,8 @@ class QuantLinear(nn.Linear):
             use_int8(low, high, inner, self.cfg.weight.bits, x2.device, x2.dtype)
             for low, high in self._slice_ranges())
 
-    def _quantize_split(self, x2: torch.Tensor, act_clip: torch.Tensor, as_digits: bool
+    def _quantize_split(self, x2: torch.Tensor, act_clip: torch.Tensor, as_digits: bool,
+                        static: StaticAct | None = None
                         ) -> tuple[Codes, Codes | None, torch.Tensor, torch.Tensor | None]:
         """(x_int sliced, msb, act step, input columns with a non-zero MSB or None): the
         activation quantizer (quantize_symmetric) and the split, fused per row block.
@@ -413,11 +448,13 @@ class QuantLinear(nn.Linear):
             x_int = torch.empty_like(x2)
             msb = torch.empty_like(x2) if self.has_msb else None
         stats = self.stats
-        # Python-number bounds take ATen's scalar fast path; a per-row clip stays a tensor.
-        scalar = act_clip.dim() == 0
-        clip_hi = float(act_clip) if scalar else act_clip
+        # Static: host numbers, known without reading the device, take ATen's scalar fast
+        # path. Dynamic: the clip stays on the device (0-d or per row), no host sync.
+        if static is not None:
+            clip_hi, step = static.clip_value, static.step_value
+        else:
+            clip_hi, step = act_clip, act_step
         clip_lo = -clip_hi
-        step = float(act_step) if scalar else act_step
 
         tokens = x2.shape[0]
         blocks = row_blocks(tokens, x2.shape[1], x2.device)
@@ -441,7 +478,9 @@ class QuantLinear(nn.Linear):
                 if msb is not None:
                     write_digits(msb_out, msb, rows, max(-ranges[1][0], ranges[1][1]))
         columns = None
-        if self.sparse_digital and msb is not None and not as_digits and tokens:
+        if (self.sparse_digital and blockwise(x2.device) and msb is not None and not as_digits
+                and tokens):
+            # A CPU plan (it reads the device): elsewhere the digital matmul runs whole.
             # The digital matmul is narrowed only to at most half of the columns; when the
             # first block alone has MSB codes in more, the full scan cannot find fewer.
             first = msb[:min(blocks[0].stop, tokens)]
@@ -463,7 +502,8 @@ class QuantLinear(nn.Linear):
         act_clip = self._act_clip(x2, group)
         weights = self._weight_codes(x2.device, dtype)
         as_digits = self._int8_kernel(x2)
-        x_int, msb, act_step, columns = self._quantize_split(x2, act_clip, as_digits)
+        static = self._static_act(dtype, x2.device) if self.cfg.mode == "static" else None
+        x_int, msb, act_step, columns = self._quantize_split(x2, act_clip, as_digits, static)
         split = self._paths(x_int, msb)
         del x_int, msb
         if self.stats is not None and split.msb is not None:

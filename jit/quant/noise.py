@@ -24,6 +24,11 @@ Outside any context (plain nn.Module use) a layer takes sample id = row index in
 batch (the leading dimension) and call index = the number of its own forwards that drew
 noise since creation, copy or `reseed`. That default depends on batch composition and
 call order; reproducible runs use a context.
+
+NaN/Inf inputs. Inside a context a layer keeps its verdict on the device and the context
+raises FloatingPointError naming the first such layer when the block ends, so sampling
+costs one host sync per context instead of one per layer call; outside a context the
+layer raises at once.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ class SampleContext:
         self.high = max(ids, default=0)
         self.calls = -1  # the pre-hook makes the first call index 0
         self.uses: dict[int, int] = {}  # id(layer) -> its forwards within the current call
+        self.finite: dict[str, torch.Tensor] = {}  # layer name -> all inputs finite (device)
 
     def begin_call(self) -> None:
         self.calls += 1
@@ -87,6 +93,23 @@ class SampleContext:
         if self.low < 0 or self.high >= SAMPLE_ID_BOUND:
             raise ValueError(f"layer '{layer_name}': sample ids must lie in [0, "
                              f"{SAMPLE_ID_BOUND}), got {self.low}..{self.high}")
+
+    def record_finite(self, layer_name: str, finite: torch.Tensor) -> None:
+        seen = self.finite.get(layer_name)
+        self.finite[layer_name] = finite if seen is None else seen & finite
+
+    def raise_if_nonfinite(self) -> None:
+        """FloatingPointError naming the first layer (in order of first use) that saw a
+        NaN or Inf input in this context: one host sync."""
+        if not self.finite:
+            return
+        names = list(self.finite)
+        device = self.finite[names[0]].device
+        finite = torch.stack([self.finite[name].to(device) for name in names])
+        if bool(finite.all()):
+            return
+        first = names[int((~finite).nonzero()[0, 0])]
+        raise FloatingPointError(f"layer '{first}': NaN or Inf in the input activations")
 
     def next_use(self, layer: nn.Module) -> int:
         use = self.uses.get(id(layer), 0)
@@ -113,6 +136,7 @@ def sample_context(net: nn.Module, sample_ids: Iterable[int] | torch.Tensor
         for layer in layers:
             layer._sample_context = context
         yield context
+        context.raise_if_nonfinite()
     finally:
         handle.remove()
         for layer, previous in prior:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from typing import NamedTuple
 
 import torch
@@ -77,6 +78,16 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """`value` rounded to `dtype` as torch.tensor(value, dtype=dtype) does, as a host number
+    (float32/float64 without creating a tensor)."""
+    if dtype == torch.float64:
+        return value
+    if dtype == torch.float32:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    return float(torch.tensor(value, dtype=dtype))
+
+
 def percentile_abs(x: torch.Tensor, percentile: float, dim: int | None = None) -> torch.Tensor:
     """`percentile` (0..100] of |x| over all elements (dim=None) or along `dim`.
 
@@ -91,7 +102,7 @@ def percentile_abs(x: torch.Tensor, percentile: float, dim: int | None = None) -
     else:
         a = x.detach().abs().movedim(dim, -1)
     n = a.shape[-1]
-    rank = float(torch.tensor(percentile / 100.0, dtype=a.dtype)) * (n - 1)
+    rank = _in_dtype(percentile / 100.0, a.dtype) * (n - 1)
     low, high = math.floor(rank), min(math.ceil(rank), n - 1)
     weight = torch.tensor(rank - low, dtype=a.dtype, device=a.device)
     k_top = n - low  # how many elements are >= the low order statistic
