@@ -12,12 +12,12 @@ from collections import Counter
 
 import pytest
 import torch
+from test_quant_execution import layer_for
 from test_quant_layers import heavy_tailed
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from jit.models import Denoiser, build_jit
 from jit.quant import quantize_model, quantized_layers, quantizers, sample_context
-from test_quant_execution import layer_for
 
 HOST_COPIES = {
     torch.ops.aten._local_scalar_dense.default,
@@ -73,9 +73,8 @@ def test_forward_host_syncs(accelerator_plan, scheme, variant, mode, scope):
     with torch.no_grad():
         layer(x)  # first call: weight codes (and their finiteness check) are cached
         counter = HostSyncs()
-        with sample_context(layer, [4, 7, 9]):
-            with counter:
-                y = layer(x)
+        with sample_context(layer, [4, 7, 9]), counter:
+            y = layer(x)
         assert torch.isfinite(y).all()
     if scope == "batch" and mode == "dynamic":
         analog = layer.adc_paths and not layer.cfg.adc.bypass
@@ -93,12 +92,12 @@ def test_nan_input_inside_a_context_is_reported_when_it_exits(accelerator_plan):
     with torch.no_grad():
         with sample_context(layer, [0, 1]):
             layer(x)
-        with pytest.raises(FloatingPointError, match="blocks.0.mlp.w12.*NaN or Inf"):
-            with sample_context(layer, [0, 1]):
-                counter = HostSyncs()
-                with counter:
-                    layer(bad)  # no error yet, and no sync
-                assert counter.total == 0
+        counter = HostSyncs()
+        with (pytest.raises(FloatingPointError, match="blocks.0.mlp.w12.*NaN or Inf"),
+              sample_context(layer, [0, 1])):
+            with counter:
+                layer(bad)  # no error yet, and no sync
+            assert counter.total == 0
         with pytest.raises(FloatingPointError, match="blocks.0.mlp.w12"):
             layer(bad)  # outside a context: at once
 
