@@ -6,6 +6,7 @@ composes the pieces (data module, JiTModule, quantization, callbacks, Lightning 
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from jit.checkpoint import CheckpointError, safe_load, save_official_checkpoint, sha256_file
 from jit.config import ConfigError, Task, to_plain, validate
@@ -146,10 +147,7 @@ def check_checkpoint_settings(cfg: DictConfig, path: str) -> None:
     """An official checkpoint's generation settings (resolution, classes, noise_scale, t_eps)
     must be the config's: sampling a 512-px model with noise_scale 1.0 runs fine and gives a
     wrong FID. `model.override_checkpoint_args=true` keeps the config's values."""
-    import math
-
     from jit.checkpoint import generation_settings
-    from omegaconf import OmegaConf
 
     trained = generation_settings(path)
     differ = {}

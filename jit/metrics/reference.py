@@ -24,7 +24,6 @@ from jit.atomic import atomic_path
 from .features import FeatureSpace
 from .fid import GaussianStats
 
-
 log = logging.getLogger(__name__)
 
 
