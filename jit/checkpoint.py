@@ -9,6 +9,7 @@ class admitted beyond tensors and containers is `argparse.Namespace`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import pickle
 import zipfile
@@ -21,6 +22,14 @@ from jit.models import VARIANTS, Denoiser, build_jit
 
 WEIGHT_KEYS = ("model", "model_ema1", "model_ema2")
 SAFE_GLOBALS = [argparse.Namespace]
+# Settings an official checkpoint's `args` record that change what the model generates,
+# with the config key that sets each of them here.
+GENERATION_ARGS = {
+    "img_size": "model.net.input_size",
+    "class_num": "model.net.num_classes",
+    "noise_scale": "model.denoiser.noise_scale",
+    "t_eps": "model.denoiser.t_eps",
+}
 
 
 class CheckpointError(ValueError):
@@ -76,6 +85,15 @@ def _args_dict(args) -> dict:
     if isinstance(args, dict):
         return dict(args)
     return {}
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (checkpoints are GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def infer_architecture(state_dict: dict) -> dict:
@@ -158,6 +176,31 @@ def load_jit_checkpoint(path, weights: str = "model_ema1") -> tuple[dict, dict]:
     return state, meta
 
 
+def generation_settings(path, weights: str = "model_ema1") -> dict:
+    """{config key: value} of what an official checkpoint was trained with.
+
+    From its `args` where they record it; resolution and class count otherwise from the
+    tensor shapes, which always tell them.
+    """
+    _, meta = load_jit_checkpoint(path, weights)
+    found = {key: meta["args"][arg] for arg, key in GENERATION_ARGS.items() if arg in meta["args"]}
+    found.setdefault("model.net.input_size", meta["architecture"]["input_size"])
+    found.setdefault("model.net.num_classes", meta["architecture"]["num_classes"])
+    if meta["variant"] is not None:
+        found = {"model.net.name": meta["variant"], **found}
+    return found
+
+
+def overrides_that_fit(state_dict: dict) -> str | None:
+    """Command-line overrides that build a model the tensor shapes of `state_dict` fit."""
+    fits = matching_variants(state_dict)
+    if not fits:
+        return None
+    arch = infer_architecture(state_dict)
+    return (f"model.net.name={fits[0]} model.net.input_size={arch['input_size']} "
+            f"model.net.num_classes={arch['num_classes']}")
+
+
 def describe_mismatch(model: torch.nn.Module, state_dict: dict, limit: int = 5) -> str | None:
     """Human-readable difference between a model and a state dict, or None if they match."""
     own = model.state_dict()
@@ -182,7 +225,8 @@ def load_into(denoiser: Denoiser, state_dict: dict, source: str = "checkpoint") 
     problem = describe_mismatch(denoiser, state_dict)
     if problem:
         fits = matching_variants(state_dict)
-        hint = f" The checkpoint fits the registered variant(s): {', '.join(fits)}." if fits else ""
+        hint = (f" The checkpoint fits the registered variant(s): {', '.join(fits)}; build it with the "
+                f"overrides {overrides_that_fit(state_dict)}." if fits else "")
         raise CheckpointError(f"architecture mismatch loading {source}: {problem}.{hint}")
     denoiser.load_state_dict(state_dict, strict=True)
 

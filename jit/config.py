@@ -78,6 +78,9 @@ class DenoiserSchema:
 class ModelSchema:
     net: NetSchema = field(default_factory=NetSchema)
     denoiser: DenoiserSchema = field(default_factory=DenoiserSchema)
+    # An official checkpoint's args (img_size, class_num, noise_scale, t_eps) must agree with
+    # the config; true: generate with the config's values anyway.
+    override_checkpoint_args: bool = False
 
 
 @dataclass

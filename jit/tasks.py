@@ -6,6 +6,7 @@ composes the pieces (data module, JiTModule, quantization, callbacks, Lightning 
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -14,9 +15,9 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from jit.checkpoint import CheckpointError, safe_load, save_official_checkpoint
+from jit.checkpoint import CheckpointError, safe_load, save_official_checkpoint, sha256_file
 from jit.config import ConfigError, Task, to_plain, validate
 from jit.module import JiTModule
 
@@ -133,6 +134,7 @@ def load_module(cfg: DictConfig) -> tuple[JiTModule, str]:
     if kind == "lightning":
         module = JiTModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     else:
+        check_checkpoint_settings(cfg, path)
         module = JiTModule(**module_kwargs(cfg), init_checkpoint=path, init_weights="model")
     plain = to_plain(cfg)
     # Evaluation settings come from this run's config, not from the checkpoint's hparams.
@@ -141,26 +143,81 @@ def load_module(cfg: DictConfig) -> tuple[JiTModule, str]:
     return module, path
 
 
+def check_checkpoint_settings(cfg: DictConfig, path: str) -> None:
+    """An official checkpoint's generation settings (resolution, classes, noise_scale, t_eps)
+    must be the config's: sampling a 512-px model with noise_scale 1.0 runs fine and gives a
+    wrong FID. `model.override_checkpoint_args=true` keeps the config's values."""
+    from jit.checkpoint import generation_settings
+
+    trained = generation_settings(path)
+    differ = {}
+    for key, value in trained.items():
+        configured = OmegaConf.select(cfg, key)
+        same = (math.isclose(float(configured), float(value)) if isinstance(value, (int, float))
+                and not isinstance(value, bool) else configured == value)
+        if not same:
+            differ[key] = (value, configured)
+    if not differ:
+        return
+    theirs = " ".join(f"{k}={v}" for k, (v, _) in differ.items())
+    ours = " ".join(f"{k}={c}" for k, (_, c) in differ.items())
+    if cfg.model.override_checkpoint_args:
+        rank_zero_info(f"model.override_checkpoint_args=true: generating with {ours}, although {path} "
+                       f"was trained with {theirs}")
+        return
+    raise ConfigError(f"ckpt_path: {path} was trained with {theirs}, but the config has {ours}; add the "
+                      f"overrides {theirs} (or model.override_checkpoint_args=true to keep the config's values)")
+
+
 def check_calibration_inputs(cfg: DictConfig, qcfg, dm) -> None:
     """Static calibration on data needs enough images in the calibration split: check first."""
-    from jit.callbacks.calibration import CalibrationConfig
-
-    if qcfg.scheme == "fp" or qcfg.mode != "static" or qcfg.calibration_file is not None:
-        return
-    calib = CalibrationConfig.from_any(to_plain(cfg.calibration))
-    if calib.source == "data":
+    if uses_data_for_calibration(cfg, qcfg):
+        num_images = cfg.calibration.num_images
         available = len(dm.split_dataset("calibration"))
-        if calib.num_images > available:
-            raise ConfigError(f"calibration.num_images={calib.num_images} exceeds the {available} images of the "
+        if num_images > available:
+            raise ConfigError(f"calibration.num_images={num_images} exceeds the {available} images of the "
                               f"calibration split (raise data.calib_num_images)")
 
 
+def uses_data_for_calibration(cfg: DictConfig, qcfg) -> bool:
+    from jit.callbacks.calibration import CalibrationConfig
+
+    if qcfg.scheme == "fp" or qcfg.mode != "static" or qcfg.calibration_file is not None:
+        return False
+    return CalibrationConfig.from_any(to_plain(cfg.calibration)).source == "data"
+
+
+def check_reference(fid_cfg, module: JiTModule, dm) -> None:
+    """The feature extractor loads (weights present and safe) and the reference statistics
+    fit it: a stats file is read, a data split is listed and its class count checked."""
+    from jit.callbacks.evaluation import check_data_classes
+    from jit.metrics.features import INCEPTION, create_feature_space
+    from jit.metrics.reference import ReferenceStatsError, load_reference_stats
+
+    weights = fid_cfg.inception_weights if fid_cfg.extractor == INCEPTION else fid_cfg.extractor_weights
+    space = create_feature_space(fid_cfg.extractor, weights, probe_size=module.denoiser.img_size)
+    stats_file = fid_cfg.reference.get("stats_file")
+    if stats_file:
+        load_reference_stats(stats_file, space, reduce_images=False)
+        return
+    check_data_classes(module.denoiser.num_classes, dm)
+    split = fid_cfg.reference.get("split", "reference")
+    available = len(dm.split_dataset(split))
+    if available < 2:
+        raise ReferenceStatsError(f"fid.reference.split={split}: the data holds {available} image(s); "
+                                  "reference statistics need at least 2 (or give fid.reference.stats_file)")
+
+
 def check_before_generation(cfg: DictConfig, qcfg, module: JiTModule, dm, fid_cfg=None) -> None:
-    """Inputs that would otherwise fail only after the float baseline, the calibration or
-    the whole generation: calibration data and file, quantization targets, reference
-    statistics. Raises with the key or file named."""
+    """Inputs that would otherwise fail only after the float baseline, the calibration, the
+    per-layer statistics or the whole generation: calibration data and file, quantization
+    targets, the feature extractor, reference statistics, the data's class count against the
+    model's. Raises with the key or file named."""
+    from jit.callbacks.evaluation import check_data_classes
     from jit.quant import artefact, target_names
 
+    if uses_data_for_calibration(cfg, qcfg):
+        check_data_classes(module.denoiser.num_classes, dm)
     check_calibration_inputs(cfg, qcfg, dm)
     targets = target_names(module.denoiser.net, qcfg.targets)
     if qcfg.calibration_file is not None:
@@ -171,14 +228,8 @@ def check_before_generation(cfg: DictConfig, qcfg, module: JiTModule, dm, fid_cf
         if not Path(qcfg.calibration_file).is_file():
             raise ConfigError(f"quant.calibration_file: no such file: {qcfg.calibration_file}")
         artefact.check_fits(artefact.load(qcfg.calibration_file), dict.fromkeys(targets), lambda _: qcfg)
-    stats_file = fid_cfg.reference.get("stats_file") if fid_cfg is not None else None
-    if stats_file:
-        from jit.metrics.features import INCEPTION, create_feature_space
-        from jit.metrics.reference import load_reference_stats
-
-        weights = fid_cfg.inception_weights if fid_cfg.extractor == INCEPTION else fid_cfg.extractor_weights
-        space = create_feature_space(fid_cfg.extractor, weights, probe_size=module.denoiser.img_size)
-        load_reference_stats(stats_file, space, reduce_images=False)
+    if fid_cfg is not None:
+        check_reference(fid_cfg, module, dm)
 
 
 # -------------------------------------------------------------------------------- tasks
@@ -334,6 +385,8 @@ def evaluate(cfg: DictConfig) -> dict:
     common = {"checkpoint": source, "task": "eval"}
 
     def pipeline(trainer, module):
+        if trainer.is_global_zero:  # results.json is written by rank 0
+            common["checkpoint_sha256"] = sha256_file(source)
         baseline = None
         if cfg.compare_fp and qcfg.scheme != "fp":
             rank_zero_info("evaluating the float model (baseline)")
@@ -342,7 +395,7 @@ def evaluate(cfg: DictConfig) -> dict:
             baseline = fp.run(trainer, module, dm)["metrics"]
         provenance = prepare_quantized(module, qcfg, cfg, dm, run_dir, trainer)
         stats_images = min(cfg.eval.layer_stats_images, fid_cfg.num_images)
-        layer_stats = quant_statistics(module, qcfg, fid_cfg, dm.num_classes, stats_images)
+        layer_stats = quant_statistics(module, qcfg, fid_cfg, module.denoiser.num_classes, stats_images)
         extra = {**common, "quant": qcfg.to_dict(), **provenance, "baseline_fp": baseline}
         if layer_stats:
             extra["layer_stats_summary"] = summarize_layer_stats(layer_stats)

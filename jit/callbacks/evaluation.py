@@ -42,7 +42,7 @@ from jit.atomic import atomic_path, atomic_write_json
 from jit.datamodules import from_model_range
 from jit.metrics.features import INCEPTION, create_feature_space
 from jit.metrics.fid import GaussianStats, InceptionScoreStats, all_reduce_sum, frechet_distance
-from jit.metrics.reference import reference_stats
+from jit.metrics.reference import reference_stats, stats_digest
 from jit.quant import sample_context
 
 LABEL_STRATEGIES = ("repeat", "spread")
@@ -107,8 +107,31 @@ class FIDConfig:
         if self.label_strategy not in LABEL_STRATEGIES:
             raise EvaluationConfigError(
                 f"fid.label_strategy={self.label_strategy!r}; allowed: {', '.join(LABEL_STRATEGIES)}")
+        if self.extractor == INCEPTION and self.isc_splits > self.num_images:
+            raise EvaluationConfigError(
+                f"fid.isc_splits={self.isc_splits} exceeds fid.num_images={self.num_images}: the Inception Score "
+                f"needs at least one image per split (lower fid.isc_splits or raise fid.num_images)")
         if self.eval_weights is not None and self.eval_weights not in WEIGHT_CHOICES:
             raise EvaluationConfigError(f"fid.eval_weights={self.eval_weights!r}; allowed: {', '.join(WEIGHT_CHOICES)}")
+
+
+def check_data_classes(model_classes: int, datamodule) -> None:
+    """Labels come from the model; reference data of another class count would make FID
+    compare generated classes with other classes' images."""
+    data_classes = getattr(datamodule, "num_classes", None)
+    if data_classes is None or int(data_classes) == int(model_classes):
+        return
+    root = getattr(datamodule, "root", None)
+    where = f"data.root={root}" if root is not None else f"data={getattr(datamodule, 'dataset_name', '?')}"
+    raise EvaluationConfigError(
+        f"class count: the model generates model.net.num_classes={model_classes} classes but the data "
+        f"({where}) has {data_classes}; use data with {model_classes} classes or give fid.reference.stats_file")
+
+
+def package_version() -> str:
+    from jit import __version__
+
+    return __version__
 
 
 # --------------------------------------------------------------- labels, shards, noise
@@ -320,13 +343,15 @@ class FIDEvaluation(L.Callback):
         run_dir = self._run_dir(trainer)
         device = torch.device(self.device) if self.device is not None else self._device(module)
         denoiser = getattr(module, "denoiser", module)
-        num_classes = int(getattr(datamodule, "num_classes", None) or denoiser.num_classes)
+        num_classes = int(denoiser.num_classes)  # what the model was trained on, whatever the data holds
         image_shape = (denoiser.in_channels, denoiser.img_size, denoiser.img_size)
 
         # ---- everything that can fail on bad input, before the first image
         extractor_weights = cfg.inception_weights if cfg.extractor == INCEPTION else cfg.extractor_weights
         space = create_feature_space(cfg.extractor, extractor_weights, device=device,
                                      probe_size=denoiser.img_size)
+        if not cfg.reference.get("stats_file") and datamodule is not None:
+            check_data_classes(num_classes, datamodule)
         (ref_mu, ref_sigma), ref_source = reference_stats(
             space, cfg.reference.get("stats_file"), datamodule, cfg.reference.get("split", "reference"),
             cfg.reference.get("cache_dir"))
@@ -411,17 +436,25 @@ class FIDEvaluation(L.Callback):
             metrics["cond_accuracy"] = float(all_reduce_sum(correct).item()) / cfg.num_images
         tiles = self._gather_tiles(grid_tiles)
         wall = time.perf_counter() - start
+        hparams = getattr(module, "hparams", None) or {}
         results = {
             "metrics": metrics,
             "num_images": cfg.num_images,
+            # Provenance: what two results must share to be compared.
+            "model": {"variant": (hparams.get("net") or {}).get("name"), "img_size": denoiser.img_size,
+                      "num_classes": num_classes, "noise_scale": denoiser.noise_scale},
             "feature_extractor": space.name,
+            "feature_extractor_weights_sha256": space.weights_sha256,
             "feature_dim": space.feature_dim,
             "reference": ref_source,
+            "reference_stats_sha256": stats_digest(ref_mu, ref_sigma),
             "sampler": sampler,
             "weights": weights,
             "label_strategy": cfg.label_strategy,
             "seed": cfg.seed,
             "world_size": world,
+            "precision": self._precision(trainer, denoiser, device),
+            "package_version": package_version(),
             "batch_size": cfg.batch_size,
             **self.extra,
             # Flat keys ("weights.bits") so sweeps can tabulate runs; the caller's config wins.
@@ -441,6 +474,15 @@ class FIDEvaluation(L.Callback):
             self._log(trainer, metrics, grid)
         self.results = results
         return results
+
+    @staticmethod
+    def _precision(trainer, denoiser, device) -> dict:
+        """The trainer's precision setting and what generation actually ran in (the weights'
+        dtype, autocast): Lightning applies mixed precision to its steps, not to this hook."""
+        autocast = torch.is_autocast_enabled(device.type)
+        return {"trainer": str(getattr(trainer, "precision", None)) if trainer is not None else None,
+                "weights_dtype": str(next(denoiser.parameters()).dtype).removeprefix("torch."),
+                "autocast": str(torch.get_autocast_dtype(device.type)).removeprefix("torch.") if autocast else None}
 
     @staticmethod
     def _space_tag(name: str) -> str:

@@ -14,6 +14,7 @@ memory.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -153,6 +154,7 @@ class FeatureSpace:
     logits_layer: str | None
     feature_dim: int
     device: torch.device
+    weights_sha256: str | None = None  # `weights_digest` of the extractor: which weights made the features
 
     @property
     def is_inception(self) -> bool:
@@ -176,6 +178,16 @@ class FeatureSpace:
             empty = torch.zeros(0, 0)
             return empty, (empty if self.logits_layer else None)
         return torch.cat(features), (torch.cat(logits) if self.logits_layer else None)
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over the names and values of a module's parameters and buffers: the same for
+    the same weights whatever file or download they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode() + b"\0")
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def create_feature_space(name: str, weights_path=None, device="cpu", probe_size: int = 32) -> FeatureSpace:
@@ -207,8 +219,9 @@ def create_feature_space(name: str, weights_path=None, device="cpu", probe_size:
         raise FeatureExtractorError(
             f"could not create feature extractor {name!r}{source}: {_one_line(exc)}") from exc
     device = torch.device(device)
+    digest = weights_digest(extractor)
     extractor.to(device)
-    space = FeatureSpace(name, extractor, fid_layer, logits_layer, 0, device)
+    space = FeatureSpace(name, extractor, fid_layer, logits_layer, 0, device, digest)
     features, _ = space(torch.zeros(1, 3, probe_size, probe_size, dtype=torch.uint8))
     space.feature_dim = features.shape[1]
     return space

@@ -8,6 +8,8 @@ as ADM-style sample exports) is reduced to statistics with the current extractor
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import zipfile
 from pathlib import Path
@@ -21,6 +23,8 @@ from jit.atomic import atomic_path
 
 from .features import FeatureSpace
 from .fid import GaussianStats
+
+log = logging.getLogger(__name__)
 
 
 class ReferenceStatsError(ValueError):
@@ -98,8 +102,53 @@ def load_reference_stats(path, space: FeatureSpace, reduce_images: bool = True):
 
 
 def cache_file(cache_dir, dataset: str, split: str, img_size: int, extractor: str) -> Path:
-    """The cache key: dataset, split, resolution and feature extractor."""
+    """Where statistics of a split are cached: named by dataset, split, resolution and
+    extractor; what else they depend on is stored inside and checked (`cache_metadata`)."""
     return Path(cache_dir).expanduser() / f"{dataset}_{split}_{img_size}px_{extractor}.npz"
+
+
+def listing_digest(dataset) -> str | None:
+    """sha256 of which images a split holds: an image folder's relative paths, in-memory
+    images' bytes; with the labels. None for a dataset of another kind."""
+    digest = hashlib.sha256()
+    files, images = getattr(dataset, "files", None), getattr(dataset, "images", None)
+    if files is not None:
+        for name in files:
+            digest.update(bytes(name) + b"\0")
+    elif isinstance(images, torch.Tensor):
+        digest.update(images.contiguous().numpy().tobytes())
+    else:
+        return None
+    labels = getattr(dataset, "labels", None)
+    if labels is not None:
+        digest.update(np.asarray(labels, np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def cache_metadata(datamodule, split: str, space: FeatureSpace) -> dict[str, str]:
+    """What cached statistics depend on beyond their file name: the data root, the number
+    and listing of the split's files, and the extractor's weights. A trial copy of
+    ImageNet or other Inception weights give other values, so their statistics are not reused."""
+    root = getattr(datamodule, "root", None)
+    meta = {"data_root": str(Path(root).expanduser().resolve()) if root is not None else datamodule.dataset_name}
+    if hasattr(datamodule, "split_dataset"):
+        dataset = datamodule.split_dataset(split)
+        meta["num_files"] = str(len(dataset))
+        meta["listing_sha256"] = listing_digest(dataset) or "unknown"
+    meta["extractor_weights_sha256"] = getattr(space, "weights_sha256", None) or "unknown"
+    return meta
+
+
+def stale_cache_reason(path: Path, expected: dict[str, str]) -> str | None:
+    """Why the cached statistics at `path` were made from other data or weights; None when they fit."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stored = {key: str(data[key]) for key in expected if key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        return f"unreadable ({exc})"
+    differ = [f"{key} {stored[key]!r} (now {value!r})" if key in stored else f"no {key} recorded"
+              for key, value in expected.items() if stored.get(key) != value]
+    return "; ".join(differ) or None
 
 
 def _rank_world() -> tuple[int, int]:
@@ -132,6 +181,13 @@ def compute_split_stats(datamodule, split: str, space: FeatureSpace) -> Gaussian
     return stats.all_reduce()
 
 
+def stats_digest(mu: np.ndarray, sigma: np.ndarray) -> str:
+    """sha256 of reference statistics as float64: equal for equal statistics, whatever file held them."""
+    digest = hashlib.sha256(np.ascontiguousarray(mu, np.float64).tobytes())
+    digest.update(np.ascontiguousarray(sigma, np.float64).tobytes())
+    return digest.hexdigest()
+
+
 def reference_stats(space: FeatureSpace, stats_file=None, datamodule=None, split: str = "reference",
                     cache_dir=None) -> tuple[tuple[np.ndarray, np.ndarray], str]:
     """(mu, sigma) and a description of where they came from.
@@ -146,15 +202,22 @@ def reference_stats(space: FeatureSpace, stats_file=None, datamodule=None, split
     if cache_dir is None:
         raise ReferenceStatsError("fid.reference.cache_dir is needed to cache statistics computed from a split")
     path = cache_file(cache_dir, datamodule.dataset_name, split, datamodule.img_size, space.name)
+    expected = cache_metadata(datamodule, split, space)
     if path.is_file():
-        return load_reference_stats(path, space), str(path)
+        stale = stale_cache_reason(path, expected)
+        if stale is None:
+            return load_reference_stats(path, space), str(path)
+        if _rank_world()[0] == 0:
+            log.warning(f"recomputing the cached reference statistics {path}: made from other data or "
+                        f"extractor weights ({stale})")
     stats = compute_split_stats(datamodule, split, space)
     if stats.count < 2:
         raise ReferenceStatsError(f"the {split!r} split has {stats.count} image(s); statistics need at least 2")
     mu, sigma = stats.mu_sigma()
     rank, _ = _rank_world()
     if rank == 0:
-        atomic_savez(path, mu=mu, sigma=sigma, num_images=np.int64(stats.count))
+        atomic_savez(path, mu=mu, sigma=sigma, num_images=np.int64(stats.count),
+                     **{key: np.str_(value) for key, value in expected.items()})
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return (mu, sigma), f"{path} (computed from {stats.count} images)"
