@@ -340,9 +340,18 @@ class JiTModule(L.LightningModule):
         was_training = self.denoiser.training
         self.denoiser.eval()
         try:
-            return self.denoiser.generate(labels.to(self.device), noise, **settings)
+            with self.precision_context():
+                return self.denoiser.generate(labels.to(self.device), noise, **settings)
         finally:
             self.denoiser.train(was_training)
+
+    def precision_context(self):
+        """The trainer's precision for work outside Lightning's steps (sampling, calibration
+        forwards): bf16-mixed samples under bf16 autocast as the official evaluation does;
+        without a trainer, or at 32-true, nothing changes."""
+        if self._trainer is None:
+            return contextlib.nullcontext()
+        return self.trainer.precision_plugin.forward_context()
 
     # ------------------------------------------------------------------ checks
     def setup(self, stage: str) -> None:

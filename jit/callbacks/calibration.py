@@ -121,8 +121,9 @@ def _calibration_batches(datamodule, cfg: CalibrationConfig) -> list:
                            "of the 'calibration' split (raise data.calib_num_images)")
 
 
-def _data_forward(denoiser, device):
-    """Noise real images at random t exactly like the training loss does."""
+def _data_forward(denoiser, device, precision=contextlib.nullcontext):
+    """Noise real images at random t exactly like the training loss does; the network runs
+    under `precision()` (the trainer's, as generation does)."""
     def forward(batch, generator):
         images, labels = batch
         x = to_model_range(images).to(device)
@@ -132,7 +133,8 @@ def _data_forward(denoiser, device):
         labels = torch.where(drop.to(device), torch.full_like(labels, denoiser.num_classes), labels)
         t = denoiser.sample_t(n, generator=generator).to(device)
         noise = (torch.randn(x.shape, generator=generator) * denoiser.noise_scale).to(device)
-        return denoiser.net(denoiser.noised(x, t, noise), t, labels)
+        with precision():
+            return denoiser.net(denoiser.noised(x, t, noise), t, labels)
     return forward
 
 
@@ -143,7 +145,7 @@ def _sampling_batches(num_images: int, batch_size: int, num_classes: int) -> lis
     return list(zip(indices.split(batch_size), labels.split(batch_size)))
 
 
-def _sampling_forward(denoiser, device, sampler: Mapping):
+def _sampling_forward(denoiser, device, sampler: Mapping, precision=contextlib.nullcontext):
     settings = {k: sampler[k] for k in ("steps", "method", "cfg_scale", "interval", "schedule")
                 if k in sampler}
     if "interval" in settings:
@@ -153,7 +155,7 @@ def _sampling_forward(denoiser, device, sampler: Mapping):
         indices, labels = batch
         shape = (labels.shape[0], denoiser.in_channels, denoiser.img_size, denoiser.img_size)
         noise = denoiser.noise_scale * torch.randn(shape, generator=generator)
-        with sample_context(denoiser.net, indices):
+        with sample_context(denoiser.net, indices), precision():
             return denoiser.generate(labels.to(device), noise.to(device), **settings)
     return forward
 
@@ -247,13 +249,15 @@ def run_calibration(module, quant, calibration, run_dir, datamodule=None, sample
 
     cfg = CalibrationConfig.from_any(calibration)
     device = next(net.parameters()).device
+    precision = getattr(module, "precision_context", contextlib.nullcontext)
     if cfg.source == "data":
         batches = _calibration_batches(datamodule, cfg)
-        forward = _data_forward(denoiser, device)
+        forward = _data_forward(denoiser, device, precision)
     else:
         batches = _sampling_batches(cfg.num_images, cfg.batch_size, denoiser.num_classes)
         forward = _sampling_forward(denoiser, device,
-                                    sampler if sampler is not None else getattr(module, "sampler", {}) or {})
+                                    sampler if sampler is not None else getattr(module, "sampler", {}) or {},
+                                    precision)
     rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
     batches = _WithProgress(list(batches), _batch_size, enabled=rank == 0)
     coverage: list[dict] = []

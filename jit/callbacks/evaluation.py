@@ -477,12 +477,18 @@ class FIDEvaluation(L.Callback):
 
     @staticmethod
     def _precision(trainer, denoiser, device) -> dict:
-        """The trainer's precision setting and what generation actually ran in (the weights'
-        dtype, autocast): Lightning applies mixed precision to its steps, not to this hook."""
-        autocast = torch.is_autocast_enabled(device.type)
+        """The trainer's precision setting and what generation ran in: the weights' dtype
+        and the autocast dtype of the trainer's precision context (JiTModule.generate);
+        quantized layers compute in float32 inside it."""
+        plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
+        autocast = None
+        if plugin is not None:
+            with plugin.forward_context():
+                if torch.is_autocast_enabled(device.type):
+                    autocast = str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
         return {"trainer": str(getattr(trainer, "precision", None)) if trainer is not None else None,
                 "weights_dtype": str(next(denoiser.parameters()).dtype).removeprefix("torch."),
-                "autocast": str(torch.get_autocast_dtype(device.type)).removeprefix("torch.") if autocast else None}
+                "autocast": autocast}
 
     @staticmethod
     def _space_tag(name: str) -> str:

@@ -779,7 +779,10 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
-        y, act_clip, weights = layer._simulate(x)
+        # Integer codes and their products must stay exact: the simulation computes in
+        # float32 (float64 for float64 inputs) whatever autocast the caller runs under.
+        with torch.autocast(x.device.type, enabled=False):
+            y, act_clip, weights = layer._simulate(x)
         ctx.layer = layer
         ctx.weights = weights
         ctx.save_for_backward(x, weight, act_clip)
@@ -787,6 +790,11 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        with torch.autocast(grad_y.device.type, enabled=False):
+            return _StraightThrough._gradients(ctx, grad_y)
+
+    @staticmethod
+    def _gradients(ctx, grad_y):
         x, weight, act_clip = ctx.saved_tensors
         layer, weights = ctx.layer, ctx.weights
         dtype = weights.codes_t.dtype
