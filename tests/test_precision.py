@@ -5,11 +5,11 @@ quantized layers compute in float32 inside it, so their integer codes stay exact
 import lightning as L
 import pytest
 import torch
+from test_quant_execution import layer_for
 from test_quant_layers import heavy_tailed
 
 from jit.module import JiTModule
 from jit.quant import quantize_model, quantized_layers, sample_context
-from test_quant_execution import layer_for
 
 
 @pytest.mark.parametrize("scheme", ["hybrid", "bitserial", "w8a8"])
