@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from .quantizers import row_blocks
+from .quantizers import blockwise, row_blocks
 
 DIGIT_BASE = 128
 _INT32_SAFE = 2**31 - 1
@@ -86,7 +86,7 @@ def use_int8(low: int, high: int, inner: int, weight_bits: int, device: torch.de
     """Whether codes in [low, high] times INT`weight_bits` weights over `inner` rows go
     through the INT8 kernel: float32 on the CPU, INT32 sums that cannot overflow, and
     (unless forced) a measured speed-up larger than the number of digit matmuls."""
-    if device.type != "cpu" or dtype != torch.float32 or weight_bits > 8:
+    if not blockwise(device) or dtype != torch.float32 or weight_bits > 8:
         return False
     if inner * max(-low, high) * 2 ** (weight_bits - 1) > _INT32_SAFE:
         return False  # the kernel's INT32 sums could overflow

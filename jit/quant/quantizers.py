@@ -31,12 +31,16 @@ _SELECTION_BLOCK = 32767
 # raised the bit-serial layer's peak memory above 4x its input at small batches.
 CHUNK_ELEMENTS = 2**17
 
-# Device types that work in row blocks. Elsewhere (CUDA and other accelerators) each op
-# is one kernel over the whole tensor: blocks would only multiply kernel launches.
+# Device types that take the CPU plan: row blocks, the INT8 digit kernel (intmm.py) and
+# the narrowing of the digital matmul to the input columns that hold MSB codes. All three
+# pay off only where a kernel launch is cheap and reading a value on the host is free; on
+# CUDA and other accelerators each op is one kernel over the whole tensor, since blocks
+# would multiply launches and the narrowing would stall the queue on a host sync.
 BLOCKWISE_DEVICE_TYPES = frozenset({"cpu"})
 
 
 def blockwise(device: torch.device) -> bool:
+    """Whether `device` takes the CPU plan (the one place that decides it)."""
     return device.type in BLOCKWISE_DEVICE_TYPES
 
 
