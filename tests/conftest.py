@@ -7,6 +7,31 @@ FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL_TINY = FIXTURES / "official_jit_tiny"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="device for the tests that take the `device` fixture (e.g. cuda: "
+                          "scripts/gpu_check.sh runs them there)")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    device = torch.device(request.config.getoption("--device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.exit("--device cuda: no CUDA device is available", returncode=2)
+    return device
+
+
+@pytest.fixture
+def accelerator_plan(device, monkeypatch):
+    """The execution plan of an accelerator: native on one, emulated on the CPU by taking
+    the CPU out of quantizers.BLOCKWISE_DEVICE_TYPES."""
+    from jit.quant import quantizers
+
+    if device.type == "cpu":
+        monkeypatch.setattr(quantizers, "BLOCKWISE_DEVICE_TYPES", frozenset())
+    return device
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     # Two cores here; more threads only oversubscribe and make timings noisy.

@@ -14,16 +14,17 @@ from jit.quant import quantize_model, quantized_layers, sample_context
 
 @pytest.mark.parametrize("scheme", ["hybrid", "bitserial", "w8a8"])
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
-def test_quantized_layer_ignores_bf16_autocast(scheme, mode):
-    x = heavy_tailed(2, 12, 64, seed=4)
+def test_quantized_layer_ignores_bf16_autocast(device, scheme, mode):
+    x = heavy_tailed(2, 12, 64, seed=4).to(device)
     layer = layer_for(scheme, 64, 96, mode=mode, adc={"noise_sigma_lsb": 2.0, "tile_rows": 32})
+    layer = layer.to(device)
     if mode == "static":
         layer.set_static(float(x.abs().max()) * 0.7,
                          {path: 3e4 for path in layer.adc_paths} or None)
     with torch.no_grad():
         with sample_context(layer, [3, 8]):
             reference = layer(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16), sample_context(layer, [3, 8]):
+        with torch.autocast(device.type, dtype=torch.bfloat16), sample_context(layer, [3, 8]):
             under_autocast = layer(x)
     assert under_autocast.dtype == torch.float32
     assert torch.equal(under_autocast, reference)

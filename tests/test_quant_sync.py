@@ -17,7 +17,7 @@ from test_quant_layers import heavy_tailed
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from jit.models import Denoiser, build_jit
-from jit.quant import quantize_model, quantized_layers, quantizers, sample_context
+from jit.quant import quantize_model, quantized_layers, sample_context
 
 HOST_COPIES = {
     torch.ops.aten._local_scalar_dense.default,
@@ -41,13 +41,8 @@ class HostSyncs(TorchDispatchMode):
         return sum(self.ops.values())
 
 
-@pytest.fixture
-def accelerator_plan(monkeypatch):
-    monkeypatch.setattr(quantizers, "BLOCKWISE_DEVICE_TYPES", frozenset())
-
-
 def _calibrated(scheme, mode, cfg, x):
-    layer = layer_for(scheme, 64, 96, mode=mode, **cfg)
+    layer = layer_for(scheme, 64, 96, mode=mode, **cfg).to(x.device)
     if mode == "static":
         layer.set_static(float(x.abs().max()) * 0.8,
                          {path: 4e4 for path in layer.adc_paths} or None)
@@ -68,7 +63,7 @@ VARIANTS = {
 @pytest.mark.parametrize("mode, scope", [
     ("static", "sample"), ("dynamic", "sample"), ("dynamic", "token"), ("dynamic", "batch")])
 def test_forward_host_syncs(accelerator_plan, scheme, variant, mode, scope):
-    x = heavy_tailed(3, 10, 64, seed=2)
+    x = heavy_tailed(3, 10, 64, seed=2).to(accelerator_plan)
     layer = _calibrated(scheme, mode, {**VARIANTS[variant], "dynamic_scope": scope}, x)
     with torch.no_grad():
         layer(x)  # first call: weight codes (and their finiteness check) are cached
@@ -85,7 +80,7 @@ def test_forward_host_syncs(accelerator_plan, scheme, variant, mode, scope):
 
 
 def test_nan_input_inside_a_context_is_reported_when_it_exits(accelerator_plan):
-    x = heavy_tailed(2, 10, 64, seed=3)
+    x = heavy_tailed(2, 10, 64, seed=3).to(accelerator_plan)
     layer = _calibrated("hybrid", "static", {}, x)
     bad = x.clone()
     bad[1, 3, 5] = float("nan")
@@ -107,12 +102,13 @@ def test_whole_sampling_run_takes_a_fixed_number_of_host_syncs(accelerator_plan)
     steps (the CFG interval decision and the context's NaN check only)."""
     torch.manual_seed(0)
     net = build_jit("JiT-T/4", input_size=8, in_channels=1, num_classes=3, depth=3)
+    net = net.to(accelerator_plan)
     quantize_model(net, {"scheme": "hybrid", "mode": "static"})
     for layer in quantized_layers(net).values():
         layer.set_static(4.0, {path: 3e4 for path in layer.adc_paths})
     denoiser = Denoiser(net, num_classes=3).eval()
-    labels = torch.tensor([0, 2])
-    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 2], device=accelerator_plan)
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)).to(accelerator_plan)
     counts = {}
     with torch.no_grad():
         denoiser.generate(labels, noise=noise, steps=2, cfg_scale=2.0)  # caches
