@@ -441,8 +441,8 @@ def print_summary(results: dict, baseline: dict | None) -> None:
                   *costs.values())
     Console().print(table)
     if costs:
-        print(f"energy per image on {energy['hardware']}: {costs["uJ/image"]} uJ, "
-              f"{costs["vs_int8"]} vs the digital INT8 baseline "
+        print(f"energy per image on {energy['hardware']}: {costs['uJ/image']} uJ, "
+              f"{costs['vs_int8']} vs the digital INT8 baseline "
               f"({energy['digital_int8_energy_per_image_uJ']:.4g} uJ) of the same model")
     elif energy.get("status"):
         print(f"energy per image: {energy['status']}")
