@@ -74,13 +74,14 @@ def plot_fid_vs_energy(rows: list[dict], swept: list[str], out_dir: Path) -> Pat
                color="tab:gray", label="design point")
     ax.plot([_finite(rows[i][ENERGY_KEY]) for i in front], [_finite(rows[i][metric]) for i in front],
             color="tab:red", marker="o", label="Pareto front")
+    # Label a point by the overrides that tell the design points apart.
+    varying = [key for key in swept if len({str(row.get(key)) for row in points}) > 1]
     for row in points:
-        label = ", ".join(f"{key.split('.')[-1]}={row[key]}" for key in swept if key in row)
+        label = ", ".join(f"{key.split('.')[-1]}={row[key]}" for key in varying if key in row)
         ax.annotate(label, (_finite(row[ENERGY_KEY]), _finite(row[metric])), fontsize=6,
                     xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("energy per image (uJ, estimate)")
     ax.set_ylabel(metric)
-    ax.set_yscale("log" if min(_finite(r[metric]) for r in points) > 0 else "linear")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
