@@ -143,6 +143,7 @@ class RunSchema:
     quant: Any = MISSING
     calibration: Any = MISSING
     fid: Any = MISSING
+    hardware: Any = MISSING
     trainer: Any = MISSING
     logger: Any = field(default_factory=dict)
     callbacks: Any = field(default_factory=dict)

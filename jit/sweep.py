@@ -24,6 +24,7 @@ import yaml
 from hydra.experimental.callback import Callback
 
 from jit.atomic import atomic_path, atomic_write_text
+from jit.hardware.report import plot_fid_vs_energy, sweep_columns
 
 # Preferred plot axes: x = ADC resolution, one line per noise level.
 X_KEY = "quant.adc.bits"
@@ -77,6 +78,7 @@ def collect_rows(sweep_dir: Path) -> tuple[list[dict], list[str]]:
             for name, value in (data.get("baseline_fp") or {}).items():
                 if isinstance(value, (int, float)):
                     row[f"fp_{name}"] = value
+            row.update(sweep_columns(data))  # energy, latency, area estimates
         else:
             row["status"] = "no results"
         rows.append(row)
@@ -148,10 +150,11 @@ def summarize(sweep_dir: str | Path) -> dict:
     rows, swept = collect_rows(sweep_dir)
     if not rows:
         return {"rows": 0}
+    pareto = plot_fid_vs_energy(rows, swept, sweep_dir)  # also marks rows["pareto"]
     write_tables(rows, sweep_dir)
     figure = plot(rows, swept, sweep_dir)
     return {"rows": len(rows), "ok": sum(row["status"] == "ok" for row in rows), "swept": swept,
-            "plot": str(figure) if figure else None}
+            "plot": str(figure) if figure else None, "pareto_plot": str(pareto) if pareto else None}
 
 
 class SweepSummary(Callback):

@@ -47,7 +47,7 @@ def flat_hparams(cfg: DictConfig) -> dict:
 
     plain = to_plain(cfg)
     for section in ("task", "seed", "ckpt_path", "eval_weights", "model", "quant", "calibration", "sampler", "fid",
-                    "eval"):
+                    "eval", "hardware"):
         if section in plain:
             walk(section, plain[section])
     walk("data", {k: v for k, v in plain["data"].items() if k != "_target_"})
@@ -374,9 +374,11 @@ def run_in_test_loop(trainer: L.Trainer, module: JiTModule, fn):
 def evaluate(cfg: DictConfig) -> dict:
     from jit.callbacks import FIDEvaluation
     from jit.callbacks.evaluation import FIDConfig
+    from jit.hardware import build_hardware_config, count_targets_and_macs, estimate_run, log_energy
 
     qcfg = quant_config(cfg)
     fid_cfg = FIDConfig.from_any(cfg.fid)  # validate fid.* before any work
+    hardware = build_hardware_config(cfg.hardware)
     run_dir = Path(cfg.paths.output_dir)
     module, source = load_module(cfg)
     dm = instantiate(cfg.data)
@@ -393,18 +395,21 @@ def evaluate(cfg: DictConfig) -> dict:
             fp = FIDEvaluation(fid_cfg, run_dir=run_dir / "baseline_fp", log_prefix="eval_fp",
                                extra={**common, "quant": {"scheme": "fp"}})
             baseline = fp.run(trainer, module, dm)["metrics"]
+        dense_macs, targets = count_targets_and_macs(module, qcfg, fid_cfg, module.denoiser.num_classes)  # float model
         provenance = prepare_quantized(module, qcfg, cfg, dm, run_dir, trainer)
         stats_images = min(cfg.eval.layer_stats_images, fid_cfg.num_images)
         layer_stats = quant_statistics(module, qcfg, fid_cfg, module.denoiser.num_classes, stats_images)
-        extra = {**common, "quant": qcfg.to_dict(), **provenance, "baseline_fp": baseline}
+        energy, layer_rows = estimate_run(hardware, qcfg, dense_macs, targets, layer_stats, stats_images)
+        extra = {**common, "quant": qcfg.to_dict(), **provenance, "baseline_fp": baseline, "energy": energy}
         if layer_stats:
             extra["layer_stats_summary"] = summarize_layer_stats(layer_stats)
             extra["layer_stats_images"] = stats_images
             if trainer.is_global_zero:
-                write_layer_stats(layer_stats, run_dir / "layer_stats.csv")
-                log_table(trainer, "quant/layer_stats", layer_stats)
+                write_layer_stats(layer_rows, run_dir / "layer_stats.csv")
+                log_table(trainer, "quant/layer_stats", layer_rows)
         results = FIDEvaluation(fid_cfg, run_dir=run_dir, extra=extra).run(trainer, module, dm)
         if trainer.is_global_zero:
+            log_energy(trainer, energy)
             print_summary(results, baseline)
         return results
 
@@ -477,11 +482,32 @@ def print_summary(results: dict, baseline: dict | None) -> None:
     for name in names:
         table.add_column(name, justify="right")
     table.add_column("msb_density", justify="right")
+    energy = results.get("energy") or {}
+    costs = energy_columns(energy)
+    for name in costs:
+        table.add_column(name, justify="right")
     if baseline:
-        table.add_row("float", *[f"{baseline.get(n, float('nan')):.4g}" for n in names], "-")
+        digital = [f"{energy['digital_int8_energy_per_image_uJ']:.4g}", "-"] if costs else []
+        table.add_row("float", *[f"{baseline.get(n, float('nan')):.4g}" for n in names], "-", *digital)
     scheme = results.get("quant", {}).get("scheme", "fp")
-    table.add_row(scheme, *[f"{metrics[n]:.4g}" for n in names], f"{msb:.4f}" if msb is not None else "-")
+    table.add_row(scheme, *[f"{metrics[n]:.4g}" for n in names], f"{msb:.4f}" if msb is not None else "-",
+                  *costs.values())
     Console().print(table)
+    if costs:
+        print(f"energy per image on {energy['hardware']}: {costs['uJ/image']} uJ, "
+              f"{costs['vs_int8']} vs the digital INT8 baseline "
+              f"({energy['digital_int8_energy_per_image_uJ']:.4g} uJ) of the same model")
+    elif energy.get("status"):
+        print(f"energy per image: {energy['status']}")
+
+
+def energy_columns(energy: dict) -> dict[str, str]:
+    """The cost columns of the console table: energy per image and the saving vs digital
+    INT8 (the float row shows the baseline's energy: a digital accelerator runs it)."""
+    if "energy_per_image_uJ" not in energy:
+        return {}
+    return {"uJ/image": f"{energy['energy_per_image_uJ']:.4g}",
+            "vs_int8": f"{-100 * energy['saving_vs_digital_int8']:+.1f}%"}
 
 
 TASKS = {Task.train: train, Task.eval: evaluate, Task.calibrate: calibrate, Task.export: export}

@@ -58,7 +58,7 @@ def compose_run(overrides, hydra_cfg=False):
 
 # ------------------------------------------------------------------ composition
 @pytest.mark.parametrize("group", ["model", "data", "quant", "calibration", "fid", "trainer", "logger",
-                                   "callbacks", "experiment"])
+                                   "callbacks", "experiment", "hardware"])
 def test_every_group_option_composes_and_instantiates(group, tmp_path, monkeypatch):
     from jit.callbacks.evaluation import FIDConfig
     from jit.models import build_jit
@@ -66,7 +66,7 @@ def test_every_group_option_composes_and_instantiates(group, tmp_path, monkeypat
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     for option in options(group):
-        extra = ["data.root=/nonexistent"] if option in ("imagenet",) or "_in" in option else []
+        extra = ["data.root=/nonexistent"] if option == "imagenet" or "_in2" in option or "_in5" in option else []
         cfg = compose_run([f"{group}={option}", "paths.output_dir=" + str(tmp_path), *extra])
         if group == "model":
             with torch.device("meta"):
@@ -77,6 +77,10 @@ def test_every_group_option_composes_and_instantiates(group, tmp_path, monkeypat
             build_quant_config(cfg.quant)
         elif group == "fid":
             FIDConfig.from_any(cfg.fid)
+        elif group == "hardware":
+            from jit.hardware import build_hardware_config
+
+            assert build_hardware_config(cfg.hardware).name == option
         elif group == "calibration":
             from jit.callbacks.calibration import CalibrationConfig
 
@@ -137,6 +141,9 @@ def test_bad_input_deletes_only_what_the_run_created(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["quant=nope"], r"Could not find 'quant/nope'"),
+    (["hardware=nope"], r"Could not find 'hardware/nope'[\s\S]*digital_int8_40nm\s+nor_flash_40nm"),
+    (["hardware.analog.array_mac_fJ=-1"], r"error: hardware.analog.array_mac_fJ: must be >= 0, got -1"),
+    (["hardware.digital.add32_pJ=nan"], r"hardware.digital.add32_pJ: must be a finite number"),
     (["sampler.steps=abc"], r"sampler.steps"),
     (["sampler.steps=0"], r"sampler.steps: must be >= 1, got 0"),
     (["eval.layer_stats_images=-1"], r"eval.layer_stats_images: must be >= 0"),
@@ -190,6 +197,13 @@ def test_tiny_eval_writes_results_grid_and_coverage(trained_tiny, tmp_path):
     rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
     assert {"eval/fid_digits", "eval_fp/fid_digits"} <= set(rows[0])
     assert any(r["eval/fid_digits"] for r in rows) and any(r["eval_fp/fid_digits"] for r in rows)
+    # Energy estimates: results.json, the CSV logger and the console, next to fid_digits.
+    energy = results["energy"]
+    assert energy["energy_per_image_uJ"] > 0 and energy["energy_adc_uJ"] > 0
+    assert any(r.get("energy/energy_per_image_uJ") for r in rows)
+    assert "uJ/image" in proc.stdout and f"energy per image on {energy['hardware']}" in proc.stdout
+    layer_rows = list(csv.DictReader(open(out / "layer_stats.csv")))
+    assert float(layer_rows[0]["energy_pJ_per_image"]) > 0 and float(layer_rows[0]["adc_conversions_lsb"]) > 0
     # The console: each log line once, no dependency chatter, no test-loop bar, and the
     # run ends by saying where its results are.
     console = proc.stdout + proc.stderr
@@ -215,6 +229,28 @@ def test_multirun_sweep_summary(trained_tiny, tmp_path):
     assert {r["quant.adc.bits"] for r in rows} == {"4", "8"}
     assert all(r["status"] == "ok" and float(r["fid_digits"]) >= 0 for r in rows)
     assert (sweep / "summary.md").exists() and list(sweep.glob("summary_*.png"))
+
+
+def test_sweep_summary_has_energy_columns_and_the_pareto_plot(trained_tiny, tmp_path):
+    """quant=fp costs exactly the digital INT8 baseline; so does W8A8 (the same dense INT8 MACs)."""
+    sweep = tmp_path / "sweep"
+    run(["-m", f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL, "compare_fp=false",
+         "quant=fp,w8a8,hybrid_w8a11", "quant.mode=dynamic", "eval.layer_stats_images=2",
+         f"hydra.sweep.dir={sweep}"], tmp_path)
+    rows = {r["quant"]: r for r in csv.DictReader(open(sweep / "summary.csv"))}
+    assert set(rows) == {"fp", "w8a8", "hybrid_w8a11"}
+    for column in ("energy_per_image_uJ", "energy_adc_uJ", "energy_digital_msb_uJ", "saving_vs_digital_int8",
+                   "latency_per_image_ms", "pareto"):
+        assert all(r[column] != "" for r in rows.values()), column
+    results = {name: json.loads((sweep / r["job"] / "results.json").read_text())["energy"]
+               for name, r in rows.items()}
+    for name in ("fp", "w8a8"):
+        assert results[name]["energy_per_image_uJ"] == pytest.approx(results[name]["digital_int8_energy_per_image_uJ"])
+        assert results[name]["energy_adc_uJ"] == 0
+    assert results["fp"]["saving_vs_digital_int8"] == 0
+    assert results["hybrid_w8a11"]["energy_adc_uJ"] > 0 and results["hybrid_w8a11"]["analog_tiles"] > 0
+    assert "True" in {r["pareto"] for r in rows.values()}
+    assert (sweep / "summary_fid_vs_energy.png").stat().st_size > 0
 
 
 def test_wandb_offline_records_quant_hyperparameters(trained_tiny, tmp_path):

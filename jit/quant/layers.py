@@ -612,6 +612,9 @@ class QuantLinear(nn.Linear):
         out = codes_t.new_empty((tokens, self.out_features))
         scratch, unit = None, None
         tiles = self._tiles()
+        if stats is not None:
+            stats.observe_paths(split.analog, split.digital, tokens, self.in_features,
+                                self.out_features, len(tiles))
         # After one conversion `out` holds ADC codes, which fit in int16: they wait there
         # (half the memory of a second float accumulation) while `out` takes the next
         # path's accumulation. The paths are popped so that each slice's codes are freed

@@ -9,7 +9,7 @@ mode) and `collect_stats` turns them into one row per layer.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,35 @@ class LayerStats:
     analog_macs: int = 0
     has_split: bool = False
     has_adc: bool = False
+    # Operation counts for the hardware cost model (jit/hardware): exact, from the calls.
+    dense_macs: int = 0  # tokens x in x out: what a digital INT8 layer would compute
+    tiles: int = 1  # analog arrays the input rows are split over (quant.adc.tile_rows)
+    dac_conversions: int = 0  # input codes driven onto array rows, once per read
+    array_reads: dict = field(default_factory=dict)  # {path: input vectors x reads}
+    path_conversions: dict = field(default_factory=dict)  # {path: ADC conversions}
+    digital_accumulations: int = 0  # adds that merge partial results of one output
+
+    def observe_paths(self, analog: list, digital: torch.Tensor | None, tokens: int,
+                      in_features: int, out_features: int, tiles: int) -> None:
+        """Count one call's operations. Each analog path converts every output of every
+        tile once per read; each input code is driven once per read. An output's partial
+        results (tiles x reads per path, plus the digital MSB result of a token that has
+        one) are merged by adds; a digital-only layer (W8A8) accumulates inside its MACs."""
+        self.dense_macs += tokens * in_features * out_features
+        self.tiles = tiles
+        partials = 0
+        for path in analog:
+            vectors = path.codes.shape[0]
+            self.array_reads[path.name] = self.array_reads.get(path.name, 0) + vectors * path.reads
+            conversions = vectors * out_features * tiles * path.reads
+            self.path_conversions[path.name] = self.path_conversions.get(path.name, 0) + conversions
+            self.dac_conversions += path.codes.numel() * path.reads
+            partials += conversions
+        if analog and digital is not None:
+            rows_with_msb = int(digital.ne(0).any(1).sum())
+            partials += rows_with_msb * out_features
+        if analog:
+            self.digital_accumulations += partials - tokens * out_features
 
     def observe_activations(self, x: torch.Tensor, clip: torch.Tensor,
                             x_int: torch.Tensor) -> None:
@@ -82,6 +111,12 @@ class LayerStats:
             "sqnr_db": sqnr_db,
             "digital_macs": self.digital_macs,
             "analog_macs": self.analog_macs,
+            "dense_macs": self.dense_macs,
+            "dac_conversions": self.dac_conversions,
+            **{f"adc_conversions_{path}": n for path, n in self.path_conversions.items()},
+            **{f"array_reads_{path}": n for path, n in self.array_reads.items()},
+            "tiles": self.tiles,
+            "digital_accumulations": self.digital_accumulations,
             "calls": self.calls,
         }
 
@@ -103,6 +138,8 @@ def collect_stats(model: nn.Module) -> list[dict]:
     """One row per collecting layer: msb_density, lsb_range_coverage, int8_range_coverage,
     act_clip_rate, adc_saturation_rate (None where a scheme has no such part), sqnr_db
     (output vs the float layer, accumulated energies), digital_macs, analog_macs (analog
-    reads counted each), calls."""
+    reads counted each), the operation counts of `LayerStats.observe_paths` (dense_macs,
+    dac_conversions, adc_conversions_<path>, array_reads_<path>, tiles,
+    digital_accumulations), calls."""
     return [layer.stats.row(name, layer.scheme)
             for name, layer in quantized_layers(model).items() if layer.stats is not None]
