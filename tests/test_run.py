@@ -214,7 +214,37 @@ def test_multirun_sweep_summary(trained_tiny, tmp_path):
     assert all("layer_stats_summary" not in json.loads(r.read_text()) for r in sweep.glob("*/results.json"))
     assert {r["quant.adc.bits"] for r in rows} == {"4", "8"}
     assert all(r["status"] == "ok" and float(r["fid_digits"]) >= 0 for r in rows)
+    assert "compare_fp" not in rows[0]  # the same for every job: not a column
     assert (sweep / "summary.md").exists() and list(sweep.glob("summary_*.png"))
+
+
+def test_interrupted_sweep_leaves_the_summary_of_its_finished_jobs(trained_tiny, tmp_path):
+    """Ctrl-C during the second job: the first job's row is in the summary."""
+    import signal
+    import time
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "run.py"), "-m", f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}",
+           *TINY_EVAL, "compare_fp=false", "quant.mode=dynamic", "eval.layer_stats_images=0",
+           "quant.adc.bits=4,8,10", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WANDB_MODE": "offline"})
+    deadline = time.monotonic() + 300
+    while not (sweep / "1" / ".sweep_id").exists():  # the second job started: the first one ended
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [(r["quant.adc.bits"], r["status"]) for r in rows] == [("4", "ok")]
+    assert float(rows[0]["fid_digits"]) >= 0
+    # rebuilt by hand, the summary also lists the job that was stopped
+    rebuilt = subprocess.run([sys.executable, "-m", "jit.sweep", str(sweep)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert rebuilt.returncode == 1 and "1 of 2 sweep jobs failed or did not finish" in rebuilt.stderr
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [(r["quant.adc.bits"], r["status"]) for r in rows] == [("4", "ok"), ("8", "not finished")]
 
 
 def test_wandb_offline_records_quant_hyperparameters(trained_tiny, tmp_path):
