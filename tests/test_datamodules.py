@@ -281,10 +281,33 @@ def test_corrupt_file_error_names_the_file(corrupt_tree):
         train[index_of(train, "truncated.jpg")]
 
 
-def test_corrupt_file_error_from_a_worker_names_the_file(corrupt_tree):
+def test_corrupt_file_error_from_a_worker_is_one_line_naming_the_file(corrupt_tree):
     dm = make_dm(corrupt_tree, num_workers=1, batch_size=64)
-    with pytest.raises(Exception, match=r"train/b/broken\.jpg"):
+    with pytest.raises(CorruptImageError) as raised:
         next(iter(dm.dataloader("train")))
+    message = str(raised.value)
+    assert message.startswith(f"cannot read image {corrupt_tree / 'train' / 'b' / 'broken.jpg'}: "), message
+    assert "\n" not in message and "Traceback" not in message
+
+
+def test_skip_corrupt_reference_statistics_count_the_images_used(corrupt_tree):
+    """Each readable image counted once; the two unreadable ones neither counted nor replaced."""
+    from jit.metrics.reference import compute_split_stats
+
+    class MeanColour:  # a 3-d feature space: enough to count and to compare statistics
+        feature_dim = 3
+
+        def __call__(self, images):
+            return images.float().mean(dim=(2, 3)), None
+
+    dm = make_dm(corrupt_tree, skip_corrupt=True, num_workers=1, reference_split="train")
+    total = len(dm.split_dataset("reference"))
+    stats = compute_split_stats(dm, "reference", MeanColour())
+    assert stats.count == total - 2 == sum(TRAIN_COUNTS.values())
+    assert dm.num_skipped == 2
+    clean = make_dm(corrupt_tree, skip_corrupt=True, verify_images=True, reference_split="train")
+    expected = compute_split_stats(clean, "reference", MeanColour())  # the two files dropped up front
+    np.testing.assert_allclose(stats.mu_sigma()[0], expected.mu_sigma()[0])
 
 
 def test_skip_corrupt_substitutes_and_counts(corrupt_tree, caplog):

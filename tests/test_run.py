@@ -247,6 +247,35 @@ def test_interrupted_sweep_leaves_the_summary_of_its_finished_jobs(trained_tiny,
     assert [(r["quant.adc.bits"], r["status"]) for r in rows] == [("4", "ok"), ("8", "not finished")]
 
 
+def fake_imagenet(root: Path, classes: int = 10, train_per_class: int = 2, val_per_class: int = 2) -> Path:
+    """ImageNet's ImageFolder layout in miniature: root/{train,val}/<wnid>/<image>.JPEG."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"img{i}.JPEG")
+    return root
+
+
+def test_corrupt_image_in_a_loader_worker_is_one_line(official_tiny_ckpt_path, tmp_path):
+    root = fake_imagenet(tmp_path / "imagenet")
+    broken = root / "val" / "n00000003" / "broken.JPEG"
+    broken.write_bytes(b"not a jpeg at all" * 50)
+    proc = run(["data=imagenet", f"data.root={root}", "data.num_workers=1", "model=jit_t4",
+                f"ckpt_path={official_tiny_ckpt_path}", "fid=inception_10k", "fid.extractor=digits-cnn",
+                "fid.num_images=4", "fid.isc_splits=1", "compare_fp=false", "quant.mode=dynamic",
+                "eval.layer_stats_images=0", "sampler.steps=1", "sampler.method=euler",
+                f"hydra.run.dir={tmp_path / 'out'}"], tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().startswith(f"error: cannot read image {broken}: "), proc.stderr[-3000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
 def test_wandb_offline_records_quant_hyperparameters(trained_tiny, tmp_path):
     out = tmp_path / "wb"
     run([f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL, "compare_fp=false",
