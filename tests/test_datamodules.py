@@ -488,3 +488,26 @@ def test_configs_list_every_argument_with_its_default(name, cls):
     params = inspect.signature(cls).parameters
     linked = ("img_size", "calib_num_images")
     assert config == {key: p.default for key, p in params.items() if key not in linked}
+
+
+def test_flat_official_val_folder_is_sorted_into_class_folders(tmp_path):
+    import subprocess
+    import sys
+
+    val = tmp_path / "val"
+    val.mkdir()
+    solution = tmp_path / "LOC_val_solution.csv"
+    rows = [("ILSVRC2012_val_00000001", "n01751748"), ("ILSVRC2012_val_00000002", "n09193705"),
+            ("ILSVRC2012_val_00000003", "n01751748")]
+    solution.write_text("ImageId,PredictionString\n"
+                        + "".join(f"{i},{w} 10 20 30 40 {w} 1 2 3 4\n" for i, w in rows))
+    for image_id, _ in rows:
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(val / f"{image_id}.JPEG")
+    proc = subprocess.run([sys.executable, "-m", "jit.datamodules.imagenet_val", str(val), str(solution)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(str(p.relative_to(val)) for p in val.rglob("*.JPEG")) == [
+        "n01751748/ILSVRC2012_val_00000001.JPEG", "n01751748/ILSVRC2012_val_00000003.JPEG",
+        "n09193705/ILSVRC2012_val_00000002.JPEG"]
+    dm = ImageNetDataModule(tmp_path, img_size=8, batch_size=2, num_workers=0)
+    assert dm._class_names(val) == ["n01751748", "n09193705"]
