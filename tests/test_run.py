@@ -550,3 +550,22 @@ def test_sigterm_exits_143_and_ckpt_path_last_resumes_in_the_same_run_directory(
                 check=False)
     assert fresh.returncode == 2
     assert f"ckpt_path=last: no last*.ckpt in {tmp_path / 'new' / 'checkpoints'}" in fresh.stderr
+
+
+def test_readme_cpu_dry_run_command_composes_and_validates(tmp_path):
+    """The README's dry run: the overrides exist and give a small CPU run of the ImageNet path."""
+    import re
+    import shlex
+
+    from jit.callbacks.evaluation import FIDConfig
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Dry run on CPU", 1)[1]
+    command = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    args = shlex.split(command)
+    assert args[:2] == ["python", "run.py"]
+    cfg = compose_run([*args[2:], f"paths.output_dir={tmp_path}"])
+    assert cfg.trainer.accelerator == "cpu" and cfg.data._target_.endswith("ImageNetDataModule")
+    fid = FIDConfig.from_any(cfg.fid)
+    assert fid.extractor == "inception-v3-compat" and fid.num_images <= 50 and fid.isc_splits <= fid.num_images
+    assert cfg.calibration.num_images <= 16 and cfg.data.calib_num_images == cfg.calibration.num_images
