@@ -6,6 +6,9 @@ A tiny JiT (JiT-T/4, 32 px, 10 classes, random weights, 2 Euler steps) is enough
 memory of the evaluation loop does not depend on the model's quality or the step count.
 Features go through the shipped digits-cnn extractor against statistics of the digits
 reference split, i.e. the built-in default's code path.
+
+`--load-variant JiT-B/16` instead measures loading a model for evaluation (tasks.load_module)
+from an official-format checkpoint with random weights (model, model_ema1, model_ema2).
 """
 
 from __future__ import annotations
@@ -53,13 +56,57 @@ def one_run(num_images: int, batch_size: int, workdir: Path) -> dict:
             "fid_digits": results["metrics"]["fid_digits"]}
 
 
+def load_run(variant: str, checkpoint: Path) -> dict:
+    """Peak RSS of loading `checkpoint` for evaluation, as `task=eval` does."""
+    from hydra import compose, initialize_config_dir
+
+    from jit.config import register_schemas
+    from jit.tasks import load_module
+
+    register_schemas()
+    model = {"JiT-B/16": "jit_b16", "JiT-B/32": "jit_b32", "JiT-L/16": "jit_l16"}[variant]
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        cfg = compose("run", overrides=[f"model={model}", f"ckpt_path={checkpoint}", "paths.output_dir=unused"])
+    before = rss_mb("VmRSS")
+    module, _ = load_module(cfg)
+    params_mb = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
+    return {"variant": variant, "params_mb": round(params_mb, 1), "rss_before_load_mb": round(before, 1),
+            "peak_rss_mb": round(rss_mb("VmHWM"), 1), "final_rss_mb": round(rss_mb("VmRSS"), 1)}
+
+
+def write_random_checkpoint(variant: str, path: Path) -> None:
+    import torch
+
+    from jit.models import Denoiser, build_jit
+
+    denoiser = Denoiser(build_jit(variant), num_classes=1000)
+    state = denoiser.state_dict()
+    torch.save({"model": state, "model_ema1": state, "model_ema2": state, "epoch": 0}, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 2000])
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--load-variant", help="measure loading this variant for evaluation instead")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--load-child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.load_child is not None:
+        print(json.dumps(load_run(args.load_variant, Path(args.load_child))))
+        return
+    if args.load_variant is not None:
+        with tempfile.TemporaryDirectory() as workdir:
+            checkpoint = Path(workdir) / "checkpoint-last.pth"
+            subprocess.run([sys.executable, "-c", "import sys; from benchmarks.eval_memory import "
+                            "write_random_checkpoint as w; w(sys.argv[1], sys.argv[2])", args.load_variant,
+                            str(checkpoint)], check=True)
+            out = subprocess.run([sys.executable, __file__, "--load-variant", args.load_variant,
+                                  "--load-child", str(checkpoint)], check=True, capture_output=True, text=True)
+            print(out.stdout.strip().splitlines()[-1], flush=True)
+        return
     if args.child is not None:
         print(json.dumps(one_run(args.child, args.batch_size, Path(args.workdir))))
         return

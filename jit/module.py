@@ -191,6 +191,9 @@ class JiTModule(L.LightningModule):
                its `init_weights` entry (default model_ema1, the weights one evaluates; use
                "model" to continue the official run exactly); ema1/ema2 start from its
                model_ema1/model_ema2 (or from the initial weights when absent).
+    hold_only: raw | ema1 | ema2 for an evaluation-only module (see `load_for_evaluation`):
+               the denoiser holds those weights and no EMA copies exist, so the module keeps
+               one copy of the parameters; other weights cannot be selected, and it cannot train.
     """
 
     def __init__(
@@ -203,6 +206,7 @@ class JiTModule(L.LightningModule):
         eval_weights: str = "ema1",
         init_checkpoint: str | None = None,
         init_weights: str = "model_ema1",
+        hold_only: str | None = None,
     ):
         super().__init__()
         net = _plain(net)
@@ -218,6 +222,8 @@ class JiTModule(L.LightningModule):
             raise ValueError(
                 f"eval_weights must be one of {', '.join(EVAL_WEIGHTS)}, got {eval_weights!r}"
             )
+        if hold_only is not None and hold_only not in EVAL_WEIGHTS:
+            raise ValueError(f"hold_only must be one of {', '.join(EVAL_WEIGHTS)}, got {hold_only!r}")
         if optim["schedule"] not in LR_SCHEDULES:
             raise ValueError(
                 f"optim.schedule must be one of {', '.join(LR_SCHEDULES)}, got {optim['schedule']!r}"
@@ -245,7 +251,9 @@ class JiTModule(L.LightningModule):
         self.sampler = sampler
         self.optim_cfg = optim
         self.eval_weights = eval_weights
-        self.ema = EMA(self.denoiser, [ema["decay1"], ema["decay2"]])
+        self.hold_only = hold_only
+        # Each EMA is a float32 copy of every parameter; an evaluation-only module has none.
+        self.ema = EMA(self.denoiser, [] if hold_only else [ema["decay1"], ema["decay2"]])
         self.init_source = str(init_checkpoint) if init_checkpoint else None
         if init_checkpoint:
             self._init_from_official(init_checkpoint, init_weights)
@@ -280,6 +288,12 @@ class JiTModule(L.LightningModule):
         """
         if which not in EVAL_WEIGHTS:
             raise ValueError(f"weights must be one of {', '.join(EVAL_WEIGHTS)}, got {which!r}")
+        if self.hold_only is not None:
+            if which != self.hold_only:
+                raise ValueError(f"only the {self.hold_only} weights were loaded for evaluation, not {which} "
+                                 f"(eval_weights and fid.eval_weights must agree)")
+            yield self.denoiser  # already in place: no backup copy needed
+            return
         if which == "raw" and not self._raw_backup:
             yield self.denoiser
             return
@@ -310,6 +324,9 @@ class JiTModule(L.LightningModule):
 
     def export_official_state(self) -> dict:
         """{"model", "model_ema1", "model_ema2", "epoch", "args"} as the official code writes it."""
+        if self.hold_only is not None:
+            raise CheckpointError(f"this module holds only the {self.hold_only} weights (loaded for evaluation); "
+                                  "export needs the full checkpoint")
         raw = {k: v.detach().cpu().clone() for k, v in self._raw_state_dict().items()}
         emas = [
             {**raw, **{k: v.detach().cpu().clone() for k, v in self.ema.as_dict(i).items()}}
@@ -437,6 +454,9 @@ class JiTModule(L.LightningModule):
         }
 
     def on_fit_start(self) -> None:
+        if self.hold_only is not None:
+            raise RuntimeError(f"this module holds only the {self.hold_only} weights (loaded for evaluation) "
+                               "and cannot be trained")
         self.ema.to(self.device)
 
     def on_train_start(self) -> None:
@@ -565,3 +585,41 @@ class JiTModule(L.LightningModule):
         self.ema.load_state_dict(checkpoint["ema"])
         self.init_source = checkpoint.get("init_checkpoint", self.init_source)
         self._rng_states_to_restore = checkpoint.get("rng_states")
+
+
+CHECKPOINT_KEY_OF = {"raw": "model", "ema1": "model_ema1", "ema2": "model_ema2"}
+
+
+def load_for_evaluation(path, kind: str, which: str, module_kwargs: Mapping | None = None) -> JiTModule:
+    """A JiTModule holding only the `which` weights (raw | ema1 | ema2) of a checkpoint.
+
+    Evaluation needs one set of weights; a module with the raw weights and both EMAs holds
+    three copies of the parameters. The file is memory-mapped and only the chosen tensors
+    are read. `kind` is "lightning" (a .ckpt of JiTModule; its hyper-parameters build the
+    module) or "official" (a checkpoint-last.pth; `module_kwargs` build the module).
+    """
+    if which not in EVAL_WEIGHTS:
+        raise ValueError(f"eval_weights must be one of {', '.join(EVAL_WEIGHTS)}, got {which!r}")
+    if kind == "official":
+        module = JiTModule(**{**(module_kwargs or {}), "hold_only": which})
+        key = CHECKPOINT_KEY_OF[which]
+        state, _ = load_jit_checkpoint(path, key)
+        load_into(module.denoiser, state, source=f"{path}[{key!r}]")
+        module.init_source = str(path)
+        return module
+    ckpt = safe_load(path, mmap=True)
+    if "ema" not in ckpt:
+        raise CheckpointError(
+            f"{path} holds no 'ema' state; it was not written by JiTModule "
+            "(to start from an official checkpoint use init_checkpoint)"
+        )
+    hparams = {**ckpt.get("hyper_parameters", {}), "init_checkpoint": None, "hold_only": which}
+    module = JiTModule(**hparams)
+    prefix = "denoiser."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if which != "raw":  # EMAs average the parameters; buffers come from the state dict
+        state.update(ckpt["ema"]["shadows"][EVAL_WEIGHTS.index(which) - 1])
+    check_finite_weights(state, f"{path} ({which} weights)")
+    load_into(module.denoiser, state, source=f"{path} ({which} weights)")
+    module.init_source = ckpt.get("init_checkpoint")
+    return module

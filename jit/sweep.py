@@ -1,9 +1,19 @@
 """Summary of a Hydra multirun: one table (CSV + Markdown) and one plot per sweep.
 
-Runs as a Hydra callback (`on_multirun_end`) in the launching process, after every job
-finished, for the basic launcher and for submitit alike. Each job directory holds its
-overrides (`.hydra/overrides.yaml`) and, when it succeeded, `results.json`; a failed job
-still gets a row, with its status, so one failure does not hide the others.
+Runs as a Hydra callback: rewritten after every finished job (`on_job_end`), so a sweep
+stopped by Ctrl-C or a killed launcher still leaves the summary of the jobs that finished,
+and written once more in the launching process when the sweep ends (`on_multirun_end`),
+for the basic launcher and for submitit alike. `python -m jit.sweep <sweep dir>` rebuilds
+it from the job folders at any time. Each job directory holds its overrides
+(`.hydra/overrides.yaml`) and, when it succeeded, `results.json`; a failed job still gets
+a row, with its status, so one failure does not hide the others; a job still running (or
+stopped) shows as "not finished".
+
+Swept are the overrides given several values (`quant.adc.bits=4,6,8`, as recorded in the
+sweep's `multirun.yaml`, or seen with different values across jobs); an override with one
+value for every job (`compare_fp=false`) is the same for all rows and appears neither as a
+column nor in the legend. When the jobs evaluated the float model too (`compare_fp=true`),
+its score is drawn as a dashed line.
 
 A sweep folder may be reused. The sweep writes a fresh id into `.sweep_id` when it starts;
 each job removes the outputs of an earlier sweep from its folder and copies the id into it
@@ -52,8 +62,25 @@ def _parse_override(text: str) -> tuple[str, str]:
     return key, value
 
 
+def declared_sweep_keys(sweep_dir: Path) -> list[str] | None:
+    """Keys given several values on the command line, from the sweep's multirun.yaml."""
+    record = sweep_dir / "multirun.yaml"
+    if not record.is_file():
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = ((yaml.safe_load(record.read_text()) or {}).get("hydra", {}).get("overrides", {})
+                 .get("task")) or []
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # an unreadable record: fall back to the values the jobs saw
+        return None
+    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+
+
 def collect_rows(sweep_dir: Path) -> tuple[list[dict], list[str]]:
-    rows, swept = [], []
+    """One row per job of this sweep and the swept keys (constant overrides left out)."""
+    rows, overridden = [], []
     sweep_id = _sweep_id(sweep_dir)
     job_dirs = sorted((p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")
                        if sweep_id is None or _sweep_id(p.parent.parent) == sweep_id),
@@ -64,8 +91,8 @@ def collect_rows(sweep_dir: Path) -> tuple[list[dict], list[str]]:
         for item in overrides:
             key, value = _parse_override(item)
             row[key] = value
-            if key not in swept:
-                swept.append(key)
+            if key not in overridden:
+                overridden.append(key)
         results, failure = job / "results.json", job / "failed.json"
         if failure.exists():  # also when the job failed after writing its results
             row["status"] = "failed: " + json.loads(failure.read_text()).get("error", "")[:120]
@@ -80,8 +107,12 @@ def collect_rows(sweep_dir: Path) -> tuple[list[dict], list[str]]:
                     row[f"fp_{name}"] = value
             row.update(sweep_columns(data))  # energy, latency, area estimates
         else:
-            row["status"] = "no results"
+            row["status"] = "not finished"
         rows.append(row)
+    declared = declared_sweep_keys(sweep_dir) or []
+    swept = [k for k in overridden if k in declared or len({row.get(k) for row in rows}) > 1]
+    constant = set(overridden) - set(swept)
+    rows = [{k: v for k, v in row.items() if k not in constant} for row in rows]
     return rows, swept
 
 
@@ -112,7 +143,12 @@ def _number(value):
         return math.nan
 
 
-def plot(rows: list[dict], swept: list[str], out_dir: Path) -> Path | None:
+def _integers(values: list[float]) -> bool:
+    return bool(values) and all(math.isfinite(v) and v == int(v) for v in values)
+
+
+def plot_figure(rows: list[dict], swept: list[str]):
+    """(figure, metric) of the preferred metric against the swept keys, or None."""
     metric = next((m for m in METRIC_PREFERENCE if any(m in r for r in rows)), None)
     if metric is None or not swept:
         return None
@@ -133,14 +169,37 @@ def plot(rows: list[dict], swept: list[str], out_dir: Path) -> Path | None:
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
                 label=f"{line_key}={label}" if line_key else None)
+    baselines = sorted({round(row[f"fp_{metric}"], 6) for row in rows if f"fp_{metric}" in row})
+    for i, value in enumerate(baselines):  # one value unless the sweep changes the float model too
+        ax.axhline(value, color="black", linestyle="--", linewidth=1,
+                   label="float model" if i == 0 else None)
+    xs = sorted({x for points in groups.values() for x, _ in points if math.isfinite(x)})
+    if _integers(xs):  # ADC bits 4, 6, 8, 10: no 4.25
+        if len(xs) <= 12:
+            ax.set_xticks(xs)
+        else:
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(x_key)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    if line_key:
+    if line_key or baselines:
         ax.legend()
     fig.tight_layout()
+    return fig, metric
+
+
+def plot(rows: list[dict], swept: list[str], out_dir: Path) -> Path | None:
+    drawn = plot_figure(rows, swept)
+    if drawn is None:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, metric = drawn
     path = out_dir / f"summary_{metric}.png"
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -157,18 +216,51 @@ def summarize(sweep_dir: str | Path) -> dict:
             "plot": str(figure) if figure else None, "pareto_plot": str(pareto) if pareto else None}
 
 
+def report(sweep_dir: Path) -> int:
+    """Write the summary, say where it is; the exit code: 1 when any job did not succeed."""
+    info = summarize(sweep_dir)
+    if not info["rows"]:
+        print(f"no sweep jobs found in {sweep_dir}", file=sys.stderr)
+        return 1
+    print(f"sweep summary: {info['rows']} jobs -> {sweep_dir / 'summary.md'}"
+          + (f", plot {info['plot']}" if info.get("plot") else ""))
+    failed = info["rows"] - info["ok"]
+    if failed:
+        print(f"{failed} of {info['rows']} sweep jobs failed or did not finish; see {sweep_dir / 'summary.md'}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 class SweepSummary(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
         atomic_write_text(Path(config.hydra.sweep.dir) / SWEEP_ID_FILE, uuid.uuid4().hex)
 
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        # The summary so far: if the sweep is stopped, the finished jobs are summarised.
+        if config.hydra.mode is not None and str(config.hydra.mode).endswith("MULTIRUN"):
+            try:
+                summarize(Path(config.hydra.sweep.dir))
+            except Exception as err:  # the final summary still comes at the end of the sweep
+                print(f"could not update the sweep summary: {err}", file=sys.stderr)
+
     def on_multirun_end(self, config, **kwargs) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        info = summarize(sweep_dir)
-        if not info["rows"]:
-            return
-        print(f"sweep summary: {info['rows']} jobs -> {sweep_dir / 'summary.md'}"
-              + (f", plot {info['plot']}" if info.get("plot") else ""))
-        failed = info["rows"] - info["ok"]
-        if failed:
-            print(f"{failed} of {info['rows']} sweep jobs failed; see {sweep_dir / 'summary.md'}", file=sys.stderr)
+        if report(Path(config.hydra.sweep.dir)):
             raise SystemExit(1)  # Hydra turns callback exceptions into warnings, not an exit code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jit.sweep <sweep dir>`: (re)build the summary of a sweep, e.g. one stopped early."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m jit.sweep", description=main.__doc__.split(": ", 1)[1])
+    parser.add_argument("sweep_dir", type=Path, help="the multirun folder, e.g. multirun/2026-01-01_12-00-00")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"error: sweep folder not found: {args.sweep_dir}", file=sys.stderr)
+        return 2
+    return report(args.sweep_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

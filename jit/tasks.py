@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from jit.checkpoint import CheckpointError, safe_load, save_official_checkpoint, sha256_file
 from jit.config import ConfigError, Task, to_plain, validate
-from jit.module import JiTModule
+from jit.module import JiTModule, load_for_evaluation
 
 SHIPPED_DIGITS_MODEL = Path(__file__).parent / "assets" / "digits_jit.pth"
 
@@ -131,7 +131,11 @@ def load_module(cfg: DictConfig) -> tuple[JiTModule, str]:
                               "train one with `python run.py experiment=digits_train`")
         path = str(SHIPPED_DIGITS_MODEL)
     kind = checkpoint_kind(path)
-    if kind == "lightning":
+    # Only the weights being evaluated are loaded, unless FID asks for others than the run.
+    needed = {cfg.eval_weights, cfg.fid.get("eval_weights") or cfg.eval_weights}
+    if len(needed) == 1:
+        module = load_for_evaluation(path, kind, cfg.eval_weights, module_kwargs(cfg))
+    elif kind == "lightning":
         module = JiTModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     else:
         check_checkpoint_settings(cfg, path)

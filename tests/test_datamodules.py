@@ -281,10 +281,33 @@ def test_corrupt_file_error_names_the_file(corrupt_tree):
         train[index_of(train, "truncated.jpg")]
 
 
-def test_corrupt_file_error_from_a_worker_names_the_file(corrupt_tree):
+def test_corrupt_file_error_from_a_worker_is_one_line_naming_the_file(corrupt_tree):
     dm = make_dm(corrupt_tree, num_workers=1, batch_size=64)
-    with pytest.raises(Exception, match=r"train/b/broken\.jpg"):
+    with pytest.raises(CorruptImageError) as raised:
         next(iter(dm.dataloader("train")))
+    message = str(raised.value)
+    assert message.startswith(f"cannot read image {corrupt_tree / 'train' / 'b' / 'broken.jpg'}: "), message
+    assert "\n" not in message and "Traceback" not in message
+
+
+def test_skip_corrupt_reference_statistics_count_the_images_used(corrupt_tree):
+    """Each readable image counted once; the two unreadable ones neither counted nor replaced."""
+    from jit.metrics.reference import compute_split_stats
+
+    class MeanColour:  # a 3-d feature space: enough to count and to compare statistics
+        feature_dim = 3
+
+        def __call__(self, images):
+            return images.float().mean(dim=(2, 3)), None
+
+    dm = make_dm(corrupt_tree, skip_corrupt=True, num_workers=1, reference_split="train")
+    total = len(dm.split_dataset("reference"))
+    stats = compute_split_stats(dm, "reference", MeanColour())
+    assert stats.count == total - 2 == sum(TRAIN_COUNTS.values())
+    assert dm.num_skipped == 2
+    clean = make_dm(corrupt_tree, skip_corrupt=True, verify_images=True, reference_split="train")
+    expected = compute_split_stats(clean, "reference", MeanColour())  # the two files dropped up front
+    np.testing.assert_allclose(stats.mu_sigma()[0], expected.mu_sigma()[0])
 
 
 def test_skip_corrupt_substitutes_and_counts(corrupt_tree, caplog):
@@ -465,3 +488,26 @@ def test_configs_list_every_argument_with_its_default(name, cls):
     params = inspect.signature(cls).parameters
     linked = ("img_size", "calib_num_images")
     assert config == {key: p.default for key, p in params.items() if key not in linked}
+
+
+def test_flat_official_val_folder_is_sorted_into_class_folders(tmp_path):
+    import subprocess
+    import sys
+
+    val = tmp_path / "val"
+    val.mkdir()
+    solution = tmp_path / "LOC_val_solution.csv"
+    rows = [("ILSVRC2012_val_00000001", "n01751748"), ("ILSVRC2012_val_00000002", "n09193705"),
+            ("ILSVRC2012_val_00000003", "n01751748")]
+    solution.write_text("ImageId,PredictionString\n"
+                        + "".join(f"{i},{w} 10 20 30 40 {w} 1 2 3 4\n" for i, w in rows))
+    for image_id, _ in rows:
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(val / f"{image_id}.JPEG")
+    proc = subprocess.run([sys.executable, "-m", "jit.datamodules.imagenet_val", str(val), str(solution)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(str(p.relative_to(val)) for p in val.rglob("*.JPEG")) == [
+        "n01751748/ILSVRC2012_val_00000001.JPEG", "n01751748/ILSVRC2012_val_00000003.JPEG",
+        "n09193705/ILSVRC2012_val_00000002.JPEG"]
+    dm = ImageNetDataModule(tmp_path, img_size=8, batch_size=2, num_workers=0)
+    assert dm._class_names(val) == ["n01751748", "n09193705"]

@@ -228,6 +228,7 @@ def test_multirun_sweep_summary(trained_tiny, tmp_path):
     assert all("layer_stats_summary" not in json.loads(r.read_text()) for r in sweep.glob("*/results.json"))
     assert {r["quant.adc.bits"] for r in rows} == {"4", "8"}
     assert all(r["status"] == "ok" and float(r["fid_digits"]) >= 0 for r in rows)
+    assert "compare_fp" not in rows[0]  # the same for every job: not a column
     assert (sweep / "summary.md").exists() and list(sweep.glob("summary_*.png"))
 
 
@@ -251,6 +252,64 @@ def test_sweep_summary_has_energy_columns_and_the_pareto_plot(trained_tiny, tmp_
     assert results["hybrid_w8a11"]["energy_adc_uJ"] > 0 and results["hybrid_w8a11"]["analog_tiles"] > 0
     assert "True" in {r["pareto"] for r in rows.values()}
     assert (sweep / "summary_fid_vs_energy.png").stat().st_size > 0
+
+
+def test_interrupted_sweep_leaves_the_summary_of_its_finished_jobs(trained_tiny, tmp_path):
+    """Ctrl-C during the second job: the first job's row is in the summary."""
+    import signal
+    import time
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "run.py"), "-m", f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}",
+           *TINY_EVAL, "compare_fp=false", "quant.mode=dynamic", "eval.layer_stats_images=0",
+           "quant.adc.bits=4,8,10", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WANDB_MODE": "offline"})
+    deadline = time.monotonic() + 300
+    while not (sweep / "1" / ".sweep_id").exists():  # the second job started: the first one ended
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [(r["quant.adc.bits"], r["status"]) for r in rows] == [("4", "ok")]
+    assert float(rows[0]["fid_digits"]) >= 0
+    # rebuilt by hand, the summary also lists the job that was stopped
+    rebuilt = subprocess.run([sys.executable, "-m", "jit.sweep", str(sweep)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert rebuilt.returncode == 1 and "1 of 2 sweep jobs failed or did not finish" in rebuilt.stderr
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [(r["quant.adc.bits"], r["status"]) for r in rows] == [("4", "ok"), ("8", "not finished")]
+
+
+def fake_imagenet(root: Path, classes: int = 10, train_per_class: int = 2, val_per_class: int = 2) -> Path:
+    """ImageNet's ImageFolder layout in miniature: root/{train,val}/<wnid>/<image>.JPEG."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"img{i}.JPEG")
+    return root
+
+
+def test_corrupt_image_in_a_loader_worker_is_one_line(official_tiny_ckpt_path, tmp_path):
+    root = fake_imagenet(tmp_path / "imagenet")
+    broken = root / "val" / "n00000003" / "broken.JPEG"
+    broken.write_bytes(b"not a jpeg at all" * 50)
+    proc = run(["data=imagenet", f"data.root={root}", "data.num_workers=1", "model=jit_t4",
+                f"ckpt_path={official_tiny_ckpt_path}", "fid=inception_10k", "fid.extractor=digits-cnn",
+                "fid.num_images=4", "fid.isc_splits=1", "compare_fp=false", "quant.mode=dynamic",
+                "eval.layer_stats_images=0", "sampler.steps=1", "sampler.method=euler",
+                f"hydra.run.dir={tmp_path / 'out'}"], tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().startswith(f"error: cannot read image {broken}: "), proc.stderr[-3000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
 def test_wandb_offline_records_quant_hyperparameters(trained_tiny, tmp_path):
@@ -527,3 +586,22 @@ def test_sigterm_exits_143_and_ckpt_path_last_resumes_in_the_same_run_directory(
                 check=False)
     assert fresh.returncode == 2
     assert f"ckpt_path=last: no last*.ckpt in {tmp_path / 'new' / 'checkpoints'}" in fresh.stderr
+
+
+def test_readme_cpu_dry_run_command_composes_and_validates(tmp_path):
+    """The README's dry run: the overrides exist and give a small CPU run of the ImageNet path."""
+    import re
+    import shlex
+
+    from jit.callbacks.evaluation import FIDConfig
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Dry run on CPU", 1)[1]
+    command = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    args = shlex.split(command)
+    assert args[:2] == ["python", "run.py"]
+    cfg = compose_run([*args[2:], f"paths.output_dir={tmp_path}"])
+    assert cfg.trainer.accelerator == "cpu" and cfg.data._target_.endswith("ImageNetDataModule")
+    fid = FIDConfig.from_any(cfg.fid)
+    assert fid.extractor == "inception-v3-compat" and fid.num_images <= 50 and fid.isc_splits <= fid.num_images
+    assert cfg.calibration.num_images <= 16 and cfg.data.calib_num_images == cfg.calibration.num_images

@@ -23,8 +23,21 @@ IMG_EXTENSIONS = (
 _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
+SKIPPED_LABEL = -1  # the label of a placeholder for an unreadable file (see ImageFolderSplit)
+
+
 class CorruptImageError(RuntimeError):
-    """An image file could not be decoded; the message names the file."""
+    """An image file could not be decoded; the message names the file.
+
+    Raised in a DataLoader worker, torch re-raises it in the main process with the worker's
+    traceback as the message; that is cut back to the one line that names the file.
+    """
+
+    def __init__(self, message: str = "", *args) -> None:
+        marker = f"{type(self).__name__}: "
+        if message.startswith(f"Caught {type(self).__name__}") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message, *args)
 
 
 class ImageFolderSplit(Dataset):
@@ -37,7 +50,9 @@ class ImageFolderSplit(Dataset):
     Unreadable files raise CorruptImageError, or with `skip_corrupt` are replaced by the
     next readable file in index order, which is deterministic whatever worker loads
     them. Skipped files are flagged in a shared-memory mask so the main process can
-    count what its workers found.
+    count what its workers found. With `drop_corrupt` as well (the reference split, whose
+    statistics must count each image once) an unreadable file yields a black placeholder
+    labelled SKIPPED_LABEL instead, which the statistics leave out.
     """
 
     def __init__(
@@ -55,6 +70,7 @@ class ImageFolderSplit(Dataset):
         self.img_size = img_size
         self.random_flip = random_flip
         self.skip_corrupt = skip_corrupt
+        self.drop_corrupt = False
         self.bad = torch.zeros(len(files), dtype=torch.bool).share_memory_()
         self.removed: list[str] = []
 
@@ -92,6 +108,8 @@ class ImageFolderSplit(Dataset):
                     ) from err
                 self.bad[j] = True
                 log.warning("skipping corrupt image %s: %s", self.path(j), err)
+                if self.drop_corrupt:
+                    return torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8), SKIPPED_LABEL
                 continue
             return pil_to_uint8_chw(img, flip=flip), int(self.labels[j])
         raise CorruptImageError(f"no readable image in {self.folder}: all {n} files failed")
@@ -247,7 +265,11 @@ class ImageNetDataModule(ImageDataModule):
         )
 
     def _finalize(self, name: str, dataset: ImageFolderSplit) -> ImageFolderSplit:
-        return dataset.verify() if self.verify_images else dataset
+        dataset = dataset.verify() if self.verify_images else dataset
+        # Reference statistics count every image once: an unreadable one is left out, not
+        # replaced by a duplicate of its neighbour.
+        dataset.drop_corrupt = name == "reference"
+        return dataset
 
     @property
     def skipped_files(self) -> list[str]:

@@ -167,8 +167,11 @@ def compute_split_stats(datamodule, split: str, space: FeatureSpace) -> Gaussian
                             num_workers=getattr(datamodule, "num_workers", 0))
         stats = GaussianStats(space.feature_dim)
         done = 0
-        for images, _labels in loader:  # in order: the k-th image of this shard is mine[k]
-            stats.update(space(images)[0], torch.tensor(mine[done:done + images.shape[0]]))
+        for images, labels in loader:  # in order: the k-th image of this shard is mine[k]
+            ids = torch.tensor(mine[done:done + images.shape[0]])
+            readable = labels >= 0  # a negative label marks a file the data module skipped as corrupt
+            if readable.any():
+                stats.update(space(images[readable])[0], ids[readable])
             done += images.shape[0]
         return stats.all_reduce()
     # A bare loader: every rank iterates it and keeps its share of the batches.
