@@ -131,6 +131,8 @@ def load_module(cfg: DictConfig) -> tuple[JiTModule, str]:
                               "train one with `python run.py experiment=digits_train`")
         path = str(SHIPPED_DIGITS_MODEL)
     kind = checkpoint_kind(path)
+    if kind != "lightning":
+        check_checkpoint_settings(cfg, path)
     # Only the weights being evaluated are loaded, unless FID asks for others than the run.
     needed = {cfg.eval_weights, cfg.fid.get("eval_weights") or cfg.eval_weights}
     if len(needed) == 1:
@@ -138,7 +140,6 @@ def load_module(cfg: DictConfig) -> tuple[JiTModule, str]:
     elif kind == "lightning":
         module = JiTModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     else:
-        check_checkpoint_settings(cfg, path)
         module = JiTModule(**module_kwargs(cfg), init_checkpoint=path, init_weights="model")
     plain = to_plain(cfg)
     # Evaluation settings come from this run's config, not from the checkpoint's hparams.
