@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks import quant_linear
 from jit.quant import build_quant_config, quantize_model, quantized_layers, sample_context
 from jit.quant.layers import LAYER_CLASSES
 
@@ -69,15 +69,8 @@ def _peak_mb(device: torch.device) -> float:
 
 
 def median_ms(fn, device: torch.device, runs: int) -> float:
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    """benchmarks.quant_linear.median_ms, each call waiting for the device to finish."""
+    return quant_linear.median_ms(lambda: (fn(), _sync(device)), runs)
 
 
 def run_tests(device: torch.device, tiny: bool) -> tuple[str, bool]:
