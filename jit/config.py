@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -54,6 +55,17 @@ class Schedule(_Choice):
 class LRSchedule(_Choice):
     constant = "constant"
     cosine = "cosine"
+
+
+class InitWeights(_Choice):
+    model = "model"
+    model_ema1 = "model_ema1"
+    model_ema2 = "model_ema2"
+
+
+class Ranges(_Choice):
+    static = "static"
+    dynamic = "dynamic"
 
 
 @dataclass
@@ -125,6 +137,30 @@ class EvalSchema:
 
 
 @dataclass
+class FinetuneSchema:
+    """task=train from a checkpoint, and hardware-aware training (jit/finetune.py)."""
+
+    # Which weights of an official ckpt_path the trained weights start from; the EMAs start
+    # from its model_ema1/model_ema2 either way.
+    init_weights: InitWeights = InitWeights.model
+    # fnmatch patterns over the Denoiser's parameter names (net.blocks.0.mlp.w12.weight);
+    # the parameters no pattern matches are frozen.
+    trainable: list[str] = field(default_factory=lambda: ["*"])
+    # true: the training forward runs the simulated hardware of `quant` (STE backward).
+    hardware_aware: bool = False
+    # Thermal noise while training, in ADC LSB; null: quant.adc.noise_sigma_lsb.
+    noise_sigma_lsb: Optional[float] = None
+    # Activation/ADC ranges while training; null: quant.mode. static calibrates (calibration.*)
+    # from the weights at the start and again every recalibrate_every_n_steps.
+    ranges: Optional[Ranges] = None
+    recalibrate_every_n_steps: int = 0  # 0: calibrate once, at the start
+    # After training: evaluate the start checkpoint and the trained weights with the same
+    # seeds at `quant` merged with each of these overrides (e.g. {adc: {bits: 4}}); the first
+    # point is also evaluated in float. Empty: no comparison.
+    compare: list[Any] = field(default_factory=list)
+
+
+@dataclass
 class RunSchema:
     task: Task = Task.eval
     seed: int = 0
@@ -137,6 +173,7 @@ class RunSchema:
     ema: EMASchema = field(default_factory=EMASchema)
     export: ExportSchema = field(default_factory=ExportSchema)
     eval: EvalSchema = field(default_factory=EvalSchema)
+    finetune: FinetuneSchema = field(default_factory=FinetuneSchema)
     paths: PathsSchema = field(default_factory=PathsSchema)
     # Groups whose keys depend on the chosen option; their builders validate them.
     data: Any = MISSING
@@ -149,8 +186,14 @@ class RunSchema:
     callbacks: Any = field(default_factory=dict)
 
 
+ASSETS = Path(__file__).parent / "assets"
+
+
 def register_schemas() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunSchema)
+    # `${jit_asset:digits_jit.pth}`: a file shipped in jit/assets, wherever the package lives.
+    if not OmegaConf.has_resolver("jit_asset"):
+        OmegaConf.register_new_resolver("jit_asset", lambda name: str(ASSETS / name))
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -200,6 +243,17 @@ def validate(cfg: DictConfig) -> None:
            f"must be in [0, 1), got {den.label_drop_prob}")
     _check(den.noise_scale > 0, "model.denoiser.noise_scale", f"must be > 0, got {den.noise_scale}")
     _check(den.t_eps > 0, "model.denoiser.t_eps", f"must be > 0, got {den.t_eps}")
+    ft = cfg.finetune
+    _check(len(ft.trainable) >= 1, "finetune.trainable",
+           "must list at least one parameter name pattern (['*'] trains everything)")
+    if ft.noise_sigma_lsb is not None:
+        _check(ft.noise_sigma_lsb >= 0, "finetune.noise_sigma_lsb",
+               f"must be >= 0 (ADC LSB) or null (= quant.adc.noise_sigma_lsb), got {ft.noise_sigma_lsb}")
+    _check(ft.recalibrate_every_n_steps >= 0, "finetune.recalibrate_every_n_steps",
+           f"must be >= 0 (0 = calibrate once, at the start), got {ft.recalibrate_every_n_steps}")
+    for i, point in enumerate(ft.compare):
+        _check(isinstance(point, DictConfig), f"finetune.compare[{i}]",
+               f"must be a mapping of quant overrides such as {{adc: {{bits: 6}}}}, got {point!r}")
     if cfg.task == Task.export:
         _check(cfg.ckpt_path is not None, "ckpt_path", "task=export needs ckpt_path=<Lightning .ckpt>")
     data_target = str(cfg.data.get("_target_", ""))

@@ -262,13 +262,16 @@ def train(cfg: DictConfig) -> dict:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from jit.atomic import remove_stale_temporaries
+    from jit.finetune import compare_after_training, settings_from
 
+    settings = settings_from(cfg)
     ckpt_path = latest_checkpoint(checkpoint_dir(cfg)) if cfg.ckpt_path == "last" else cfg.ckpt_path
     kind = checkpoint_kind(ckpt_path)
     dm = instantiate(cfg.data)
     module = JiTModule(**module_kwargs(cfg), init_checkpoint=ckpt_path if kind == "official" else None,
-                       init_weights="model")
-    trainer = build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg, training=True))
+                       init_weights=settings.init_weights)
+    callbacks = build_callbacks(cfg, training=True) + finetune_callbacks(cfg, settings)
+    trainer = build_trainer(cfg, build_loggers(cfg), callbacks)
     if trainer.is_global_zero:  # before anything of this run writes there
         for folder in (Path(cfg.paths.output_dir), checkpoint_dir(cfg)):
             for stale in remove_stale_temporaries(folder):
@@ -288,7 +291,23 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         save_official_checkpoint(out, **module.export_official_state())
         rank_zero_info(f"official-layout checkpoint: {out}")
-    return {"checkpoint": str(out), "global_step": int(trainer.global_step)}
+    result = {"checkpoint": str(out), "global_step": int(trainer.global_step)}
+    if settings.compare:
+        trainer.strategy.barrier()  # every rank evaluates; rank 0 has just written the file
+        result["comparison"] = compare_after_training(cfg, settings, module.init_source, str(out))
+    return result
+
+
+def finetune_callbacks(cfg: DictConfig, settings) -> list:
+    """The hardware in the training loop (finetune.hardware_aware), or freezing alone."""
+    from jit.callbacks.hardware_aware import HardwareInTheLoop, TrainablePatterns
+    from jit.finetune import training_quant_config
+
+    if not settings.hardware_aware:
+        return [] if settings.trainable == ("*",) else [TrainablePatterns(settings.trainable)]
+    return [HardwareInTheLoop(training_quant_config(cfg.quant, settings), to_plain(cfg.calibration),
+                              settings.trainable, settings.recalibrate_every_n_steps,
+                              run_dir=cfg.paths.output_dir)]
 
 
 def export(cfg: DictConfig) -> dict:

@@ -7,7 +7,9 @@ ckpt_path (resume), devices (>1 = DDP over gloo on CPU), batch_size, img_size, b
 seed, subset_frac, random_flip and num_workers (data), progress (file rewritten with the global step
 after every batch), pause_at (after that step, wait up to a minute for SIGTERM or SIGKILL,
 so a parent interrupts at a known step), result (torch file per rank with the final
-parameters, EMAs and lr; "{rank}" is substituted).
+parameters, EMAs and lr; "{rank}" is substituted), hardware (null, or hardware-aware
+training: {"quant": quant config, "recalibrate_every_n_steps": N, "trainable": [...]},
+static ranges calibrated on 16 images from data).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ DEFAULTS = {
     "progress": None,
     "pause_at": None,
     "result": None,
+    "hardware": None,
 }
 
 
@@ -83,8 +86,21 @@ def make_datamodule(cfg: dict) -> DigitsDataModule:
     )
 
 
+def hardware_callbacks(cfg: dict) -> list:
+    if not cfg["hardware"]:
+        return []
+    from jit.callbacks.hardware_aware import HardwareInTheLoop
+    from jit.quant import build_quant_config
+
+    hw = cfg["hardware"]
+    return [HardwareInTheLoop(build_quant_config(hw["quant"]),
+                              {"method": "kl", "num_images": 16, "batch_size": 8, "source": "data"},
+                              hw.get("trainable", ["*"]), hw.get("recalibrate_every_n_steps", 0),
+                              run_dir=cfg["root"])]
+
+
 def make_trainer(cfg: dict, callbacks=()) -> L.Trainer:
-    callbacks = list(callbacks)
+    callbacks = list(callbacks) + hardware_callbacks(cfg)
     if cfg["progress"]:
         # First, so that SIGTERM received during a pause is acted on at the same batch end.
         callbacks.insert(0, Progress(cfg["progress"], cfg["pause_at"]))
