@@ -77,6 +77,13 @@ def settings_from(cfg: DictConfig) -> FinetuneSettings:
         raise ConfigError("finetune.recalibrate_every_n_steps: only used with static ranges while training "
                           f"(finetune.ranges=static, or quant.mode=static); the ranges are {ranges}")
     if ft["compare"]:
+        from jit.quant import build_quant_config
+
+        for i, point in enumerate(ft["compare"]):  # checked now, not after hours of training
+            try:
+                build_quant_config(_merge(plain["quant"], point))
+            except ValueError as err:
+                raise ConfigError(f"finetune.compare[{i}]: {err}") from err
         if str(plain["task"]) != "train":
             raise ConfigError(f"finetune.compare: applies to task=train only (got task={plain['task']})")
         if plain["ckpt_path"] is None:

@@ -538,7 +538,10 @@ TASKS = {Task.train: train, Task.eval: evaluate, Task.calibrate: calibrate, Task
 
 
 def dispatch(cfg: DictConfig):
+    from jit.finetune import settings_from
+
     validate(cfg)
+    settings_from(cfg)  # finetune.* against task and quant, for every task
     if cfg.task != Task.train:
         quant_config(cfg)  # fail on quant.* before loading anything
     prepare_run_dir(cfg)

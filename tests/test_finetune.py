@@ -178,7 +178,7 @@ def test_sigterm_and_resume_of_a_hardware_aware_run_equals_an_uninterrupted_one(
     (["finetune.trainable=[net.nothing.*]", "finetune.compare=[]"], "finetune.trainable: pattern 'net.nothing.*' matches no parameter"),
     (["finetune.compare=[{}]", "ckpt_path=null"], "finetune.compare: needs a start checkpoint"),
     (["finetune.compare=[7]"], "finetune.compare[0]: must be a mapping of quant overrides"),
-    (["finetune.compare=[{adc: {bits: 1}}]"], "quant.adc.bits must be an integer in [2, 16]"),
+    (["finetune.compare=[{adc: {bits: 1}}]"], "finetune.compare[0]: quant.adc.bits must be an integer in [2, 16]"),
     (["finetune.ranges=sometimes"], "finetune.ranges"),
     (["task=eval", "finetune.hardware_aware=true"], "finetune.hardware_aware: applies to task=train only"),
 ])
