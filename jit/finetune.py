@@ -48,10 +48,6 @@ class FinetuneSettings:
     recalibrate_every_n_steps: int
     compare: tuple[dict, ...]
 
-    @property
-    def static_ranges(self) -> bool:
-        return self.ranges == "static"
-
 
 def settings_from(cfg: DictConfig) -> FinetuneSettings:
     """Parse `cfg.finetune` once, with the checks that depend on other sections."""
@@ -134,11 +130,8 @@ def freeze_all_but(model: nn.Module, patterns: Sequence[str]) -> list[str]:
 
 # ----------------------------------------------------------------- after training --
 def _merge(base: Mapping, override: Mapping) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) \
-            else value
-    return out
+    """`base` with `override` merged in depth, as plain containers."""
+    return OmegaConf.to_container(OmegaConf.merge(base, override))
 
 
 def point_label(qcfg) -> str:
@@ -172,9 +165,9 @@ def compare_after_training(cfg: DictConfig, settings: FinetuneSettings, start: s
                 "paths": {"output_dir": str(run_dir / "compare" / f"{tag}_{i}")},
                 "finetune": {"hardware_aware": False, "noise_sigma_lsb": None, "ranges": None,
                              "recalibrate_every_n_steps": 0, "compare": []},
-                "logger": {},
             })
             sub.quant = OmegaConf.create(qcfg.to_dict())
+            sub.logger = OmegaConf.create({})  # merging {} would keep the run's loggers
             results = evaluate(sub)
             row[tag] = results["metrics"]
             if i == 0:

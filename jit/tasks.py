@@ -18,10 +18,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from jit.checkpoint import CheckpointError, safe_load, save_official_checkpoint, sha256_file
-from jit.config import ConfigError, Task, to_plain, validate
+from jit.config import ASSETS, ConfigError, Task, to_plain, validate
 from jit.module import JiTModule, load_for_evaluation
 
-SHIPPED_DIGITS_MODEL = Path(__file__).parent / "assets" / "digits_jit.pth"
+SHIPPED_DIGITS_MODEL = ASSETS / "digits_jit.pth"
 
 
 # ----------------------------------------------------------------------------- building
