@@ -93,6 +93,8 @@ class ModelSchema:
     # An official checkpoint's args (img_size, class_num, noise_scale, t_eps) must agree with
     # the config; true: generate with the config's values anyway.
     override_checkpoint_args: bool = False
+    # task=eval: generate the FID images with a torch.compile'd backbone (jit/models/compile.py).
+    compile: bool = False
 
 
 @dataclass
@@ -243,6 +245,8 @@ def validate(cfg: DictConfig) -> None:
            f"must be in [0, 1), got {den.label_drop_prob}")
     _check(den.noise_scale > 0, "model.denoiser.noise_scale", f"must be > 0, got {den.noise_scale}")
     _check(den.t_eps > 0, "model.denoiser.t_eps", f"must be > 0, got {den.t_eps}")
+    _check(not cfg.model.compile or cfg.task == Task.eval, "model.compile",
+           f"compiles the backbone for FID generation (task=eval); task={cfg.task} runs eagerly")
     ft = cfg.finetune
     _check(len(ft.trainable) >= 1, "finetune.trainable",
            "must list at least one parameter name pattern (['*'] trains everything)")

@@ -408,7 +408,7 @@ def evaluate(cfg: DictConfig) -> dict:
     dm = instantiate(cfg.data)
     check_before_generation(cfg, qcfg, module, dm, fid_cfg)
     trainer = build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg, training=False))
-    common = {"checkpoint": source, "task": "eval"}
+    common = {"checkpoint": source, "task": "eval", "compiled": bool(cfg.model.compile)}
 
     def pipeline(trainer, module):
         if trainer.is_global_zero:  # results.json is written by rank 0
@@ -417,7 +417,8 @@ def evaluate(cfg: DictConfig) -> dict:
         if cfg.compare_fp and qcfg.scheme != "fp":
             rank_zero_info("evaluating the float model (baseline)")
             fp = FIDEvaluation(fid_cfg, run_dir=run_dir / "baseline_fp", log_prefix="eval_fp",
-                               extra={**common, "quant": {"scheme": "fp"}})
+                               extra={**common, "quant": {"scheme": "fp"}},
+                               compile_backbone=cfg.model.compile)
             baseline = fp.run(trainer, module, dm)["metrics"]
         dense_macs, targets = count_targets_and_macs(module, qcfg, fid_cfg, module.denoiser.num_classes)  # float model
         provenance = prepare_quantized(module, qcfg, cfg, dm, run_dir, trainer)
@@ -431,7 +432,8 @@ def evaluate(cfg: DictConfig) -> dict:
             if trainer.is_global_zero:
                 write_layer_stats(layer_rows, run_dir / "layer_stats.csv")
                 log_table(trainer, "quant/layer_stats", layer_rows)
-        results = FIDEvaluation(fid_cfg, run_dir=run_dir, extra=extra).run(trainer, module, dm)
+        results = FIDEvaluation(fid_cfg, run_dir=run_dir, extra=extra,
+                                compile_backbone=cfg.model.compile).run(trainer, module, dm)
         if trainer.is_global_zero:
             log_energy(trainer, energy)
             print_summary(results, baseline)
@@ -541,6 +543,12 @@ def dispatch(cfg: DictConfig):
     from jit.finetune import settings_from
 
     validate(cfg)
+    if cfg.model.compile:
+        from jit.models.compile import compile_available
+
+        reason = compile_available()
+        if reason is not None:
+            raise ConfigError(f"model.compile=true: {reason}; run with model.compile=false")
     settings_from(cfg)  # finetune.* against task and quant, for every task
     if cfg.task != Task.train:
         quant_config(cfg)  # fail on quant.* before loading anything

@@ -43,6 +43,7 @@ from jit.datamodules import from_model_range
 from jit.metrics.features import INCEPTION, create_feature_space
 from jit.metrics.fid import GaussianStats, InceptionScoreStats, all_reduce_sum, frechet_distance
 from jit.metrics.reference import reference_stats, stats_digest
+from jit.models.compile import compiled_forward
 from jit.quant import sample_context
 
 LABEL_STRATEGIES = ("repeat", "spread")
@@ -270,13 +271,14 @@ class FIDEvaluation(L.Callback):
     """
 
     def __init__(self, cfg=None, run_dir=None, extra: dict | None = None, device=None,
-                 log_prefix: str = "eval"):
+                 log_prefix: str = "eval", compile_backbone: bool = False):
         super().__init__()
         self.cfg = FIDConfig.from_any(cfg)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.extra = dict(extra or {})
         self.device = device
         self.log_prefix = log_prefix
+        self.compile_backbone = compile_backbone
         self.results: dict | None = None
 
     def on_test_start(self, trainer, pl_module) -> None:
@@ -383,7 +385,8 @@ class FIDEvaluation(L.Callback):
                             disable=rank != 0 or not cfg.progress)
         gen_start = time.perf_counter()
         try:
-            with weights_ctx, progress, torch.no_grad():
+            compiled = compiled_forward(net, self.compile_backbone and net is not None)
+            with weights_ctx, progress, torch.no_grad(), compiled:
                 task = progress.add_task("generate", total=cfg.num_images, rate="-")
                 for b0 in range(0, len(mine), cfg.batch_size):
                     idx = mine[b0 : b0 + cfg.batch_size]

@@ -47,6 +47,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import reference
 from .config import QuantConfig, build_quant_config
 from .intmm import GROUP_ELEMENTS, Int8Weights, int8_linear, new_digits, use_int8, write_digits
 from .noise import SampleContext, noise_key
@@ -164,6 +165,7 @@ class QuantLinear(nn.Linear):
         self._generators: dict[torch.device, torch.Generator] = {}
         self._sample_context: SampleContext | None = None  # set by noise.sample_context
         self._noise_calls = 0  # noisy forwards outside a context (their call index)
+        self._noise_base: tuple[tuple[int, str], int] | None = None  # stable_seed memo
         self._weight_cache: tuple[tuple, WeightCodes] | None = None
         self._int8_weights: Int8Weights | None = None
         self._static_act_cache: tuple[tuple, StaticAct] | None = None
@@ -258,10 +260,18 @@ class QuantLinear(nn.Linear):
         self.cfg = dataclasses.replace(self.cfg, seed=seed)
         self._noise_calls = 0
 
+    def _seed_base(self) -> int:
+        """stable_seed(quant seed, layer name), remembered while both stay (SHA-256 is
+        host work that a compiled graph cannot hold)."""
+        key = (self.cfg.seed, self.layer_name)
+        if self._noise_base is None or self._noise_base[0] != key:
+            self._noise_base = (key, stable_seed(*key))
+        return self._noise_base[1]
+
     def _call_key(self, batch: int) -> tuple[int, list[int] | range]:
         """(key of this call, sample ids of the batch rows): noise.py's context, or the
         default outside one. Checks the batch against the context."""
-        base = stable_seed(self.cfg.seed, self.layer_name)
+        base = self._seed_base()
         context = self._sample_context
         if context is None:
             return base, range(batch)
@@ -287,7 +297,82 @@ class QuantLinear(nn.Linear):
 
     # ----- forward -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._reference_forward(x)
         return _StraightThrough.apply(x, self.weight, self.bias, self)
+
+    def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward through reference.py: whole-tensor ops, no host syncs in static mode
+        or the token and sample scopes, no Python state read per call. torch.compile
+        traces this path (inference only: no straight-through gradients); eagerly it is
+        the executable specification the tests compare the fast path with.
+
+        Noise keys: inside a sample_context the call's keys (noise.SampleContext
+        .call_keys) mixed with this layer and its use in the call; outside one the row
+        index and the layer's own count of noisy forwards, as the fast path (eager only:
+        a compiled graph would bake the count in)."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x2 = x.detach().reshape(-1, self.in_features).to(dtype)
+        batch = x.shape[0] if x.dim() > 1 else 1
+        per_sample = x2.shape[0] // batch if batch else 0
+        static = self._reference_thresholds(dtype, x2.device)
+        w_int, w_step = self._reference_weights(dtype, x2.device)
+        finite = torch.isfinite(x2).all()
+        context = self._sample_context
+        adc = self.cfg.adc
+        keys = None
+        if bool(self.adc_paths) and not adc.bypass and adc.noise_sigma_lsb > 0 and per_sample:
+            keys = self._reference_keys(batch, x2.device)
+        if context is not None:
+            context.record_finite(self.layer_name, finite)
+        elif not bool(finite):
+            raise FloatingPointError(f"layer '{self.layer_name}': NaN or Inf in the input "
+                                     "activations")
+        bias = None if self.bias is None else self.bias.detach().to(dtype)
+        # Integer codes must stay exact: float32 whatever autocast the caller runs under.
+        with torch.autocast(x.device.type, enabled=False):
+            y = reference.forward(x2, w_int, w_step, bias, self.cfg, static, per_sample, keys,
+                                  self.adc_paths, self.dynamic_step_eps)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _reference_thresholds(self, dtype: torch.dtype, device: torch.device
+                              ) -> reference.Thresholds | None:
+        if self.cfg.mode != "static":
+            return None
+        act = self._static_act(dtype, device)
+        clips = {} if self.cfg.adc.bypass else {
+            path: self._static_adc_clip(path) for path in self.adc_paths}
+        return reference.Thresholds(act.clip, _safe_step(act.clip, qmax(self.cfg.act.bits)),
+                                    act.clip_value, act.step_value, clips)
+
+    def _reference_weights(self, dtype: torch.dtype, device: torch.device
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_int, s_w): the imported codes of static mode, else from the float weights."""
+        static = self._static
+        if self.cfg.mode == "static" and static is not None and static.weight_int is not None:
+            return (static.weight_int.to(device=device, dtype=dtype),
+                    static.weight_scale.to(device=device, dtype=dtype))
+        return reference.weight_codes(self.weight.detach().to(dtype), self.cfg)
+
+    def _reference_keys(self, batch: int, device: torch.device) -> torch.Tensor:
+        """int64 noise keys of this call's samples for reference.py."""
+        base = self._seed_base()
+        context = self._sample_context
+        if context is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(f"layer '{self.layer_name}': a compiled noisy layer needs "
+                                   "a jit.quant.sample_context around the network call")
+            keys = [noise_key(self._noise_calls, row) for row in range(batch)]
+            self._noise_calls += 1
+            call_keys = torch.tensor(keys, dtype=torch.int64, device=device)
+        else:
+            context.check(self.layer_name, batch)
+            if context.call_keys is None:
+                raise RuntimeError(f"layer '{self.layer_name}': the sample_context has no "
+                                   "call keys yet (its network was not called with a tensor)")
+            call_keys = context.call_keys.to(device)
+            base = noise_key(base, context.next_use(self))
+        return reference.mix_keys(call_keys, base)
 
     def _weight_codes(self, device: torch.device, dtype: torch.dtype) -> WeightCodes:
         """INT weight codes, cached until the weight tensor changes (in-place updates bump
@@ -368,17 +453,20 @@ class QuantLinear(nn.Linear):
                                "thresholds: calibrate it or call set_static()")
         return self._static
 
+    def _static_adc_clip(self, path: str) -> float:
+        clip = self._require_static().adc_clips.get(path)
+        if clip is None:
+            raise RuntimeError(f"layer '{self.layer_name}' is in static mode but has no "
+                               f"ADC clip for path '{path}': calibrate it or call "
+                               "set_static(adc_clip=...)")
+        return clip
+
     def _adc_step(self, path: str, acc: torch.Tensor, group: int | None) -> RowScale:
         """The ADC step: a number, or per row [rows, 1] (dynamic, per group of `group`
         rows)."""
         code_max = qmax(self.cfg.adc.bits)
         if self.cfg.mode == "static":
-            clip = self._require_static().adc_clips.get(path)
-            if clip is None:
-                raise RuntimeError(f"layer '{self.layer_name}' is in static mode but has no "
-                                   f"ADC clip for path '{path}': calibrate it or call "
-                                   "set_static(adc_clip=...)")
-            return clip / code_max
+            return self._static_adc_clip(path) / code_max
         # Dynamic peaks are taken per tile (acc is one tile's partial sum): each array's
         # converters range on what they convert, as auto-ranging hardware would; a global
         # peak would need every tile's result before any tile is converted. Static clips
@@ -659,7 +747,7 @@ class QuantLinear(nn.Linear):
                 alpha = step * path.gain / unit
                 for block in row_blocks(*out.shape, out.device):
                     if packed is not None and isinstance(alpha, torch.Tensor):
-                        out[block].mul_(alpha[block]).add_(packed[block])
+                        torch.addcmul(packed[block], out[block], alpha[block], out=out[block])
                     elif packed is not None:  # codes + alpha * acc, as out.add_(acc, alpha)
                         torch.add(packed[block], out[block], alpha=alpha, out=out[block])
                     else:

@@ -78,12 +78,22 @@ class SampleContext:
         self.low = min(ids, default=0)
         self.high = max(ids, default=0)
         self.calls = -1  # the pre-hook makes the first call index 0
+        self.call_keys: torch.Tensor | None = None  # int64 [samples] of the current call
         self.uses: dict[int, int] = {}  # id(layer) -> its forwards within the current call
         self.finite: dict[str, torch.Tensor] = {}  # layer name -> all inputs finite (device)
+        self.pending_finite: list[tuple[str, torch.Tensor]] = []  # this call's verdicts
 
-    def begin_call(self) -> None:
+    def begin_call(self, device: torch.device | None = None) -> None:
+        """A new call of the network. On `device` (that of its input) the call's keys
+        noise_key(call index, sample id) wait as an int64 tensor for the whole-tensor engine
+        (reference.py): a compiled graph takes them as an input, so a new call is a new
+        tensor value, not a new graph."""
         self.calls += 1
         self.uses.clear()
+        self._fold_finite()
+        if device is not None:
+            keys = [noise_key(self.calls, sample) for sample in self.sample_ids]
+            self.call_keys = torch.tensor(keys, dtype=torch.int64, device=device)
 
     def check(self, layer_name: str, batch: int) -> None:
         """Errors naming the layer for a batch that is not the context's samples."""
@@ -95,12 +105,21 @@ class SampleContext:
                              f"{SAMPLE_ID_BOUND}), got {self.low}..{self.high}")
 
     def record_finite(self, layer_name: str, finite: torch.Tensor) -> None:
-        seen = self.finite.get(layer_name)
-        self.finite[layer_name] = finite if seen is None else seen & finite
+        # Appended, not merged: a compiled graph then reads nothing from the context
+        # (a read would be a guard that changes after the first call).
+        self.pending_finite.append((layer_name, finite))
+
+    def _fold_finite(self) -> None:
+        """The pending verdicts into one device flag per layer (no host sync)."""
+        for layer_name, finite in self.pending_finite:
+            seen = self.finite.get(layer_name)
+            self.finite[layer_name] = finite if seen is None else seen & finite
+        self.pending_finite.clear()
 
     def raise_if_nonfinite(self) -> None:
         """FloatingPointError naming the first layer (in order of first use) that saw a
         NaN or Inf input in this context: one host sync."""
+        self._fold_finite()
         if not self.finite:
             return
         names = list(self.finite)
@@ -131,7 +150,11 @@ def sample_context(net: nn.Module, sample_ids: Iterable[int] | torch.Tensor
     context = SampleContext(sample_ids)
     layers = _quantized_layers(net)
     prior = [(layer, layer._sample_context) for layer in layers]
-    handle = net.register_forward_pre_hook(lambda module, args: context.begin_call())
+    def begin_call(module: nn.Module, args: tuple) -> None:
+        first = args[0] if args else None
+        context.begin_call(first.device if isinstance(first, torch.Tensor) else None)
+
+    handle = net.register_forward_pre_hook(begin_call)
     try:
         for layer in layers:
             layer._sample_context = context

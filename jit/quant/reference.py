@@ -1,0 +1,277 @@
+"""Executable specification of DESIGN.md "AIMC quantization": the hybrid W8A11, legacy
+bit-serial and W8A8 forwards as whole-tensor torch, one line per formula.
+
+Three users:
+- the tests, which hold the fast layers (layers.py, with their CPU row blocks and INT8
+  digits) to it: integer codes and outputs bitwise with the noise off, the noise in
+  distribution (tests/test_quant_reference.py);
+- `torch.compile`: a quantized layer traced by Dynamo runs this module, which has no host
+  syncs and no Python state, so Inductor fuses the element-wise quantizer, split and ADC
+  passes (layers.py, `QuantLinear.forward`);
+- the layer benchmark, whose yardstick it is (benchmarks/quant_linear.py).
+
+Scales follow the fast engine's floating-point association so that the two agree to the
+bit: the analog conversions are summed in units of the first conversion's step, and the
+output scale s_x s_w s_adc multiplies that sum once. A scale that applies to the whole
+call (static clips, the seed's whole-call scope) is a Python number, one that differs by
+row (the token and sample scopes) a [rows, 1] tensor.
+
+Thermal noise here comes from a counter-based generator written in torch integer ops
+(`thermal_noise`): element e of a read with key k gets N(0, 1) from the splitmix64
+finaliser of k + e, so it is a pure function of the key on every device and inside a
+compiled graph.
+The fast CPU engine draws from torch's generator re-seeded per key instead (faster
+eagerly); both give N(0, sigma^2 / K) in ADC steps, with different values for one key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from .config import QuantConfig
+from .quantizers import percentile_abs, qmax, weight_clip
+
+# splitmix64 constants as signed int64: torch has no uint64 arithmetic, and int64
+# multiplication wraps modulo 2^64 on every backend, which is the uint64 product's bits.
+_GAMMA = 0x9E3779B97F4A7C15 - 2**64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical (unsigned) right shift of int64 bits: torch's >> is arithmetic."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (bit-identical to noise._splitmix64 after
+    its gamma step, which callers add)."""
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def as_int64(value: int) -> int:
+    """The int64 with the same 64 low bits as `value`."""
+    value &= 2**64 - 1
+    return value - 2**64 if value >= 2**63 else value
+
+
+def mix_keys(keys: torch.Tensor, part: int) -> torch.Tensor:
+    """Per-sample keys mixed with one more integer (a layer, use, path or tile), as
+    noise.noise_key does on host integers: splitmix64(key ^ part)."""
+    return mix64((keys ^ as_int64(part)) + _GAMMA)
+
+
+def thermal_noise(keys: torch.Tensor, rows_per_sample: int, cols: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """N(0, 1), [len(keys) * rows_per_sample, cols]: sample s's rows from key keys[s].
+
+    Element e (row-major within the sample) takes z = mix64(key + e), the key itself a
+    mix64 output; its top 24 bits and the next 24 are two uniforms for the Box-Muller
+    transform. (A counter step of 1 rather than splitmix64's gamma: Inductor folds the
+    counter into its index arithmetic, which must not overflow int64.)"""
+    counters = torch.arange(rows_per_sample * cols, device=keys.device,
+                            dtype=torch.int64).reshape(1, rows_per_sample, cols)
+    z = mix64(keys.reshape(-1, 1, 1) + counters)
+    u1 = (_shift_right(z, 40).to(torch.float32) + 0.5) * 2.0**-24  # in (0, 1): log is finite
+    u2 = ((z >> 16) & 0xFFFFFF).to(torch.float32) * 2.0**-24
+    normal = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    return normal.reshape(-1, cols).to(dtype)
+
+
+# ----- DESIGN.md "Common pieces" -----------------------------------------------------
+
+def step_of(clip: torch.Tensor, bits: int) -> torch.Tensor:
+    """s = c / qmax, and 1 where c = 0 (everything then rounds to code 0)."""
+    return torch.where(clip > 0, clip / qmax(bits), torch.ones_like(clip))
+
+
+def quantize(x: torch.Tensor, clip: torch.Tensor | float, step: torch.Tensor | float
+             ) -> torch.Tensor:
+    """x_int = round(clamp(x, -c, c) / s); the outer clamp to [-2^(b-1), qmax] is implied."""
+    return torch.round(torch.clamp(x, -clip, clip) / step)
+
+
+def weight_codes(weight: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_int [out, in], s_w: 0-d or [out]) from the float weights: clip max|W| or its
+    `clip_pct` percentile, per tensor or per output channel ([out, 1])."""
+    w = cfg.weight
+    if w.granularity == "channel":
+        clip = weight_clip(weight, w)
+    elif w.clip_pct is None:
+        clip = weight.abs().amax()
+    else:  # one row: the selection along a dimension, which traces without host syncs
+        clip = percentile_abs(weight.reshape(1, -1), w.clip_pct, dim=1).reshape(())
+    step = step_of(clip, w.bits)
+    return quantize(weight, clip, step), step.reshape(-1) if step.dim() else step
+
+
+def dynamic_clip(x: torch.Tensor, percentile: float, group_rows: int | None) -> torch.Tensor:
+    """The percentile of |x| over each group of `group_rows` rows ([rows, 1]), or over the
+    whole call (0-d) for group_rows None."""
+    if group_rows is None:
+        return x.abs().amax() if percentile == 100.0 else percentile_abs(x, percentile)
+    grouped = x.reshape(-1, group_rows * x.shape[1])
+    clip = grouped.abs().amax(dim=1) if percentile == 100.0 else percentile_abs(
+        grouped, percentile, dim=1)
+    return clip.repeat_interleave(group_rows).unsqueeze(1)
+
+
+def dynamic_adc_step(a: torch.Tensor, bits: int, group_rows: int | None, eps: float
+                     ) -> torch.Tensor | float:
+    """s_adc = max|a| / qmax_adc (+ eps, the seed's bit-serial form) per group of rows, or
+    over the whole call as a host number (one sync: the seed's scope)."""
+    if group_rows is None:
+        peak = float(a.abs().amax())
+        return 1.0 if peak == 0 and eps == 0 else peak / qmax(bits) + eps
+    low, high = torch.aminmax(a.reshape(-1, group_rows * a.shape[1]), dim=1)
+    peak = torch.maximum(-low, high)
+    if eps == 0:
+        step = torch.where(peak > 0, peak / qmax(bits), torch.ones_like(peak))
+    else:
+        step = peak / qmax(bits) + eps
+    return step.repeat_interleave(group_rows).unsqueeze(1)
+
+
+def adc(a: torch.Tensor, step: torch.Tensor | float, bits: int,
+        noise_codes: torch.Tensor | None) -> torch.Tensor:
+    """ADC codes clamp(round(a / s_adc + e), -2^(n-1), 2^(n-1) - 1); e is the thermal
+    noise already in ADC steps."""
+    scaled = a / step if noise_codes is None else a / step + noise_codes
+    return torch.clamp(torch.round(scaled), -qmax(bits) - 1, qmax(bits))
+
+
+# ----- the splits --------------------------------------------------------------------
+
+def center_out_split(x_int: torch.Tensor, lsb_bits: int, radix: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hybrid step 2: (L, M) with M = ceil((x - Lmax) / R) above the LSB range,
+    -ceil((Lmin - x) / R) below, 0 inside; L = x - R M."""
+    lsb_min, lsb_max = -(2 ** (lsb_bits - 1)), 2 ** (lsb_bits - 1) - 1
+    above = torch.ceil((x_int - lsb_max) / radix)
+    below = -torch.ceil((lsb_min - x_int) / radix)
+    msb = torch.where(x_int > lsb_max, above, torch.where(x_int < lsb_min, below, 0.0))
+    return x_int - radix * msb, msb
+
+
+def bitserial_split(x_int: torch.Tensor, lsb_bits: int, gain_shift: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seed split: (LSB * 2^g, MSB) with MSB = floor(x / 2^lb), LSB = x - 2^lb MSB."""
+    msb = torch.floor(x_int / 2**lsb_bits)
+    return (x_int - 2**lsb_bits * msb) * 2**gain_shift, msb
+
+
+class Path(NamedTuple):
+    name: str
+    codes: torch.Tensor
+    gain: float  # weight of the path's result in the reconstruction
+    reads: int  # K: reads averaged, noise std / sqrt(K)
+    noisy: bool
+
+
+def paths(x_int: torch.Tensor, cfg: QuantConfig
+          ) -> tuple[list[Path], torch.Tensor | None, float]:
+    """(analog paths, exact digital codes or None, digital gain) of a scheme."""
+    split, reads = cfg.split, cfg.adc.samples
+    if cfg.scheme == "hybrid":
+        lsb, msb = center_out_split(x_int, split.lsb_bits, split.radix)
+        return [Path("lsb", lsb, 1.0, reads, True)], msb, float(split.radix)
+    if cfg.scheme == "bitserial":
+        lsb, msb = bitserial_split(x_int, split.lsb_bits, split.lsb_gain_shift)
+        return [Path("msb", msb, float(2**split.lsb_bits), reads, True),
+                Path("lsb", lsb, 2.0**-split.lsb_gain_shift, 1, False)], None, 1.0
+    if cfg.scheme == "w8a8":
+        return [], x_int, 1.0
+    raise ValueError(f"quant.scheme={cfg.scheme!r} has no quantized forward")
+
+
+class Thresholds(NamedTuple):
+    """Static thresholds of one layer: the activation clip and its step, each as a 0-d
+    tensor in the compute dtype and as the host number it equals (the quantizer takes the
+    numbers, so a compiled graph has them as constants), and the ADC clip per path."""
+
+    act_clip: torch.Tensor
+    act_step: torch.Tensor
+    act_clip_value: float
+    act_step_value: float
+    adc_clips: dict[str, float]
+
+
+def tiles(in_features: int, tile_rows: int | None) -> list[slice]:
+    """Input rows of each analog array."""
+    if tile_rows is None or tile_rows >= in_features:
+        return [slice(None)]
+    return [slice(start, start + tile_rows) for start in range(0, in_features, tile_rows)]
+
+
+def forward(x: torch.Tensor, w_int: torch.Tensor, w_step: torch.Tensor,
+            bias: torch.Tensor | None, cfg: QuantConfig, static: Thresholds | None,
+            rows_per_sample: int, noise_keys: torch.Tensor | None,
+            adc_paths: Sequence[str], dynamic_step_eps: float = 0.0) -> torch.Tensor:
+    """y [rows, out] of one quantized linear layer on x [rows, in] (float32 or float64).
+
+    `w_int` [out, in] and `w_step` are the weight codes and step; `static` the layer's
+    thresholds in static mode (None: dynamic); `rows_per_sample` the rows of one sample
+    (the dynamic `sample` scope and the noise); `noise_keys` one int64 key per sample of
+    this call (None: no noise). Path p, tile t mixes (p, t) into the keys."""
+    adc_cfg = cfg.adc
+    group = None
+    if static is None and cfg.dynamic_scope != "batch" and x.shape[0]:
+        group = 1 if cfg.dynamic_scope == "token" else rows_per_sample
+    # Activations (DESIGN "Activations").
+    if static is not None:
+        act_step = static.act_step
+        x_int = quantize(x, static.act_clip_value, static.act_step_value)
+    else:
+        act_clip = dynamic_clip(x, cfg.act.percentile, group)
+        act_step = step_of(act_clip, cfg.act.bits)
+        x_int = quantize(x, act_clip, act_step)
+    analog, digital, digital_gain = paths(x_int, cfg)
+    w_int_t = w_int.t()
+    # Analog paths: per tile a = W_int[tile] @ codes[tile], ADC, summed in units of the
+    # first conversion's step.
+    acc, unit = None, None
+    for path in analog:
+        path_index = list(adc_paths).index(path.name)
+        sigma = adc_cfg.noise_sigma_lsb / math.sqrt(path.reads) if path.noisy else 0.0
+        for tile_index, rows in enumerate(tiles(x.shape[1], adc_cfg.tile_rows)):
+            a = path.codes[:, rows] @ w_int_t[rows]
+            step = 1.0
+            if not adc_cfg.bypass:
+                if static is not None:
+                    step = static.adc_clips[path.name] / qmax(adc_cfg.bits)
+                else:
+                    step = dynamic_adc_step(a, adc_cfg.bits, group, dynamic_step_eps)
+                noise = None
+                if sigma and noise_keys is not None:
+                    keys = mix_keys(mix_keys(noise_keys, path_index), tile_index)
+                    noise = thermal_noise(keys, rows_per_sample, a.shape[1], a.dtype) * sigma
+                a = adc(a, step, adc_cfg.bits, noise)
+            if acc is None:
+                acc, unit = a, step * path.gain
+                continue
+            acc = _add_scaled(acc, a, step * path.gain / unit)
+    # Exact digital path, y = s_x s_w s_adc (y_analog + (R / s_adc) W_int @ M) + b.
+    if digital is not None:
+        product = digital @ w_int_t
+        if acc is None:
+            acc, unit = product, digital_gain
+        else:
+            acc = _add_scaled(acc, product, digital_gain / unit)
+    scale = act_step * w_step * unit
+    return acc * scale if bias is None else torch.addcmul(bias, acc, scale)
+
+
+def _add_scaled(acc: torch.Tensor, other: torch.Tensor, alpha: torch.Tensor | float
+                ) -> torch.Tensor:
+    """acc + alpha * other, alpha a number or per row: one fused multiply-add, as ATen's
+    add(alpha=) and addcmul compute it. A number goes in as a 0-d tensor because Inductor
+    (torch 2.14) drops the alpha of an add(alpha=) whose operands are two matmuls."""
+    if not isinstance(alpha, torch.Tensor):
+        alpha = torch.tensor(alpha, dtype=acc.dtype, device=acc.device)
+    return torch.addcmul(acc, other, alpha)
