@@ -166,6 +166,7 @@ class QuantLinear(nn.Linear):
         self._sample_context: SampleContext | None = None  # set by noise.sample_context
         self._noise_calls = 0  # noisy forwards outside a context (their call index)
         self._noise_base: tuple[tuple[int, str], int] | None = None  # stable_seed memo
+        self._seed_base()
         self._weight_cache: tuple[tuple, WeightCodes] | None = None
         self._int8_weights: Int8Weights | None = None
         self._static_act_cache: tuple[tuple, StaticAct] | None = None
@@ -259,6 +260,7 @@ class QuantLinear(nn.Linear):
         the call count used outside a sample context."""
         self.cfg = dataclasses.replace(self.cfg, seed=seed)
         self._noise_calls = 0
+        self._seed_base()
 
     def _seed_base(self) -> int:
         """stable_seed(quant seed, layer name), remembered while both stay (SHA-256 is
@@ -339,11 +341,14 @@ class QuantLinear(nn.Linear):
                               ) -> reference.Thresholds | None:
         if self.cfg.mode != "static":
             return None
-        act = self._static_act(dtype, device)
+        # Host numbers from CPU scalars, not the per-device cache of the fast path: Dynamo
+        # folds these into constants, and a cache filled by the first traced call would
+        # be a guard that fails on the second.
+        clip = torch.tensor(self._require_static().act_clip, dtype=dtype)
+        step = _safe_step(clip, qmax(self.cfg.act.bits))
         clips = {} if self.cfg.adc.bypass else {
             path: self._static_adc_clip(path) for path in self.adc_paths}
-        return reference.Thresholds(act.clip, _safe_step(act.clip, qmax(self.cfg.act.bits)),
-                                    act.clip_value, act.step_value, clips)
+        return reference.Thresholds(float(clip), float(step), clips)
 
     def _reference_weights(self, dtype: torch.dtype, device: torch.device
                            ) -> tuple[torch.Tensor, torch.Tensor]:

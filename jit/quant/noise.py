@@ -158,6 +158,7 @@ def sample_context(net: nn.Module, sample_ids: Iterable[int] | torch.Tensor
     try:
         for layer in layers:
             layer._sample_context = context
+            layer._seed_base()  # host hashing here, not inside a compiled call
         yield context
         context.raise_if_nonfinite()
     finally:

@@ -191,14 +191,12 @@ def paths(x_int: torch.Tensor, cfg: QuantConfig
 
 
 class Thresholds(NamedTuple):
-    """Static thresholds of one layer: the activation clip and its step, each as a 0-d
-    tensor in the compute dtype and as the host number it equals (the quantizer takes the
-    numbers, so a compiled graph has them as constants), and the ADC clip per path."""
+    """Static thresholds of one layer as host numbers (constants of a compiled graph): the
+    activation clip and its step, both exactly representable in the compute dtype, and
+    the ADC clip per path."""
 
-    act_clip: torch.Tensor
-    act_step: torch.Tensor
-    act_clip_value: float
-    act_step_value: float
+    act_clip: float
+    act_step: float
     adc_clips: dict[str, float]
 
 
@@ -226,7 +224,7 @@ def forward(x: torch.Tensor, w_int: torch.Tensor, w_step: torch.Tensor,
     # Activations (DESIGN "Activations").
     if static is not None:
         act_step = static.act_step
-        x_int = quantize(x, static.act_clip_value, static.act_step_value)
+        x_int = quantize(x, static.act_clip, act_step)
     else:
         act_clip = dynamic_clip(x, cfg.act.percentile, group)
         act_step = step_of(act_clip, cfg.act.bits)
@@ -263,7 +261,7 @@ def forward(x: torch.Tensor, w_int: torch.Tensor, w_step: torch.Tensor,
             acc, unit = product, digital_gain
         else:
             acc = _add_scaled(acc, product, digital_gain / unit)
-    scale = act_step * w_step * unit
+    scale = w_step * act_step * unit  # s_x s_w s_adc (one rounding per product)
     return acc * scale if bias is None else torch.addcmul(bias, acc, scale)
 
 
