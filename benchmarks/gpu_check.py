@@ -11,7 +11,9 @@ On a CUDA machine it
    nn.Linear at the JiT-B/16 and JiT-L/16 FFN shapes, 64 images x 256 tokens, in float32
    and under bf16 autocast;
 3. measures end-to-end images/s of JiT-B/16 at 256 px (random weights, 50 Heun steps, CFG
-   on [0.1, 1]) for the float model and for hybrid W8A11 in static mode;
+   on [0.1, 1]) for the float model and for hybrid W8A11 in static mode, eager and
+   compiled (torch.compile of the backbone, jit/models/compile.py; the first call, which
+   compiles, is reported apart);
 4. reports the peak GPU memory of each measurement;
 and writes one markdown report. Without CUDA it says so in one line and runs the same
 code with tiny shapes on the CPU (tests/test_gpu_check.py runs that in CI).
@@ -20,13 +22,16 @@ Expectations on an H100-class GPU (to be confirmed by this script; no GPU was av
 where it was written): the physical floor of the hybrid layer is two GEMMs, the analog
 LSB slice and the digital MSB slice, each exact in bf16/fp16 operands with fp32
 accumulation (9-bit x 8-bit codes); the simulation runs them in float32, so expect about
-2-3x nn.Linear in float32 plus the element-wise ADC passes, which are memory-bound. Not
-measured here: a compiled (torch.compile) variant, which this revision does not offer.
+2-3x nn.Linear in float32 plus the element-wise ADC passes, which are memory-bound. Eager,
+each element-wise pass is one kernel over the activations; compiled, Inductor fuses the
+quantizer, split, ADC and noise passes into the GEMM prologues and epilogues, so the
+compiled hybrid backbone should approach the two-GEMM floor per quantized layer.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import resource
 import subprocess
@@ -38,6 +43,7 @@ import torch
 from torch import nn
 
 from benchmarks import quant_linear
+from jit.models.compile import compiled_forward
 from jit.quant import build_quant_config, quantize_model, quantized_layers, sample_context
 from jit.quant.layers import LAYER_CLASSES
 
@@ -133,7 +139,7 @@ def end_to_end(device: torch.device, tiny: bool, images: int) -> list[dict]:
     else:
         net_kwargs, steps = {"name": "JiT-B/16", "input_size": 256, "num_classes": 1000}, 50
     rows = []
-    for label in ("float", "hybrid W8A11 static"):
+    for label, compiled in itertools.product(("float", "hybrid W8A11 static"), (False, True)):
         torch.manual_seed(0)
         net = build_jit(net_kwargs["name"], input_size=net_kwargs["input_size"],
                         num_classes=net_kwargs["num_classes"])
@@ -148,18 +154,22 @@ def end_to_end(device: torch.device, tiny: bool, images: int) -> list[dict]:
         noise = torch.randn(images, 3, net_kwargs["input_size"], net_kwargs["input_size"],
                             generator=torch.Generator().manual_seed(1)).to(device)
 
-        def sample(net=net, denoiser=denoiser, labels=labels, noise=noise):
-            with torch.no_grad(), sample_context(net, list(range(images))):
+        def sample(net=net, denoiser=denoiser, labels=labels, noise=noise, compiled=compiled):
+            with torch.no_grad(), sample_context(net, list(range(images))), \
+                    compiled_forward(net, compiled):
                 return denoiser.generate(labels, noise=noise, steps=steps, method="heun",
                                          cfg_scale=2.9, interval=(0.1, 1.0))
-        sample()  # warm-up: weight codes, kernels
+        start = time.perf_counter()
+        sample()  # warm-up: weight codes, kernels, and the compilation
         _sync(device)
+        first = time.perf_counter() - start
         _reset_peak(device)
         start = time.perf_counter()
         out = sample()
         _sync(device)
         seconds = time.perf_counter() - start
-        rows.append({"model": label, "images": images, "steps": steps, "seconds": seconds,
+        rows.append({"model": label, "compiled": compiled, "first_call_s": first,
+                     "images": images, "steps": steps, "seconds": seconds,
                          "images_per_s": images / seconds, "peak_mb": _peak_mb(device),
                          "finite": bool(torch.isfinite(out).all())})
     return rows
@@ -183,11 +193,12 @@ def report(device: torch.device, tiny: bool, tests: tuple[str, bool], layers: li
     lines += [f"| {r['shape']} | {r['precision']} | {r['layer']} | {r['ms']:.2f} | "
               f"{r['ratio']:.2f} | {r['peak_mb']:.0f} |" for r in layers]
     lines += ["", "## End to end", "",
-              (f"{e2e[0]['steps']} Heun steps, CFG 2.9 on [0.1, 1], random weights, "
-              "eager (no compiled variant in this revision)."), "",
-              "| model | images | seconds | images/s | memory (MB) | finite |",
-              "|---|---:|---:|---:|---:|---|"]
-    lines += [f"| {r['model']} | {r['images']} | {r['seconds']:.1f} | {r['images_per_s']:.2f} | "
+              (f"{e2e[0]['steps']} Heun steps, CFG 2.9 on [0.1, 1], random weights; the "
+               "timed call follows a warm-up call (for compiled rows, the compilation)."), "",
+              "| model | compiled | images | warm-up s | seconds | images/s | memory (MB) | finite |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['model']} | {'yes' if r['compiled'] else 'no'} | {r['images']} | "
+              f"{r['first_call_s']:.1f} | {r['seconds']:.1f} | {r['images_per_s']:.2f} | "
               f"{r['peak_mb']:.0f} | {r['finite']} |" for r in e2e]
     return "\n".join(lines) + "\n"
 
