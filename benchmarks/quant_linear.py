@@ -22,18 +22,19 @@ buffer to the kernel on free (otherwise freed buffers stay resident and hide pea
 times are not taken there, since that setting makes every large allocation a fresh
 mmap and penalises allocation-heavy code.
 
-The "minimal hybrid" rows are a yardstick measured on the same machine in the same
-process: the hybrid forward written as one whole-tensor torch op per DESIGN.md formula
-(per-sample percentile by `kthvalue`, per-sample ADC peaks, the two float32 matmuls,
-`randn` noise, no blocking, no sparsity), i.e. the straightforward implementation the ratio targets were set against.
-Before timing, its output with the ADC bypassed is checked against the project's layer,
-so both rows compute the same function.
+The "reference" rows are the yardstick, measured on the same machine in the same
+process: the hybrid layer run through jit/quant/reference.py, the executable
+specification (one whole-tensor torch op per DESIGN.md formula, per-sample selections and
+ADC peaks, the two float32 matmuls, counter-based noise, no blocking, no sparsity), i.e.
+the straightforward implementation, eagerly and compiled by torch.compile (Inductor; its
+compilation happens in the warm-up call and is not timed). Before timing, their outputs
+with the ADC bypassed are checked against the project's layer, so every row computes the
+same function.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -46,8 +47,8 @@ import time
 import torch
 from torch import nn
 
-from jit.quant import adc_bypassed, build_quant_config, percentile_abs, quantizers
-from jit.quant.config import QuantConfig
+from jit.models.compile import compiled_forward
+from jit.quant import adc_bypassed, build_quant_config, percentile_abs, quantizers, sample_context
 from jit.quant.layers import LAYER_CLASSES
 
 SHAPES = [  # (label, in_features, out_features, tokens per sample, batches)
@@ -130,73 +131,45 @@ def build(linear: nn.Linear, overrides: dict, mode: str, x: torch.Tensor) -> nn.
     return layer
 
 
-class MinimalHybrid(nn.Module):
-    """The yardstick: hybrid W8A11 (DESIGN.md) as whole-tensor ops, per-tensor weights.
-    `act_clip`/`adc_clip` given: static mode; None: dynamic."""
-
-    def __init__(self, linear: nn.Linear, cfg: QuantConfig, act_clip: float | None = None,
-                 adc_clip: float | None = None) -> None:
+class _ReferenceCall(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.bias = None if linear.bias is None else linear.bias.detach()
-        self.act_clip, self.adc_clip = act_clip, adc_clip
-        w = linear.weight.detach()
-        self.w_step = w.abs().max() / (2 ** (cfg.weight.bits - 1) - 1)
-        self.w_int_t = torch.round(w / self.w_step).t().contiguous()  # once, as a cache would
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.layer = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cfg, x2 = self.cfg, x.reshape(-1, x.shape[-1])
-        a_max, adc_max = 2 ** (cfg.act.bits - 1) - 1, 2 ** (cfg.adc.bits - 1) - 1
-        clip = self.act_clip
-        samples = x.shape[0]  # dynamic ranges per sample (quant.dynamic_scope=sample)
-        if clip is None:
-            flat = x.abs().reshape(samples, -1)
-            # torch.quantile's 'linear' rule (q rounded to x's dtype), by two selections
-            q = float(torch.tensor(cfg.act.percentile / 100, dtype=x2.dtype))
-            rank = q * (flat.shape[1] - 1)
-            low = flat.kthvalue(int(rank) + 1, dim=1).values
-            high = flat.kthvalue(min(int(rank) + 2, flat.shape[1]), dim=1).values
-            clip = torch.lerp(low, high, rank - int(rank)).repeat_interleave(
-                x2.shape[0] // samples).unsqueeze(1)
-        step = clip / a_max
-        x_int = torch.clamp(torch.round(torch.clamp(x2, -clip, clip) / step), -a_max - 1, a_max)
-        lsb_max, radix = 2 ** (cfg.split.lsb_bits - 1) - 1, cfg.split.radix
-        beyond = x_int - torch.clamp(x_int, -lsb_max - 1, lsb_max)
-        msb = torch.sign(beyond) * torch.ceil(beyond.abs() / radix)
-        lsb = x_int - radix * msb
-        acc = lsb @ self.w_int_t
-        if cfg.adc.bypass:
-            y_lsb = acc
-        else:
-            peak = self.adc_clip
-            if peak is None:
-                peak = acc.abs().reshape(samples, -1).amax(1).repeat_interleave(
-                    acc.shape[0] // samples).unsqueeze(1)
-            adc_step = peak / adc_max
-            sigma = cfg.adc.noise_sigma_lsb / cfg.adc.samples ** 0.5
-            noisy = acc + torch.randn(acc.shape, generator=self.generator) * (sigma * adc_step)
-            y_lsb = torch.clamp(torch.round(noisy / adc_step), -adc_max - 1, adc_max) * adc_step
-        y = (radix * (msb @ self.w_int_t) + y_lsb) * (step * self.w_step)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], -1)
+        return self.layer._reference_forward(x)
 
 
-def minimal_hybrid(linear: nn.Linear, layer: nn.Module, x: torch.Tensor) -> MinimalHybrid:
-    """The yardstick for `layer` (a hybrid built by `build`, same mode and thresholds),
-    checked to compute the same function with the ADC bypassed."""
-    cfg, act_clip, adc_clip = layer.cfg, None, None
-    if layer.static is not None:
-        act_clip, adc_clip = layer.static.act_clip, layer.static.adc_clips["lsb"]
-    bypassed = dataclasses.replace(cfg, adc=dataclasses.replace(cfg.adc, bypass=True))
+class Reference(nn.Module):
+    """The yardstick: `layer` run through jit/quant/reference.py, the executable
+    specification (one whole-tensor torch op per DESIGN.md formula, counter-based noise,
+    no blocking, no sparsity). Compiled (`compiled=True`): the same forward traced by
+    torch.compile, as `model.compile=true` runs it."""
+
+    def __init__(self, layer: nn.Module, compiled: bool = False) -> None:
+        super().__init__()
+        self.call = _ReferenceCall(layer)
+        self.compiled = compiled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with sample_context(self.call, range(x.shape[0])), \
+                compiled_forward(self.call, self.compiled):
+            return self.call(x)
+
+
+def reference_rows(layer: nn.Module, x: torch.Tensor) -> list[tuple[str, Reference]]:
+    """The reference rows for `layer` (built by `build`), checked to compute its function
+    with the ADC bypassed, bitwise in eager mode and to float rounding compiled."""
+    rows = [("reference (whole tensor)", Reference(layer)),
+            ("reference compiled", Reference(layer, compiled=True))]
     with adc_bypassed(layer):
         expected = layer(x)
-    error = float((MinimalHybrid(linear, bypassed, act_clip, adc_clip)(x) - expected).abs().max()
-                  / expected.abs().max())
-    if error > 1e-4:  # a wrong formula is off by far more; a clip one ulp apart is not
-        raise AssertionError(f"minimal hybrid differs from the layer (relative {error:.2e})")
-    return MinimalHybrid(linear, cfg, act_clip, adc_clip)
+        for label, module in rows:
+            got = module(x)
+            tolerance = 0.0 if not module.compiled else 8 * torch.finfo(x.dtype).eps
+            if float((got - expected).abs().max()) > tolerance * float(expected.abs().max()):
+                raise AssertionError(f"{label} differs from the layer")
+    return rows
 
 
 def machine() -> str:
@@ -235,7 +208,8 @@ def _modules(linear: nn.Linear, x: torch.Tensor):
         layer = build(linear, overrides, mode, x)
         yield label, mode, layer
         if overrides["scheme"] == "hybrid":
-            yield "minimal hybrid", mode, minimal_hybrid(linear, layer, x)
+            for row, module in reference_rows(layer, x):
+                yield row, mode, module
 
 
 def peak_table() -> None:

@@ -5,29 +5,33 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.quant_linear import MinimalHybrid, build, minimal_hybrid, paired_ms
+from benchmarks.quant_linear import Reference, build, paired_ms, reference_rows
+from jit.models.compile import compile_available
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_minimal_hybrid_matches_the_layer_under_bypass(mode):
+@pytest.mark.skipif(compile_available() is not None, reason="no torch.compile here")
+def test_reference_rows_compute_the_layer_function():
     torch.manual_seed(0)
     linear = nn.Linear(96, 160)
     x = torch.distributions.StudentT(3.0).sample((3, 50, 96))
     with torch.no_grad():
-        layer = build(linear, {"scheme": "hybrid"}, mode, x)
-        reference = minimal_hybrid(linear, layer, x)  # raises if they differ
-        assert isinstance(reference, MinimalHybrid)
-        assert reference(x).shape == layer(x).shape == (3, 50, 160)
+        layer = build(linear, {"scheme": "hybrid"}, "static", x)
+        rows = reference_rows(layer, x)  # raises if they differ
+        assert [label for label, _ in rows] == ["reference (whole tensor)", "reference compiled"]
+        for _, module in rows:
+            assert module(x).shape == layer(x).shape == (3, 50, 160)
 
 
-def test_minimal_hybrid_check_rejects_another_function():
+def test_reference_row_check_rejects_another_function(monkeypatch):
     torch.manual_seed(0)
-    linear, other = nn.Linear(96, 160), nn.Linear(96, 160)
+    linear = nn.Linear(96, 160)
     x = torch.distributions.StudentT(3.0).sample((3, 50, 96))
     with torch.no_grad():
         layer = build(linear, {"scheme": "hybrid"}, "static", x)
+        # a yardstick that computes another function: the check must refuse it
+        monkeypatch.setattr(Reference, "forward", lambda self, v: self.call.layer(v) * 1.001)
         with pytest.raises(AssertionError, match="differs from the layer"):
-            minimal_hybrid(other, layer, x)  # a yardstick with other weights
+            reference_rows(layer, x)
 
 
 def test_paired_ms_reports_the_ratio_of_the_two_calls():
