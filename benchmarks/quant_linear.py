@@ -247,6 +247,9 @@ def main() -> None:
     if args.block_elements < 0 or args.runs < 1 or args.threads < 1:
         parser.error("--block-elements must be >= 0, --runs and --threads >= 1")
     torch.set_num_threads(args.threads)
+    # Every compiled row traces the same forward code with another layer and shape; past
+    # Dynamo's default limit of 8 graphs per code object it would run the rest eagerly.
+    torch._dynamo.config.recompile_limit = 64
     if args.block_elements > 0:
         quantizers.CHUNK_ELEMENTS = args.block_elements
     else:  # the accelerator plan: one op per whole tensor

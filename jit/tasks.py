@@ -455,8 +455,12 @@ def calibrate(cfg: DictConfig) -> dict:
     module, _ = load_module(cfg)
     dm = instantiate(cfg.data)
     check_before_generation(cfg, qcfg, module, dm)
-    info = prepare_quantized(module, qcfg, cfg, dm, run_dir)
-    print(f"calibration artefact: {info['calibration']['file']}")
+    # Under the trainer, as eval: its precision (bf16 autocast with bf16-mixed) and devices.
+    trainer = build_trainer(cfg, [], build_callbacks(cfg, training=False))
+    info = run_in_test_loop(trainer, module, lambda trainer, module: prepare_quantized(
+        module, qcfg, cfg, dm, run_dir, trainer))
+    if trainer.is_global_zero:
+        print(f"calibration artefact: {info['calibration']['file']}")
     return info
 
 

@@ -6,7 +6,8 @@ Static mode and the per-sample and per-token dynamic scopes take none: clips, st
 the NaN/Inf verdict stay on the device, and the sample context reads the verdict once when
 it exits. The seed's whole-call scope (dynamic_scope=batch) reads each tile's ADC peak on
 the host, one sync per tile, so that its steps equal those of a static clip of that peak.
-Statistics (a diagnostic mode) are not covered here."""
+Statistics (a diagnostic mode) keep their counters on the device and sync only when
+they are read."""
 
 from collections import Counter
 
@@ -17,7 +18,7 @@ from test_quant_layers import heavy_tailed
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from jit.models import Denoiser, build_jit
-from jit.quant import quantize_model, quantized_layers, sample_context
+from jit.quant import collect_stats, enable_stats, quantize_model, quantized_layers, sample_context
 
 HOST_COPIES = {
     torch.ops.aten._local_scalar_dense.default,
@@ -77,6 +78,24 @@ def test_forward_host_syncs(accelerator_plan, scheme, variant, mode, scope):
         assert counter.total == tiles, dict(counter.ops)
     else:
         assert counter.total == 0, dict(counter.ops)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_statistics_sync_only_when_read(accelerator_plan, scheme, mode):
+    x = heavy_tailed(3, 10, 64, seed=2).to(accelerator_plan)
+    layer = _calibrated(scheme, mode, VARIANTS["tiles+noise"], x)
+    enable_stats(layer)
+    with torch.no_grad():
+        layer(x)
+        counter = HostSyncs()
+        with sample_context(layer, [4, 7, 9]), counter:
+            layer(x)
+    assert counter.total == 0, dict(counter.ops)
+    with HostSyncs() as reading:
+        row = collect_stats(layer)[0]
+    assert reading.total > 0 and row["calls"] == 2
+    assert isinstance(row["act_clip_rate"], float) and isinstance(row["digital_macs"], int)
 
 
 def test_nan_input_inside_a_context_is_reported_when_it_exits(accelerator_plan):

@@ -376,6 +376,29 @@ def test_calibrate_task_writes_only_the_artefact(trained_tiny, tmp_path):
     assert (out / "coverage.csv").exists() and not (out / "results.json").exists()
 
 
+def test_calibrate_task_runs_under_the_trainer_precision(trained_tiny, tmp_path):
+    """task=calibrate samples in the trainer's precision, as eval does: under bf16-mixed
+    the float blocks around the quantized layers run in bf16, so the thresholds move."""
+    import torch
+
+    clips = {}
+    for precision in ("32-true", "bf16-mixed"):
+        out = tmp_path / precision
+        run(["task=calibrate", f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL,
+             f"trainer.precision={precision}", f"hydra.run.dir={out}"], tmp_path)
+        artefact = torch.load(out / "calibration.pt", weights_only=True)
+        clips[precision] = [entry["act_clip"] for entry in artefact["layers"].values()]
+    assert clips["32-true"] != clips["bf16-mixed"]
+
+
+def test_compile_outside_eval_is_one_line_naming_the_key(tmp_path):
+    proc = run(["task=train", "model.compile=true", f"hydra.run.dir={tmp_path / 'out'}"], tmp_path,
+               check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.compile" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
 def test_export_task_writes_the_official_layout(trained_tiny, tmp_path):
     from jit.checkpoint import load_jit_checkpoint
 

@@ -385,6 +385,11 @@ class FIDEvaluation(L.Callback):
                             disable=rank != 0 or not cfg.progress)
         gen_start = time.perf_counter()
         try:
+            if self.compile_backbone:
+                # Graphs of earlier evaluations in this process (the float baseline, earlier
+                # jobs of a sweep) guard on modules that are gone; they would count against
+                # Dynamo's limit of 8 graphs per code object, past which it runs eagerly.
+                torch._dynamo.reset()
             compiled = compiled_forward(net, self.compile_backbone and net is not None)
             with weights_ctx, progress, torch.no_grad(), compiled:
                 task = progress.add_task("generate", total=cfg.num_images, rate="-")

@@ -763,7 +763,7 @@ class QuantLinear(nn.Linear):
         if digital is None:
             return out, unit
         if stats is not None:
-            stats.digital_macs += int(torch.count_nonzero(digital)) * self.out_features
+            stats.digital_macs = stats.digital_macs + torch.count_nonzero(digital) * self.out_features
         if columns is not None and unit is not None:
             index = columns.nonzero().squeeze(1)
             if index.numel() == 0:

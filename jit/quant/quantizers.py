@@ -245,7 +245,7 @@ def noise_blocks(rows: int, cols: int, device: torch.device, noise: SampleNoise 
 
 def adc_convert_(acc: torch.Tensor, step: float | torch.Tensor, bits: int,
                  noise_sigma_codes: float = 0.0, noise: SampleNoise | None = None,
-                 count_saturated: bool = False) -> int:
+                 count_saturated: bool = False) -> int | torch.Tensor:
     """In place on a 2-D accumulation: acc -> clamp(round(acc/step + e), -2^(n-1), 2^(n-1)-1)
     with e ~ N(0, noise_sigma_codes^2).
 
@@ -255,7 +255,7 @@ def adc_convert_(acc: torch.Tensor, step: float | torch.Tensor, bits: int,
     and each block is added, rounded and clamped while it is in cache. `step` is a
     Python number (one step for the whole tile) or a [rows, 1] tensor (one per row: the
     dynamic sample and token scopes). Returns the number of codes that saturated when
-    `count_saturated`, else 0.
+    `count_saturated` (a 0-d device tensor: no host sync), else 0.
     """
     code_max = qmax(bits)
     if noise_sigma_codes <= 0:
@@ -290,4 +290,4 @@ def adc_convert_(acc: torch.Tensor, step: float | torch.Tensor, bits: int,
         if count_saturated:
             saturated.append((chunk > code_max).sum() + (chunk < -code_max - 1).sum())
         chunk.clamp_(-code_max - 1, code_max)
-    return int(torch.stack(saturated).sum()) if saturated else 0
+    return torch.stack(saturated).sum() if saturated else 0

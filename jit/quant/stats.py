@@ -1,15 +1,17 @@
 """Per-layer statistics of DESIGN.md "Statistics worth logging per layer".
 
 A layer owns a `LayerStats` only while statistics are enabled (`enable_stats`); when
-it is None the forward pass does no extra work at all. Counters accumulate across calls
-as Python numbers (one host sync per counter per call, acceptable for a diagnostic
-mode) and `collect_stats` turns them into one row per layer.
+it is None the forward pass does no extra work at all. Counters known from shapes are
+Python numbers; counters of values (clipped activations, MSB codes, saturated
+conversions, energies) accumulate as 0-d tensors on the layer's device, so collecting
+costs no host sync per call; `collect_stats` reads them once and turns them into one row
+per layer.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -17,20 +19,24 @@ from torch import nn
 
 from .layers import quantized_layers
 
+# A counter: a Python number, or a 0-d device tensor while values are being added.
+Count = int | torch.Tensor
+Energy = float | torch.Tensor
+
 
 @dataclass
 class LayerStats:
     calls: int = 0
     act_values: int = 0
-    act_clipped: int = 0
-    msb_nonzero: int = 0
-    in_lsb_range: int = 0
-    in_int8_range: int = 0
+    act_clipped: Count = 0
+    msb_nonzero: Count = 0
+    in_lsb_range: Count = 0
+    in_int8_range: Count = 0
     adc_conversions: int = 0
-    adc_saturated: int = 0
-    signal_energy: float = 0.0
-    error_energy: float = 0.0
-    digital_macs: int = 0
+    adc_saturated: Count = 0
+    signal_energy: Energy = 0.0
+    error_energy: Energy = 0.0
+    digital_macs: Count = 0
     analog_macs: int = 0
     has_split: bool = False
     has_adc: bool = False
@@ -40,7 +46,7 @@ class LayerStats:
     dac_conversions: int = 0  # input codes driven onto array rows, once per read
     array_reads: dict = field(default_factory=dict)  # {path: input vectors x reads}
     path_conversions: dict = field(default_factory=dict)  # {path: ADC conversions}
-    digital_accumulations: int = 0  # adds that merge partial results of one output
+    digital_accumulations: Count = 0  # adds that merge partial results of one output
 
     def observe_paths(self, analog: list, digital: torch.Tensor | None, tokens: int,
                       in_features: int, out_features: int, tiles: int) -> None:
@@ -59,8 +65,7 @@ class LayerStats:
             self.dac_conversions += path.codes.numel() * path.reads
             partials += conversions
         if analog and digital is not None:
-            rows_with_msb = int(digital.ne(0).any(1).sum())
-            partials += rows_with_msb * out_features
+            partials = partials + digital.ne(0).any(1).sum() * out_features
         if analog:
             self.digital_accumulations += partials - tokens * out_features
 
@@ -68,30 +73,44 @@ class LayerStats:
                             x_int: torch.Tensor) -> None:
         """Clip rate and coverage of x_int by [-128, 127]."""
         self.act_values += x.numel()
-        self.act_clipped += int((x.abs() > clip).sum())
-        self.in_int8_range += int(((x_int >= -128) & (x_int <= 127)).sum())
+        self.act_clipped = self.act_clipped + (x.abs() > clip).sum()
+        self.in_int8_range = self.in_int8_range + ((x_int >= -128) & (x_int <= 127)).sum()
 
     def observe_msb(self, msb: torch.Tensor) -> None:
         """MSB density; a code lies in the LSB slice's range exactly when its MSB is 0
         (center-out split: [Lmin, Lmax]; bit-serial: [0, 2^lb - 1])."""
         self.has_split = True
-        nonzero = int(torch.count_nonzero(msb))
-        self.msb_nonzero += nonzero
-        self.in_lsb_range += msb.numel() - nonzero
+        nonzero = torch.count_nonzero(msb)
+        self.msb_nonzero = self.msb_nonzero + nonzero
+        self.in_lsb_range = self.in_lsb_range + (msb.numel() - nonzero)
 
-    def observe_adc(self, conversions: int, saturated: int) -> None:
+    def observe_adc(self, conversions: int, saturated: Count) -> None:
         self.has_adc = True
         self.adc_conversions += conversions
-        self.adc_saturated += saturated
+        self.adc_saturated = self.adc_saturated + saturated
 
     def observe_output(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        y: torch.Tensor) -> None:
         """Signal and error energy against the float layer on the same input."""
         y_float = F.linear(x.to(weight.dtype), weight, bias).double()
-        self.signal_energy += float(y_float.square().sum())
-        self.error_energy += float((y.double() - y_float).square().sum())
+        self.signal_energy = self.signal_energy + y_float.square().sum()
+        self.error_energy = self.error_energy + (y.double() - y_float).square().sum()
+
+    def read(self) -> LayerStats:
+        """A copy with every device counter read into a Python number (the host syncs)."""
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            values[f.name] = value
+        return LayerStats(**values)
 
     def row(self, name: str, scheme: str) -> dict:
+        """The statistics of one layer (reads the device counters once)."""
+        return self.read()._row(name, scheme)
+
+    def _row(self, name: str, scheme: str) -> dict:
         def share(count: int, total: int, applies: bool = True) -> float | None:
             return count / total if applies and total else None
 
