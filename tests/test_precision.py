@@ -30,6 +30,23 @@ def test_quantized_layer_ignores_bf16_autocast(device, scheme, mode):
     assert torch.equal(under_autocast, reference)
 
 
+@pytest.mark.parametrize("scheme", ["hybrid", "bitserial", "w8a8"])
+def test_reference_path_ignores_bf16_autocast(monkeypatch, scheme):
+    """The path compiled layers run (reference.py) computes in float32 under autocast too."""
+    from jit.quant.layers import QuantLinear
+
+    monkeypatch.setattr(QuantLinear, "forward", QuantLinear._reference_forward)
+    x = heavy_tailed(2, 12, 64, seed=4)
+    layer = layer_for(scheme, 64, 96, mode="dynamic", adc={"noise_sigma_lsb": 2.0})
+    with torch.no_grad():
+        with sample_context(layer, [3, 8]):
+            reference = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16), sample_context(layer, [3, 8]):
+            under_autocast = layer(x)
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, reference)
+
+
 def test_quantized_layer_gradients_under_autocast_match_float32():
     x = heavy_tailed(2, 12, 64, seed=5)
     grads = []

@@ -260,11 +260,21 @@ def test_compiled_backbone_is_one_graph_per_shape_and_equals_the_eager_reference
     assert not torch.equal(compiled[0], compiled[1])
 
 
-def test_compile_unavailable_is_reported_in_one_line(monkeypatch):
+def test_compile_unavailable_is_one_line_before_any_work(monkeypatch, tmp_path):
+    from test_run import compose_run
     from torch._inductor import cpp_builder
+
+    from jit import tasks
+    from jit.config import ConfigError
 
     def no_compiler():
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
     assert compile_available() == "Inductor cannot find a C++ compiler (no C++ compiler found)"
+    cfg = compose_run(["model.compile=true", f"paths.output_dir={tmp_path / 'run'}"])
+    monkeypatch.setattr(tasks, "evaluate", lambda cfg: pytest.fail("evaluation started"))
+    with pytest.raises(ConfigError, match=r"^model.compile=true: Inductor cannot find a C\+\+ "
+                       r"compiler \(no C\+\+ compiler found\); run with model.compile=false$"):
+        tasks.dispatch(cfg)
+    assert not (tmp_path / "run").exists()
