@@ -12,8 +12,9 @@ path is for inference: it has no straight-through gradients, calibration observe
 statistics (those passes run eagerly, outside this block). Noisy layers need a
 `sample_context` around each call (the loops of this project have one).
 
-The first call compiles (tens of seconds per graph on a CPU, the guards then hold for
-every batch of the same shape); `dynamic=False` because FID batches repeat one shape.
+The first call of each input shape compiles; later calls of that shape reuse the graph.
+`dynamic=False` because FID batches repeat one shape (the last, smaller batch of a run
+compiles once more).
 """
 
 from __future__ import annotations

@@ -25,10 +25,9 @@ _SELECTION_BLOCK = 32767
 # Elementwise chains run over row blocks of at most CHUNK_ELEMENTS elements (512 KiB in
 # float32) on the CPU: each op still spreads over the cores (ATen's parallel grain size is
 # 32768 elements), the temporaries of a chain (noise, slice codes) stay small next to the
-# activations whatever the batch, and a chain of ops finds its block in cache. On the
-# project's 2-core CI machine class this measured faster than both cache-sized blocks on
-# two host threads and whole-tensor ops (benchmarks/RESULTS.md); 2^18 was as fast but
-# raised the bit-serial layer's peak memory above 4x its input at small batches.
+# activations whatever the batch, and a chain of ops finds its block in cache. The size
+# was chosen against cache-sized blocks and whole-tensor ops with benchmarks.quant_linear
+# (benchmarks/RESULTS.md); larger blocks raise the bit-serial layer's peak memory.
 CHUNK_ELEMENTS = 2**17
 
 # Device types that take the CPU plan: row blocks, the INT8 digit kernel (intmm.py) and
@@ -55,7 +54,7 @@ def row_blocks(rows: int, cols: int, device: torch.device) -> list[slice]:
 # x + 1.5 * 2^(p-1) - 1.5 * 2^(p-1) rounds x to an integer, ties to even, exactly as
 # torch.round, for |x| < 2^(p-2) (p: significand bits): two adds with ATen's default
 # grain size. torch.round is a VML-style kernel that forks OpenMP threads from 2048
-# elements on, which on a busy machine costs milliseconds per call.
+# elements on, which a busy machine pays for on every call.
 _ROUND_MAGIC = {torch.float32: 1.5 * 2.0**23, torch.float64: 1.5 * 2.0**52}
 ROUND_EXACT_BELOW = {torch.float32: 2.0**22, torch.float64: 2.0**51}
 
