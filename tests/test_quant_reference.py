@@ -278,3 +278,27 @@ def test_compile_unavailable_is_one_line_before_any_work(monkeypatch, tmp_path):
                        r"compiler \(no C\+\+ compiler found\); run with model.compile=false$"):
         tasks.dispatch(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_traced_layers_take_the_reference_path_only_for_plain_inference(monkeypatch):
+    """Under tracing, gradients, observers and statistics keep the fast path, which has
+    them; plain inference takes reference.py."""
+    from jit.quant import enable_stats
+
+    x = heavy_tailed(2, 5, 64, seed=8)
+    layer = _layer("hybrid", "static", x=x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    taken = []
+    monkeypatch.setattr(QuantLinear, "_reference_forward",
+                        lambda self, v: taken.append("reference") or v.new_zeros(1))
+    with torch.no_grad():
+        layer(x)
+    assert taken == ["reference"]
+    layer(x.requires_grad_())  # gradients wanted: straight-through path
+    with torch.no_grad():
+        enable_stats(layer)
+        layer(x)
+        enable_stats(layer, False)
+        layer.observer = lambda *args: None
+        layer(x)
+    assert taken == ["reference"]

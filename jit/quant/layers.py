@@ -299,9 +299,18 @@ class QuantLinear(nn.Linear):
 
     # ----- forward -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and self._inference_only(x):
             return self._reference_forward(x)
         return _StraightThrough.apply(x, self.weight, self.bias, self)
+
+    def _inference_only(self, x: torch.Tensor) -> bool:
+        """Whether reference.py serves this call: no gradients wanted, no observer and no
+        statistics (the reference path has none of them; otherwise Dynamo traces, or
+        breaks its graph around, the fast path, which has them)."""
+        wants_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p is not None and p.requires_grad
+                                   for p in (self.weight, self.bias)))
+        return not wants_grad and self.observer is None and self.stats is None
 
     def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward through reference.py: whole-tensor ops, no host syncs in static mode
