@@ -32,7 +32,7 @@ def rss_mb(field: str) -> float:
 def one_run(num_images: int, batch_size: int, workdir: Path) -> dict:
     import torch
 
-    from jit.callbacks import FIDEvaluation
+    from jit.evaluation import FIDEvaluation
     from jit.datamodules import DigitsDataModule
     from jit.models import Denoiser, build_jit
 

@@ -114,13 +114,13 @@ def digits_convergence() -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from jit.callbacks.calibration import (
+    from jit.config import register_schemas, to_plain
+    from jit.evaluation.calibration import (
         CalibrationConfig,
         _calibration_batches,
         _data_forward,
         _eval_weights,
     )
-    from jit.config import register_schemas, to_plain
     from jit.quant import quantize_model
     from jit.quant.calibration import calibrate
     from jit.quant.layers import quantized_layers

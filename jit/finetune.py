@@ -177,7 +177,7 @@ def compare_after_training(cfg: DictConfig, settings: FinetuneSettings, start: s
     summary = {"start_checkpoint": start, "trained_checkpoint": trained, "metric": metric, "points": rows}
     from lightning.pytorch.utilities import rank_zero_only
 
-    from jit.callbacks.evaluation import write_json_atomic
+    from jit.evaluation.fid import write_json_atomic
 
     if rank_zero_only.rank == 0:
         write_json_atomic(summary, run_dir / "finetune_comparison.json")

@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from jit.checkpoint import CheckpointError, safe_load, save_official_checkpoint, sha256_file
+from jit.checkpoint import CheckpointError, safe_load, save_official_checkpoint
 from jit.config import ASSETS, ConfigError, Task, to_plain, validate
 from jit.module import JiTModule, load_for_evaluation
 
@@ -185,7 +184,7 @@ def check_calibration_inputs(cfg: DictConfig, qcfg, dm) -> None:
 
 
 def uses_data_for_calibration(cfg: DictConfig, qcfg) -> bool:
-    from jit.callbacks.calibration import CalibrationConfig
+    from jit.evaluation.calibration import CalibrationConfig
 
     if qcfg.scheme == "fp" or qcfg.mode != "static" or qcfg.calibration_file is not None:
         return False
@@ -195,7 +194,7 @@ def uses_data_for_calibration(cfg: DictConfig, qcfg) -> bool:
 def check_reference(fid_cfg, module: JiTModule, dm) -> None:
     """The feature extractor loads (weights present and safe) and the reference statistics
     fit it: a stats file is read, a data split is listed and its class count checked."""
-    from jit.callbacks.evaluation import check_data_classes
+    from jit.evaluation.fid import check_data_classes
     from jit.metrics.features import INCEPTION, create_feature_space
     from jit.metrics.reference import ReferenceStatsError, load_reference_stats
 
@@ -218,7 +217,7 @@ def check_before_generation(cfg: DictConfig, qcfg, module: JiTModule, dm, fid_cf
     per-layer statistics or the whole generation: calibration data and file, quantization
     targets, the feature extractor, reference statistics, the data's class count against the
     model's. Raises with the key or file named."""
-    from jit.callbacks.evaluation import check_data_classes
+    from jit.evaluation.fid import check_data_classes
     from jit.quant import artefact, target_names
 
     if uses_data_for_calibration(cfg, qcfg):
@@ -321,59 +320,6 @@ def export(cfg: DictConfig) -> dict:
     return {"checkpoint": out}
 
 
-def prepare_quantized(module: JiTModule, qcfg, cfg: DictConfig, dm, run_dir: Path, trainer=None) -> dict:
-    """Quantize the backbone in place; in static mode calibrate (or apply quant.calibration_file).
-
-    Returns the provenance recorded in results.json.
-    """
-    from jit.callbacks.calibration import run_calibration
-    from jit.quant import quantize_model
-
-    if qcfg.scheme == "fp":
-        return {"calibration": None}
-    replaced = quantize_model(module.denoiser.net, qcfg)
-    rank_zero_info(f"quantized {len(replaced)} layers ({qcfg.scheme}, {qcfg.mode})")
-    outcome = run_calibration(module, qcfg, to_plain(cfg.calibration), run_dir, datamodule=dm,
-                              sampler=module.sampler, eval_weights=module.eval_weights)
-    if outcome is None:
-        return {"calibration": None, "quantized_layers": len(replaced)}
-    meta = {k: v for k, v in outcome.artefact.items() if k not in ("layers", "weights")}
-    provenance = {"file": str(outcome.artefact_path), "calibrated_here": outcome.calibrated,
-                  **{k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))}}
-    if outcome.coverage and trainer is not None:
-        log_table(trainer, "calibration/coverage", outcome.coverage)
-    return {"calibration": provenance, "quantized_layers": len(replaced)}
-
-
-def quant_statistics(module: JiTModule, qcfg, fid_cfg, num_classes: int, num_images: int) -> list[dict]:
-    """Per-layer statistics over a short sampling run with the evaluation's sampler and weights.
-
-    Statistics cost several extra passes per call, so they are gathered on the first
-    `num_images` images of the FID set (same labels, initial noise and noise sample ids),
-    in batches of fid.batch_size; `eval.layer_stats_images=0` skips them.
-    """
-    from jit.callbacks.evaluation import balanced_labels, initial_noise
-    from jit.quant import collect_stats, enable_stats, reset_stats, sample_context
-
-    n = min(num_images, fid_cfg.num_images)
-    if qcfg.scheme == "fp" or n == 0:
-        return []
-    denoiser = module.denoiser
-    shape = (denoiser.in_channels, denoiser.img_size, denoiser.img_size)
-    labels = balanced_labels(fid_cfg.num_images, num_classes, fid_cfg.label_strategy)
-    enable_stats(denoiser.net, True)
-    reset_stats(denoiser.net)
-    try:
-        with module.eval_weights_context(module.eval_weights):
-            for indices in torch.arange(n).split(fid_cfg.batch_size):
-                noise = initial_noise(fid_cfg.seed, indices, shape, denoiser.noise_scale)
-                with sample_context(denoiser.net, indices):
-                    module.generate(labels[indices], noise=noise, **fid_cfg.sampler)
-        return collect_stats(denoiser.net)
-    finally:
-        enable_stats(denoiser.net, False)
-
-
 class RunAtTestStart(L.Callback):
     """Runs `fn(trainer, module)` once `trainer.test` has set up every process and device."""
 
@@ -396,57 +342,32 @@ def run_in_test_loop(trainer: L.Trainer, module: JiTModule, fn):
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    from jit.callbacks import FIDEvaluation
-    from jit.callbacks.evaluation import FIDConfig
-    from jit.hardware import build_hardware_config, count_targets_and_macs, estimate_run, log_energy
+    from jit.evaluation.fid import FIDConfig
+    from jit.evaluation.pipeline import EvaluationSettings, evaluate_float_then_quantized
+    from jit.hardware import build_hardware_config
 
-    qcfg = quant_config(cfg)
-    fid_cfg = FIDConfig.from_any(cfg.fid)  # validate fid.* before any work
+    qcfg, fid_cfg = quant_config(cfg), FIDConfig.from_any(cfg.fid)  # validated before any work
     hardware = build_hardware_config(cfg.hardware)
-    run_dir = Path(cfg.paths.output_dir)
     module, source = load_module(cfg)
+    run = EvaluationSettings(
+        quant=qcfg, fid=fid_cfg, hardware=hardware, calibration=to_plain(cfg.calibration),
+        run_dir=Path(cfg.paths.output_dir), checkpoint=source, compare_fp=bool(cfg.compare_fp),
+        layer_stats_images=int(cfg.eval.layer_stats_images),
+        compile_backbone=bool(cfg.model.compile))
     dm = instantiate(cfg.data)
-    check_before_generation(cfg, qcfg, module, dm, fid_cfg)
+    check_before_generation(cfg, run.quant, module, dm, run.fid)
     trainer = build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg, training=False))
-    common = {"checkpoint": source, "task": "eval", "compiled": bool(cfg.model.compile)}
-
-    def pipeline(trainer, module):
-        if trainer.is_global_zero:  # results.json is written by rank 0
-            common["checkpoint_sha256"] = sha256_file(source)
-        baseline = None
-        if cfg.compare_fp and qcfg.scheme != "fp":
-            rank_zero_info("evaluating the float model (baseline)")
-            fp = FIDEvaluation(fid_cfg, run_dir=run_dir / "baseline_fp", log_prefix="eval_fp",
-                               extra={**common, "quant": {"scheme": "fp"}},
-                               compile_backbone=cfg.model.compile)
-            baseline = fp.run(trainer, module, dm)["metrics"]
-        dense_macs, targets = count_targets_and_macs(module, qcfg, fid_cfg, module.denoiser.num_classes)  # float model
-        provenance = prepare_quantized(module, qcfg, cfg, dm, run_dir, trainer)
-        stats_images = min(cfg.eval.layer_stats_images, fid_cfg.num_images)
-        layer_stats = quant_statistics(module, qcfg, fid_cfg, module.denoiser.num_classes, stats_images)
-        energy, layer_rows = estimate_run(hardware, qcfg, dense_macs, targets, layer_stats, stats_images)
-        extra = {**common, "quant": qcfg.to_dict(), **provenance, "baseline_fp": baseline, "energy": energy}
-        if layer_stats:
-            extra["layer_stats_summary"] = summarize_layer_stats(layer_stats)
-            extra["layer_stats_images"] = stats_images
-            if trainer.is_global_zero:
-                write_layer_stats(layer_rows, run_dir / "layer_stats.csv")
-                log_table(trainer, "quant/layer_stats", layer_rows)
-        results = FIDEvaluation(fid_cfg, run_dir=run_dir, extra=extra,
-                                compile_backbone=cfg.model.compile).run(trainer, module, dm)
-        if trainer.is_global_zero:
-            log_energy(trainer, energy)
-            print_summary(results, baseline)
-        return results
-
-    results = run_in_test_loop(trainer, module, pipeline)
+    results = run_in_test_loop(trainer, module, lambda trainer, module: evaluate_float_then_quantized(
+        trainer, module, dm, run))
     finalize_loggers(trainer)
     if trainer.is_global_zero:
-        print(f"run directory: {run_dir}\nresults: {run_dir / 'results.json'}")
+        print(f"run directory: {run.run_dir}\nresults: {run.run_dir / 'results.json'}")
     return results
 
 
 def calibrate(cfg: DictConfig) -> dict:
+    from jit.evaluation.pipeline import prepare_quantized
+
     qcfg = quant_config(cfg)
     if qcfg.scheme == "fp" or qcfg.mode != "static":
         raise ConfigError(f"quant: task=calibrate needs a quantized scheme in static mode "
@@ -458,33 +379,10 @@ def calibrate(cfg: DictConfig) -> dict:
     # Under the trainer, as eval: its precision (bf16 autocast with bf16-mixed) and devices.
     trainer = build_trainer(cfg, [], build_callbacks(cfg, training=False))
     info = run_in_test_loop(trainer, module, lambda trainer, module: prepare_quantized(
-        module, qcfg, cfg, dm, run_dir, trainer))
+        module, qcfg, to_plain(cfg.calibration), dm, run_dir, trainer))
     if trainer.is_global_zero:
         print(f"calibration artefact: {info['calibration']['file']}")
     return info
-
-
-# ------------------------------------------------------------------------------ reports
-def summarize_layer_stats(rows: list[dict]) -> dict:
-    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return {f"mean_{k}": sum(r[k] for r in rows) / len(rows) for k in keys}
-
-
-def write_layer_stats(rows: list[dict], path: Path) -> None:
-    import csv
-
-    from jit.atomic import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def log_table(trainer, key: str, rows: list[dict]) -> None:
-    for logger in trainer.loggers:
-        if hasattr(logger, "log_table"):  # wandb
-            logger.log_table(key=key, columns=list(rows[0]), data=[list(r.values()) for r in rows])
 
 
 def finalize_loggers(trainer, status: str = "success") -> None:
@@ -498,46 +396,6 @@ def finish_wandb(exit_code: int) -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(exit_code=exit_code)
-
-
-def print_summary(results: dict, baseline: dict | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    metrics = results["metrics"]
-    msb = (results.get("layer_stats_summary") or {}).get("mean_msb_density")
-    table = Table(title=f"results ({results.get('num_images')} images)")
-    table.add_column("model")
-    names = list(metrics)
-    for name in names:
-        table.add_column(name, justify="right")
-    table.add_column("msb_density", justify="right")
-    energy = results.get("energy") or {}
-    costs = energy_columns(energy)
-    for name in costs:
-        table.add_column(name, justify="right")
-    if baseline:
-        digital = [f"{energy['digital_int8_energy_per_image_uJ']:.4g}", "-"] if costs else []
-        table.add_row("float", *[f"{baseline.get(n, float('nan')):.4g}" for n in names], "-", *digital)
-    scheme = results.get("quant", {}).get("scheme", "fp")
-    table.add_row(scheme, *[f"{metrics[n]:.4g}" for n in names], f"{msb:.4f}" if msb is not None else "-",
-                  *costs.values())
-    Console().print(table)
-    if costs:
-        print(f"energy per image on {energy['hardware']}: {costs['uJ/image']} uJ, "
-              f"{costs['vs_int8']} vs the digital INT8 baseline "
-              f"({energy['digital_int8_energy_per_image_uJ']:.4g} uJ) of the same model")
-    elif energy.get("status"):
-        print(f"energy per image: {energy['status']}")
-
-
-def energy_columns(energy: dict) -> dict[str, str]:
-    """The cost columns of the console table: energy per image and the saving vs digital
-    INT8 (the float row shows the baseline's energy: a digital accelerator runs it)."""
-    if "energy_per_image_uJ" not in energy:
-        return {}
-    return {"uJ/image": f"{energy['energy_per_image_uJ']:.4g}",
-            "vs_int8": f"{-100 * energy['saving_vs_digital_int8']:+.1f}%"}
 
 
 TASKS = {Task.train: train, Task.eval: evaluate, Task.calibrate: calibrate, Task.export: export}
@@ -686,7 +544,7 @@ def main(cfg: DictConfig):
         trace = "".join(traceback.format_exception(err))
         logging.getLogger("jit").debug(trace)
         if multirun:
-            from jit.callbacks.evaluation import write_json_atomic
+            from jit.evaluation.fid import write_json_atomic
 
             if message is None:  # not bad input: keep the traceback for the user
                 print(trace, file=sys.stderr)

@@ -12,8 +12,8 @@ import torch
 from scipy.stats import laplace, norm
 from torch import nn
 
-from jit.callbacks.calibration import CalibrationConfig, StaticCalibration, run_calibration
 from jit.datamodules import DigitsDataModule
+from jit.evaluation.calibration import CalibrationConfig, run_calibration
 from jit.models import Denoiser, build_jit
 from jit.quant import artefact as art
 from jit.quant import quantize_model, quantized_layers, reseed
@@ -472,9 +472,9 @@ def test_failed_calibration_leaves_no_artefact(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-# ------------------------------------------------------------------------- callback ----
+# ------------------------------------------------------------------ run_calibration ----
 @pytest.mark.parametrize("source", ["data", "sampling"])
-def test_callback_calibrates_saves_and_applies(tmp_path, source):
+def test_run_calibration_calibrates_saves_and_applies(tmp_path, source):
     den = tiny_model({**HYBRID, "mode": "static"}, depth=1, num_classes=10)
     dm = DigitsDataModule(img_size=16, batch_size=4, val_fraction=0.2, num_workers=0,
                           pin_memory=False, persistent_workers=False, subset_frac=1.0,
@@ -483,10 +483,8 @@ def test_callback_calibrates_saves_and_applies(tmp_path, source):
     quant = {**HYBRID, "mode": "static"}
     calib = {"method": "kl", "num_images": 6, "batch_size": 4, "source": source}
     sampler = {"steps": 2, "method": "heun", "cfg_scale": 2.0, "interval": [0.0, 1.0]}
-    trainer = SimpleNamespace(default_root_dir=str(tmp_path), datamodule=dm, loggers=[])
-    callback = StaticCalibration(quant, calib, sampler=sampler)
-    callback.on_test_start(trainer, SimpleNamespace(denoiser=den))
-    outcome = callback.outcome
+    outcome = run_calibration(SimpleNamespace(denoiser=den), quant, calib, tmp_path,
+                              datamodule=dm, sampler=sampler)
     assert outcome.calibrated and outcome.artefact["num_images"] == 6
     assert outcome.artefact["source"] == source
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.pt", "coverage.csv"]

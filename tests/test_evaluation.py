@@ -13,9 +13,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from jit.callbacks import FIDEvaluation, balanced_labels, initial_noise, shard_indices
-from jit.callbacks.evaluation import EvaluationConfigError, write_json_atomic
 from jit.datamodules import DigitsDataModule
+from jit.evaluation import (
+    EvaluationConfigError,
+    FIDEvaluation,
+    balanced_labels,
+    initial_noise,
+    shard_indices,
+)
+from jit.evaluation.fid import write_json_atomic
 from jit.metrics.digits_cnn import DigitsCNN
 from jit.metrics.features import FeatureExtractorError
 from jit.metrics.reference import ReferenceStatsError
@@ -200,7 +206,7 @@ def test_inception_metrics_names(setup, monkeypatch):
             return flat[:, :8], flat[:, :6]
 
     space = FakeSpace("inception-v3-compat", FakeInception(), "2048", "logits_unbiased", 8, "cpu")
-    monkeypatch.setattr("jit.callbacks.evaluation.create_feature_space", lambda *a, **k: space)
+    monkeypatch.setattr("jit.evaluation.fid.create_feature_space", lambda *a, **k: space)
     ref = tmp / "ref8.npz"
     np.savez(ref, mu=np.zeros(8), sigma=np.eye(8))
     out = FIDEvaluation({"extractor": "inception-v3-compat", "num_images": 10, "batch_size": 5, "isc_splits": 2,
@@ -288,7 +294,7 @@ def test_config_files_validate(name):
 
     from omegaconf import OmegaConf
 
-    from jit.callbacks import FIDConfig
+    from jit.evaluation import FIDConfig
 
     root = Path(__file__).parents[1] / "configs"
     node = OmegaConf.merge({"paths": {"cache_dir": "/cache"}}, {"fid": OmegaConf.load(root / "fid" / f"{name}.yaml")})

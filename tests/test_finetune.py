@@ -22,7 +22,7 @@ from test_training import (
     load_ckpt,
 )
 
-from jit.callbacks.calibration import run_calibration
+from jit.evaluation.calibration import run_calibration
 from jit.callbacks.hardware_aware import HardwareInTheLoop
 from jit.checkpoint import build_denoiser_from_checkpoint, load_jit_checkpoint
 from jit.datamodules import DigitsDataModule, to_model_range

@@ -171,7 +171,7 @@ def fid_settings(tmp_path, **extra):
 def test_labels_come_from_the_model_not_the_data(tmp_path):
     from types import SimpleNamespace
 
-    from jit.callbacks.evaluation import FIDEvaluation
+    from jit.evaluation.fid import FIDEvaluation
 
     stats = tmp_path / "stats.npz"
     np.savez(stats, mu=np.zeros(64), sigma=np.eye(64))
@@ -183,8 +183,8 @@ def test_labels_come_from_the_model_not_the_data(tmp_path):
 
 
 def test_class_count_of_model_and_reference_data_must_agree(tmp_path):
-    from jit.callbacks.evaluation import EvaluationConfigError, FIDEvaluation
     from jit.datamodules import DigitsDataModule
+    from jit.evaluation import EvaluationConfigError, FIDEvaluation
 
     module = RecordingModule(num_classes=4)
     settings = fid_settings(tmp_path, reference={"split": "reference", "cache_dir": str(tmp_path / "cache")})

@@ -60,7 +60,7 @@ def compose_run(overrides, hydra_cfg=False):
 @pytest.mark.parametrize("group", ["model", "data", "quant", "calibration", "fid", "trainer", "logger",
                                    "callbacks", "experiment", "hardware"])
 def test_every_group_option_composes_and_instantiates(group, tmp_path, monkeypatch):
-    from jit.callbacks.evaluation import FIDConfig
+    from jit.evaluation.fid import FIDConfig
     from jit.models import build_jit
     from jit.quant import build_quant_config
 
@@ -82,7 +82,7 @@ def test_every_group_option_composes_and_instantiates(group, tmp_path, monkeypat
 
             assert build_hardware_config(cfg.hardware).name == option
         elif group == "calibration":
-            from jit.callbacks.calibration import CalibrationConfig
+            from jit.evaluation.calibration import CalibrationConfig
 
             CalibrationConfig.from_any(cfg.calibration)
         elif group == "trainer":
@@ -616,7 +616,7 @@ def test_readme_cpu_dry_run_command_composes_and_validates(tmp_path):
     import re
     import shlex
 
-    from jit.callbacks.evaluation import FIDConfig
+    from jit.evaluation.fid import FIDConfig
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("### Dry run on CPU", 1)[1]

@@ -1,5 +1,6 @@
-"""Lightning callbacks of the framework."""
+"""Lightning hooks of training: hardware in the loop, frozen parameters, the progress bar."""
 
-from .evaluation import FIDConfig, FIDEvaluation, balanced_labels, initial_noise, shard_indices
+from .hardware_aware import HardwareInTheLoop, TrainablePatterns
+from .progress import TrainingProgressBar
 
-__all__ = ["FIDConfig", "FIDEvaluation", "balanced_labels", "initial_noise", "shard_indices"]
+__all__ = ["HardwareInTheLoop", "TrainablePatterns", "TrainingProgressBar"]

@@ -88,7 +88,7 @@ class HardwareInTheLoop(TrainablePatterns):
             self._calibrate(trainer, pl_module)
 
     def _calibrate(self, trainer, pl_module) -> None:
-        from jit.callbacks.calibration import run_calibration
+        from jit.evaluation.calibration import run_calibration
 
         denoiser = pl_module.denoiser
         was_training = denoiser.training

@@ -1,7 +1,6 @@
 """Static calibration before evaluation (quant.mode=static).
 
-`StaticCalibration` (a Lightning callback, `on_test_start`) and `run_calibration` (the
-same as a function, for task=calibrate and other entry points) do one of:
+`run_calibration` (task=eval and task=calibrate, on every process) does one of:
 
 - `quant.calibration_file=PATH`: load that artefact and apply it (checked against the
   model: layer names, bit widths, scheme);
@@ -15,7 +14,6 @@ Inputs (`calibration.source`):
 - `sampling`: activations recorded along the model's own sampling trajectories (the run's
   sampler settings, CFG included), with class-balanced labels; no dataset needed.
 All randomness comes from `calibration.seed`, so a calibration is reproducible.
-Place this callback before the evaluation callback: Lightning runs hooks in list order.
 """
 
 from __future__ import annotations
@@ -23,12 +21,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import torch
 
 from jit.atomic import atomic_path
@@ -207,8 +203,14 @@ class _WithProgress:
         return len(self.batches)
 
     def __iter__(self):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         label = self.PASSES[min(self.passes, len(self.PASSES) - 1)]
         self.passes += 1
@@ -274,33 +276,3 @@ def run_calibration(module, quant, calibration, run_dir, datamodule=None, sample
         write_coverage_csv(coverage, path.with_name(COVERAGE_NAME))
     art.apply(artefact, net)
     return CalibrationOutcome(path, artefact, coverage, calibrated=True)
-
-
-class StaticCalibration(L.Callback):
-    """Calibrates (or applies quant.calibration_file) at the start of testing when
-    quant.mode=static; logs the coverage table as calibration/<layer>/<column>."""
-
-    def __init__(self, quant, calibration=None, run_dir=None, sampler=None,
-                 eval_weights: str | None = None):
-        self.quant = build_quant_config(quant)
-        self.calibration = CalibrationConfig.from_any(calibration)
-        self.run_dir = run_dir
-        self.sampler = sampler
-        self.eval_weights = eval_weights
-        self.outcome: CalibrationOutcome | None = None
-
-    def on_test_start(self, trainer, pl_module) -> None:
-        run_dir = self.run_dir if self.run_dir is not None else trainer.default_root_dir
-        self.outcome = run_calibration(pl_module, self.quant, self.calibration, run_dir,
-                                       datamodule=getattr(trainer, "datamodule", None),
-                                       sampler=self.sampler, eval_weights=self.eval_weights)
-        if self.outcome is None or not self.outcome.coverage:
-            return
-        metrics = {}
-        for row in self.outcome.coverage:
-            for key in COVERAGE_COLUMNS[1:]:
-                value = row.get(key)
-                if value is not None and math.isfinite(value):
-                    metrics[f"calibration/{row['layer']}/{key}"] = float(value)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=0)

@@ -1,0 +1,67 @@
+"""Reports of an evaluation: per-layer statistics (summary, CSV, wandb table) and the
+console summary table."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from jit.atomic import atomic_path
+
+
+def summarize_layer_stats(rows: list[dict]) -> dict:
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return {f"mean_{k}": sum(r[k] for r in rows) / len(rows) for k in keys}
+
+
+def write_layer_stats(rows: list[dict], path: Path) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def log_table(trainer, key: str, rows: list[dict]) -> None:
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_table"):  # wandb
+            logger.log_table(key=key, columns=list(rows[0]), data=[list(r.values()) for r in rows])
+
+
+def print_summary(results: dict, baseline: dict | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metrics = results["metrics"]
+    msb = (results.get("layer_stats_summary") or {}).get("mean_msb_density")
+    table = Table(title=f"results ({results.get('num_images')} images)")
+    table.add_column("model")
+    names = list(metrics)
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_column("msb_density", justify="right")
+    energy = results.get("energy") or {}
+    costs = energy_columns(energy)
+    for name in costs:
+        table.add_column(name, justify="right")
+    if baseline:
+        digital = [f"{energy['digital_int8_energy_per_image_uJ']:.4g}", "-"] if costs else []
+        table.add_row("float", *[f"{baseline.get(n, float('nan')):.4g}" for n in names], "-", *digital)
+    scheme = results.get("quant", {}).get("scheme", "fp")
+    table.add_row(scheme, *[f"{metrics[n]:.4g}" for n in names], f"{msb:.4f}" if msb is not None else "-",
+                  *costs.values())
+    Console().print(table)
+    if costs:
+        print(f"energy per image on {energy['hardware']}: {costs['uJ/image']} uJ, "
+              f"{costs['vs_int8']} vs the digital INT8 baseline "
+              f"({energy['digital_int8_energy_per_image_uJ']:.4g} uJ) of the same model")
+    elif energy.get("status"):
+        print(f"energy per image: {energy['status']}")
+
+
+def energy_columns(energy: dict) -> dict[str, str]:
+    """The cost columns of the console table: energy per image and the saving vs digital
+    INT8 (the float row shows the baseline's energy: a digital accelerator runs it)."""
+    if "energy_per_image_uJ" not in energy:
+        return {}
+    return {"uJ/image": f"{energy['energy_per_image_uJ']:.4g}",
+            "vs_int8": f"{-100 * energy['saving_vs_digital_int8']:+.1f}%"}
