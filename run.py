@@ -15,7 +15,7 @@ register_schemas()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="run")
 def main(cfg: DictConfig):
-    from jit.tasks import main as run_task
+    from jit.runner import main as run_task
 
     return run_task(cfg)
 

@@ -7,7 +7,7 @@ memory of the evaluation loop does not depend on the model's quality or the step
 Features go through the shipped digits-cnn extractor against statistics of the digits
 reference split, i.e. the built-in default's code path.
 
-`--load-variant JiT-B/16` instead measures loading a model for evaluation (tasks.load_module)
+`--load-variant JiT-B/16` instead measures loading a model for evaluation (builders.load_module)
 from an official-format checkpoint with random weights (model, model_ema1, model_ema2).
 """
 
@@ -61,7 +61,7 @@ def load_run(variant: str, checkpoint: Path) -> dict:
     from hydra import compose, initialize_config_dir
 
     from jit.config import register_schemas
-    from jit.tasks import load_module
+    from jit.builders import load_module
 
     register_schemas()
     model = {"JiT-B/16": "jit_b16", "JiT-B/32": "jit_b32", "JiT-L/16": "jit_l16"}[variant]

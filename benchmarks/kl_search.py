@@ -125,7 +125,7 @@ def digits_convergence() -> None:
     from jit.quant.calibration import calibrate
     from jit.quant.layers import quantized_layers
     from jit.quant.surgery import adc_bypassed, noise_disabled
-    from jit.tasks import load_module, quant_config
+    from jit.builders import load_module, quant_config
 
     register_schemas()
     configs = Path(__file__).resolve().parents[1] / "configs"

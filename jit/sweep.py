@@ -17,7 +17,7 @@ its score is drawn as a dashed line.
 
 A sweep folder may be reused. The sweep writes a fresh id into `.sweep_id` when it starts;
 each job removes the outputs of an earlier sweep from its folder and copies the id into it
-(jit.tasks.main), and the summary lists only the folders carrying this sweep's id. When any
+(jit.runner.main), and the summary lists only the folders carrying this sweep's id. When any
 job failed, the multirun exits with code 1 once the summary is written.
 """
 

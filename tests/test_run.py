@@ -411,8 +411,8 @@ def test_export_task_writes_the_official_layout(trained_tiny, tmp_path):
 
 # ------------------------------------------------------------- run folder, full disk, sweeps
 def run_main(tmp_path, monkeypatch, task_fn, *overrides, multirun=False):
-    """jit.tasks.main in-process on the default config with the eval task replaced by task_fn."""
-    from jit import tasks
+    """jit.runner.main in-process on the default config with the eval task replaced by task_fn."""
+    from jit import runner, tasks
     from jit.config import Task
 
     calls = []
@@ -423,11 +423,11 @@ def run_main(tmp_path, monkeypatch, task_fn, *overrides, multirun=False):
 
     monkeypatch.setitem(tasks.TASKS, Task.eval, task)
     if multirun:
-        monkeypatch.setattr(tasks, "sweep_group", lambda cfg: "sweep")
+        monkeypatch.setattr(runner, "sweep_group", lambda cfg: "sweep")
         monkeypatch.setattr("jit.sweep.mark_sweep_job", lambda job_dir: None)
     cfg = compose_run([f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
                        *overrides])
-    return tasks.main(cfg), calls
+    return runner.main(cfg), calls
 
 
 def test_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):

@@ -5,7 +5,7 @@ import torch
 from jit.checkpoint import build_denoiser_from_checkpoint
 from jit.datamodules import from_model_range
 from jit.metrics import cond_accuracy
-from jit.tasks import SHIPPED_DIGITS_MODEL
+from jit.builders import SHIPPED_DIGITS_MODEL
 
 
 def test_shipped_model_is_small_and_loads_strictly():

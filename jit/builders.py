@@ -1,0 +1,180 @@
+"""Building the pieces a task composes from the run config: the quantization config, the
+module (from an official or Lightning checkpoint), loggers, callbacks, the trainer, and
+running a function on every process inside Lightning's test loop."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
+from omegaconf import DictConfig
+
+from jit.checkpoint import CheckpointError, safe_load
+from jit.config import ASSETS, ConfigError, to_plain
+from jit.module import JiTModule, load_for_evaluation
+
+SHIPPED_DIGITS_MODEL = ASSETS / "digits_jit.pth"
+
+
+def quant_config(cfg: DictConfig):
+    from jit.quant import build_quant_config
+
+    return build_quant_config(cfg.quant)
+
+
+def flat_hparams(cfg: DictConfig) -> dict:
+    """Flat `section.key` hyper-parameters: quantization fields at top level for dashboards."""
+    out = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if not str(k).startswith("_"):
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, (list, tuple)):
+            out[prefix] = str(list(node))
+        else:
+            out[prefix] = node
+
+    plain = to_plain(cfg)
+    for section in ("task", "seed", "ckpt_path", "eval_weights", "model", "quant", "calibration", "sampler", "fid",
+                    "eval", "hardware"):
+        if section in plain:
+            walk(section, plain[section])
+    walk("data", {k: v for k, v in plain["data"].items() if k != "_target_"})
+    return out
+
+
+def sweep_group(cfg: DictConfig) -> str | None:
+    """Jobs of one multirun share a group named after the sweep directory."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return Path(hc.sweep.dir).name
+    except (ValueError, ImportError):
+        pass
+    return None
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = []
+    for name, node in (cfg.logger or {}).items():
+        if node is None:
+            continue
+        kwargs = {}
+        if "Wandb" in str(node.get("_target_", "")) and node.get("group") is None:
+            kwargs["group"] = sweep_group(cfg)
+        loggers.append(instantiate(node, **kwargs))
+    hparams = flat_hparams(cfg)
+    for logger in loggers:
+        logger.log_hyperparams(hparams)
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig, training: bool) -> list:
+    """The `callbacks` group serves training; eval and calibration show their own
+    progress (generation, calibration passes), so their trainer gets none."""
+    if not training:
+        return []
+    return [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
+
+
+def build_trainer(cfg: DictConfig, loggers: list, callbacks: list) -> L.Trainer:
+    # Without a progress-bar callback (eval) Lightning would add its default bar, which
+    # shows only the one-step dummy test loop the evaluation runs in.
+    progress_bar = any(isinstance(c, ProgressBar) for c in callbacks)
+    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                       enable_progress_bar=progress_bar, _convert_="all")
+
+
+def checkpoint_kind(path: str | None) -> str | None:
+    """'lightning' for a Lightning .ckpt, 'official' for a checkpoint-last.pth, None for no path."""
+    if path is None:
+        return None
+    ckpt = safe_load(path, mmap=True)  # a peek at the keys: no need to read GBs of tensors
+    if "state_dict" in ckpt and "pytorch-lightning_version" in ckpt:
+        return "lightning"
+    if "model" in ckpt:
+        return "official"
+    raise CheckpointError(
+        f"{path} is neither a Lightning checkpoint nor an official JiT checkpoint; found keys {sorted(map(str, ckpt))[:10]}"
+    )
+
+
+def module_kwargs(cfg: DictConfig) -> dict:
+    plain = to_plain(cfg)
+    return dict(net=plain["model"]["net"], denoiser=plain["model"]["denoiser"], optim=plain["optim"],
+                ema=plain["ema"], sampler=plain["sampler"], eval_weights=plain["eval_weights"])
+
+
+def load_module(cfg: DictConfig) -> tuple[JiTModule, str]:
+    """The module to evaluate/calibrate, with weights from ckpt_path or the shipped digits model."""
+    from jit.checks import check_checkpoint_settings  # checks need quant_config from here
+
+    path = cfg.ckpt_path
+    if path is None:
+        if cfg.model.net.name != "JiT-S/4" or not str(cfg.data.get("_target_", "")).endswith("DigitsDataModule"):
+            raise ConfigError("ckpt_path: required unless evaluating the shipped digits model "
+                              "(model=jit_s4_digits data=digits)")
+        if not SHIPPED_DIGITS_MODEL.exists():
+            raise ConfigError(f"ckpt_path: the shipped digits model {SHIPPED_DIGITS_MODEL} is missing; "
+                              "train one with `python run.py experiment=digits_train`")
+        path = str(SHIPPED_DIGITS_MODEL)
+    kind = checkpoint_kind(path)
+    if kind != "lightning":
+        check_checkpoint_settings(cfg, path)
+    # Only the weights being evaluated are loaded, unless FID asks for others than the run.
+    needed = {cfg.eval_weights, cfg.fid.get("eval_weights") or cfg.eval_weights}
+    if len(needed) == 1:
+        module = load_for_evaluation(path, kind, cfg.eval_weights, module_kwargs(cfg))
+    elif kind == "lightning":
+        module = JiTModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    else:
+        module = JiTModule(**module_kwargs(cfg), init_checkpoint=path, init_weights="model")
+    plain = to_plain(cfg)
+    # Evaluation settings come from this run's config, not from the checkpoint's hparams.
+    module.eval_weights = plain["eval_weights"]
+    module.sampler = dict(plain["sampler"])
+    return module, path
+
+
+class RunAtTestStart(L.Callback):
+    """Runs `fn(trainer, module)` once `trainer.test` has set up every process and device."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.result = None
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.result = self.fn(trainer, pl_module)
+
+
+def run_in_test_loop(trainer: L.Trainer, module: JiTModule, fn):
+    """Execute `fn` under `trainer.test`: one process per device (DDP, SLURM, torchrun) or inline."""
+    from torch.utils.data import DataLoader
+
+    hook = RunAtTestStart(fn)
+    trainer.callbacks.append(hook)
+    trainer.test(module, dataloaders=DataLoader([0]), verbose=False)
+    return hook.result
+
+
+def finalize_loggers(trainer, status: str = "success") -> None:
+    for logger in trainer.loggers:
+        logger.finalize(status)
+    finish_wandb(0 if status == "success" else 1)
+
+
+def finish_wandb(exit_code: int) -> None:
+    """Close the wandb run of this job (offline runs write their files on finish)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
+
+

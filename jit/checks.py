@@ -1,0 +1,104 @@
+"""Checks run before any image is generated: checkpoint settings against the config, the
+calibration inputs, the reference statistics and the data's class count."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, OmegaConf
+
+from jit.config import ConfigError, to_plain
+from jit.module import JiTModule
+
+
+def check_checkpoint_settings(cfg: DictConfig, path: str) -> None:
+    """An official checkpoint's generation settings (resolution, classes, noise_scale, t_eps)
+    must be the config's: sampling a 512-px model with noise_scale 1.0 runs fine and gives a
+    wrong FID. `model.override_checkpoint_args=true` keeps the config's values."""
+    from jit.checkpoint import generation_settings
+
+    trained = generation_settings(path)
+    differ = {}
+    for key, value in trained.items():
+        configured = OmegaConf.select(cfg, key)
+        same = (math.isclose(float(configured), float(value)) if isinstance(value, (int, float))
+                and not isinstance(value, bool) else configured == value)
+        if not same:
+            differ[key] = (value, configured)
+    if not differ:
+        return
+    theirs = " ".join(f"{k}={v}" for k, (v, _) in differ.items())
+    ours = " ".join(f"{k}={c}" for k, (_, c) in differ.items())
+    if cfg.model.override_checkpoint_args:
+        rank_zero_info(f"model.override_checkpoint_args=true: generating with {ours}, although {path} "
+                       f"was trained with {theirs}")
+        return
+    raise ConfigError(f"ckpt_path: {path} was trained with {theirs}, but the config has {ours}; add the "
+                      f"overrides {theirs} (or model.override_checkpoint_args=true to keep the config's values)")
+
+
+def check_calibration_inputs(cfg: DictConfig, qcfg, dm) -> None:
+    """Static calibration on data needs enough images in the calibration split: check first."""
+    if uses_data_for_calibration(cfg, qcfg):
+        num_images = cfg.calibration.num_images
+        available = len(dm.split_dataset("calibration"))
+        if num_images > available:
+            raise ConfigError(f"calibration.num_images={num_images} exceeds the {available} images of the "
+                              f"calibration split (raise data.calib_num_images)")
+
+
+def uses_data_for_calibration(cfg: DictConfig, qcfg) -> bool:
+    from jit.evaluation.calibration import CalibrationConfig
+
+    if qcfg.scheme == "fp" or qcfg.mode != "static" or qcfg.calibration_file is not None:
+        return False
+    return CalibrationConfig.from_any(to_plain(cfg.calibration)).source == "data"
+
+
+def check_reference(fid_cfg, module: JiTModule, dm) -> None:
+    """The feature extractor loads (weights present and safe) and the reference statistics
+    fit it: a stats file is read, a data split is listed and its class count checked."""
+    from jit.evaluation.fid import check_data_classes
+    from jit.metrics.features import INCEPTION, create_feature_space
+    from jit.metrics.reference import ReferenceStatsError, load_reference_stats
+
+    weights = fid_cfg.inception_weights if fid_cfg.extractor == INCEPTION else fid_cfg.extractor_weights
+    space = create_feature_space(fid_cfg.extractor, weights, probe_size=module.denoiser.img_size)
+    stats_file = fid_cfg.reference.get("stats_file")
+    if stats_file:
+        load_reference_stats(stats_file, space, reduce_images=False)
+        return
+    check_data_classes(module.denoiser.num_classes, dm)
+    split = fid_cfg.reference.get("split", "reference")
+    available = len(dm.split_dataset(split))
+    if available < 2:
+        raise ReferenceStatsError(f"fid.reference.split={split}: the data holds {available} image(s); "
+                                  "reference statistics need at least 2 (or give fid.reference.stats_file)")
+
+
+def check_before_generation(cfg: DictConfig, qcfg, module: JiTModule, dm, fid_cfg=None) -> None:
+    """Inputs that would otherwise fail only after the float baseline, the calibration, the
+    per-layer statistics or the whole generation: calibration data and file, quantization
+    targets, the feature extractor, reference statistics, the data's class count against the
+    model's. Raises with the key or file named."""
+    from jit.evaluation.fid import check_data_classes
+    from jit.quant import artefact, target_names
+
+    if uses_data_for_calibration(cfg, qcfg):
+        check_data_classes(module.denoiser.num_classes, dm)
+    check_calibration_inputs(cfg, qcfg, dm)
+    targets = target_names(module.denoiser.net, qcfg.targets)
+    if qcfg.calibration_file is not None:
+        if qcfg.scheme == "fp" or qcfg.mode != "static":
+            raise ConfigError(f"quant.calibration_file: only static mode uses it; with quant.scheme="
+                              f"{qcfg.scheme} quant.mode={qcfg.mode} it would be ignored (set "
+                              "quant.mode=static or drop quant.calibration_file)")
+        if not Path(qcfg.calibration_file).is_file():
+            raise ConfigError(f"quant.calibration_file: no such file: {qcfg.calibration_file}")
+        artefact.check_fits(artefact.load(qcfg.calibration_file), dict.fromkeys(targets), lambda _: qcfg)
+    if fid_cfg is not None:
+        check_reference(fid_cfg, module, dm)
+
+
