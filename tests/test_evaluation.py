@@ -303,3 +303,32 @@ def test_config_files_validate(name):
     assert parsed.extractor == ("digits-cnn" if name == "digits" else "inception-v3-compat")
     with pytest.raises(EvaluationConfigError, match="unknown fid settings"):
         FIDConfig.from_any({**OmegaConf.to_container(node.fid), "num_image": 5})
+
+
+@pytest.mark.skipif(__import__("jit.models.compile", fromlist=["x"]).compile_available() is not None,
+                    reason="torch.compile unavailable here")
+def test_compiled_generation_of_a_calibrated_model_is_one_graph(setup):
+    """The path of model.compile=true: thresholds applied from an artefact (as after a
+    calibration), generation under inference mode; no graph break, one graph per batch
+    shape, the images close to the eager ones."""
+    from torch._dynamo.utils import counters
+
+    from jit.quant import build_quant_config, quantize_model, quantized_layers
+    from jit.quant.artefact import apply, made_for, new_artefact
+
+    tmp, weights, ref = setup
+    module = TinyModule()
+    qcfg = build_quant_config({"scheme": "hybrid", "mode": "static"})
+    quantize_model(module.denoiser.net, qcfg)
+    layers = {name: {"act_clip": 16.625 + i, "adc_clip": {"lsb": 9000.0 + i},
+                     "made_for": made_for(qcfg)}
+              for i, name in enumerate(quantized_layers(module.denoiser.net))}
+    apply(new_artefact(scheme="hybrid", method="kl", num_images=8, source="data",
+                       layers=layers), module.denoiser.net)
+    settings = cfg(weights, ref, num_images=8, batch_size=4, export_npz=False)
+    counters.clear()
+    compiled = FIDEvaluation(settings, run_dir=tmp / "compiled", compile_backbone=True).run(None, module)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    eager = FIDEvaluation(settings, run_dir=tmp / "eager").run(None, module)
+    assert abs(compiled["metrics"]["fid_digits"] - eager["metrics"]["fid_digits"]) < 5

@@ -248,7 +248,9 @@ def test_compiled_backbone_is_one_graph_per_shape_and_equals_the_eager_reference
     from torch._dynamo.utils import counters
 
     counters.clear()
-    with torch.no_grad(), sample_context(net, [7, 8, 9]), compiled_forward(net, fullgraph=True):
+    # inference mode, as in Lightning's test loop where the FID images are generated
+    with torch.inference_mode(), sample_context(net, [7, 8, 9]), \
+            compiled_forward(net, fullgraph=True):
         compiled = [net(x, t, y) for _ in range(3)]
     assert counters["stats"]["unique_graphs"] == 1  # new call keys are new inputs, not graphs
     monkeypatch.setattr(QuantLinear, "forward", QuantLinear._reference_forward)

@@ -167,6 +167,8 @@ class QuantLinear(nn.Linear):
         self._noise_calls = 0  # noisy forwards outside a context (their call index)
         self._noise_base: tuple[tuple[int, str], int] | None = None  # stable_seed memo
         self._seed_base()
+        # dtype -> (act_clip, act bits, clip, step): the static quantizer's host numbers
+        self._static_numbers: dict[torch.dtype, tuple[float, int, float, float]] = {}
         self._weight_cache: tuple[tuple, WeightCodes] | None = None
         self._int8_weights: Int8Weights | None = None
         self._static_act_cache: tuple[tuple, StaticAct] | None = None
@@ -228,6 +230,8 @@ class QuantLinear(nn.Linear):
         self._static = StaticThresholds(act_clip, act_bits or self.cfg.act.bits, clips,
                                         adc_bits or self.cfg.adc.bits, weight_int, weight_scale)
         self._weight_cache = None
+        for dtype in (torch.float32, torch.float64):
+            self.static_act_numbers(dtype)
 
     def _check_weight_import(self, weight_int, weight_scale):
         name, bits = self.layer_name, self.cfg.weight.bits
@@ -350,14 +354,24 @@ class QuantLinear(nn.Linear):
                               ) -> reference.Thresholds | None:
         if self.cfg.mode != "static":
             return None
-        # Host numbers from CPU scalars, not the per-device cache of the fast path: Dynamo
-        # folds these into constants, and a cache filled by the first traced call would
-        # be a guard that fails on the second.
-        clip = torch.tensor(self._require_static().act_clip, dtype=dtype)
-        step = _safe_step(clip, qmax(self.cfg.act.bits))
+        clip, step = self.static_act_numbers(dtype)
         clips = {} if self.cfg.adc.bypass else {
             path: self._static_adc_clip(path) for path in self.adc_paths}
-        return reference.Thresholds(float(clip), float(step), clips)
+        return reference.Thresholds(clip, step, clips)
+
+    def static_act_numbers(self, dtype: torch.dtype) -> tuple[float, float]:
+        """The static activation clip and step as host numbers exactly representable in
+        `dtype`. Computed eagerly (set_static and sample_context fill them for float32
+        and float64) because reading a tensor on the host breaks a compiled graph; a
+        traced call only looks them up."""
+        static = self._require_static()
+        bits = self.cfg.act.bits
+        entry = self._static_numbers.get(dtype)
+        if entry is None or entry[0] != static.act_clip or entry[1] != bits:
+            clip = torch.tensor(static.act_clip, dtype=dtype)
+            entry = (static.act_clip, bits, float(clip), float(_safe_step(clip, qmax(bits))))
+            self._static_numbers[dtype] = entry
+        return entry[2], entry[3]
 
     def _reference_weights(self, dtype: torch.dtype, device: torch.device
                            ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -77,6 +77,9 @@ class SampleContext:
         self.sample_ids = ids
         self.low = min(ids, default=0)
         self.high = max(ids, default=0)
+        # One flag for the layers to read: a compiled graph guards on what it reads, and
+        # the ids themselves change with every batch.
+        self.ids_in_range = self.low >= 0 and self.high < SAMPLE_ID_BOUND
         self.calls = -1  # the pre-hook makes the first call index 0
         self.call_keys: torch.Tensor | None = None  # int64 [samples] of the current call
         self.uses: dict[int, int] = {}  # id(layer) -> its forwards within the current call
@@ -100,7 +103,7 @@ class SampleContext:
         if batch != len(self.sample_ids):
             raise ValueError(f"layer '{layer_name}': called with a batch of {batch} samples "
                              f"inside a sample_context of {len(self.sample_ids)} sample ids")
-        if self.low < 0 or self.high >= SAMPLE_ID_BOUND:
+        if not self.ids_in_range:
             raise ValueError(f"layer '{layer_name}': sample ids must lie in [0, "
                              f"{SAMPLE_ID_BOUND}), got {self.low}..{self.high}")
 
@@ -158,7 +161,10 @@ def sample_context(net: nn.Module, sample_ids: Iterable[int] | torch.Tensor
     try:
         for layer in layers:
             layer._sample_context = context
-            layer._seed_base()  # host hashing here, not inside a compiled call
+            layer._seed_base()  # host work here, not inside a compiled call
+            if layer.static is not None:
+                for dtype in (torch.float32, torch.float64):
+                    layer.static_act_numbers(dtype)
         yield context
         context.raise_if_nonfinite()
     finally:
