@@ -7,8 +7,10 @@ The MSB codes of INT11 Student-t(3) activations clipped at their 99.8th percenti
 center-out split, values in {-3..3}, ~8% non-zero, as in benchmarks.quant_linear) times
 INT8 weight codes, at the JiT-B/16 FFN shapes. Candidates: the dense float32 matmul the
 layer uses; a CSR sparse matmul (conversion timed separately, since the layer would pay
-it per call); torch._int_mm (INT8 x INT8 -> INT32). Each result is checked to equal the
-float32 product. Times are medians of `runs` calls after a warm-up.
+it per call); torch._int_mm (INT8 x INT8 -> INT32); oneDNN's INT8 linear as the layers
+call it (jit/quant/intmm.py: packed weights, float32 output; "-" where the kernel is
+missing or not exact; jit.quant.plan.use_int8 takes it by default on AMX CPUs only).
+Each result is checked to equal the float32 product. Times are medians of `runs` calls after a warm-up.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from functools import partial
 import torch
 
 from benchmarks.quant_linear import machine, median_ms
+from jit.quant import intmm
 from jit.quant.quantizers import center_out_split_, percentile_abs, quantize_symmetric
 
 SHAPES = [(768, 4096, 576), (768, 4096, 2304), (2048, 768, 576), (2048, 768, 2304)]
@@ -42,8 +45,8 @@ def main() -> None:
     print(f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {args.runs}")
     print("| in->out | tokens | MSB density | dense f32 ms | to CSR ms | CSR matmul ms "
-          "| _int_mm ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| _int_mm ms | oneDNN INT8 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for in_features, out_features, tokens in SHAPES:
         msb = msb_codes(tokens, in_features)
         weight_t = torch.randint(-127, 128, (in_features, out_features)).float()
@@ -57,8 +60,17 @@ def main() -> None:
                  median_ms(msb.to_sparse_csr, args.runs),
                  median_ms(partial(torch.matmul, csr, weight_t), args.runs),
                  median_ms(partial(torch._int_mm, msb8, weight8), max(1, args.runs // 3))]
+        cells = [f"{t:.1f}" for t in times]
+        if intmm.kernel_is_exact():
+            packed, out = intmm.Int8Weights(weight_t), torch.empty_like(dense)
+            onednn = partial(intmm.int8_linear, [msb8], packed, slice(None), out)
+            onednn()
+            assert torch.equal(out, dense)
+            cells.append(f"{median_ms(onednn, max(1, args.runs // 3)):.1f}")
+        else:
+            cells.append("-")
         print(f"| {in_features}->{out_features} | {tokens} | {density:.3f} | "
-              + " | ".join(f"{t:.1f}" for t in times) + " |", flush=True)
+              + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from jit.models.compile import compiled_forward
-from jit.quant import adc_bypassed, build_quant_config, percentile_abs, quantizers, sample_context
+from jit.quant import adc_bypassed, build_quant_config, percentile_abs, plan, sample_context
 from jit.quant.layers import LAYER_CLASSES
 
 SHAPES = [  # (label, in_features, out_features, tokens per sample, batches)
@@ -238,8 +238,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--block-elements", type=int, default=quantizers.CHUNK_ELEMENTS,
-                        help="elements per row block of the CPU plan (quantizers."
+    parser.add_argument("--block-elements", type=int, default=plan.CHUNK_ELEMENTS,
+                        help="elements per row block of the CPU plan (plan."
                              "CHUNK_ELEMENTS; default %(default)s); 0: whole tensors")
     parser.add_argument("--peak-memory", action="store_true",
                         help="internal: print peak memory rows as JSON and exit")
@@ -251,17 +251,17 @@ def main() -> None:
     # Dynamo's default limit of 8 graphs per code object it would run the rest eagerly.
     torch._dynamo.config.recompile_limit = 64
     if args.block_elements > 0:
-        quantizers.CHUNK_ELEMENTS = args.block_elements
+        plan.CHUNK_ELEMENTS = args.block_elements
     else:  # the accelerator plan: one op per whole tensor
-        quantizers.BLOCKWISE_DEVICE_TYPES = frozenset()
+        plan.BLOCKWISE_DEVICE_TYPES = frozenset()
     if args.peak_memory:
         peak_table()
         return
     peaks = peaks_from_child()
-    plan = (f"CPU row blocks of {quantizers.CHUNK_ELEMENTS} elements"
-            if quantizers.blockwise(torch.device("cpu")) else "whole-tensor ops")
+    layout = (f"CPU row blocks of {plan.CHUNK_ELEMENTS} elements"
+              if plan.blockwise(torch.device("cpu")) else "whole-tensor ops")
     print(f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"float32, median of {args.runs}, {plan}")
+          f"float32, median of {args.runs}, {layout}")
     header = ("scheme", "mode", "shape", "batch x tokens", "ms", "x nn.Linear", "extra MB",
               "x input")
     print("| " + " | ".join(header) + " |")

@@ -24,11 +24,11 @@ def device(request) -> torch.device:
 @pytest.fixture
 def accelerator_plan(device, monkeypatch):
     """The execution plan of an accelerator: native on one, emulated on the CPU by taking
-    the CPU out of quantizers.BLOCKWISE_DEVICE_TYPES."""
-    from jit.quant import quantizers
+    the CPU out of quantizers.plan.BLOCKWISE_DEVICE_TYPES."""
+    from jit.quant import plan
 
     if device.type == "cpu":
-        monkeypatch.setattr(quantizers, "BLOCKWISE_DEVICE_TYPES", frozenset())
+        monkeypatch.setattr(plan, "BLOCKWISE_DEVICE_TYPES", frozenset())
     return device
 
 

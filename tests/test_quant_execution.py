@@ -1,7 +1,7 @@
 """Execution plans of the quantized layers: row blocks on the CPU, one kernel per op over
-the whole tensor on accelerators (quantizers.blockwise). Both must
+the whole tensor on accelerators (plan.blockwise). Both must
 compute the same function; the accelerator plan must not launch more kernels for larger
-inputs. The accelerator plan is exercised on the CPU by emptying BLOCKWISE_DEVICE_TYPES."""
+inputs. The accelerator plan is exercised on the CPU by emptying plan.BLOCKWISE_DEVICE_TYPES."""
 
 import math
 from collections import Counter
@@ -12,14 +12,15 @@ from test_quant_layers import heavy_tailed
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from jit.quant import adc_bypassed, build_quant_config, quantizers
+from jit.quant import adc_bypassed, build_quant_config, plan
 from jit.quant.layers import LAYER_CLASSES
-from jit.quant.quantizers import CHUNK_ELEMENTS, percentile_abs
+from jit.quant.plan import CHUNK_ELEMENTS
+from jit.quant.quantizers import percentile_abs
 
 
 @pytest.fixture
 def whole_tensor(monkeypatch):
-    monkeypatch.setattr(quantizers, "BLOCKWISE_DEVICE_TYPES", frozenset())
+    monkeypatch.setattr(plan, "BLOCKWISE_DEVICE_TYPES", frozenset())
 
 
 def layer_for(scheme, in_features=300, out_features=200, **cfg):
@@ -51,7 +52,7 @@ def test_whole_tensor_plan_gives_the_blocked_results(monkeypatch, scheme, cfg, m
         layer.set_static(float(percentile_abs(x, 99.8)), clips or None)
     with torch.no_grad():
         blocked = layer(x)
-        monkeypatch.setattr(quantizers, "BLOCKWISE_DEVICE_TYPES", frozenset())
+        monkeypatch.setattr(plan, "BLOCKWISE_DEVICE_TYPES", frozenset())
         whole = layer(x)
     assert torch.equal(blocked, whole)
 
@@ -100,7 +101,7 @@ def test_accelerator_plan_launches_as_many_kernels_for_any_input_size(monkeypatc
     layer = layer_for(scheme, 300, 200, mode="dynamic")
     small, large = _ops_per_call(layer, 400), _ops_per_call(layer, 8 * 400)
     assert large > small  # the CPU plan works per row block: the counter sees that
-    monkeypatch.setattr(quantizers, "BLOCKWISE_DEVICE_TYPES", frozenset())
+    monkeypatch.setattr(plan, "BLOCKWISE_DEVICE_TYPES", frozenset())
     assert _ops_per_call(layer, 8 * 400) == _ops_per_call(layer, 400)
 
 

@@ -6,17 +6,10 @@ import torch
 from torch import nn
 
 from jit.quant import BitSerialLinear, HybridLinear, W8A8Linear, build_quant_config
-from jit.quant import intmm
+from jit.quant import intmm, plan
 
-needs_kernel = pytest.mark.skipif(intmm.int8_speedup() == 0.0,
+needs_kernel = pytest.mark.skipif(not intmm.kernel_is_exact(),
                                   reason="no exact oneDNN INT8 linear on this build/CPU")
-
-
-@pytest.fixture
-def force_kernel():
-    """force_kernel(True/False) for one test; measuring again afterwards."""
-    yield intmm.force_int8_matmul
-    intmm.force_int8_matmul(None)
 
 
 @pytest.mark.parametrize("low,high,count", [(-128, 127, 1), (0, 124, 1), (-3, 3, 1),
@@ -60,15 +53,29 @@ def test_int8_linear_is_exact(tokens, inner, out_features, low, high):
     assert torch.equal(out, codes[:, rows] @ w_t[rows])
 
 
-def test_int8_path_is_refused_where_it_could_not_be_exact(force_kernel):
-    force_kernel(True)
+@needs_kernel
+def test_int8_path_is_refused_where_it_could_not_be_exact():
     cpu = torch.device("cpu")
-    assert intmm.use_int8(-256, 255, 2048, 8, cpu, torch.float32)
-    assert not intmm.use_int8(-256, 255, 2048, 8, cpu, torch.float64)  # float64 inputs
-    assert not intmm.use_int8(-256, 255, 2048, 9, cpu, torch.float32)  # INT9 weights
-    assert not intmm.use_int8(-2**15, 2**15 - 1, 2**10, 8, cpu, torch.float32)  # INT32 sums
-    force_kernel(False)
-    assert not intmm.use_int8(-256, 255, 2048, 8, cpu, torch.float32)
+    assert plan.use_int8(-256, 255, 2048, 8, cpu, torch.float32, True)
+    assert not plan.use_int8(-256, 255, 2048, 8, cpu, torch.float64, True)  # float64 inputs
+    assert not plan.use_int8(-256, 255, 2048, 9, cpu, torch.float32, True)  # INT9 weights
+    assert not plan.use_int8(-2**15, 2**15 - 1, 2**10, 8, cpu, torch.float32, True)  # INT32 sums
+    assert not plan.use_int8(-256, 255, 2048, 8, torch.device("meta"), torch.float32, True)
+    assert not plan.use_int8(-256, 255, 2048, 8, cpu, torch.float32, False)
+
+
+def test_int8_kernel_is_chosen_by_cpu_not_by_timing(monkeypatch):
+    """Default (int8_matmul None): on CPUs with AMX INT8 tiles and an exact kernel only."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(intmm, "kernel_is_exact", lambda: True)
+    for amx in (True, False):
+        monkeypatch.setattr(plan, "cpu_has_amx_int8", lambda amx=amx: amx)
+        assert plan.use_int8(-256, 255, 2048, 8, cpu, torch.float32, None) is amx
+    monkeypatch.setattr(intmm, "kernel_is_exact", lambda: False)
+    monkeypatch.setattr(plan, "cpu_has_amx_int8", lambda: True)
+    assert not plan.use_int8(-256, 255, 2048, 8, cpu, torch.float32, None)
+    with pytest.raises(RuntimeError, match="int8_matmul=True"):
+        plan.use_int8(-256, 255, 2048, 8, cpu, torch.float32, True)
 
 
 def _layer(cls, cfg, in_features, out_features, bias=True, seed=0):
@@ -93,29 +100,30 @@ CASES = [
 @needs_kernel
 @pytest.mark.parametrize("cls,cfg", CASES)
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_layer_output_is_the_same_on_both_kernels(force_kernel, cls, cfg, mode):
+def test_layer_output_is_the_same_on_both_kernels(cls, cfg, mode):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, 70, 150, generator=gen) / torch.rand(3, 70, 150, generator=gen).add_(0.05)
     outputs = []
     for kernel in (False, True):
-        force_kernel(kernel)
         layer = _layer(cls, dict(cfg, mode=mode), 150, 200, bias=cls is not W8A8Linear)
+        layer.int8_matmul = kernel
         if mode == "static":
             clips = {p: 3e3 for p in layer.adc_paths}
             layer.set_static(act_clip=8.0, adc_clip=clips or None)
         with torch.no_grad():
             outputs.append(torch.cat([layer(x), layer(x[:1])]))  # noise advances per call
+        assert (layer._weight_cache[1].int8 is not None) is kernel  # the kernel really ran
     assert torch.equal(outputs[0], outputs[1])
 
 
 @needs_kernel
-def test_packed_weights_follow_weight_updates(force_kernel):
+def test_packed_weights_follow_weight_updates():
     """Training updates the weight in place: the next forward must use the new codes."""
     x = torch.randn(16, 64)
     results = {}
     for kernel in (False, True):
-        force_kernel(kernel)
         layer = _layer(HybridLinear, {"adc": {"bypass": True}}, 64, 32)
+        layer.int8_matmul = kernel
         with torch.no_grad():
             before = layer(x)
             layer.weight.mul_(-0.5)

@@ -1,4 +1,4 @@
-"""Host syncs of the quantized forward on the accelerator plan (quantizers.blockwise off):
+"""Host syncs of the quantized forward on the accelerator plan (plan.blockwise off):
 every op that copies a device value to the host (`aten._local_scalar_dense`, behind
 float(), int(), bool() and .item()) is counted under a TorchDispatchMode on the CPU.
 

@@ -1,11 +1,10 @@
 """Exact integer matmuls of activation codes with INT<=8 weight codes on INT8 kernels.
 
 The simulated array multiplies integers; its products are exact in float32 while sums
-stay below 2**24. CPUs with INT8 dot-product units (VNNI, AMX) can run oneDNN's INT8
-linear (`torch.ops.onednn.qlinear_pointwise`, weights packed once per layer) faster than
-a float32 matmul of the same shape. On CPUs without them (AVX2 only) that kernel is not
-exact for signed INT8 activations in the torch builds tried here, and the probe below
-turns it off.
+stay below 2**24. oneDNN's INT8 linear (`torch.ops.onednn.qlinear_pointwise`, weights
+packed once per layer) computes the same products on INT8 units; on CPUs with AMX tiles
+that beats a float32 matmul of the same shape, elsewhere it can be much slower, missing,
+or (for signed INT8 activations, in some builds) not exact.
 
 Codes wider than INT8 are cut into base-128 digits,
     v = sum_d 128^d * digit_d,  digit_0..n-2 in [0, 127], digit_n-1 signed,
@@ -14,62 +13,33 @@ and summed into the float32 output by the kernel itself. The result is the same 
 as the float32 matmul gives whenever that one is exact, so the choice of kernel never
 changes a simulation's output.
 
-Whether the INT8 kernel is worth it is measured once per process (`int8_speedup`), since
-it depends on the CPU: a path with n digits uses it when n products take less time than
-one float32 matmul. Where the kernel is missing or not exact the float path runs.
+Whether a layer uses this kernel is decided in plan.py (`use_int8`); this module only
+checks that the kernel exists and is exact (`kernel_is_exact`).
 """
 
 from __future__ import annotations
 
 import functools
-import time
 
 import torch
 
-from .quantizers import blockwise, row_blocks
-
 DIGIT_BASE = 128
-_INT32_SAFE = 2**31 - 1
-
-# None: measure once (int8_speedup); True/False: force the INT8 kernel on or off (tests,
-# benchmarks). Results do not depend on it.
-_forced: bool | None = None
-
-
-def force_int8_matmul(enabled: bool | None) -> None:
-    """Force the INT8 kernel on (True) or off (False), or back to measuring (None)."""
-    global _forced
-    _forced = enabled
 
 
 @functools.cache
-def int8_speedup() -> float:
-    """Time of a float32 matmul over that of the INT8 linear at a mid-size shape, on this
-    CPU (0.0 where the kernel is missing or not exact)."""
+def kernel_is_exact() -> bool:
+    """Whether oneDNN's INT8 linear exists in this torch build and multiplies signed INT8
+    codes exactly on this CPU (checked once against the float32 product)."""
     gen = torch.Generator().manual_seed(0)
-    a8 = torch.randint(-128, 128, (256, 1024), dtype=torch.int8, generator=gen)
-    w8 = torch.randint(-128, 128, (512, 1024), dtype=torch.int8, generator=gen)
-    a, w_t = a8.float(), w8.float().t().contiguous()
+    a8 = torch.randint(-128, 128, (64, 256), dtype=torch.int8, generator=gen)
+    w8 = torch.randint(-128, 128, (96, 256), dtype=torch.int8, generator=gen)
+    w_t = w8.float().t().contiguous()
     try:
-        weights = Int8Weights(w_t)
-        out = torch.full((256, 512), float("nan"))
-        int8_linear([a8], weights, slice(None), out)
-        if not torch.equal(out, a @ w_t):
-            return 0.0
+        out = torch.full((64, 96), float("nan"))
+        int8_linear([a8], Int8Weights(w_t), slice(None), out)
     except (RuntimeError, AttributeError, NotImplementedError):
-        return 0.0
-
-    def best(fn) -> float:
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    with torch.inference_mode():
-        return best(lambda: torch.matmul(a, w_t, out=out)) / max(
-            best(lambda: int8_linear([a8], weights, slice(None), out)), 1e-9)
+        return False
+    return torch.equal(out, a8.float() @ w_t)
 
 
 def digit_count(low: int, high: int) -> int:
@@ -79,20 +49,6 @@ def digit_count(low: int, high: int) -> int:
         low, high = low // DIGIT_BASE, high // DIGIT_BASE
         count += 1
     return count
-
-
-def use_int8(low: int, high: int, inner: int, weight_bits: int, device: torch.device,
-             dtype: torch.dtype) -> bool:
-    """Whether codes in [low, high] times INT`weight_bits` weights over `inner` rows go
-    through the INT8 kernel: float32 on the CPU, INT32 sums that cannot overflow, and
-    (unless forced) a measured speed-up larger than the number of digit matmuls."""
-    if not blockwise(device) or dtype != torch.float32 or weight_bits > 8:
-        return False
-    if inner * max(-low, high) * 2 ** (weight_bits - 1) > _INT32_SAFE:
-        return False  # the kernel's INT32 sums could overflow
-    if _forced is not None:
-        return _forced
-    return int8_speedup() > digit_count(low, high)
 
 
 def new_digits(shape: torch.Size | tuple, low: int, high: int,
@@ -120,10 +76,7 @@ def to_digits(codes: torch.Tensor, low: int, high: int) -> list[torch.Tensor]:
     """INT8 base-128 digits of integer codes in [low, high] (a float tensor), least
     significant first: codes == sum_d 128^d * digits[d]."""
     digits = new_digits(codes.shape, low, high, codes.device)
-    bound = max(-low, high)
-    for block in row_blocks(*codes.shape, codes.device):
-        rows = slice(block.start, min(block.stop, codes.shape[0]))
-        write_digits(codes[rows], digits, rows, bound)
+    write_digits(codes, digits, slice(None), max(-low, high))
     return digits
 
 

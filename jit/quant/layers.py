@@ -1,9 +1,11 @@
 """Quantized drop-ins for nn.Linear: hybrid W8A11, legacy bit-serial and W8A8.
 
-One pipeline (`QuantLinear._simulate`) serves every scheme; a scheme only says how an
-activation code is sliced into analog paths (each read by its own ADC) and an optional
-exact digital path (`_split_block`, `_paths`). DESIGN.md "AIMC quantization" is the
-specification.
+A layer owns its configuration, thresholds, noise keys and gradients; the computation
+is engine.py's hardware stages (`QuantLinear._simulate` calls them in order), and
+reference.py is the same forward as whole-tensor torch (`_reference_forward`, also what
+torch.compile traces for inference). A scheme only says how an activation code is
+sliced (`slicing`) into analog paths, each read by its own ADC, and an optional exact
+digital path (`_paths`). DESIGN.md "AIMC quantization" is the specification.
 
 Each layer keeps the original `weight`/`bias` Parameters (the very same objects as the
 replaced nn.Linear) and adds no persistent state, so state dicts are unchanged.
@@ -47,42 +49,24 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import reference
+from . import engine, reference
 from .config import QuantConfig, build_quant_config
-from .intmm import GROUP_ELEMENTS, Int8Weights, int8_linear, new_digits, use_int8, write_digits
+from .engine import AnalogPath, ArrayCall, Codes, RowScale, Slicing, Split, WeightCodes
+from .intmm import Int8Weights
 from .noise import SampleContext, noise_key
+from .plan import SampleNoise, use_int8
 from .quantizers import (
-    SampleNoise,
     _safe_step,
-    adc_convert_,
     bitserial_split_,
-    blockwise,
     center_out_split_,
     percentile_abs,
     qmax,
     quantize_symmetric,
-    round_,
-    row_blocks,
     stable_seed,
     weight_clip,
 )
 
 Observer = Callable[[str, str, torch.Tensor], None]
-# A step or scale: a Python number for the whole call, or a [rows, 1] tensor per row.
-RowScale = float | torch.Tensor
-
-
-def _rows(value: RowScale | torch.Tensor, rows: slice) -> RowScale | torch.Tensor:
-    """The rows of a per-row [rows, 1] tensor; anything else applies to every row."""
-    return value[rows] if isinstance(value, torch.Tensor) and value.dim() == 2 else value
-
-
-def _add_scaled_(out: torch.Tensor, src: torch.Tensor, alpha: RowScale) -> None:
-    """out += alpha * src, alpha a number or per-row [rows of out, 1]."""
-    if isinstance(alpha, torch.Tensor):
-        out.addcmul_(src, alpha)
-    else:
-        out.add_(src, alpha=alpha)
 
 
 @dataclass(frozen=True)
@@ -97,11 +81,6 @@ class StaticThresholds:
     weight_scale: torch.Tensor | None = None
 
 
-# Integer codes of an input slice, [tokens, in_features]: a float tensor, or its INT8
-# base-128 digits (least significant first, intmm.py) when the INT8 kernel multiplies them.
-Codes = torch.Tensor | list[torch.Tensor]
-
-
 class StaticAct(NamedTuple):
     """The static activation clip on the device (0-d) and, as host numbers, the clip and
     the step exactly as the device computes them: the quantizer's scalar bounds without
@@ -112,27 +91,6 @@ class StaticAct(NamedTuple):
     step_value: float
 
 
-class AnalogPath(NamedTuple):
-    name: str
-    codes: Codes
-    gain: float  # weight of this path's result in the reconstruction
-    reads: int  # analog reads averaged (noise std shrinks by sqrt(reads))
-    noisy: bool
-
-
-class Split(NamedTuple):
-    analog: list[AnalogPath]
-    digital: Codes | None  # exact digital path input (codes) or None
-    digital_gain: float
-    msb: Codes | None  # for statistics: the MSB slice (zero = LSB path alone)
-
-
-class WeightCodes(NamedTuple):
-    codes_t: torch.Tensor  # INT codes transposed, [in_features, out_features], contiguous
-    step: torch.Tensor  # s_w: 0-d, or [out_features] per channel
-    clip: torch.Tensor | None  # |W| clip (for the straight-through mask); None if imported
-
-
 def _check_clip(layer: str, what: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
             math.isfinite(value) and value > 0):
@@ -141,7 +99,7 @@ def _check_clip(layer: str, what: str, value: object) -> float:
 
 
 class QuantLinear(nn.Linear):
-    """Common pipeline; subclasses implement `_paths` (and `_split_block`). Build with
+    """Common pipeline; subclasses implement `_paths` (and `slicing`). Build with
     `from_linear`."""
 
     scheme = ""
@@ -161,6 +119,9 @@ class QuantLinear(nn.Linear):
         self.layer_name = name
         self.observer: Observer | None = None
         self.stats = None  # a stats.LayerStats while statistics are enabled
+        # Integer products on oneDNN's INT8 kernel (CPU only; never changes a result):
+        # None lets plan.use_int8 decide by CPU, True/False forces it.
+        self.int8_matmul: bool | None = None
         self._static: StaticThresholds | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
         self._sample_context: SampleContext | None = None  # set by noise.sample_context
@@ -170,7 +131,6 @@ class QuantLinear(nn.Linear):
         # dtype -> (act_clip, act bits, clip, step): the static quantizer's host numbers
         self._static_numbers: dict[torch.dtype, tuple[float, int, float, float]] = {}
         self._weight_cache: tuple[tuple, WeightCodes] | None = None
-        self._int8_weights: Int8Weights | None = None
         self._static_act_cache: tuple[tuple, StaticAct] | None = None
 
     @classmethod
@@ -191,7 +151,7 @@ class QuantLinear(nn.Linear):
         # Generators and the weight cache are rebuilt lazily (deepcopy, pickling); a copy
         # restarts the default call count, like `reseed`, and belongs to no context.
         state = super().__getstate__()
-        state = dict(state, _generators={}, _weight_cache=None, _int8_weights=None,
+        state = dict(state, _generators={}, _weight_cache=None,
                      _static_act_cache=None, _sample_context=None, _noise_calls=0)
         return state
 
@@ -284,10 +244,9 @@ class QuantLinear(nn.Linear):
         context.check(self.layer_name, batch)
         return noise_key(base, context.calls, context.next_use(self)), context.sample_ids
 
-    def _sample_keys(self, call_key: int, sample_ids, noisy: bool) -> list[int] | None:
-        """One key per sample for this call's noise, or None when it draws none."""
-        if not noisy:
-            return None
+    def _sample_keys(self, call_key: int, sample_ids) -> list[int]:
+        """One key per sample for this call's noise (outside a context, each noisy call
+        counts as the layer's next call)."""
         if self._sample_context is None:
             call_key = noise_key(call_key, self._noise_calls)
             self._noise_calls += 1
@@ -521,285 +480,90 @@ class QuantLinear(nn.Linear):
             return [slice(None)]
         return [slice(start, start + rows) for start in range(0, self.in_features, rows)]
 
-    # Whether _split_block writes an MSB slice, and whether it is a sparse digital input
-    # (then the float digital matmul only runs over the input columns holding non-zero
-    # codes).
-    has_msb = False
-    sparse_digital = False
-
-    def _split_block(self, x_int: torch.Tensor, msb: torch.Tensor | None) -> None:
-        """Slice one row block of activation codes in place (x_int keeps one slice, `msb`
-        receives the other)."""
-
-    def _slice_ranges(self) -> list[tuple[int, int]]:
-        """[low, high] of the codes x_int keeps after `_split_block`, then of the MSB slice
-        (if any). Default: no split, the full activation range."""
-        return [(-qmax(self.cfg.act.bits) - 1, qmax(self.cfg.act.bits))]
+    def slicing(self) -> Slicing:
+        """How this scheme slices activation codes (engine.Slicing). Default: no split,
+        the full activation range."""
+        code_max = qmax(self.cfg.act.bits)
+        return Slicing(None, [(-code_max - 1, code_max)], sparse_digital=False)
 
     def _paths(self, x_int: Codes, msb: Codes | None) -> Split:
         """The analog and digital paths over the sliced codes."""
         raise NotImplementedError
 
     def _int8_kernel(self, x2: torch.Tensor) -> bool:
-        """Whether this call multiplies through INT8 digits (intmm.py): the result is the
-        same; statistics keep the float codes they count."""
+        """Whether this call multiplies through INT8 digits (plan.use_int8): the result is
+        the same; statistics keep the float codes they count."""
         inner = min(self.cfg.adc.tile_rows or self.in_features, self.in_features)
         return self.stats is None and all(
-            use_int8(low, high, inner, self.cfg.weight.bits, x2.device, x2.dtype)
-            for low, high in self._slice_ranges())
+            use_int8(low, high, inner, self.cfg.weight.bits, x2.device, x2.dtype,
+                     self.int8_matmul)
+            for low, high in self.slicing().ranges)
 
-    def _quantize_split(self, x2: torch.Tensor, act_clip: torch.Tensor, as_digits: bool,
-                        static: StaticAct | None = None
-                        ) -> tuple[Codes, Codes | None, torch.Tensor, torch.Tensor | None]:
-        """(x_int sliced, msb, act step, input columns with a non-zero MSB or None): the
-        activation quantizer (quantize_symmetric) and the split, fused per row block.
-        With `as_digits` the slices come as INT8 digits, written block by block from
-        small float buffers, and no column set is computed."""
-        act_step = _safe_step(act_clip, qmax(self.cfg.act.bits))
-        ranges = self._slice_ranges()
-        if as_digits:
-            x_int, msb = (new_digits(x2.shape, *r, x2.device) for r in (ranges + [(0, 0)])[:2])
-            msb = msb if self.has_msb else None
-        else:
-            x_int = torch.empty_like(x2)
-            msb = torch.empty_like(x2) if self.has_msb else None
-        stats = self.stats
-        # Static: host numbers, known without reading the device, take ATen's scalar fast
-        # path. Dynamic: the clip stays on the device (0-d or per row), no host sync.
-        if static is not None:
-            clip_hi, step = static.clip_value, static.step_value
-        else:
-            clip_hi, step = act_clip, act_step
-        clip_lo = -clip_hi
+    def _with_int8(self, weights: WeightCodes) -> WeightCodes:
+        """The weight codes with their INT8 packing, made once per weight version."""
+        if weights.int8 is None:
+            weights = weights._replace(int8=Int8Weights(weights.codes_t))
+            self._weight_cache = (self._weight_cache[0], weights)
+        return weights
 
-        tokens = x2.shape[0]
-        blocks = row_blocks(tokens, x2.shape[1], x2.device)
-        if as_digits:
-            codes_buffer = x2.new_empty((min(blocks[0].stop, tokens), x2.shape[1]))
-            msb_buffer = torch.empty_like(codes_buffer) if msb is not None else None
-        for block in blocks:
-            rows = slice(block.start, min(block.stop, tokens))
-            n = rows.stop - rows.start
-            codes_out = codes_buffer[:n] if as_digits else x_int[rows]
-            codes = torch.clamp(x2[rows], _rows(clip_lo, rows), _rows(clip_hi, rows),
-                                out=codes_out)
-            round_(codes.div_(_rows(step, rows)))  # |codes| <= qmax (1 + 2^-23): exact
-            if stats is not None:
-                stats.observe_activations(x2[rows], _rows(act_clip, rows), codes)
-            if msb is not None:
-                msb_out = msb_buffer[:n] if as_digits else msb[rows]
-                self._split_block(codes, msb_out)
-            if as_digits:
-                write_digits(codes, x_int, rows, max(-ranges[0][0], ranges[0][1]))
-                if msb is not None:
-                    write_digits(msb_out, msb, rows, max(-ranges[1][0], ranges[1][1]))
-        columns = None
-        if (self.sparse_digital and blockwise(x2.device) and msb is not None and not as_digits
-                and tokens):
-            # A CPU plan (it reads the device): elsewhere the digital matmul runs whole.
-            # The digital matmul is narrowed only to at most half of the columns; when the
-            # first block alone has MSB codes in more, the full scan cannot find fewer.
-            first = msb[:min(blocks[0].stop, tokens)]
-            if 2 * int(first.ne(0).any(0).sum()) <= msb.shape[1]:
-                columns = msb.ne(0).any(0)
-        return x_int, msb, act_step, columns
+    def _array_call(self, batch: int, per_sample: int, group: int | None,
+                    device: torch.device) -> ArrayCall:
+        """What the engine's array stages need for this call: tiles, ADC steps, hooks and
+        each sample's noise key (`_call_key` checks the batch against the context)."""
+        call_key, sample_ids = self._call_key(batch)
+        adc = self.cfg.adc
+        noise = None
+        if bool(self.adc_paths) and not adc.bypass and adc.noise_sigma_lsb > 0 and per_sample:
+            keys = self._sample_keys(call_key, sample_ids)
+            noise = SampleNoise(self._generator(device), per_sample, keys)
+        observer, name = self.observer, self.layer_name
+        return ArrayCall(
+            self.out_features, self._tiles(), adc,
+            lambda path, acc: self._adc_step(path, acc, group),
+            None if observer is None else lambda kind, acc: observer(name, kind, acc),
+            self.stats, noise)
 
     def _simulate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, WeightCodes]:
-        """The hardware forward (no autograd). Returns (y, activation clip, weight codes)."""
+        """The hardware forward (no autograd), stage by stage through engine.py. Returns
+        (y, activation clip, weight codes)."""
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         x2 = x.detach().reshape(-1, self.in_features).to(dtype)
         # A sample is one entry of the leading dimension (one row of a 2-D input).
         batch = x.shape[0] if x.dim() > 1 else 1
         per_sample = x2.shape[0] // batch if batch else 0
-        call_key, sample_ids = self._call_key(batch)
+        group = self._scope_rows(x2.shape[0], per_sample)
+        call = self._array_call(batch, per_sample, group, x2.device)
         if self.observer is not None:
             self.observer(self.layer_name, "act", x)
-        group = self._scope_rows(x2.shape[0], per_sample)
         act_clip = self._act_clip(x2, group)
+        act_step = _safe_step(act_clip, qmax(self.cfg.act.bits))
         weights = self._weight_codes(x2.device, dtype)
         as_digits = self._int8_kernel(x2)
-        static = self._static_act(dtype, x2.device) if self.cfg.mode == "static" else None
-        x_int, msb, act_step, columns = self._quantize_split(x2, act_clip, as_digits, static)
+        if as_digits:
+            weights = self._with_int8(weights)
+        # Static: host numbers, known without reading the device, take ATen's scalar fast
+        # path. Dynamic: the clip stays on the device (0-d or per row), no host sync.
+        if self.cfg.mode == "static":
+            static = self._static_act(dtype, x2.device)
+            clip, step = static.clip_value, static.step_value
+        else:
+            clip, step = act_clip, act_step
+        x_int, msb, columns = engine.quantize_dac_input(
+            x2, clip, step, self.cfg.act.bits, self.slicing(), as_digits, self.stats)
         split = self._paths(x_int, msb)
         del x_int, msb
         if self.stats is not None and split.msb is not None:
             self.stats.observe_msb(split.msb)
-        split = split._replace(msb=None)
-        adc = self.cfg.adc
-        noisy = bool(self.adc_paths) and not adc.bypass and adc.noise_sigma_lsb > 0
-        noise = None
-        if noisy and per_sample:
-            noise = (per_sample, self._sample_keys(call_key, sample_ids, noisy))
-        y, unit = self._accumulate(split, weights, x2.shape[0], columns, group, noise)
+        y, unit = engine.accumulate(split._replace(msb=None), weights, x2.shape[0], call,
+                                    columns)
         del split
-        per_row = act_step.dim() == 2 or isinstance(unit, torch.Tensor)
-        scale = None if per_row else act_step * weights.step * unit
         bias = None if self.bias is None else self.bias.detach().to(dtype)
-        for rows in row_blocks(*y.shape, y.device):
-            if per_row:
-                scale = _rows(act_step, rows) * weights.step * _rows(unit, rows)
-            if bias is not None:
-                torch.addcmul(bias, y[rows], scale, out=y[rows])
-            else:
-                y[rows].mul_(scale)
+        engine.reconstruct_(y, act_step, weights.step, unit, bias)
         if self.stats is not None:
             self.stats.calls += 1
             self.stats.observe_output(x2, self.weight.detach().to(dtype), bias, y)
         y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y, act_clip, weights
-
-    def _int8_weights_for(self, weights: WeightCodes) -> Int8Weights:
-        """The weight codes packed for the INT8 kernel, cached with the float codes."""
-        cached = self._int8_weights
-        if cached is None or cached.codes_t is not weights.codes_t:  # held: never reused
-            cached = Int8Weights(weights.codes_t)
-            self._int8_weights = cached
-        return cached
-
-    def _product(self, codes: Codes, weights: WeightCodes, rows: slice, out: torch.Tensor,
-                 alpha: RowScale | None = None) -> None:
-        """out = codes[:, rows] @ W_int[rows] (alpha None), or out += alpha * that, with
-        the same float operations on either kernel: the product is exact, then added."""
-        if alpha is not None:
-            self._add_product(codes, weights, rows, out, alpha)
-            return
-        if isinstance(codes, torch.Tensor):
-            torch.matmul(codes[:, rows], weights.codes_t[rows], out=out)
-            return
-        if rows != slice(None):
-            codes = [digit[:, rows] for digit in codes]
-        int8_linear(codes, self._int8_weights_for(weights), rows, out)
-
-    def _add_product(self, codes: Codes, weights: WeightCodes, rows: slice, out: torch.Tensor,
-                     alpha: RowScale) -> None:
-        """out += alpha * (codes[:, rows] @ W_int[rows]). The exact product waits in a
-        scratch no larger than the input and is then added, so both kernels do the same
-        float operations. The scratch holds either groups of token rows (on the CPU at
-        most GROUP_ELEMENTS, to stay in cache), each multiplying all the weights, or (float
-        codes) slabs of in_features output columns, each multiplying all the codes:
-        whichever re-reads fewer elements, the weights once per row group or the codes
-        once per column slab (measured: benchmarks/RESULTS.md)."""
-        tokens, out_features = out.shape
-        group_elements = tokens * self.in_features
-        if blockwise(out.device):
-            group_elements = min(group_elements, GROUP_ELEMENTS)
-        group, width = max(1, group_elements // out_features), self.in_features
-        inner = weights.codes_t[rows].shape[0]
-        row_reads = -(-tokens // group) * inner * out_features
-        column_reads = -(-out_features // width) * tokens * inner
-        if isinstance(codes, torch.Tensor) and column_reads < row_reads:
-            lhs, scratch = codes[:, rows], out.new_empty((tokens, min(width, out_features)))
-            for start in range(0, out_features, width):
-                columns = slice(start, min(start + width, out_features))
-                part = scratch[:, :columns.stop - columns.start]
-                torch.matmul(lhs, weights.codes_t[rows, columns], out=part)
-                for block in row_blocks(*part.shape, part.device):
-                    _add_scaled_(out[block, columns], part[block], _rows(alpha, block))
-            return
-        scratch = out.new_empty((min(group, tokens), out_features))
-        for start in range(0, tokens, group):
-            part = scratch[:min(group, tokens - start)]
-            rows_out = out[start:start + part.shape[0]]
-            group_codes = (codes[start:start + part.shape[0]] if isinstance(codes, torch.Tensor)
-                           else [digit[start:start + part.shape[0]] for digit in codes])
-            self._product(group_codes, weights, rows, part)
-            group_alpha = _rows(alpha, slice(start, start + part.shape[0]))
-            for block in row_blocks(*part.shape, part.device):
-                _add_scaled_(rows_out[block], part[block], _rows(group_alpha, block))
-
-    def _accumulate(self, split: Split, weights: WeightCodes, tokens: int,
-                    columns: torch.Tensor | None = None, group: int | None = None,
-                    noise: tuple[int, list[int]] | None = None
-                    ) -> tuple[torch.Tensor, RowScale]:
-        """(acc, unit) with acc * unit = sum over analog paths and tiles of
-        gain * ADC(codes[:, tile] @ W_int[tile]) + digital_gain * (digital @ W_int), in
-        integer-product units, [tokens, out_features].
-
-        acc is kept in the first analog conversion's code units so that its scale, the
-        digital path and the final output scale fuse into few passes, each run in row
-        blocks (`row_blocks`). `columns` (bool, [in_features]) marks the input columns in
-        which the float digital codes may be non-zero: the digital matmul skips the
-        others (and is skipped when there are none). `group`: rows per dynamic ADC range
-        (`_adc_step`). `noise`: (rows per sample, one key per sample) of this call; each
-        path and tile mixes its own index into the keys.
-        """
-        adc, stats = self.cfg.adc, self.stats
-        codes_t = weights.codes_t
-        out = codes_t.new_empty((tokens, self.out_features))
-        scratch, unit = None, None
-        tiles = self._tiles()
-        if stats is not None:
-            stats.observe_paths(split.analog, split.digital, tokens, self.in_features,
-                                self.out_features, len(tiles))
-        # After one conversion `out` holds ADC codes, which fit in int16: they wait there
-        # (half the memory of a second float accumulation) while `out` takes the next
-        # path's accumulation. The paths are popped so that each slice's codes are freed
-        # once its matmul has run.
-        out_is_codes = False
-        while split.analog:
-            path = split.analog.pop(0)
-            path_index = self.adc_paths.index(path.name)
-            if stats is not None:
-                stats.analog_macs += path.codes.numel() * self.out_features * path.reads
-            sigma = adc.noise_sigma_lsb / math.sqrt(path.reads) if path.noisy else 0.0
-            for tile_index, rows in enumerate(tiles):
-                packed = None
-                if unit is None:
-                    acc = out
-                elif out_is_codes and len(tiles) == 1 and adc.bits <= 16:
-                    packed = torch.empty(out.shape, dtype=torch.int16, device=out.device)
-                    for block in row_blocks(*out.shape, out.device):
-                        packed[block].copy_(out[block])
-                    acc = out
-                else:
-                    scratch = torch.empty_like(out) if scratch is None else scratch
-                    acc = scratch
-                self._product(path.codes, weights, rows, acc)
-                if self.observer is not None:
-                    self.observer(self.layer_name, f"adc.{path.name}", acc)
-                step = 1.0
-                if not adc.bypass:
-                    step = self._adc_step(path.name, acc, group)
-                    draw = None
-                    if sigma and noise is not None:
-                        keys = [noise_key(key, path_index, tile_index) for key in noise[1]]
-                        draw = SampleNoise(self._generator(acc.device), noise[0], keys)
-                    saturated = adc_convert_(acc, step, adc.bits, sigma if draw else 0.0,
-                                             draw, stats is not None)
-                    if stats is not None:
-                        stats.observe_adc(acc.numel(), saturated)
-                if unit is None:
-                    unit = step * path.gain
-                    out_is_codes = not adc.bypass
-                    continue
-                alpha = step * path.gain / unit
-                for block in row_blocks(*out.shape, out.device):
-                    if packed is not None and isinstance(alpha, torch.Tensor):
-                        torch.addcmul(packed[block], out[block], alpha[block], out=out[block])
-                    elif packed is not None:  # codes + alpha * acc, as out.add_(acc, alpha)
-                        torch.add(packed[block], out[block], alpha=alpha, out=out[block])
-                    else:
-                        _add_scaled_(out[block], acc[block], _rows(alpha, block))
-                out_is_codes = False
-            del path
-        digital = split.digital
-        if digital is None:
-            return out, unit
-        if stats is not None:
-            stats.digital_macs = stats.digital_macs + torch.count_nonzero(digital) * self.out_features
-        if columns is not None and unit is not None:
-            index = columns.nonzero().squeeze(1)
-            if index.numel() == 0:
-                return out, unit  # no MSB codes: the digital path has nothing to add
-            if 2 * index.numel() <= digital.shape[1]:
-                codes_t = codes_t[index]
-                weights = weights._replace(codes_t=codes_t)
-                digital = digital[:, index]
-        if unit is None:
-            self._product(digital, weights, slice(None), out)
-            return out, split.digital_gain
-        self._product(digital, weights, slice(None), out, split.digital_gain / unit)
-        return out, unit
 
 
 class HybridLinear(QuantLinear):
@@ -809,22 +573,18 @@ class HybridLinear(QuantLinear):
 
     scheme = "hybrid"
     adc_paths = ("lsb",)
-    has_msb = True
-    sparse_digital = True
 
-    def _split_block(self, x_int: torch.Tensor, msb: torch.Tensor | None) -> None:
-        center_out_split_(x_int, self.cfg.split.lsb_bits, self.cfg.split.radix, out=msb)
-
-    def _slice_ranges(self) -> list[tuple[int, int]]:
-        """L in the signed lsb_bits range; |M| <= ceil((qmax_act - Lmax) / R) (codes never
-        pass +-qmax_act)."""
+    def slicing(self) -> Slicing:
+        """Center-out split, the sparse MSB slice digital. L in the signed lsb_bits range;
+        |M| <= ceil((qmax_act - Lmax) / R) (codes never pass +-qmax_act)."""
         s = self.cfg.split
         lsb_max = 2 ** (s.lsb_bits - 1) - 1
         msb_max = max(0, -(-(qmax(self.cfg.act.bits) - lsb_max) // s.radix))
-        return [(-lsb_max - 1, lsb_max), (-msb_max, msb_max)]
+        return Slicing(lambda x_int, msb: center_out_split_(x_int, s.lsb_bits, s.radix, out=msb),
+                       [(-lsb_max - 1, lsb_max), (-msb_max, msb_max)], sparse_digital=True)
 
     def _paths(self, x_int: Codes, msb: Codes | None) -> Split:
-        analog = AnalogPath("lsb", x_int, 1.0, self.cfg.adc.samples, True)
+        analog = AnalogPath("lsb", 0, x_int, 1.0, self.cfg.adc.samples, True)
         return Split([analog], msb, float(self.cfg.split.radix), msb)
 
 
@@ -836,22 +596,20 @@ class BitSerialLinear(QuantLinear):
     scheme = "bitserial"
     adc_paths = ("msb", "lsb")
     dynamic_step_eps = 1e-8
-    has_msb = True
 
-    def _split_block(self, x_int: torch.Tensor, msb: torch.Tensor | None) -> None:
-        s = self.cfg.split
-        bitserial_split_(x_int, s.lsb_bits, s.lsb_gain_shift, out=msb)
-
-    def _slice_ranges(self) -> list[tuple[int, int]]:
-        """LSB * 2^g in [0, (2^lb - 1) 2^g]; MSB = floor(x / 2^lb) over the INT range."""
+    def slicing(self) -> Slicing:
+        """Bit-serial split. LSB * 2^g in [0, (2^lb - 1) 2^g]; MSB = floor(x / 2^lb) over
+        the INT range."""
         s, code_max = self.cfg.split, qmax(self.cfg.act.bits)
-        return [(0, (2**s.lsb_bits - 1) * 2**s.lsb_gain_shift),
-                ((-code_max - 1) >> s.lsb_bits, code_max >> s.lsb_bits)]
+        return Slicing(
+            lambda x_int, msb: bitserial_split_(x_int, s.lsb_bits, s.lsb_gain_shift, out=msb),
+            [(0, (2**s.lsb_bits - 1) * 2**s.lsb_gain_shift),
+             ((-code_max - 1) >> s.lsb_bits, code_max >> s.lsb_bits)], sparse_digital=False)
 
     def _paths(self, x_int: Codes, msb: Codes | None) -> Split:
         s = self.cfg.split
-        analog = [AnalogPath("msb", msb, float(2**s.lsb_bits), self.cfg.adc.samples, True),
-                  AnalogPath("lsb", x_int, 2.0**-s.lsb_gain_shift, 1, False)]
+        analog = [AnalogPath("msb", 0, msb, float(2**s.lsb_bits), self.cfg.adc.samples, True),
+                  AnalogPath("lsb", 1, x_int, 2.0**-s.lsb_gain_shift, 1, False)]
         return Split(analog, None, 1.0, msb)
 
     def adc_clips_from_output_step(self, output_step: float,

@@ -5,7 +5,7 @@ index of that sample, use of the layer within that call, analog path, tile, outp
 element, read): the layer derives one 63-bit key per (sample, path, tile) by a stable
 integer mix of these numbers (`noise_key`, plain Python ints: no device work, no host
 sync) and draws that sample's noise from a generator re-seeded with the key
-(`adc_convert_` in quantizers.py). A sample's noise is drawn on its own rows only, in
+(`engine.adc_convert_`). A sample's noise is drawn on its own rows only, in
 blocks that depend on its own shape and the device type alone, so it does not depend on
 the batch it is in, its position there, the process that runs it or the calls before it.
 CPU and CUDA generators produce different (equally distributed) values for one key.

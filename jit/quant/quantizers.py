@@ -10,46 +10,17 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from typing import NamedTuple
 
 import torch
 
 from .config import WeightConfig
+from .plan import blockwise
 
 # topk of the largest k is much cheaper than a selection when k is a small share of n
 # (high percentiles, the usual case); beyond that share two kthvalue calls win.
 _TOPK_MAX_SHARE = 1 / 16
 # Elements per pass of the candidate selection in _largest_abs (|.|, compare, select).
 _SELECTION_BLOCK = 32767
-
-# Elementwise chains run over row blocks of at most CHUNK_ELEMENTS elements (512 KiB in
-# float32) on the CPU: each op still spreads over the cores (ATen's parallel grain size is
-# 32768 elements), the temporaries of a chain (noise, slice codes) stay small next to the
-# activations whatever the batch, and a chain of ops finds its block in cache. The size
-# was chosen against cache-sized blocks and whole-tensor ops with benchmarks.quant_linear
-# (benchmarks/RESULTS.md); larger blocks raise the bit-serial layer's peak memory.
-CHUNK_ELEMENTS = 2**17
-
-# Device types that take the CPU plan: row blocks, the INT8 digit kernel (intmm.py) and
-# the narrowing of the digital matmul to the input columns that hold MSB codes. All three
-# pay off only where a kernel launch is cheap and reading a value on the host is free; on
-# CUDA and other accelerators each op is one kernel over the whole tensor, since blocks
-# would multiply launches and the narrowing would stall the queue on a host sync.
-BLOCKWISE_DEVICE_TYPES = frozenset({"cpu"})
-
-
-def blockwise(device: torch.device) -> bool:
-    """Whether `device` takes the CPU plan (the one place that decides it)."""
-    return device.type in BLOCKWISE_DEVICE_TYPES
-
-
-def row_blocks(rows: int, cols: int, device: torch.device) -> list[slice]:
-    """Row slices of at most CHUNK_ELEMENTS elements (at least one row each) on the CPU;
-    all rows at once elsewhere. Where blocks fall depends only on the shape and the
-    device type, so results (noise included) do not change with the thread count."""
-    step = max(1, CHUNK_ELEMENTS // max(cols, 1)) if blockwise(device) else max(rows, 1)
-    return [slice(start, start + step) for start in range(0, rows, step)]
-
 
 # x + 1.5 * 2^(p-1) - 1.5 * 2^(p-1) rounds x to an integer, ties to even, exactly as
 # torch.round, for |x| < 2^(p-2) (p: significand bits): two adds with ATen's default
@@ -202,91 +173,3 @@ def bitserial_split_(x_int: torch.Tensor, lsb_bits: int, lsb_gain_shift: int = 0
     if lsb_gain_shift:
         x_int.mul_(2**lsb_gain_shift)
     return msb
-
-
-class SampleNoise(NamedTuple):
-    """Where a tile's thermal noise comes from: `generator` re-seeded with `keys[s]` for
-    the rows of sample s (rows s * rows_per_sample onwards; noise.py derives the keys)."""
-
-    generator: torch.Generator
-    rows_per_sample: int
-    keys: list[int]
-
-
-def noise_blocks(rows: int, cols: int, device: torch.device, noise: SampleNoise | None
-                 ) -> list[tuple[slice, list[tuple[slice, int | None]]]]:
-    """Row blocks for the elementwise ADC passes and, inside each, the noise segments:
-    (rows relative to the block, key to re-seed with or None to continue the stream).
-
-    A sample's noise is drawn only on its own rows, in segments of a size that depends on
-    its shape and the device type alone (on the CPU at most CHUNK_ELEMENTS, so they stay
-    in cache; elsewhere the whole sample in one draw); blocks gather whole segments, so
-    where they fall never changes the noise. Without noise: `row_blocks`."""
-    if noise is None:
-        return [(block, []) for block in row_blocks(rows, cols, device)]
-    per_sample = noise.rows_per_sample
-    segment = max(1, CHUNK_ELEMENTS // max(cols, 1)) if blockwise(device) else per_sample
-    segment = max(1, min(segment, per_sample))
-    block_rows = max(segment, CHUNK_ELEMENTS // max(cols, 1)) if blockwise(device) else rows
-    blocks, start, segments = [], 0, []
-    for sample, key in enumerate(noise.keys):
-        first = sample * per_sample
-        for offset in range(0, per_sample, segment):
-            low, high = first + offset, first + min(offset + segment, per_sample)
-            if high - start > block_rows and segments:
-                blocks.append((slice(start, low), segments))
-                start, segments = low, []
-            segments.append((slice(low - start, high - start), key if offset == 0 else None))
-    if segments:
-        blocks.append((slice(start, rows), segments))
-    return blocks
-
-
-def adc_convert_(acc: torch.Tensor, step: float | torch.Tensor, bits: int,
-                 noise_sigma_codes: float = 0.0, noise: SampleNoise | None = None,
-                 count_saturated: bool = False) -> int | torch.Tensor:
-    """In place on a 2-D accumulation: acc -> clamp(round(acc/step + e), -2^(n-1), 2^(n-1)-1)
-    with e ~ N(0, noise_sigma_codes^2).
-
-    The thermal noise is referred to the ADC input and expressed in ADC steps (DESIGN.md:
-    N(0, (sigma_lsb * s_adc)^2 / K) on `a`), so it is drawn with that std directly in the
-    code domain, per sample from `noise` (`noise_blocks`), into one block-sized buffer,
-    and each block is added, rounded and clamped while it is in cache. `step` is a
-    Python number (one step for the whole tile) or a [rows, 1] tensor (one per row: the
-    dynamic sample and token scopes). Returns the number of codes that saturated when
-    `count_saturated` (a 0-d device tensor: no host sync), else 0.
-    """
-    code_max = qmax(bits)
-    if noise_sigma_codes <= 0:
-        noise = None
-    elif noise is None:
-        raise ValueError("adc_convert_: noise_sigma_codes > 0 needs the samples' noise keys")
-    blocks = noise_blocks(*acc.shape, acc.device, noise)
-    buffer = None
-    if noise is not None:
-        buffer = acc.new_empty((max(b.stop - b.start for b, _ in blocks), acc.shape[1]))
-    per_row = isinstance(step, torch.Tensor)
-    saturated = []
-    for rows, segments in blocks:
-        chunk = acc[rows]
-        if per_row:
-            chunk.div_(step[rows])
-        if buffer is not None:
-            buf = buffer[:chunk.shape[0]]
-            generator = noise.generator
-            for segment, key in segments:
-                if key is not None:
-                    generator.manual_seed(key)
-                buf[segment].normal_(0.0, noise_sigma_codes, generator=generator)
-            if per_row:
-                round_(chunk.add_(buf))
-            else:
-                round_(torch.add(buf, chunk, alpha=1.0 / step, out=chunk))
-        elif per_row:
-            round_(chunk)
-        else:
-            round_(chunk.div_(step))  # exact division: rounding ties as in the seed
-        if count_saturated:
-            saturated.append((chunk > code_max).sum() + (chunk < -code_max - 1).sum())
-        chunk.clamp_(-code_max - 1, code_max)
-    return torch.stack(saturated).sum() if saturated else 0

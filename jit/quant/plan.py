@@ -1,0 +1,121 @@
+"""How the fast engine (engine.py) runs on a device: the one place that decides what the
+CPU does differently.
+
+On the CPU a kernel launch is cheap and reading a value on the host is free, so:
+- elementwise chains run in row blocks of at most CHUNK_ELEMENTS elements, which keeps
+  the temporaries of a chain (noise, slice codes) small next to the activations and a
+  chain's block in cache;
+- the sparse digital product is narrowed to the input columns that hold MSB codes;
+- integer products may run on oneDNN's INT8 kernel (intmm.py), on CPUs with AMX tiles.
+On CUDA and other accelerators every op is one kernel over the whole tensor: blocks would
+multiply launches, the narrowing would stall the queue on a host sync, and the GPU's
+float GEMMs are exact for these integer products already.
+
+The plan never changes a result: noiseless outputs are bit-identical between the plans,
+and noise is drawn per sample in segments that depend on the sample's shape and the
+device type alone (tests/test_quant_execution.py, tests/test_quant_intmm.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+# Elements per row block of the CPU plan (512 KiB in float32). Each op still spreads over
+# the cores (ATen's parallel grain size is 32768 elements). The size was chosen against
+# cache-sized blocks and whole-tensor ops with benchmarks.quant_linear
+# (benchmarks/RESULTS.md); larger blocks raise the bit-serial layer's peak memory.
+CHUNK_ELEMENTS = 2**17
+
+BLOCKWISE_DEVICE_TYPES = frozenset({"cpu"})
+
+_INT32_SAFE = 2**31 - 1
+
+
+def blockwise(device: torch.device) -> bool:
+    """Whether `device` takes the CPU plan."""
+    return device.type in BLOCKWISE_DEVICE_TYPES
+
+
+def row_blocks(rows: int, cols: int, device: torch.device) -> list[slice]:
+    """Row slices of at most CHUNK_ELEMENTS elements (at least one row each) on the CPU;
+    all rows at once elsewhere. Where blocks fall depends only on the shape and the
+    device type, so results (noise included) do not change with the thread count."""
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1)) if blockwise(device) else max(rows, 1)
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
+class SampleNoise(NamedTuple):
+    """Where a tile's thermal noise comes from: `generator` re-seeded with `keys[s]` for
+    the rows of sample s (rows s * rows_per_sample onwards; noise.py derives the keys)."""
+
+    generator: torch.Generator
+    rows_per_sample: int
+    keys: list[int]
+
+
+def noise_blocks(rows: int, cols: int, device: torch.device, noise: SampleNoise | None
+                 ) -> list[tuple[slice, list[tuple[slice, int | None]]]]:
+    """Row blocks for the elementwise ADC passes and, inside each, the noise segments:
+    (rows relative to the block, key to re-seed with or None to continue the stream).
+
+    A sample's noise is drawn only on its own rows, in segments of a size that depends on
+    its shape and the device type alone (on the CPU at most CHUNK_ELEMENTS, so they stay
+    in cache; elsewhere the whole sample in one draw); blocks gather whole segments, so
+    where they fall never changes the noise. Without noise: `row_blocks`."""
+    if noise is None:
+        return [(block, []) for block in row_blocks(rows, cols, device)]
+    per_sample = noise.rows_per_sample
+    segment = max(1, CHUNK_ELEMENTS // max(cols, 1)) if blockwise(device) else per_sample
+    segment = max(1, min(segment, per_sample))
+    block_rows = max(segment, CHUNK_ELEMENTS // max(cols, 1)) if blockwise(device) else rows
+    blocks, start, segments = [], 0, []
+    for sample, key in enumerate(noise.keys):
+        first = sample * per_sample
+        for offset in range(0, per_sample, segment):
+            low, high = first + offset, first + min(offset + segment, per_sample)
+            if high - start > block_rows and segments:
+                blocks.append((slice(start, low), segments))
+                start, segments = low, []
+            segments.append((slice(low - start, high - start), key if offset == 0 else None))
+    if segments:
+        blocks.append((slice(start, rows), segments))
+    return blocks
+
+
+@functools.cache
+def cpu_has_amx_int8() -> bool:
+    """Whether this CPU reports AMX INT8 tiles (Linux /proc/cpuinfo; False elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "amx_int8" in line.split()
+               for line in text.splitlines())
+
+
+def use_int8(low: int, high: int, inner: int, weight_bits: int, device: torch.device,
+             dtype: torch.dtype, requested: bool | None) -> bool:
+    """Whether codes in [low, high] times INT`weight_bits` weights over `inner` rows are
+    multiplied on the INT8 kernel (intmm.py).
+
+    Only where it is exact: float32 on the CPU plan, INT<=8 weights, INT32 sums that
+    cannot overflow. Then `requested` (QuantLinear.int8_matmul) decides; None chooses it
+    on CPUs with AMX INT8 tiles, where oneDNN's INT8 linear outran the float32 GEMM in
+    this project's measurements, and not on AVX2/AVX-512 CPUs, where it was far slower
+    (benchmarks.digital_kernels, benchmarks/RESULTS.md)."""
+    if not blockwise(device) or dtype != torch.float32 or weight_bits > 8:
+        return False
+    if inner * max(-low, high) * 2 ** (weight_bits - 1) > _INT32_SAFE:
+        return False
+    from .intmm import kernel_is_exact
+
+    if requested is None:
+        return cpu_has_amx_int8() and kernel_is_exact()
+    if requested and not kernel_is_exact():
+        raise RuntimeError("int8_matmul=True: oneDNN's INT8 linear is missing or not exact "
+                           "on this torch build and CPU (jit.quant.intmm.kernel_is_exact)")
+    return requested
