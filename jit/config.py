@@ -8,6 +8,7 @@ live in `validate`, also called before anything heavy.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -16,6 +17,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from jit.models.denoiser import SAMPLING_METHODS, TIME_SCHEDULES
 
 
 class ConfigError(ValueError):
@@ -42,14 +45,9 @@ class Weights(_Choice):
     ema2 = "ema2"
 
 
-class Method(_Choice):
-    heun = "heun"
-    euler = "euler"
-
-
-class Schedule(_Choice):
-    linear = "linear"
-    logit_normal = "logit_normal"
+# What the sampler implements is the Denoiser's to say; the schema takes its list.
+Method = _Choice("Method", [(name, name) for name in SAMPLING_METHODS])
+Schedule = _Choice("Schedule", [(name, name) for name in TIME_SCHEDULES])
 
 
 class LRSchedule(_Choice):
@@ -93,7 +91,8 @@ class ModelSchema:
     # An official checkpoint's args (img_size, class_num, noise_scale, t_eps) must agree with
     # the config; true: generate with the config's values anyway.
     override_checkpoint_args: bool = False
-    # task=eval: generate the FID images with a torch.compile'd backbone (jit/models/compile.py).
+    # task=eval: generate the FID images with a torch.compile'd backbone, quantized layers
+    # included (jit/models/compile.py); the first batch compiles. Needs a C++ compiler on CPU.
     compile: bool = False
 
 
@@ -166,9 +165,11 @@ class FinetuneSchema:
 class RunSchema:
     task: Task = Task.eval
     seed: int = 0
+    # A Lightning .ckpt (resume, eval) or an official checkpoint-last.pth (eval, fine-tune);
+    # None: the shipped digits model.
     ckpt_path: Optional[str] = None
     eval_weights: Weights = Weights.ema1
-    compare_fp: bool = True
+    compare_fp: bool = True  # eval: also evaluate the float model with the same seeds
     model: ModelSchema = field(default_factory=ModelSchema)
     sampler: SamplerSchema = field(default_factory=SamplerSchema)
     optim: OptimSchema = field(default_factory=OptimSchema)
@@ -189,6 +190,27 @@ class RunSchema:
 
 
 ASSETS = Path(__file__).parent / "assets"
+
+
+def schema_defaults(schema: type) -> dict[str, Any]:
+    """The defaults of a schema section as plain values (enum members as their strings,
+    lists copied): what code outside Hydra (JiTModule's keyword arguments) falls back to,
+    so each default is written once, here."""
+    def plain(value):
+        if isinstance(value, Enum):
+            return value.value
+        return list(value) if isinstance(value, list) else value
+
+    values = {}
+    for f in dataclasses.fields(schema):
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        values[f.name] = plain(value)
+    return values
+
+
+def choices(enum: type[Enum]) -> tuple[str, ...]:
+    """The allowed strings of a schema choice, in declaration order."""
+    return tuple(member.value for member in enum)
 
 
 def register_schemas() -> None:

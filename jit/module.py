@@ -29,37 +29,28 @@ from jit.checkpoint import (
     load_jit_checkpoint,
     safe_load,
 )
+from jit.config import (
+    DenoiserSchema,
+    EMASchema,
+    LRSchedule,
+    OptimSchema,
+    SamplerSchema,
+    Weights,
+    choices,
+    schema_defaults,
+)
 from jit.datamodules import to_model_range
 from jit.ema import EMA
 from jit.models import Denoiser, build_jit
 from jit.quant import sample_context
 
-DENOISER_DEFAULTS = {
-    "P_mean": -0.8,
-    "P_std": 0.8,
-    "t_eps": 0.05,
-    "noise_scale": 1.0,
-    "label_drop_prob": 0.1,
-}
-OPTIM_DEFAULTS = {
-    "blr": 5e-5,
-    "weight_decay": 0.0,
-    "betas": [0.9, 0.95],
-    "warmup_steps": 0,
-    "schedule": "constant",
-    "min_lr": 0.0,
-    "batch_size": None,
-}
-EMA_DEFAULTS = {"decay1": 0.9999, "decay2": 0.9996}
-SAMPLER_DEFAULTS = {
-    "steps": 50,
-    "method": "heun",
-    "cfg_scale": 1.0,
-    "interval": [0.1, 1.0],
-    "schedule": "linear",
-}
-EVAL_WEIGHTS = ("raw", "ema1", "ema2")
-LR_SCHEDULES = ("constant", "cosine")
+# Defaults and allowed values have one home, the run schema (jit/config.py).
+DENOISER_DEFAULTS = schema_defaults(DenoiserSchema)
+OPTIM_DEFAULTS = {**schema_defaults(OptimSchema), "batch_size": None}
+EMA_DEFAULTS = schema_defaults(EMASchema)
+SAMPLER_DEFAULTS = schema_defaults(SamplerSchema)
+EVAL_WEIGHTS = choices(Weights)  # raw, ema1, ema2: the EMA index is the position - 1
+LR_SCHEDULES = choices(LRSchedule)
 
 
 class NonFiniteLossError(RuntimeError):
