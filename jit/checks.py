@@ -9,8 +9,9 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from jit.config import ConfigError, to_plain
+from jit.config import ConfigError
 from jit.module import JiTModule
+from jit.settings import RunSettings
 
 
 def check_checkpoint_settings(cfg: DictConfig, path: str) -> None:
@@ -39,22 +40,21 @@ def check_checkpoint_settings(cfg: DictConfig, path: str) -> None:
                       f"overrides {theirs} (or model.override_checkpoint_args=true to keep the config's values)")
 
 
-def check_calibration_inputs(cfg: DictConfig, qcfg, dm) -> None:
+def check_calibration_inputs(run: RunSettings, dm) -> None:
     """Static calibration on data needs enough images in the calibration split: check first."""
-    if uses_data_for_calibration(cfg, qcfg):
-        num_images = cfg.calibration.num_images
+    if uses_data_for_calibration(run):
+        num_images = run.calibration.num_images
         available = len(dm.split_dataset("calibration"))
         if num_images > available:
             raise ConfigError(f"calibration.num_images={num_images} exceeds the {available} images of the "
                               f"calibration split (raise data.calib_num_images)")
 
 
-def uses_data_for_calibration(cfg: DictConfig, qcfg) -> bool:
-    from jit.evaluation.calibration import CalibrationConfig
-
+def uses_data_for_calibration(run: RunSettings) -> bool:
+    qcfg = run.quant
     if qcfg.scheme == "fp" or qcfg.mode != "static" or qcfg.calibration_file is not None:
         return False
-    return CalibrationConfig.from_any(to_plain(cfg.calibration)).source == "data"
+    return run.calibration.source == "data"
 
 
 def check_reference(fid_cfg, module: JiTModule, dm) -> None:
@@ -78,17 +78,18 @@ def check_reference(fid_cfg, module: JiTModule, dm) -> None:
                                   "reference statistics need at least 2 (or give fid.reference.stats_file)")
 
 
-def check_before_generation(cfg: DictConfig, qcfg, module: JiTModule, dm, fid_cfg=None) -> None:
+def check_before_generation(run: RunSettings, module: JiTModule, dm, check_fid: bool) -> None:
     """Inputs that would otherwise fail only after the float baseline, the calibration, the
     per-layer statistics or the whole generation: calibration data and file, quantization
-    targets, the feature extractor, reference statistics, the data's class count against the
-    model's. Raises with the key or file named."""
+    targets, and with `check_fid` the feature extractor, reference statistics and the data's
+    class count against the model's. Raises with the key or file named."""
     from jit.evaluation.fid import check_data_classes
     from jit.quant import artefact, target_names
 
-    if uses_data_for_calibration(cfg, qcfg):
+    qcfg = run.quant
+    if uses_data_for_calibration(run):
         check_data_classes(module.denoiser.num_classes, dm)
-    check_calibration_inputs(cfg, qcfg, dm)
+    check_calibration_inputs(run, dm)
     targets = target_names(module.denoiser.net, qcfg.targets)
     if qcfg.calibration_file is not None:
         if qcfg.scheme == "fp" or qcfg.mode != "static":
@@ -98,7 +99,7 @@ def check_before_generation(cfg: DictConfig, qcfg, module: JiTModule, dm, fid_cf
         if not Path(qcfg.calibration_file).is_file():
             raise ConfigError(f"quant.calibration_file: no such file: {qcfg.calibration_file}")
         artefact.check_fits(artefact.load(qcfg.calibration_file), dict.fromkeys(targets), lambda _: qcfg)
-    if fid_cfg is not None:
-        check_reference(fid_cfg, module, dm)
+    if check_fid:
+        check_reference(run.fid, module, dm)
 
 

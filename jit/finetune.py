@@ -49,18 +49,17 @@ class FinetuneSettings:
     compare: tuple[dict, ...]
 
 
-def settings_from(cfg: DictConfig) -> FinetuneSettings:
-    """Parse `cfg.finetune` once, with the checks that depend on other sections."""
+def settings_from(cfg: DictConfig, quant) -> FinetuneSettings:
+    """Parse `cfg.finetune` once, with the checks that depend on the task and on `quant`
+    (the run's parsed QuantConfig)."""
     plain = to_plain(cfg)
     ft = plain["finetune"]
     qcfg = None
     hardware_only = {"noise_sigma_lsb": None, "ranges": None, "recalibrate_every_n_steps": 0}
     if ft["hardware_aware"]:
-        from jit.quant import build_quant_config
-
         if str(plain["task"]) != "train":
             raise ConfigError(f"finetune.hardware_aware: applies to task=train only (got task={plain['task']})")
-        qcfg = build_quant_config(cfg.quant)
+        qcfg = quant
         if qcfg.scheme == "fp":
             raise ConfigError("finetune.hardware_aware=true needs a quantized scheme: choose quant=hybrid_w8a11, "
                               "bitserial_w8a12, w8a8, ... (got quant.scheme=fp)")
@@ -151,13 +150,13 @@ def compare_after_training(cfg: DictConfig, settings: FinetuneSettings, start: s
     Writes `<run>/finetune_comparison.json` and returns it.
     """
     from jit.quant import build_quant_config
+    from jit.settings import parse_settings
     from jit.tasks import evaluate
 
     run_dir = Path(cfg.paths.output_dir)
-    quant = to_plain(cfg.quant)
     rows = []
     for i, override in enumerate(settings.compare):
-        qcfg = build_quant_config(_merge(quant, override))  # errors name quant.* keys
+        qcfg = build_quant_config(_merge(to_plain(cfg.quant), override))  # errors name quant.* keys
         row = {"point": point_label(qcfg), "quant": qcfg.to_dict()}
         for tag, path in (("start", start), ("trained", trained)):
             sub = OmegaConf.merge(cfg, {
@@ -168,7 +167,7 @@ def compare_after_training(cfg: DictConfig, settings: FinetuneSettings, start: s
             })
             sub.quant = OmegaConf.create(qcfg.to_dict())
             sub.logger = OmegaConf.create({})  # merging {} would keep the run's loggers
-            results = evaluate(sub)
+            results = evaluate(sub, parse_settings(sub))
             row[tag] = results["metrics"]
             if i == 0:
                 row[f"{tag}_float"] = results.get("baseline_fp")

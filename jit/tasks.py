@@ -1,8 +1,9 @@
 """The tasks `run.py` dispatches to: train, eval, calibrate, export.
 
-Each task validates everything it can before building a model or touching data, then
-composes the pieces (jit/builders.py) and hands the work to Lightning (training) or to
-jit/evaluation (generation, calibration) inside Lightning's test loop.
+`dispatch` checks the schema and parses every section once (jit/settings.py) before a
+task builds a model or touches data; a task then composes the pieces (jit/builders.py)
+and hands the work to Lightning (training) or to jit/evaluation (generation,
+calibration) inside Lightning's test loop.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from jit.builders import (
     finalize_loggers,
     load_module,
     module_kwargs,
-    quant_config,
     run_in_test_loop,
 )
 from jit.checkpoint import save_official_checkpoint
 from jit.checks import check_before_generation
-from jit.config import ConfigError, Task, to_plain, validate
+from jit.config import ConfigError, Task, validate
 from jit.module import JiTModule
+from jit.settings import RunSettings, parse_settings
 
 # What a training stopped by SIGTERM exits with, after saving last.ckpt: 128 + 15, as a shell
 # reports a process that SIGTERM ended. Not 0 (finished) nor 1/2 (failed, or bad input).
@@ -51,19 +52,19 @@ def latest_checkpoint(folder: Path) -> str:
     return str(found[-1])
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, run: RunSettings) -> dict:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from jit.atomic import remove_stale_temporaries
-    from jit.finetune import compare_after_training, settings_from
+    from jit.finetune import compare_after_training
 
-    settings = settings_from(cfg)
+    settings = run.finetune
     ckpt_path = latest_checkpoint(checkpoint_dir(cfg)) if cfg.ckpt_path == "last" else cfg.ckpt_path
     kind = checkpoint_kind(ckpt_path)
     dm = instantiate(cfg.data)
     module = JiTModule(**module_kwargs(cfg), init_checkpoint=ckpt_path if kind == "official" else None,
                        init_weights=settings.init_weights)
-    callbacks = build_callbacks(cfg, training=True) + finetune_callbacks(cfg, settings)
+    callbacks = build_callbacks(cfg, training=True) + finetune_callbacks(cfg, run)
     trainer = build_trainer(cfg, build_loggers(cfg), callbacks)
     if trainer.is_global_zero:  # before anything of this run writes there
         for folder in (Path(cfg.paths.output_dir), checkpoint_dir(cfg)):
@@ -91,19 +92,20 @@ def train(cfg: DictConfig) -> dict:
     return result
 
 
-def finetune_callbacks(cfg: DictConfig, settings) -> list:
+def finetune_callbacks(cfg: DictConfig, run: RunSettings) -> list:
     """The hardware in the training loop (finetune.hardware_aware), or freezing alone."""
     from jit.callbacks.hardware_aware import HardwareInTheLoop, TrainablePatterns
     from jit.finetune import training_quant_config
 
+    settings = run.finetune
     if not settings.hardware_aware:
         return [] if settings.trainable == ("*",) else [TrainablePatterns(settings.trainable)]
-    return [HardwareInTheLoop(training_quant_config(cfg.quant, settings), to_plain(cfg.calibration),
+    return [HardwareInTheLoop(training_quant_config(run.quant, settings), run.calibration,
                               settings.trainable, settings.recalibrate_every_n_steps,
                               run_dir=cfg.paths.output_dir)]
 
 
-def export(cfg: DictConfig) -> dict:
+def export(cfg: DictConfig, run: RunSettings) -> dict:
     from jit.train import export_official
 
     if checkpoint_kind(cfg.ckpt_path) != "lightning":
@@ -114,21 +116,17 @@ def export(cfg: DictConfig) -> dict:
     return {"checkpoint": out}
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    from jit.evaluation.fid import FIDConfig
+def evaluate(cfg: DictConfig, settings: RunSettings) -> dict:
     from jit.evaluation.pipeline import EvaluationSettings, evaluate_float_then_quantized
-    from jit.hardware import build_hardware_config
 
-    qcfg, fid_cfg = quant_config(cfg), FIDConfig.from_any(cfg.fid)  # validated before any work
-    hardware = build_hardware_config(cfg.hardware)
     module, source = load_module(cfg)
     run = EvaluationSettings(
-        quant=qcfg, fid=fid_cfg, hardware=hardware, calibration=to_plain(cfg.calibration),
-        run_dir=Path(cfg.paths.output_dir), checkpoint=source, compare_fp=bool(cfg.compare_fp),
-        layer_stats_images=int(cfg.eval.layer_stats_images),
+        quant=settings.quant, fid=settings.fid, hardware=settings.hardware,
+        calibration=settings.calibration, run_dir=Path(cfg.paths.output_dir), checkpoint=source,
+        compare_fp=bool(cfg.compare_fp), layer_stats_images=int(cfg.eval.layer_stats_images),
         compile_backbone=bool(cfg.model.compile))
     dm = instantiate(cfg.data)
-    check_before_generation(cfg, run.quant, module, dm, run.fid)
+    check_before_generation(settings, module, dm, check_fid=True)
     trainer = build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg, training=False))
     results = run_in_test_loop(trainer, module, lambda trainer, module: evaluate_float_then_quantized(
         trainer, module, dm, run))
@@ -138,21 +136,21 @@ def evaluate(cfg: DictConfig) -> dict:
     return results
 
 
-def calibrate(cfg: DictConfig) -> dict:
+def calibrate(cfg: DictConfig, settings: RunSettings) -> dict:
     from jit.evaluation.pipeline import prepare_quantized
 
-    qcfg = quant_config(cfg)
+    qcfg = settings.quant
     if qcfg.scheme == "fp" or qcfg.mode != "static":
         raise ConfigError(f"quant: task=calibrate needs a quantized scheme in static mode "
                           f"(got quant.scheme={qcfg.scheme}, quant.mode={qcfg.mode})")
     run_dir = Path(cfg.paths.output_dir)
     module, _ = load_module(cfg)
     dm = instantiate(cfg.data)
-    check_before_generation(cfg, qcfg, module, dm)
+    check_before_generation(settings, module, dm, check_fid=False)
     # Under the trainer, as eval: its precision (bf16 autocast with bf16-mixed) and devices.
     trainer = build_trainer(cfg, [], build_callbacks(cfg, training=False))
     info = run_in_test_loop(trainer, module, lambda trainer, module: prepare_quantized(
-        module, qcfg, to_plain(cfg.calibration), dm, run_dir, trainer))
+        module, qcfg, settings.calibration, dm, run_dir, trainer))
     if trainer.is_global_zero:
         print(f"calibration artefact: {info['calibration']['file']}")
     return info
@@ -162,8 +160,6 @@ TASKS = {Task.train: train, Task.eval: evaluate, Task.calibrate: calibrate, Task
 
 
 def dispatch(cfg: DictConfig):
-    from jit.finetune import settings_from
-
     validate(cfg)
     if cfg.model.compile:
         from jit.models.compile import compile_available
@@ -171,13 +167,11 @@ def dispatch(cfg: DictConfig):
         reason = compile_available()
         if reason is not None:
             raise ConfigError(f"model.compile=true: {reason}; run with model.compile=false")
-    settings_from(cfg)  # finetune.* against task and quant, for every task
-    if cfg.task != Task.train:
-        quant_config(cfg)  # fail on quant.* before loading anything
+    settings = parse_settings(cfg)  # fails on a bad section before anything is loaded
     from jit.runner import prepare_run_dir  # the runner imports this module
 
     prepare_run_dir(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    return TASKS[cfg.task](cfg)
+    return TASKS[cfg.task](cfg, settings)
 
 

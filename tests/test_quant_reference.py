@@ -275,7 +275,7 @@ def test_compile_unavailable_is_one_line_before_any_work(monkeypatch, tmp_path):
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
     assert compile_available() == "Inductor cannot find a C++ compiler (no C++ compiler found)"
     cfg = compose_run(["model.compile=true", f"paths.output_dir={tmp_path / 'run'}"])
-    monkeypatch.setattr(tasks, "evaluate", lambda cfg: pytest.fail("evaluation started"))
+    monkeypatch.setattr(tasks, "evaluate", lambda cfg, settings: pytest.fail("evaluation started"))
     with pytest.raises(ConfigError, match=r"^model.compile=true: Inductor cannot find a C\+\+ "
                        r"compiler \(no C\+\+ compiler found\); run with model.compile=false$"):
         tasks.dispatch(cfg)

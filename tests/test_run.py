@@ -417,7 +417,7 @@ def run_main(tmp_path, monkeypatch, task_fn, *overrides, multirun=False):
 
     calls = []
 
-    def task(cfg):
+    def task(cfg, settings):
         calls.append(cfg)
         return task_fn(cfg)
 

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from jit.checkpoint import sha256_file
-from jit.evaluation.calibration import run_calibration
+from jit.evaluation.calibration import CalibrationConfig, run_calibration
 from jit.evaluation.fid import FIDConfig, FIDEvaluation
 from jit.evaluation.plan import balanced_labels, initial_noise
 from jit.evaluation.report import log_table, print_summary, summarize_layer_stats, write_layer_stats
@@ -37,7 +37,7 @@ class EvaluationSettings:
     quant: QuantConfig
     fid: FIDConfig
     hardware: object  # jit.hardware.HardwareConfig
-    calibration: dict  # calibration.* as plain values
+    calibration: CalibrationConfig
     run_dir: Path
     checkpoint: str  # the weights' file (results.json records it and its sha256)
     compare_fp: bool = True
@@ -83,10 +83,10 @@ def evaluate_float_then_quantized(trainer, module, datamodule, run: EvaluationSe
     return results
 
 
-def prepare_quantized(module, qcfg: QuantConfig, calibration: dict, dm, run_dir: Path,
+def prepare_quantized(module, qcfg: QuantConfig, calibration: CalibrationConfig, dm, run_dir: Path,
                       trainer=None) -> dict:
-    """Quantize the backbone in place; in static mode calibrate with `calibration`
-    (calibration.* as plain values) or apply quant.calibration_file.
+    """Quantize the backbone in place; in static mode calibrate with `calibration` or
+    apply quant.calibration_file.
 
     Returns the provenance recorded in results.json.
     """
