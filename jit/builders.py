@@ -93,11 +93,13 @@ def build_trainer(cfg: DictConfig, loggers: list, callbacks: list) -> L.Trainer:
                        enable_progress_bar=progress_bar, _convert_="all")
 
 
-def checkpoint_kind(path: str | None) -> str | None:
-    """'lightning' for a Lightning .ckpt, 'official' for a checkpoint-last.pth, None for no path."""
+def checkpoint_kind(path: str | None, ckpt=None) -> str | None:
+    """'lightning' for a Lightning .ckpt, 'official' for a checkpoint-last.pth, None for no
+    path. `ckpt`: the file's contents if already read."""
     if path is None:
         return None
-    ckpt = safe_load(path, mmap=True)  # a peek at the keys: no need to read GBs of tensors
+    if ckpt is None:
+        ckpt = safe_load(path, mmap=True)  # a peek at the keys: no need to read GBs of tensors
     if "state_dict" in ckpt and "pytorch-lightning_version" in ckpt:
         return "lightning"
     if "model" in ckpt:
@@ -126,13 +128,16 @@ def load_module(cfg: DictConfig) -> tuple[JiTModule, str]:
             raise ConfigError(f"ckpt_path: the shipped digits model {SHIPPED_DIGITS_MODEL} is missing; "
                               "train one with `python run.py experiment=digits_train`")
         path = str(SHIPPED_DIGITS_MODEL)
-    kind = checkpoint_kind(path)
+    # Read once (memory-mapped: tensors load when used) for the kind, the settings check
+    # and the weights.
+    ckpt = safe_load(path, mmap=True)
+    kind = checkpoint_kind(path, ckpt)
     if kind != "lightning":
-        check_checkpoint_settings(cfg, path)
+        check_checkpoint_settings(cfg, path, ckpt)
     # Only the weights being evaluated are loaded, unless FID asks for others than the run.
     needed = {cfg.eval_weights, cfg.fid.get("eval_weights") or cfg.eval_weights}
     if len(needed) == 1:
-        module = load_for_evaluation(path, kind, cfg.eval_weights, module_kwargs(cfg))
+        module = load_for_evaluation(path, kind, cfg.eval_weights, module_kwargs(cfg), ckpt)
     elif kind == "lightning":
         module = JiTModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     else:

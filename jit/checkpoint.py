@@ -13,6 +13,7 @@ import hashlib
 import os
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -132,17 +133,22 @@ def matching_variants(state_dict: dict) -> list[str]:
     return names
 
 
-def load_jit_checkpoint(path, weights: str = "model_ema1") -> tuple[dict, dict]:
+def load_jit_checkpoint(path, weights: str = "model_ema1", ckpt: Mapping | None = None,
+                        check_finite: bool = True) -> tuple[dict, dict]:
     """Read an official checkpoint: (Denoiser state dict with `net.` keys, meta).
 
     `meta` holds `variant` (args.model when it names a registered variant, else the
     registered variant whose shapes fit, else None), `img_size`, `num_classes`, `epoch`,
     the Denoiser hyper-parameters found in `args`, `weights`, `path` and `args` itself.
+    `ckpt`: the file's contents when the caller has read them already (`safe_load` of
+    `path`, memory-mapped), so one run reads a checkpoint once. `check_finite=False`
+    skips the NaN/Inf scan (which reads every tensor) for callers that only need meta.
     """
     if weights not in WEIGHT_KEYS:
         raise CheckpointError(f"weights must be one of {', '.join(WEIGHT_KEYS)}, got {weights!r}")
     # Memory-mapped: only the chosen weights are read (not the other EMAs or the optimizer).
-    ckpt = safe_load(path, mmap=True)
+    if ckpt is None:
+        ckpt = safe_load(path, mmap=True)
     if weights not in ckpt:
         present = [k for k in WEIGHT_KEYS if k in ckpt]
         if not present:
@@ -154,7 +160,8 @@ def load_jit_checkpoint(path, weights: str = "model_ema1") -> tuple[dict, dict]:
     state = ckpt[weights]
     if not isinstance(state, dict) or not state or not all(str(k).startswith("net.") for k in state):
         raise CheckpointError(f"{path}[{weights!r}] is not a JiT Denoiser state dict (keys must start with 'net.')")
-    check_finite_weights(state, f"{path}[{weights!r}]")
+    if check_finite:
+        check_finite_weights(state, f"{path}[{weights!r}]")
     args = _args_dict(ckpt.get("args"))
     arch = infer_architecture(state)
     fits = matching_variants(state)
@@ -176,13 +183,13 @@ def load_jit_checkpoint(path, weights: str = "model_ema1") -> tuple[dict, dict]:
     return state, meta
 
 
-def generation_settings(path, weights: str = "model_ema1") -> dict:
+def generation_settings(path, weights: str = "model_ema1", ckpt: Mapping | None = None) -> dict:
     """{config key: value} of what an official checkpoint was trained with.
 
     From its `args` where they record it; resolution and class count otherwise from the
-    tensor shapes, which always tell them.
+    tensor shapes, which always tell them. `ckpt`: as in `load_jit_checkpoint`.
     """
-    _, meta = load_jit_checkpoint(path, weights)
+    _, meta = load_jit_checkpoint(path, weights, ckpt, check_finite=False)
     found = {key: meta["args"][arg] for arg, key in GENERATION_ARGS.items() if arg in meta["args"]}
     found.setdefault("model.net.input_size", meta["architecture"]["input_size"])
     found.setdefault("model.net.num_classes", meta["architecture"]["num_classes"])

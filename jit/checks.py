@@ -14,13 +14,14 @@ from jit.module import JiTModule
 from jit.settings import RunSettings
 
 
-def check_checkpoint_settings(cfg: DictConfig, path: str) -> None:
+def check_checkpoint_settings(cfg: DictConfig, path: str, ckpt=None) -> None:
     """An official checkpoint's generation settings (resolution, classes, noise_scale, t_eps)
     must be the config's: sampling a 512-px model with noise_scale 1.0 runs fine and gives a
-    wrong FID. `model.override_checkpoint_args=true` keeps the config's values."""
+    wrong FID. `model.override_checkpoint_args=true` keeps the config's values. `ckpt`: the
+    file's contents if already read."""
     from jit.checkpoint import generation_settings
 
-    trained = generation_settings(path)
+    trained = generation_settings(path, ckpt=ckpt)
     differ = {}
     for key, value in trained.items():
         configured = OmegaConf.select(cfg, key)

@@ -581,24 +581,27 @@ class JiTModule(L.LightningModule):
 CHECKPOINT_KEY_OF = {"raw": "model", "ema1": "model_ema1", "ema2": "model_ema2"}
 
 
-def load_for_evaluation(path, kind: str, which: str, module_kwargs: Mapping | None = None) -> JiTModule:
+def load_for_evaluation(path, kind: str, which: str, module_kwargs: Mapping | None = None,
+                        ckpt: Mapping | None = None) -> JiTModule:
     """A JiTModule holding only the `which` weights (raw | ema1 | ema2) of a checkpoint.
 
     Evaluation needs one set of weights; a module with the raw weights and both EMAs holds
     three copies of the parameters. The file is memory-mapped and only the chosen tensors
     are read. `kind` is "lightning" (a .ckpt of JiTModule; its hyper-parameters build the
     module) or "official" (a checkpoint-last.pth; `module_kwargs` build the module).
+    `ckpt`: the file's contents if the caller has read them (`safe_load`, memory-mapped).
     """
     if which not in EVAL_WEIGHTS:
         raise ValueError(f"eval_weights must be one of {', '.join(EVAL_WEIGHTS)}, got {which!r}")
     if kind == "official":
         module = JiTModule(**{**(module_kwargs or {}), "hold_only": which})
         key = CHECKPOINT_KEY_OF[which]
-        state, _ = load_jit_checkpoint(path, key)
+        state, _ = load_jit_checkpoint(path, key, ckpt)
         load_into(module.denoiser, state, source=f"{path}[{key!r}]")
         module.init_source = str(path)
         return module
-    ckpt = safe_load(path, mmap=True)
+    if ckpt is None:
+        ckpt = safe_load(path, mmap=True)
     if "ema" not in ckpt:
         raise CheckpointError(
             f"{path} holds no 'ema' state; it was not written by JiTModule "

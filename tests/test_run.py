@@ -263,8 +263,11 @@ def test_interrupted_sweep_leaves_the_summary_of_its_finished_jobs(trained_tiny,
     cmd = [sys.executable, str(ROOT / "run.py"), "-m", f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}",
            *TINY_EVAL, "compare_fp=false", "quant.mode=dynamic", "eval.layer_stats_images=0",
            "quant.adc.bits=4,8,10", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    # A shell without job control starts background commands with SIGINT ignored, and Python
+    # keeps an inherited SIG_IGN: the child gets the default action back, as in a terminal.
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "WANDB_MODE": "offline"})
+                            env={**os.environ, "WANDB_MODE": "offline"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not (sweep / "1" / ".sweep_id").exists():  # the second job started: the first one ended
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
