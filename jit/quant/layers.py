@@ -554,8 +554,9 @@ class QuantLinear(nn.Linear):
         del x_int, msb
         if self.stats is not None and split.msb is not None:
             self.stats.observe_msb(split.msb)
-        y, unit = engine.accumulate(split._replace(msb=None), weights, x2.shape[0], call,
-                                    columns)
+        # Nothing here may keep a slice alive: accumulate frees each one after its product.
+        split = split._replace(msb=None)
+        y, unit = engine.accumulate(split, weights, x2.shape[0], call, columns)
         del split
         bias = None if self.bias is None else self.bias.detach().to(dtype)
         engine.reconstruct_(y, act_step, weights.step, unit, bias)
