@@ -5,11 +5,26 @@ import pytest
 import torch
 from torch import nn
 
-from jit.quant import BitSerialLinear, HybridLinear, W8A8Linear, build_quant_config
-from jit.quant import intmm, plan
+from jit.quant import BitSerialLinear, HybridLinear, W8A8Linear, build_quant_config, intmm, plan
 
-needs_kernel = pytest.mark.skipif(not intmm.kernel_is_exact(),
-                                  reason="no exact oneDNN INT8 linear on this build/CPU")
+needs_kernel = pytest.mark.skipif(plan.any_exact_int8_backend() is None,
+                                  reason="no exact INT8 kernel on this build/CPU")
+
+
+def exact(backend: str) -> str:
+    if not intmm.kernel_is_exact(backend):
+        pytest.skip(f"INT8 backend {backend} is missing or not exact on this build/CPU")
+    return backend
+
+
+@pytest.fixture
+def fresh_choice():
+    """plan's cached kernel choice, recomputed inside the test and after it."""
+    for cached in (plan.int8_backend, plan.any_exact_int8_backend):
+        cached.cache_clear()
+    yield
+    for cached in (plan.int8_backend, plan.any_exact_int8_backend):
+        cached.cache_clear()
 
 
 @pytest.mark.parametrize("low,high,count", [(-128, 127, 1), (0, 124, 1), (-3, 3, 1),
@@ -35,15 +50,15 @@ def test_exhaustive_int11_codes_reconstruct():
     assert torch.equal(digits[0].float() + 128 * digits[1].float(), codes)
 
 
-@needs_kernel
+@pytest.mark.parametrize("backend", intmm.BACKENDS)
 @pytest.mark.parametrize("tokens,inner,out_features", [(1, 5, 3), (37, 100, 53),
                                                        (300, 768, 96), (2100, 64, 700)])
 @pytest.mark.parametrize("low,high", [(-256, 255), (-3, 3), (-1024, 1023), (0, 124)])
-def test_int8_linear_is_exact(tokens, inner, out_features, low, high):
+def test_int8_linear_is_exact(backend, tokens, inner, out_features, low, high):
     gen = torch.Generator().manual_seed(tokens + inner + low)
     codes = torch.randint(low, high + 1, (tokens, inner), generator=gen).float()
     w_t = torch.randint(-128, 128, (inner, out_features), generator=gen).float()
-    weights = intmm.Int8Weights(w_t)
+    weights = intmm.Int8Weights(w_t, exact(backend))
     digits = intmm.to_digits(codes, low, high)
     out = torch.full((tokens, out_features), float("nan"))
     intmm.int8_linear(digits, weights, slice(None), out)
@@ -64,18 +79,24 @@ def test_int8_path_is_refused_where_it_could_not_be_exact():
     assert not plan.use_int8(-256, 255, 2048, 8, cpu, torch.float32, False)
 
 
-def test_int8_kernel_is_chosen_by_cpu_not_by_timing(monkeypatch):
-    """Default (int8_matmul None): on CPUs with AMX INT8 tiles and an exact kernel only."""
+@pytest.mark.parametrize("flags,exact_backends,chosen", [
+    ({"avx2", "avx512_vnni", "amx_int8"}, {"int_mm", "onednn"}, "onednn"),
+    ({"avx2", "avx512_vnni"}, {"int_mm", "onednn"}, "int_mm"),
+    ({"avx2"}, {"int_mm", "onednn"}, None),  # no INT8 units: float32 is faster
+    ({"avx2", "avx512_vnni", "amx_int8"}, {"int_mm"}, "int_mm"),  # oneDNN not exact here
+    ({"avx2", "avx512_vnni"}, set(), None),
+])
+def test_int8_kernel_is_chosen_by_cpu_not_by_timing(monkeypatch, fresh_choice, flags,
+                                                      exact_backends, chosen):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(intmm, "kernel_is_exact", lambda: True)
-    for amx in (True, False):
-        monkeypatch.setattr(plan, "cpu_has_amx_int8", lambda amx=amx: amx)
-        assert plan.use_int8(-256, 255, 2048, 8, cpu, torch.float32, None) is amx
-    monkeypatch.setattr(intmm, "kernel_is_exact", lambda: False)
-    monkeypatch.setattr(plan, "cpu_has_amx_int8", lambda: True)
-    assert not plan.use_int8(-256, 255, 2048, 8, cpu, torch.float32, None)
-    with pytest.raises(RuntimeError, match="int8_matmul=True"):
-        plan.use_int8(-256, 255, 2048, 8, cpu, torch.float32, True)
+    monkeypatch.setattr(plan, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(intmm, "kernel_is_exact", lambda backend: backend in exact_backends)
+    assert plan.use_int8(-256, 255, 2048, 8, cpu, torch.float32, None) == chosen
+    if exact_backends:
+        assert plan.use_int8(-256, 255, 2048, 8, cpu, torch.float32, True) in exact_backends
+    else:
+        with pytest.raises(RuntimeError, match="int8_matmul=True"):
+            plan.use_int8(-256, 255, 2048, 8, cpu, torch.float32, True)
 
 
 def _layer(cls, cfg, in_features, out_features, bias=True, seed=0):
@@ -97,10 +118,11 @@ CASES = [
 ]
 
 
-@needs_kernel
+@pytest.mark.parametrize("backend", intmm.BACKENDS)
 @pytest.mark.parametrize("cls,cfg", CASES)
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_layer_output_is_the_same_on_both_kernels(cls, cfg, mode):
+def test_layer_output_is_the_same_on_every_kernel(monkeypatch, backend, cls, cfg, mode):
+    monkeypatch.setattr(plan, "any_exact_int8_backend", lambda: exact(backend))
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, 70, 150, generator=gen) / torch.rand(3, 70, 150, generator=gen).add_(0.05)
     outputs = []
@@ -112,7 +134,8 @@ def test_layer_output_is_the_same_on_both_kernels(cls, cfg, mode):
             layer.set_static(act_clip=8.0, adc_clip=clips or None)
         with torch.no_grad():
             outputs.append(torch.cat([layer(x), layer(x[:1])]))  # noise advances per call
-        assert (layer._weight_cache[1].int8 is not None) is kernel  # the kernel really ran
+        int8 = layer._weight_cache[1].int8  # the kernel really ran
+        assert (int8.backend if int8 is not None else None) == (backend if kernel else None)
     assert torch.equal(outputs[0], outputs[1])
 
 

@@ -490,19 +490,20 @@ class QuantLinear(nn.Linear):
         """The analog and digital paths over the sliced codes."""
         raise NotImplementedError
 
-    def _int8_kernel(self, x2: torch.Tensor) -> bool:
-        """Whether this call multiplies through INT8 digits (plan.use_int8): the result is
-        the same; statistics keep the float codes they count."""
+    def _int8_kernel(self, x2: torch.Tensor) -> str | None:
+        """The INT8 kernel this call multiplies its digits on (plan.use_int8), or None:
+        the result is the same; statistics keep the float codes they count."""
+        if self.stats is not None:
+            return None
         inner = min(self.cfg.adc.tile_rows or self.in_features, self.in_features)
-        return self.stats is None and all(
-            use_int8(low, high, inner, self.cfg.weight.bits, x2.device, x2.dtype,
-                     self.int8_matmul)
-            for low, high in self.slicing().ranges)
+        backends = {use_int8(low, high, inner, self.cfg.weight.bits, x2.device, x2.dtype,
+                             self.int8_matmul) for low, high in self.slicing().ranges}
+        return backends.pop() if len(backends) == 1 else None
 
-    def _with_int8(self, weights: WeightCodes) -> WeightCodes:
-        """The weight codes with their INT8 packing, made once per weight version."""
-        if weights.int8 is None:
-            weights = weights._replace(int8=Int8Weights(weights.codes_t))
+    def _with_int8(self, weights: WeightCodes, backend: str) -> WeightCodes:
+        """The weight codes prepared for the INT8 kernel, once per weight version."""
+        if weights.int8 is None or weights.int8.backend != backend:
+            weights = weights._replace(int8=Int8Weights(weights.codes_t, backend))
             self._weight_cache = (self._weight_cache[0], weights)
         return weights
 
@@ -538,9 +539,10 @@ class QuantLinear(nn.Linear):
         act_clip = self._act_clip(x2, group)
         act_step = _safe_step(act_clip, qmax(self.cfg.act.bits))
         weights = self._weight_codes(x2.device, dtype)
-        as_digits = self._int8_kernel(x2)
+        backend = self._int8_kernel(x2)
+        as_digits = backend is not None
         if as_digits:
-            weights = self._with_int8(weights)
+            weights = self._with_int8(weights, backend)
         # Static: host numbers, known without reading the device, take ATen's scalar fast
         # path. Dynamic: the clip stays on the device (0-d or per row), no host sync.
         if self.cfg.mode == "static":

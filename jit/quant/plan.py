@@ -6,7 +6,8 @@ On the CPU a kernel launch is cheap and reading a value on the host is free, so:
   the temporaries of a chain (noise, slice codes) small next to the activations and a
   chain's block in cache;
 - the sparse digital product is narrowed to the input columns that hold MSB codes;
-- integer products may run on oneDNN's INT8 kernel (intmm.py), on CPUs with AMX tiles.
+- integer products may run on an INT8 kernel (intmm.py) where this CPU runs one faster
+  than float32 (AVX-512 VNNI, AMX).
 On CUDA and other accelerators every op is one kernel over the whole tensor: blocks would
 multiply launches, the narrowing would stall the queue on a host sync, and the GPU's
 float GEMMs are exact for these integer products already.
@@ -87,35 +88,64 @@ def noise_blocks(rows: int, cols: int, device: torch.device, noise: SampleNoise 
 
 
 @functools.cache
-def cpu_has_amx_int8() -> bool:
-    """Whether this CPU reports AMX INT8 tiles (Linux /proc/cpuinfo; False elsewhere)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return any(line.startswith("flags") and "amx_int8" in line.split()
-               for line in text.splitlines())
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+# The INT8 kernel (intmm.py) per CPU feature, fastest first. Measured with
+# benchmarks.digital_kernels (benchmarks/RESULTS.md): on AVX-512 VNNI, torch._int_mm ran
+# 3-7x faster than the float32 GEMM of the same codes and oneDNN's INT8 linear ~800x
+# slower; on AMX, oneDNN's INT8 linear ran ~7x faster; on AVX2 alone both were slower.
+INT8_BACKEND_BY_CPU_FLAG = (("amx_int8", "onednn"), ("avx512_vnni", "int_mm"))
+
+
+@functools.cache
+def int8_backend() -> str | None:
+    """The INT8 kernel this CPU runs faster than float32, if it is exact here."""
+    from .intmm import kernel_is_exact
+
+    flags = cpu_flags()
+    for flag, backend in INT8_BACKEND_BY_CPU_FLAG:
+        if flag in flags and kernel_is_exact(backend):
+            return backend
+    return None
+
+
+@functools.cache
+def any_exact_int8_backend() -> str | None:
+    """The chosen backend, else any exact one (for int8_matmul=True on other CPUs)."""
+    from .intmm import BACKENDS, kernel_is_exact
+
+    return int8_backend() or next((b for b in BACKENDS if kernel_is_exact(b)), None)
 
 
 def use_int8(low: int, high: int, inner: int, weight_bits: int, device: torch.device,
-             dtype: torch.dtype, requested: bool | None) -> bool:
-    """Whether codes in [low, high] times INT`weight_bits` weights over `inner` rows are
-    multiplied on the INT8 kernel (intmm.py).
+             dtype: torch.dtype, requested: bool | None) -> str | None:
+    """The INT8 kernel (intmm.BACKENDS) that multiplies codes in [low, high] by
+    INT`weight_bits` weights over `inner` rows, or None for the float32 GEMM.
 
     Only where it is exact: float32 on the CPU plan, INT<=8 weights, INT32 sums that
-    cannot overflow. Then `requested` (QuantLinear.int8_matmul) decides; None chooses it
-    on CPUs with AMX INT8 tiles, where oneDNN's INT8 linear outran the float32 GEMM in
-    this project's measurements, and not on AVX2/AVX-512 CPUs, where it was far slower
-    (benchmarks.digital_kernels, benchmarks/RESULTS.md)."""
+    cannot overflow. Then `requested` (QuantLinear.int8_matmul) decides; None takes the
+    kernel this CPU runs fastest (`int8_backend`), True any exact one, False none."""
     if not blockwise(device) or dtype != torch.float32 or weight_bits > 8:
-        return False
+        return None
     if inner * max(-low, high) * 2 ** (weight_bits - 1) > _INT32_SAFE:
-        return False
-    from .intmm import kernel_is_exact
-
+        return None
     if requested is None:
-        return cpu_has_amx_int8() and kernel_is_exact()
-    if requested and not kernel_is_exact():
-        raise RuntimeError("int8_matmul=True: oneDNN's INT8 linear is missing or not exact "
-                           "on this torch build and CPU (jit.quant.intmm.kernel_is_exact)")
-    return requested
+        return int8_backend()
+    if not requested:
+        return None
+    backend = any_exact_int8_backend()
+    if backend is None:
+        raise RuntimeError("int8_matmul=True: no exact INT8 kernel (torch._int_mm, oneDNN's "
+                           "INT8 linear) in this torch build on this CPU "
+                           "(jit.quant.intmm.kernel_is_exact)")
+    return backend
