@@ -107,9 +107,12 @@ class Int8Weights:
         return self._tiles[key]
 
 
-# Output rows per kernel call: the rows being combined (float32, or INT32 for int_mm)
-# stay in cache between the digit products, and temporaries stay small.
+# Output elements per kernel call: the rows being combined stay in cache between the
+# digit products, and temporaries stay small. int_mm's two INT32 temporaries take 2^18
+# (2 MiB together): within 10% of the fastest group size at the JiT-B/16 FFN shapes
+# (benchmarks/RESULTS.md).
 GROUP_ELEMENTS = 2**20
+INT_MM_GROUP_ELEMENTS = 2**18
 
 
 def int8_linear(digits: list[torch.Tensor], weights: Int8Weights, rows: slice,
@@ -119,7 +122,8 @@ def int8_linear(digits: list[torch.Tensor], weights: Int8Weights, rows: slice,
     [tokens, out_features], contiguous."""
     tokens, width = out.shape
     tile = weights.tile(rows)
-    group_rows = max(1, GROUP_ELEMENTS // max(width, 1))
+    elements = INT_MM_GROUP_ELEMENTS if weights.backend == "int_mm" else GROUP_ELEMENTS
+    group_rows = max(1, elements // max(width, 1))
     for start in range(0, tokens, group_rows):
         group = slice(start, min(start + group_rows, tokens))
         rows_out = out[group]
