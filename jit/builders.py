@@ -1,11 +1,13 @@
-"""Building the pieces a task composes from the run config: the quantization config, the
-module (from an official or Lightning checkpoint), loggers, callbacks, the trainer, and
-running a function on every process inside Lightning's test loop."""
+"""Building the pieces a task composes from the run config: the module (from an official
+or Lightning checkpoint), loggers, callbacks (fine-tuning's included), the trainer, the
+checkpoint to resume, and running a function on every process inside Lightning's test
+loop."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 from hydra.utils import instantiate
@@ -15,6 +17,9 @@ from omegaconf import DictConfig
 from jit.checkpoint import CheckpointError, safe_load
 from jit.config import ASSETS, ConfigError, to_plain
 from jit.module import JiTModule, load_for_evaluation
+
+if TYPE_CHECKING:
+    from jit.settings import RunSettings
 
 SHIPPED_DIGITS_MODEL = ASSETS / "digits_jit.pth"
 
@@ -48,29 +53,11 @@ def flat_hparams(cfg: DictConfig) -> dict:
     return out
 
 
-def sweep_group(cfg: DictConfig) -> str | None:
-    """Jobs of one multirun share a group named after the sweep directory."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hc = HydraConfig.get()
-        if hc.mode == RunMode.MULTIRUN:
-            return Path(hc.sweep.dir).name
-    except (ValueError, ImportError):
-        pass
-    return None
-
-
 def build_loggers(cfg: DictConfig) -> list:
     loggers = []
-    for name, node in (cfg.logger or {}).items():
-        if node is None:
-            continue
-        kwargs = {}
-        if "Wandb" in str(node.get("_target_", "")) and node.get("group") is None:
-            kwargs["group"] = sweep_group(cfg)
-        loggers.append(instantiate(node, **kwargs))
+    for node in (cfg.logger or {}).values():
+        if node is not None:
+            loggers.append(instantiate(node))
     hparams = flat_hparams(cfg)
     for logger in loggers:
         logger.log_hyperparams(hparams)
@@ -111,8 +98,8 @@ def checkpoint_kind(path: str | None, ckpt=None) -> str | None:
 
 def module_kwargs(cfg: DictConfig) -> dict:
     plain = to_plain(cfg)
-    return dict(net=plain["model"]["net"], denoiser=plain["model"]["denoiser"], optim=plain["optim"],
-                ema=plain["ema"], sampler=plain["sampler"], eval_weights=plain["eval_weights"])
+    return {"net": plain["model"]["net"], "denoiser": plain["model"]["denoiser"], "optim": plain["optim"],
+            "ema": plain["ema"], "sampler": plain["sampler"], "eval_weights": plain["eval_weights"]}
 
 
 def load_module(cfg: DictConfig) -> tuple[JiTModule, str]:
@@ -121,7 +108,13 @@ def load_module(cfg: DictConfig) -> tuple[JiTModule, str]:
 
     path = cfg.ckpt_path
     if path is None:
-        if cfg.model.net.name != "JiT-S/4" or not str(cfg.data.get("_target_", "")).endswith("DigitsDataModule"):
+        from hydra.utils import get_class
+
+        from jit.datamodules import DigitsDataModule
+
+        data_class = get_class(cfg.data._target_) if cfg.data.get("_target_") else None
+        if cfg.model.net.name != "JiT-S/4" or not (
+                isinstance(data_class, type) and issubclass(data_class, DigitsDataModule)):
             raise ConfigError("ckpt_path: required unless evaluating the shipped digits model "
                               "(model=jit_s4_digits data=digits)")
         if not SHIPPED_DIGITS_MODEL.exists():
@@ -183,3 +176,29 @@ def finish_wandb(exit_code: int) -> None:
         wandb.finish(exit_code=exit_code)
 
 
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    node = (cfg.callbacks or {}).get("checkpoint")
+    dirpath = node.get("dirpath") if node is not None else None
+    return Path(dirpath) if dirpath else Path(cfg.paths.output_dir) / "checkpoints"
+
+
+def latest_checkpoint(folder: Path) -> str:
+    """`ckpt_path=last`: the newest last*.ckpt of the run's checkpoint folder (as Lightning picks)."""
+    found = sorted(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    if not found:
+        raise ConfigError(f"ckpt_path=last: no last*.ckpt in {folder}; name the run directory to resume "
+                          "with hydra.run.dir=<that directory>")
+    return str(found[-1])
+
+
+def finetune_callbacks(cfg: DictConfig, run: RunSettings) -> list:
+    """The hardware in the training loop (finetune.hardware_aware), or freezing alone."""
+    from jit.callbacks.hardware_aware import HardwareInTheLoop, TrainablePatterns
+    from jit.finetune import training_quant_config
+
+    settings = run.finetune
+    if not settings.hardware_aware:
+        return [] if settings.trainable == ("*",) else [TrainablePatterns(settings.trainable)]
+    return [HardwareInTheLoop(training_quant_config(run.quant, settings), run.calibration,
+                              settings.trainable, settings.recalibrate_every_n_steps,
+                              run_dir=cfg.paths.output_dir)]

@@ -218,6 +218,24 @@ def register_schemas() -> None:
     # `${jit_asset:digits_jit.pth}`: a file shipped in jit/assets, wherever the package lives.
     if not OmegaConf.has_resolver("jit_asset"):
         OmegaConf.register_new_resolver("jit_asset", lambda name: str(ASSETS / name))
+    # `${jit_sweep_group:}`: the multirun's folder name (configs/logger/wandb.yaml groups a
+    # sweep's jobs by it), None in a single run.
+    if not OmegaConf.has_resolver("jit_sweep_group"):
+        OmegaConf.register_new_resolver("jit_sweep_group", lambda: sweep_group())
+
+
+def sweep_group(cfg: DictConfig | None = None) -> str | None:
+    """The name of the running multirun's sweep folder, None outside a multirun."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            return Path(hc.sweep.dir).name
+    except (ValueError, ImportError):
+        pass
+    return None
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from jit.builders import finish_wandb, sweep_group
+from jit.builders import finish_wandb
 from jit.checkpoint import CheckpointError
-from jit.config import ConfigError, Task, to_plain
+from jit.config import ConfigError, Task, sweep_group, to_plain
 from jit.tasks import dispatch
 
 

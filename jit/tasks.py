@@ -20,8 +20,11 @@ from jit.builders import (
     build_callbacks,
     build_loggers,
     build_trainer,
+    checkpoint_dir,
     checkpoint_kind,
     finalize_loggers,
+    finetune_callbacks,
+    latest_checkpoint,
     load_module,
     module_kwargs,
     run_in_test_loop,
@@ -35,21 +38,6 @@ from jit.settings import RunSettings, parse_settings
 # What a training stopped by SIGTERM exits with, after saving last.ckpt: 128 + 15, as a shell
 # reports a process that SIGTERM ended. Not 0 (finished) nor 1/2 (failed, or bad input).
 EXIT_INTERRUPTED = 128 + 15
-
-
-def checkpoint_dir(cfg: DictConfig) -> Path:
-    node = (cfg.callbacks or {}).get("checkpoint")
-    dirpath = node.get("dirpath") if node is not None else None
-    return Path(dirpath) if dirpath else Path(cfg.paths.output_dir) / "checkpoints"
-
-
-def latest_checkpoint(folder: Path) -> str:
-    """`ckpt_path=last`: the newest last*.ckpt of the run's checkpoint folder (as Lightning picks)."""
-    found = sorted(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
-    if not found:
-        raise ConfigError(f"ckpt_path=last: no last*.ckpt in {folder}; name the run directory to resume "
-                          "with hydra.run.dir=<that directory>")
-    return str(found[-1])
 
 
 def train(cfg: DictConfig, run: RunSettings) -> dict:
@@ -90,19 +78,6 @@ def train(cfg: DictConfig, run: RunSettings) -> dict:
         trainer.strategy.barrier()  # every rank evaluates; rank 0 has just written the file
         result["comparison"] = compare_after_training(cfg, settings, module.init_source, str(out))
     return result
-
-
-def finetune_callbacks(cfg: DictConfig, run: RunSettings) -> list:
-    """The hardware in the training loop (finetune.hardware_aware), or freezing alone."""
-    from jit.callbacks.hardware_aware import HardwareInTheLoop, TrainablePatterns
-    from jit.finetune import training_quant_config
-
-    settings = run.finetune
-    if not settings.hardware_aware:
-        return [] if settings.trainable == ("*",) else [TrainablePatterns(settings.trainable)]
-    return [HardwareInTheLoop(training_quant_config(run.quant, settings), run.calibration,
-                              settings.trainable, settings.recalibrate_every_n_steps,
-                              run_dir=cfg.paths.output_dir)]
 
 
 def export(cfg: DictConfig, run: RunSettings) -> dict:

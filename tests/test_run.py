@@ -94,6 +94,17 @@ def test_every_group_option_composes_and_instantiates(group, tmp_path, monkeypat
                 instantiate(node)
 
 
+def test_wandb_groups_a_sweeps_jobs_by_its_folder(tmp_path, monkeypatch):
+    import jit.config
+
+    cfg = compose_run(["logger=wandb", f"paths.output_dir={tmp_path}"])
+    assert cfg.logger.wandb.group is None  # a single run: no group
+    monkeypatch.setattr(jit.config, "sweep_group", lambda cfg=None: "2026-12-03_10-00-00")
+    assert cfg.logger.wandb.group == "2026-12-03_10-00-00"
+    cfg = compose_run(["logger=wandb", "logger.wandb.group=mine", f"paths.output_dir={tmp_path}"])
+    assert cfg.logger.wandb.group == "mine"
+
+
 @pytest.mark.parametrize("launcher", ["basic", "submitit_local", "submitit_slurm", "slurm"])
 def test_launchers_compose(launcher, tmp_path):
     cfg = compose_run([f"hydra/launcher={launcher}", f"paths.output_dir={tmp_path}"], hydra_cfg=True)

@@ -108,9 +108,8 @@ class Int8Weights:
 
 
 # Output elements per kernel call: the rows being combined stay in cache between the
-# digit products, and temporaries stay small. int_mm's two INT32 temporaries take 2^18
-# (2 MiB together): within 10% of the fastest group size at the JiT-B/16 FFN shapes
-# (benchmarks/RESULTS.md).
+# digit products, and temporaries stay small (int_mm's two INT32 temporaries: 2 MiB
+# together; the group sizes tried are in benchmarks/RESULTS.md).
 GROUP_ELEMENTS = 2**20
 INT_MM_GROUP_ELEMENTS = 2**18
 

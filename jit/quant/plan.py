@@ -100,11 +100,9 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-# The INT8 kernel (intmm.py) per CPU feature, fastest first. Measured with
-# benchmarks.digital_kernels (benchmarks/RESULTS.md): with AVX-512 VNNI, torch._int_mm
-# ran 3-5x faster than the float32 GEMM of the same codes and oneDNN's INT8 linear ~800x
-# slower; with AMX, oneDNN's INT8 linear ran ~7x faster; with AVX2 alone, torch._int_mm
-# was 40-90x slower.
+# The INT8 kernel (intmm.py) per CPU feature, first match wins: each is the one that
+# beat the float32 GEMM on a CPU with that feature in benchmarks.digital_kernels
+# (figures in benchmarks/RESULTS.md); on a CPU with neither, both lost to it.
 INT8_BACKEND_BY_CPU_FLAG = (("amx_int8", "onednn"), ("avx512_vnni", "int_mm"))
 
 
