@@ -95,8 +95,8 @@ def add_scaled_(out: torch.Tensor, src: torch.Tensor, alpha: RowScale) -> None:
 
 
 # ----- DAC input ------------------------------------------------------------------------
-def quantize_dac_input(x2: torch.Tensor, clip: RowScale, step: RowScale, bits: int,
-                       slicing: Slicing, as_digits: bool, stats=None
+def quantize_dac_input(x2: torch.Tensor, clip: RowScale, step: RowScale, slicing: Slicing,
+                       as_digits: bool, stats=None
                        ) -> tuple[Codes, Codes | None, torch.Tensor | None]:
     """(x_int sliced, MSB slice or None, input columns holding MSB codes or None): the
     activation quantizer and the split, fused per row block.

@@ -119,8 +119,8 @@ class QuantLinear(nn.Linear):
         self.layer_name = name
         self.observer: Observer | None = None
         self.stats = None  # a stats.LayerStats while statistics are enabled
-        # Integer products on oneDNN's INT8 kernel (CPU only; never changes a result):
-        # None lets plan.use_int8 decide by CPU, True/False forces it.
+        # Integer products on an INT8 kernel (CPU only; never changes a result): None lets
+        # plan.use_int8 choose by CPU, True forces an exact one, False the float32 GEMM.
         self.int8_matmul: bool | None = None
         self._static: StaticThresholds | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -490,14 +490,14 @@ class QuantLinear(nn.Linear):
         """The analog and digital paths over the sliced codes."""
         raise NotImplementedError
 
-    def _int8_kernel(self, x2: torch.Tensor) -> str | None:
+    def _int8_kernel(self, x2: torch.Tensor, slicing: Slicing) -> str | None:
         """The INT8 kernel this call multiplies its digits on (plan.use_int8), or None:
         the result is the same; statistics keep the float codes they count."""
         if self.stats is not None:
             return None
         inner = min(self.cfg.adc.tile_rows or self.in_features, self.in_features)
         backends = {use_int8(low, high, inner, self.cfg.weight.bits, x2.device, x2.dtype,
-                             self.int8_matmul) for low, high in self.slicing().ranges}
+                             self.int8_matmul) for low, high in slicing.ranges}
         return backends.pop() if len(backends) == 1 else None
 
     def _with_int8(self, weights: WeightCodes, backend: str) -> WeightCodes:
@@ -539,7 +539,8 @@ class QuantLinear(nn.Linear):
         act_clip = self._act_clip(x2, group)
         act_step = _safe_step(act_clip, qmax(self.cfg.act.bits))
         weights = self._weight_codes(x2.device, dtype)
-        backend = self._int8_kernel(x2)
+        slicing = self.slicing()
+        backend = self._int8_kernel(x2, slicing)
         as_digits = backend is not None
         if as_digits:
             weights = self._with_int8(weights, backend)
@@ -551,7 +552,7 @@ class QuantLinear(nn.Linear):
         else:
             clip, step = act_clip, act_step
         x_int, msb, columns = engine.quantize_dac_input(
-            x2, clip, step, self.cfg.act.bits, self.slicing(), as_digits, self.stats)
+            x2, clip, step, slicing, as_digits, self.stats)
         split = self._paths(x_int, msb)
         del x_int, msb
         if self.stats is not None and split.msb is not None:
