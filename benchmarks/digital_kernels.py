@@ -1,7 +1,7 @@
 """Kernels for the hybrid layer's digital MSB product on this CPU: is there anything
 faster than the dense float32 matmul?
 
-    python -m benchmarks.digital_kernels [--runs 9] [--threads 2]
+    python -m benchmarks.digital_kernels [--runs 9] [--threads 2] [--tiny]
 
 The MSB codes of INT11 Student-t(3) activations clipped at their 99.8th percentile (the
 center-out split, values in {-3..3}, ~8% non-zero, as in benchmarks.quant_linear) times
@@ -22,10 +22,11 @@ from functools import partial
 import torch
 
 from benchmarks.quant_linear import machine, median_ms
-from jit.quant import intmm
+from jit.quant import intmm, plan
 from jit.quant.quantizers import center_out_split_, percentile_abs, quantize_symmetric
 
 SHAPES = [(768, 4096, 576), (768, 4096, 2304), (2048, 768, 576), (2048, 768, 2304)]
+TINY_SHAPES = [(64, 96, 40)]
 
 
 def msb_codes(tokens: int, in_features: int) -> torch.Tensor:
@@ -34,41 +35,50 @@ def msb_codes(tokens: int, in_features: int) -> torch.Tensor:
     return center_out_split_(codes, 9, 256)
 
 
-def main() -> None:
+def int8_kernel_ms(backend: str, msb: torch.Tensor, weight_t: torch.Tensor,
+                   dense: torch.Tensor, runs: int) -> str:
+    """The INT8 kernel as the layers call it, or "-" where it is missing or not exact."""
+    if not intmm.kernel_is_exact(backend):
+        return "-"
+    packed, out = intmm.Int8Weights(weight_t, backend), torch.empty_like(dense)
+    call = partial(intmm.int8_linear, [msb.to(torch.int8)], packed, slice(None), out)
+    call()
+    assert torch.equal(out, dense), f"{backend} differs from the float32 product"
+    return f"{median_ms(call, runs):.1f}"
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="one small shape, one run")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.threads < 1:
+        parser.error("--runs and --threads must be >= 1")
+    if args.tiny:
+        args.runs = 1
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     torch.manual_seed(0)
     print(f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {args.runs}")
     print("| in->out | tokens | MSB density | dense f32 ms | to CSR ms | CSR matmul ms "
-          "| _int_mm ms | oneDNN INT8 ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for in_features, out_features, tokens in SHAPES:
+          "| _int_mm ms | oneDNN INT8 ms | plan's kernel |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for in_features, out_features, tokens in TINY_SHAPES if args.tiny else SHAPES:
         msb = msb_codes(tokens, in_features)
         weight_t = torch.randint(-127, 128, (in_features, out_features)).float()
         dense = msb @ weight_t
         csr = msb.to_sparse_csr()
-        msb8, weight8 = msb.to(torch.int8), weight_t.to(torch.int8)
         assert torch.equal(csr @ weight_t, dense)
-        assert torch.equal(torch._int_mm(msb8, weight8).float(), dense)
         density = float(msb.ne(0).float().mean())
         times = [median_ms(partial(torch.matmul, msb, weight_t), args.runs),
                  median_ms(msb.to_sparse_csr, args.runs),
-                 median_ms(partial(torch.matmul, csr, weight_t), args.runs),
-                 median_ms(partial(torch._int_mm, msb8, weight8), max(1, args.runs // 3))]
+                 median_ms(partial(torch.matmul, csr, weight_t), args.runs)]
         cells = [f"{t:.1f}" for t in times]
-        if intmm.kernel_is_exact():
-            packed, out = intmm.Int8Weights(weight_t), torch.empty_like(dense)
-            onednn = partial(intmm.int8_linear, [msb8], packed, slice(None), out)
-            onednn()
-            assert torch.equal(out, dense)
-            cells.append(f"{median_ms(onednn, max(1, args.runs // 3)):.1f}")
-        else:
-            cells.append("-")
+        cells += [int8_kernel_ms(backend, msb, weight_t, dense, max(1, args.runs // 3))
+                  for backend in intmm.BACKENDS]
+        cells.append(plan.int8_backend() or "float32")
         print(f"| {in_features}->{out_features} | {tokens} | {density:.3f} | "
               + " | ".join(cells) + " |", flush=True)
 

@@ -32,8 +32,8 @@ def rss_mb(field: str) -> float:
 def one_run(num_images: int, batch_size: int, workdir: Path) -> dict:
     import torch
 
-    from jit.evaluation import FIDEvaluation
     from jit.datamodules import DigitsDataModule
+    from jit.evaluation import FIDEvaluation
     from jit.models import Denoiser, build_jit
 
     torch.set_num_threads(2)
@@ -60,8 +60,8 @@ def load_run(variant: str, checkpoint: Path) -> dict:
     """Peak RSS of loading `checkpoint` for evaluation, as `task=eval` does."""
     from hydra import compose, initialize_config_dir
 
-    from jit.config import register_schemas
     from jit.builders import load_module
+    from jit.config import register_schemas
 
     register_schemas()
     model = {"JiT-B/16": "jit_b16", "JiT-B/32": "jit_b32", "JiT-L/16": "jit_l16"}[variant]

@@ -1,6 +1,6 @@
 """Forward time and peak extra memory of the quantized linear layers vs nn.Linear.
 
-    python -m benchmarks.quant_linear [--runs 15] [--threads 2] [--block-elements N]
+    python -m benchmarks.quant_linear [--runs 15] [--threads 2] [--block-elements N] [--tiny]
 
 JiT-B/16 FFN shapes (768->4096 and 2048->768), 288 tokens, batch 2 and 8, plus the
 built-in digits model's FFN shapes ("digits JiT-S/4 FFN": 128->682 and 341->128, 32
@@ -30,6 +30,9 @@ the straightforward implementation, eagerly and compiled by torch.compile (Induc
 compilation happens in the warm-up call and is not timed). Before timing, their outputs
 with the ADC bypassed are checked against the project's layer, so every row computes the
 same function.
+
+`--tiny` runs one small shape once without the compiled rows: the test suite's smoke run,
+which keeps this script working (its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ SHAPES = [  # (label, in_features, out_features, tokens per sample, batches)
     ("digits JiT-S/4 FFN", 128, 682, 32, (128, 256)),
     ("digits JiT-S/4 FFN", 341, 128, 32, (128, 256)),
 ]
+TINY_SHAPES = [("tiny", 48, 80, 12, (2,))]
 CASES = [  # (label, preset overrides, mode)
     ("hybrid", {"scheme": "hybrid"}, "dynamic"),
     ("hybrid", {"scheme": "hybrid"}, "static"),
@@ -157,11 +161,13 @@ class Reference(nn.Module):
             return self.call(x)
 
 
-def reference_rows(layer: nn.Module, x: torch.Tensor) -> list[tuple[str, Reference]]:
+def reference_rows(layer: nn.Module, x: torch.Tensor, compiled: bool = True
+                   ) -> list[tuple[str, Reference]]:
     """The reference rows for `layer` (built by `build`), checked to compute its function
     with the ADC bypassed, bitwise in eager mode and to float rounding compiled."""
-    rows = [("reference (whole tensor)", Reference(layer)),
-            ("reference compiled", Reference(layer, compiled=True))]
+    rows = [("reference (whole tensor)", Reference(layer))]
+    if compiled:
+        rows.append(("reference compiled", Reference(layer, compiled=True)))
     with adc_bypassed(layer):
         expected = layer(x)
         for label, module in rows:
@@ -189,33 +195,34 @@ def machine() -> str:
     return f"{model} ({', '.join(vector) or 'no AVX2'}), {os.cpu_count()} logical CPUs"
 
 
-def cases():
+def cases(tiny: bool = False):
     """(shape label, batch label, input, [(row label, mode, module)]) per input, nn.Linear
     first; modules are built lazily so that only one set is alive at a time."""
-    for label_shape, in_features, out_features, tokens, batches in SHAPES:
+    for label_shape, in_features, out_features, tokens, batches in (
+            TINY_SHAPES if tiny else SHAPES):
         torch.manual_seed(0)
         with torch.inference_mode(False):  # parameters, even when iterated under inference
             linear = nn.Linear(in_features, out_features)
         for batch in batches:
             x = torch.distributions.StudentT(3.0).sample((batch, tokens, in_features))
             yield (f"{label_shape} {in_features}->{out_features}", f"{batch} x {tokens}",
-                   x.contiguous(), _modules(linear, x))
+                   x.contiguous(), _modules(linear, x, compiled=not tiny))
 
 
-def _modules(linear: nn.Linear, x: torch.Tensor):
+def _modules(linear: nn.Linear, x: torch.Tensor, compiled: bool):
     yield "nn.Linear", "-", linear
     for label, overrides, mode in CASES:
         layer = build(linear, overrides, mode, x)
         yield label, mode, layer
         if overrides["scheme"] == "hybrid":
-            for row, module in reference_rows(layer, x):
+            for row, module in reference_rows(layer, x, compiled):
                 yield row, mode, module
 
 
-def peak_table() -> None:
+def peak_table(tiny: bool) -> None:
     """Child process: one JSON line per row, {key: peak bytes of one call}."""
     with torch.inference_mode():
-        for shape, rows, x, modules in cases():
+        for shape, rows, x, modules in cases(tiny):
             for label, mode, module in modules:
                 peak = min(peak_bytes(functools.partial(module, x)) for _ in range(3))
                 print(json.dumps({"key": [label, mode, shape, rows], "peak": peak}), flush=True)
@@ -243,7 +250,11 @@ def main() -> None:
                              "CHUNK_ELEMENTS; default %(default)s); 0: whole tensors")
     parser.add_argument("--peak-memory", action="store_true",
                         help="internal: print peak memory rows as JSON and exit")
+    parser.add_argument("--tiny", action="store_true",
+                        help="one small shape, one run, no compiled rows (smoke run)")
     args = parser.parse_args()
+    if args.tiny:
+        args.runs = 1
     if args.block_elements < 0 or args.runs < 1 or args.threads < 1:
         parser.error("--block-elements must be >= 0, --runs and --threads >= 1")
     torch.set_num_threads(args.threads)
@@ -255,7 +266,7 @@ def main() -> None:
     else:  # the accelerator plan: one op per whole tensor
         plan.BLOCKWISE_DEVICE_TYPES = frozenset()
     if args.peak_memory:
-        peak_table()
+        peak_table(args.tiny)
         return
     peaks = peaks_from_child()
     layout = (f"CPU row blocks of {plan.CHUNK_ELEMENTS} elements"
@@ -267,7 +278,7 @@ def main() -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(["---"] * 4 + ["---:"] * 4) + "|")
     with torch.inference_mode():
-        for shape, rows, x, modules in cases():
+        for shape, rows, x, modules in cases(args.tiny):
             input_mb = x.numel() * x.element_size() / 2**20
             reference = ref_peak = None
             for label, mode, module in modules:
