@@ -47,7 +47,7 @@ def one_run(num_images: int, batch_size: int, workdir: Path) -> dict:
                                  "generate": lambda self, y, noise=None, **kw: denoiser.generate(y, noise=noise, **kw),
                                  "sampler": {"steps": 2, "method": "euler"}})()
     dm = DigitsDataModule(img_size=32, batch_size=200)
-    cfg = {"extractor": "digits-cnn", "num_images": num_images, "batch_size": batch_size, "progress": False,
+    cfg = {"extractor": "digits-cnn", "num_images": num_images, "chunk_size": batch_size, "progress": False,
            "reference": {"split": "reference", "cache_dir": str(workdir / "cache")}}
     evaluation = FIDEvaluation(cfg, run_dir=workdir / f"run_{num_images}")
     results = evaluation.run(None, module, dm)

@@ -18,6 +18,7 @@ from jit.evaluation import (
     EvaluationConfigError,
     FIDEvaluation,
     balanced_labels,
+    index_chunks,
     initial_noise,
     shard_indices,
 )
@@ -73,7 +74,7 @@ def setup(tmp_path):
 
 
 def cfg(weights, ref, **kw):
-    base = {"extractor": "digits-cnn", "extractor_weights": str(weights), "num_images": 10, "batch_size": 4,
+    base = {"extractor": "digits-cnn", "extractor_weights": str(weights), "num_images": 10, "chunk_size": 4,
             "reference": {"stats_file": str(ref)}, "export_npz": True, "progress": False,
             "grid": {"samples_per_class": 3}}
     return {**base, **kw}
@@ -93,10 +94,17 @@ def test_balanced_labels():
     assert torch.bincount(spread[:10], minlength=10).tolist() == [1] * 10  # prefixes balanced
 
 
-def test_shards_cover_indices_once():
+def test_chunks_cover_indices_once_and_ranks_take_whole_chunks():
     for world in (1, 2, 3):
-        parts = torch.cat([shard_indices(11, r, world) for r in range(world)])
-        assert sorted(parts.tolist()) == list(range(11))
+        for chunk in (1, 3, 4, 20):
+            parts = torch.cat([shard_indices(11, r, world, chunk) for r in range(world)])
+            assert sorted(parts.tolist()) == list(range(11))
+            for rank in range(world):
+                for piece in index_chunks(11, chunk, rank, world):
+                    first = int(piece[0])
+                    # a chunk is [kC, min((k+1)C, N)), whoever runs it
+                    assert first % chunk == 0 and (first // chunk) % world == rank
+                    assert piece.tolist() == list(range(first, min(first + chunk, 11)))
 
 
 def test_noise_depends_only_on_seed_and_index():
@@ -112,7 +120,7 @@ def _ddp_worker(rank, world, port, weights, ref, run_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        FIDEvaluation(cfg(weights, ref, batch_size=2), run_dir=run_dir).run(None, TinyModule())
+        FIDEvaluation(cfg(weights, ref, chunk_size=4), run_dir=run_dir).run(None, TinyModule())
     finally:
         dist.destroy_process_group()
 
@@ -123,28 +131,24 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_same_images_for_world_size_and_batch_size(setup):
+def test_same_images_and_score_for_any_world_size(setup):
     tmp, weights, ref = setup
-    results = {}
-    for batch_size in (4, 3):
-        run_dir = tmp / f"bs{batch_size}"
-        results[batch_size] = FIDEvaluation(cfg(weights, ref, batch_size=batch_size), run_dir=run_dir).run(
-            None, TinyModule())
+    # 10 images in chunks of 4 (rank 0: [0, 4) and [8, 10); rank 1: [4, 8))
+    one = FIDEvaluation(cfg(weights, ref, chunk_size=4), run_dir=tmp / "one").run(None, TinyModule())
     mp.spawn(_ddp_worker, args=(2, _free_port(), weights, ref, tmp / "ddp"), nprocs=2, join=True)
-    arrays = {name: np.load(tmp / name / "samples.npz")["arr_0"] for name in ("bs4", "bs3", "ddp")}
-    assert arrays["bs4"].shape == (10, 16, 16, 3) and arrays["bs4"].dtype == np.uint8
-    assert np.array_equal(arrays["bs4"], arrays["bs3"])
-    assert np.array_equal(arrays["bs4"], arrays["ddp"])
+    arrays = {name: np.load(tmp / name / "samples.npz")["arr_0"] for name in ("one", "ddp")}
+    assert arrays["one"].shape == (10, 16, 16, 3) and arrays["one"].dtype == np.uint8
+    assert np.array_equal(arrays["one"], arrays["ddp"])
     ddp = json.loads((tmp / "ddp" / "results.json").read_text())
-    assert ddp["world_size"] == 2
+    assert ddp["world_size"] == 2 and ddp["chunk_size"] == 4
     for key in ("fid_digits", "cond_accuracy"):
-        assert ddp["metrics"][key] == pytest.approx(results[4]["metrics"][key], rel=1e-6)
+        assert ddp["metrics"][key] == one["metrics"][key]  # bitwise
     assert not list((tmp / "ddp").glob(".samples*"))  # shard files removed
     # Image i is the one generated alone from (seed, i) with label i % 4.
     module = TinyModule()
     alone = module.generate(torch.tensor([7 % 4]), noise=initial_noise(0, [7], (3, 16, 16), 1.0))
     from jit.datamodules import from_model_range
-    assert np.array_equal(from_model_range(alone)[0].permute(1, 2, 0).numpy(), arrays["bs4"][7])
+    assert np.array_equal(from_model_range(alone)[0].permute(1, 2, 0).numpy(), arrays["one"][7])
 
 
 # ------------------------------------------------------------------ results, grid, logging
@@ -178,7 +182,7 @@ def test_digits_end_to_end_with_cached_reference_and_tensorboard(tmp_path):
     dm = DigitsDataModule(img_size=16, batch_size=64)
     logger = MagicMock(spec=TensorBoardLogger)
     trainer = type("T", (), {"logger": logger, "global_step": 0})()
-    settings = {"extractor": "digits-cnn", "num_images": 20, "batch_size": 10, "progress": False,
+    settings = {"extractor": "digits-cnn", "num_images": 20, "chunk_size": 10, "progress": False,
                 "reference": {"split": "reference", "cache_dir": str(tmp_path / "cache")}}
     extra = {"quant": {"scheme": "hybrid", "adc": {"bits": 11, "noise_sigma_lsb": 2.0}}}
     out = FIDEvaluation(settings, run_dir=tmp_path / "run", extra=extra).run(
@@ -209,7 +213,7 @@ def test_inception_metrics_names(setup, monkeypatch):
     monkeypatch.setattr("jit.evaluation.fid.create_feature_space", lambda *a, **k: space)
     ref = tmp / "ref8.npz"
     np.savez(ref, mu=np.zeros(8), sigma=np.eye(8))
-    out = FIDEvaluation({"extractor": "inception-v3-compat", "num_images": 10, "batch_size": 5, "isc_splits": 2,
+    out = FIDEvaluation({"extractor": "inception-v3-compat", "num_images": 10, "chunk_size": 5, "isc_splits": 2,
                          "reference": {"stats_file": str(ref)}, "progress": False},
                         run_dir=tmp / "inc").run(None, TinyModule())
     assert set(out["metrics"]) == {"fid", "inception_score", "inception_score_std"}
@@ -325,7 +329,7 @@ def test_compiled_generation_of_a_calibrated_model_is_one_graph(setup):
               for i, name in enumerate(quantized_layers(module.denoiser.net))}
     apply(new_artefact(scheme="hybrid", method="kl", num_images=8, source="data",
                        layers=layers), module.denoiser.net)
-    settings = cfg(weights, ref, num_images=8, batch_size=4, export_npz=False)
+    settings = cfg(weights, ref, num_images=8, chunk_size=4, export_npz=False)
     counters.clear()
     compiled = FIDEvaluation(settings, run_dir=tmp / "compiled", compile_backbone=True).run(None, module)
     assert not counters["graph_break"], dict(counters["graph_break"])

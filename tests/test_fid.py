@@ -305,12 +305,42 @@ def test_statistics_do_not_depend_on_batching_or_arrival_order():
         assert is2 == is_score
 
 
-def test_features_of_an_image_do_not_depend_on_the_batch_around_it():
+def test_feature_space_runs_one_pass_per_chunk_and_repeats_it_bitwise():
     space = create_feature_space("digits-cnn", None, device="cpu", probe_size=16)
     torch.manual_seed(0)
     images = torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8)
-    whole, whole_logits = space(images)
-    for size in (1, 7):
-        parts = [space(chunk) for chunk in images.split(size)]
-        assert torch.equal(torch.cat([f for f, _ in parts]), whole)
-        assert torch.equal(torch.cat([lg for _, lg in parts]), whole_logits)
+    calls = []
+    handle = space.extractor.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    try:
+        features, logits = space(images)
+        again, again_logits = space(images.clone())
+    finally:
+        handle.remove()
+    assert calls == [20, 20]  # one forward over the whole chunk, no per-image loop
+    assert features.shape == (20, space.feature_dim) and logits.shape[0] == 20
+    assert torch.equal(features, again) and torch.equal(logits, again_logits)
+    empty, empty_logits = space(images[:0])
+    assert empty.shape == (0, space.feature_dim) and empty_logits.shape[0] == 0
+
+
+def test_reference_statistics_are_made_of_fixed_chunks_of_the_split(tmp_path):
+    """Statistics of a split do not depend on the loader's batch size or the process's
+    share: features are extracted per chunk [kC, (k+1)C) of the split's index."""
+    from jit.chunks import rechunk
+
+    space = create_feature_space("digits-cnn", None, device="cpu", probe_size=16)
+    torch.manual_seed(1)
+    images = torch.randint(0, 256, (23, 3, 16, 16), dtype=torch.uint8)
+    expected = GaussianStats(space.feature_dim)
+    for start in range(0, 23, 5):
+        expected.update(space(images[start:start + 5])[0], torch.arange(start, min(start + 5, 23)))
+    for loader_batch in (1, 4, 23):
+        batches = [(part, torch.zeros(len(part))) for part in images.split(loader_batch)]
+        got = GaussianStats(space.feature_dim)
+        starts = []
+        for start, chunk in rechunk(batches, 5):
+            starts.append(start)
+            got.update(space(chunk)[0], torch.arange(start, start + len(chunk)))
+        assert starts == [0, 5, 10, 15, 20]
+        for a, b in zip(got.mu_sigma(), expected.mu_sigma(), strict=True):
+            assert np.array_equal(a, b)  # bitwise

@@ -196,7 +196,7 @@ def test_bad_finetune_settings_are_one_line_errors_naming_the_key(tmp_path, over
 def test_digits_hwa_experiment_fine_tunes_exports_and_compares(tmp_path):
     out = tmp_path / "run"
     run(["experiment=digits_hwa", "trainer.max_steps=4", "calibration.num_images=16",
-         "calibration.batch_size=16", "fid.num_images=20", "fid.batch_size=10", "sampler.steps=2",
+         "calibration.batch_size=16", "fid.num_images=20", "fid.chunk_size=10", "sampler.steps=2",
          "eval.layer_stats_images=0", "finetune.compare=[{},{adc: {bits: 4, noise_sigma_lsb: 2.0}}]",
          f"hydra.run.dir={out}"], tmp_path)
     summary = json.loads((out / "finetune_comparison.json").read_text())
@@ -230,7 +230,7 @@ def test_jit_b16_hwa_experiment_runs_on_a_tiny_model_and_fake_imagenet(official_
          "model=jit_t4", "model.net.input_size=32", "data.img_size=32", "data.batch_size=4",
          "data.num_workers=0", "data.calib_num_images=8", "trainer=cpu", "trainer.max_steps=3",
          "calibration.num_images=8", "calibration.batch_size=8", "finetune.recalibrate_every_n_steps=2",
-         "fid.extractor=digits-cnn", "fid.num_images=4", "fid.batch_size=4", "fid.isc_splits=1",
+         "fid.extractor=digits-cnn", "fid.num_images=4", "fid.chunk_size=4", "fid.isc_splits=1",
          "sampler.steps=1", "sampler.method=euler", "eval.layer_stats_images=0",
          f"hydra.run.dir={out}"], tmp_path)
     summary = json.loads((out / "finetune_comparison.json").read_text())

@@ -24,7 +24,7 @@ from jit.checkpoint import CheckpointError, build_denoiser_from_checkpoint, save
 from jit.models import Denoiser, build_jit
 
 TINY_T4 = ["model=jit_t4", "model.net.input_size=16", "sampler.steps=2", "sampler.method=euler",
-           "fid.num_images=20", "fid.batch_size=10", "calibration.num_images=8", "calibration.batch_size=8",
+           "fid.num_images=20", "fid.chunk_size=10", "calibration.num_images=8", "calibration.batch_size=8",
            "compare_fp=false", "eval.layer_stats_images=0"]
 
 
@@ -164,7 +164,7 @@ class RecordingModule(torch.nn.Module):
 
 
 def fid_settings(tmp_path, **extra):
-    return {"extractor": "digits-cnn", "num_images": 20, "batch_size": 10, "progress": False,
+    return {"extractor": "digits-cnn", "num_images": 20, "chunk_size": 10, "progress": False,
             "grid": {"samples_per_class": 0}, **extra}
 
 

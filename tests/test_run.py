@@ -22,7 +22,7 @@ CONFIGS = ROOT / "configs"
 # A tiny model and short sampling so each run takes seconds.
 TINY_EVAL = [
     "model=jit_t4", "model.net.input_size=16", "data.img_size=16", "data.patch_size=4",
-    "sampler.steps=2", "sampler.method=euler", "fid.num_images=20", "fid.batch_size=10",
+    "sampler.steps=2", "sampler.method=euler", "fid.num_images=20", "fid.chunk_size=10",
     "calibration.num_images=8", "calibration.batch_size=8",
 ]
 
@@ -547,11 +547,15 @@ def test_package_metadata_builds_without_deprecation_warnings(monkeypatch):
 
 # ------------------------------------------------------------ reproducible simulation
 def _generated(trained_tiny, tmp_path, name, *overrides):
-    """(images as exported, fid_digits) of an eval run with thermal noise on."""
+    """(images as exported, fid_digits) of an eval run with thermal noise on.
+
+    One intra-op thread per process in every layout: CPU float kernels split their sums by
+    thread, so the thread count per process is part of the layout (Lightning's DDP would
+    give each of 2 processes half the cores of a single one)."""
     out = tmp_path / name
     run([f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL, "fid.num_images=14",
          "fid.export_npz=true", "compare_fp=false", "quant.adc.noise_sigma_lsb=2.0", *overrides,
-         f"hydra.run.dir={out}"], tmp_path)
+         f"hydra.run.dir={out}"], tmp_path, env={"OMP_NUM_THREADS": "1"})
     import numpy as np
 
     with np.load(out / "samples.npz", allow_pickle=False) as npz:
@@ -561,20 +565,29 @@ def _generated(trained_tiny, tmp_path, name, *overrides):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_generated_images_do_not_depend_on_the_batch_size(trained_tiny, tmp_path, mode):
-    runs = [_generated(trained_tiny, tmp_path, f"b{b}", f"quant.mode={mode}", f"fid.batch_size={b}")
-            for b in (1, 7, 32)]
-    for images, fid in runs[1:]:
-        assert (images == runs[0][0]).all() and fid == runs[0][1]  # bitwise
+def test_generated_images_do_not_depend_on_the_process_count(trained_tiny, tmp_path, mode):
+    # 14 images in chunks of 4: rank 0 takes chunks 0 and 2, rank 1 chunks 1 and 3 (the
+    # last one short), so the export interleaves chunks of unequal size.
+    one = _generated(trained_tiny, tmp_path, "one", f"quant.mode={mode}", "fid.chunk_size=4")
+    two = _generated(trained_tiny, tmp_path, "two", f"quant.mode={mode}", "fid.chunk_size=4",
+                     "trainer=ddp_cpu")
+    assert (one[0] == two[0]).all() and one[1] == two[1]  # bitwise
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_generated_images_do_not_depend_on_the_process_count(trained_tiny, tmp_path, mode):
-    one = _generated(trained_tiny, tmp_path, "one", f"quant.mode={mode}", "fid.batch_size=4")
-    two = _generated(trained_tiny, tmp_path, "two", f"quant.mode={mode}", "fid.batch_size=4",
+def test_float_backbone_images_do_not_depend_on_the_process_count(trained_tiny, tmp_path):
+    one = _generated(trained_tiny, tmp_path, "one", "quant=fp", "fid.chunk_size=5")
+    two = _generated(trained_tiny, tmp_path, "two", "quant=fp", "fid.chunk_size=5",
                      "trainer=ddp_cpu")
     assert (one[0] == two[0]).all() and one[1] == two[1]  # bitwise
+
+
+def test_fid_batch_size_is_refused_with_the_key_that_replaced_it(tmp_path):
+    # as an older experiment file or a `+` override brings it in
+    done = run(["+fid.batch_size=8"], tmp_path, check=False)
+    assert done.returncode == 2
+    assert "fid.batch_size was replaced by fid.chunk_size" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------ interrupt and resume

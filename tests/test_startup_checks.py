@@ -19,7 +19,7 @@ from jit.checkpoint import CheckpointError
 from jit.config import ConfigError, validate
 
 SHIPPED = Path(__file__).resolve().parents[1] / "jit" / "assets" / "digits_jit.pth"
-TINY = ["fid.num_images=20", "fid.batch_size=10", "sampler.steps=2", "sampler.method=euler",
+TINY = ["fid.num_images=20", "fid.chunk_size=10", "sampler.steps=2", "sampler.method=euler",
         "calibration.num_images=8", "calibration.batch_size=8"]
 DIGITS_FEATURES = 64  # feature dimension of the shipped digits classifier
 

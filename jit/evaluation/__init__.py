@@ -4,7 +4,7 @@ task layer (jit/tasks.py) runs these on every process inside Lightning's test lo
 
 from .calibration import CalibrationConfig, run_calibration
 from .fid import FIDConfig, FIDEvaluation
-from .plan import EvaluationConfigError, balanced_labels, initial_noise, shard_indices
+from .plan import EvaluationConfigError, balanced_labels, index_chunks, initial_noise, shard_indices
 
 __all__ = ["CalibrationConfig", "EvaluationConfigError", "FIDConfig", "FIDEvaluation",
-           "balanced_labels", "initial_noise", "run_calibration", "shard_indices"]
+           "balanced_labels", "index_chunks", "initial_noise", "run_calibration", "shard_indices"]

@@ -2,12 +2,13 @@
 
 Image i (global index) gets label labels[i] and initial noise drawn from a generator
 seeded with seed * 1_000_003 + i, and i is its sample id for the quantized layers'
-thermal noise (jit.quant.sample_context); rank r of W generates i = r, r + W, r + 2W, ...
-So the generated set does not depend on the number of processes or the batch size
-whenever the model is batch-independent. Images never leave memory unless PNGs or an npz
-are asked for; each image's features (one extractor pass per image) are kept with its
-global index, and the statistics are reduced once, in index order, after all ranks'
-rows are gathered (jit.metrics.fid), so the score does not depend on the layout either.
+thermal noise (jit.quant.sample_context). Generation and feature extraction run in fixed
+chunks of the global index (`fid.chunk_size` images per forward, rank r of W taking
+chunks r, r + W, ...: jit/chunks.py), so every run layout computes the same forwards and
+the generated images do not depend on the number of processes. Images never leave memory
+unless PNGs or an npz are asked for; each image's features are kept with its global
+index, and the statistics are reduced once, in index order, after all ranks' rows are
+gathered (jit.metrics.fid), so the score does not depend on the layout either.
 
 Everything that can fail on bad input (config values, extractor name, Inception weights,
 reference statistics and their shape) is checked before the first image is generated.
@@ -38,15 +39,16 @@ from rich.progress import (
 )
 
 from jit.atomic import atomic_path, atomic_write_json
+from jit.chunks import DEFAULT_CHUNK_SIZE
 from jit.datamodules import from_model_range
 from jit.evaluation.plan import (
     LABEL_STRATEGIES,
     EvaluationConfigError,
     balanced_labels,
     barrier,
+    index_chunks,
     initial_noise,
     rank_world,
-    shard_indices,
 )
 from jit.metrics.features import INCEPTION, create_feature_space
 from jit.metrics.fid import GaussianStats, InceptionScoreStats, all_reduce_sum, frechet_distance
@@ -64,7 +66,9 @@ class FIDConfig:
 
     extractor: str = INCEPTION
     num_images: int = 50_000
-    batch_size: int = 64
+    # Images per forward, a constant of the experiment: results depend on it (in the last
+    # bits of float kernels) and on nothing else about the run layout.
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     label_strategy: str = "repeat"
     seed: int = 0
     reference: dict = field(default_factory=lambda: {"stats_file": None, "split": "reference", "cache_dir": None})
@@ -87,6 +91,10 @@ class FIDConfig:
         if isinstance(cfg, DictConfig):  # plain containers, so results.json gets lists, not ListConfig
             cfg = OmegaConf.to_container(cfg, resolve=True)
         known = {f.name for f in fields(cls)}
+        if "batch_size" in cfg:
+            raise EvaluationConfigError(
+                "fid.batch_size was replaced by fid.chunk_size: every forward covers one fixed "
+                "chunk of the global image index, so the images do not depend on the run layout")
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise EvaluationConfigError(f"unknown fid settings {unknown}; known: {sorted(known)}")
@@ -103,7 +111,7 @@ class FIDConfig:
                 raise EvaluationConfigError(f"fid.{name} must be an integer >= {minimum}, got {value!r}")
 
         positive_int("num_images", self.num_images, 2)
-        positive_int("batch_size", self.batch_size)
+        positive_int("chunk_size", self.chunk_size)
         positive_int("isc_splits", self.isc_splits)
         positive_int("grid.samples_per_class", self.grid["samples_per_class"], 0)
         positive_int("grid.max_classes", self.grid["max_classes"])
@@ -146,14 +154,16 @@ def write_json_atomic(obj, path) -> None:
 class NpzExport:
     """ADM-style sample export (`arr_0`, NHWC uint8) at constant memory.
 
-    Each rank appends its images to a raw shard file in the run dir; rank 0 then streams
-    the shards, interleaved back into global index order, into one zip entry of a
-    temporary npz and renames it into place. Needs a file system all ranks share.
+    Each rank appends its chunks of images to a raw shard file in the run dir; rank 0 then
+    streams the chunks, back in global index order (chunk k is the k // W-th chunk of rank
+    k % W), into one zip entry of a temporary npz and renames it into place. Needs a file
+    system all ranks share.
     """
 
-    def __init__(self, run_dir: Path, num_images: int, image_shape_hwc, rank: int, world: int):
+    def __init__(self, run_dir: Path, num_images: int, image_shape_hwc, rank: int, world: int,
+                 chunk_size: int):
         self.run_dir, self.num_images, self.shape = run_dir, num_images, tuple(image_shape_hwc)
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.chunk_size = rank, world, chunk_size
         self.item_bytes = int(np.prod(self.shape))
         # Open for the whole generation loop; closed by finish() or abort().
         self.file = open(self._shard(rank), "wb")  # noqa: SIM115
@@ -164,11 +174,11 @@ class NpzExport:
     def add(self, images_nhwc: np.ndarray) -> None:
         self.file.write(np.ascontiguousarray(images_nhwc, dtype=np.uint8).tobytes())
 
-    def finish(self, path: Path, rounds_per_chunk: int = 64) -> None:
+    def finish(self, path: Path) -> None:
         self.file.close()
         barrier()
         if self.rank == 0:
-            n, w = self.num_images, self.world
+            n, w, c = self.num_images, self.world, self.chunk_size
             with contextlib.ExitStack() as stack:
                 shards = [stack.enter_context(open(self._shard(r), "rb")) for r in range(w)]
                 with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, \
@@ -176,16 +186,10 @@ class NpzExport:
                     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
                               "fortran_order": False, "shape": (n, *self.shape)}
                     np.lib.format.write_array_header_1_0(out, header)
-                    # Round j holds global indices j W .. j W + W - 1, i.e. item j of every shard.
-                    for j0 in range(0, math.ceil(n / w), rounds_per_chunk):
-                        count = min((j0 + rounds_per_chunk) * w, n) - j0 * w
-                        chunk = np.empty((count, self.item_bytes), np.uint8)
-                        for r in range(min(w, count)):
-                            rows = chunk[r::w]
-                            shards[r].seek(j0 * self.item_bytes)
-                            rows[:] = np.frombuffer(shards[r].read(len(rows) * self.item_bytes),
-                                                    np.uint8).reshape(rows.shape)
-                        out.write(chunk.tobytes())
+                    for k in range(math.ceil(n / c)):
+                        count = min(c, n - k * c)
+                        shard = shards[k % w]  # its chunks are read in order: no seek needed
+                        out.write(shard.read(count * self.item_bytes))
         barrier()
         self._shard(self.rank).unlink(missing_ok=True)
 
@@ -305,7 +309,7 @@ class FIDEvaluation:
             check_data_classes(num_classes, datamodule)
         (ref_mu, ref_sigma), ref_source = reference_stats(
             space, cfg.reference.get("stats_file"), datamodule, cfg.reference.get("split", "reference"),
-            cfg.reference.get("cache_dir"))
+            cfg.reference.get("cache_dir"), cfg.chunk_size)
         use_is = space.is_inception and space.logits_layer is not None
         if use_is:
             is_stats = InceptionScoreStats(cfg.num_images, space.extractor.fc.out_features, cfg.isc_splits)
@@ -321,12 +325,12 @@ class FIDEvaluation:
         correct = torch.zeros(1, dtype=torch.float64)
         grid_slots = self._grid_slots(labels, num_classes)
         grid_tiles: list[tuple[int, int, int, np.ndarray]] = []
-        mine = shard_indices(cfg.num_images, rank, world)
+        chunks = index_chunks(cfg.num_images, cfg.chunk_size, rank, world)
         png_dir = run_dir / "samples"
         if cfg.save_images:
             png_dir.mkdir(parents=True, exist_ok=True)
-        export = NpzExport(run_dir, cfg.num_images, (image_shape[1], image_shape[2], 3), rank, world) \
-            if cfg.export_npz else None
+        export = NpzExport(run_dir, cfg.num_images, (image_shape[1], image_shape[2], 3), rank, world,
+                           cfg.chunk_size) if cfg.export_npz else None
         weights_ctx = module.eval_weights_context(weights) if hasattr(module, "eval_weights_context") \
             else contextlib.nullcontext()
         progress = Progress(TextColumn("[bold]FID generation"), BarColumn(), MofNCompleteColumn(),
@@ -342,11 +346,11 @@ class FIDEvaluation:
             compiled = compiled_forward(net, self.compile_backbone and net is not None)
             with weights_ctx, progress, torch.no_grad(), compiled:
                 task = progress.add_task("generate", total=cfg.num_images, rate="-")
-                for b0 in range(0, len(mine), cfg.batch_size):
-                    idx = mine[b0 : b0 + cfg.batch_size]
+                done_here = 0  # images of this rank so far
+                for idx in chunks:
                     noise = initial_noise(cfg.seed, idx, image_shape, denoiser.noise_scale).to(device)
                     y = labels[idx].to(device)
-                    in_flight, done_before = len(idx) * world, min(cfg.num_images, b0 * world)
+                    in_flight, done_before = len(idx) * world, min(cfg.num_images, done_here * world)
 
                     def advance(steps_done, steps, n=in_flight, base=done_before):
                         progress.update(task, completed=min(cfg.num_images, base + n * steps_done / steps))
@@ -371,7 +375,8 @@ class FIDEvaluation:
                             grid_tiles.append((index, *grid_slots[index], nhwc[row]))
                         if cfg.save_images:
                             Image.fromarray(nhwc[row]).save(png_dir / f"{index:06d}_class{int(labels[index])}.png")
-                    done = min(cfg.num_images, (b0 + len(idx)) * world)
+                    done_here += len(idx)
+                    done = min(cfg.num_images, done_here * world)
                     rate = done / max(time.perf_counter() - gen_start, 1e-9)
                     progress.update(task, completed=done, rate=f"{rate:.2f}")
             gen_time = time.perf_counter() - gen_start
@@ -412,7 +417,7 @@ class FIDEvaluation:
             "world_size": world,
             "precision": self._precision(trainer, denoiser, device),
             "package_version": package_version(),
-            "batch_size": cfg.batch_size,
+            "chunk_size": cfg.chunk_size,
             **self.extra,
             # Flat keys ("weights.bits") so sweeps can tabulate runs; the caller's config wins.
             "quant": flatten(self.extra["quant"]) if self.extra.get("quant") is not None

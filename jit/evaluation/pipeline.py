@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from jit.checkpoint import sha256_file
+from jit.chunks import index_chunks
 from jit.evaluation.calibration import CalibrationConfig, run_calibration
 from jit.evaluation.fid import FIDConfig, FIDEvaluation
 from jit.evaluation.plan import balanced_labels, initial_noise
@@ -112,7 +112,8 @@ def quant_statistics(module, qcfg: QuantConfig, fid_cfg: FIDConfig, num_classes:
 
     Statistics cost several extra passes per call, so they are gathered on the first
     `num_images` images of the FID set (same labels, initial noise and noise sample ids),
-    in batches of fid.batch_size; `eval.layer_stats_images=0` skips them.
+    in the same fixed chunks of the global index (the last one cut at `num_images`);
+    `eval.layer_stats_images=0` skips them.
     """
     n = min(num_images, fid_cfg.num_images)
     if qcfg.scheme == "fp" or n == 0:
@@ -124,7 +125,7 @@ def quant_statistics(module, qcfg: QuantConfig, fid_cfg: FIDConfig, num_classes:
     reset_stats(denoiser.net)
     try:
         with module.eval_weights_context(module.eval_weights):
-            for indices in torch.arange(n).split(fid_cfg.batch_size):
+            for indices in index_chunks(n, fid_cfg.chunk_size):
                 noise = initial_noise(fid_cfg.seed, indices, shape, denoiser.noise_scale)
                 with sample_context(denoiser.net, indices):
                     module.generate(labels[indices], noise=noise, **fid_cfg.sampler)

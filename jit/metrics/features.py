@@ -162,22 +162,21 @@ class FeatureSpace:
 
     @torch.no_grad()
     def __call__(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """uint8 [B, 3, H, W] -> (features [B, D], logits [B, K] or None), float32 on the CPU.
+        """uint8 [B, 3, H, W] -> (features [B, D], logits [B, K] or None), float32 on the CPU,
+        in one forward pass and one host copy.
 
-        One image per forward pass: convolution kernels pick their algorithm by batch size,
-        so batched features of an image change in the last bits with the batch around it,
-        and a score would depend on fid.batch_size and the process count.
+        Convolution kernels pick their algorithm by batch size, so an image's features
+        change in the last bits with the batch around it. Callers therefore hand in one
+        fixed chunk of the global image index at a time (jit/evaluation/plan.py): the same
+        images always form the same pass, whatever the run layout.
         """
-        features, logits = [], []
-        for image in images_uint8.to(self.device).split(1):
-            out = self.extractor.convert_features_tuple_to_dict(self.extractor(image))
-            features.append(out[self.fid_layer].float().cpu())
-            if self.logits_layer:
-                logits.append(out[self.logits_layer].float().cpu())
-        if not features:
-            empty = torch.zeros(0, 0)
-            return empty, (empty if self.logits_layer else None)
-        return torch.cat(features), (torch.cat(logits) if self.logits_layer else None)
+        if images_uint8.shape[0] == 0:
+            empty = torch.zeros(0, self.feature_dim)
+            return empty, (torch.zeros(0, 0) if self.logits_layer else None)
+        out = self.extractor.convert_features_tuple_to_dict(self.extractor(images_uint8.to(self.device)))
+        features = out[self.fid_layer].float().cpu()
+        logits = out[self.logits_layer].float().cpu() if self.logits_layer else None
+        return features, logits
 
 
 def weights_digest(module: torch.nn.Module) -> str:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from jit.atomic import atomic_path
+from jit.chunks import DEFAULT_CHUNK_SIZE, index_chunks, rechunk
 
 from .features import FeatureSpace
 from .fid import GaussianStats
@@ -50,11 +51,12 @@ def _check(mu, sigma, feature_dim: int, source) -> tuple[np.ndarray, np.ndarray]
     return mu, sigma
 
 
-def stats_of_images(images, space: FeatureSpace, batch_size: int = 100) -> GaussianStats:
-    """Statistics of NHWC uint8 images (e.g. an `arr_0` array), batch by batch."""
+def stats_of_images(images, space: FeatureSpace, chunk_size: int) -> GaussianStats:
+    """Statistics of NHWC uint8 images (e.g. an `arr_0` array), one extractor pass per
+    fixed chunk of their index."""
     stats = GaussianStats(space.feature_dim)
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
+    for start in range(0, len(images), chunk_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk_size])).permute(0, 3, 1, 2)
         stats.update(space(batch)[0], torch.arange(start, start + batch.shape[0]))
     return stats
 
@@ -67,7 +69,8 @@ def _array(data, key: str, path: Path) -> np.ndarray:
                                   f"objects, not numbers ({exc})") from exc
 
 
-def load_reference_stats(path, space: FeatureSpace, reduce_images: bool = True):
+def load_reference_stats(path, space: FeatureSpace, reduce_images: bool = True,
+                         chunk_size: int = DEFAULT_CHUNK_SIZE):
     """(mu, sigma) from an npz; raises ReferenceStatsError with the reason when unusable.
 
     With `reduce_images=False` a file of images (`arr_0`) is left alone and None returned:
@@ -95,7 +98,7 @@ def load_reference_stats(path, space: FeatureSpace, reduce_images: bool = True):
                 )
             if images.shape[0] < 2:
                 raise ReferenceStatsError(f"{path} holds {images.shape[0]} image(s); statistics need at least 2")
-            return stats_of_images(images, space).mu_sigma()
+            return stats_of_images(images, space, chunk_size).mu_sigma()
     raise ReferenceStatsError(
         f"reference statistics file {path} lacks 'mu' and 'sigma' (found keys: {', '.join(sorted(keys)) or 'none'})"
     )
@@ -125,10 +128,11 @@ def listing_digest(dataset) -> str | None:
     return digest.hexdigest()
 
 
-def cache_metadata(datamodule, split: str, space: FeatureSpace) -> dict[str, str]:
+def cache_metadata(datamodule, split: str, space: FeatureSpace, chunk_size: int) -> dict[str, str]:
     """What cached statistics depend on beyond their file name: the data root, the number
-    and listing of the split's files, and the extractor's weights. A trial copy of
-    ImageNet or other Inception weights give other values, so their statistics are not reused."""
+    and listing of the split's files, the extractor's weights and the chunk its passes
+    covered (features round differently by batch size). A trial copy of ImageNet or other
+    Inception weights give other values, so their statistics are not reused."""
     root = getattr(datamodule, "root", None)
     meta = {"data_root": str(Path(root).expanduser().resolve()) if root is not None else datamodule.dataset_name}
     if hasattr(datamodule, "split_dataset"):
@@ -136,6 +140,7 @@ def cache_metadata(datamodule, split: str, space: FeatureSpace) -> dict[str, str
         meta["num_files"] = str(len(dataset))
         meta["listing_sha256"] = listing_digest(dataset) or "unknown"
     meta["extractor_weights_sha256"] = getattr(space, "weights_sha256", None) or "unknown"
+    meta["chunk_size"] = str(chunk_size)
     return meta
 
 
@@ -157,30 +162,27 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def compute_split_stats(datamodule, split: str, space: FeatureSpace) -> GaussianStats:
-    """Statistics of a datamodule split; each rank reads every world-size-th image, then all-reduce."""
+def compute_split_stats(datamodule, split: str, space: FeatureSpace, chunk_size: int) -> GaussianStats:
+    """Statistics of a datamodule split: one extractor pass per fixed chunk of the split's
+    index, rank r taking chunks r, r + W, ... (jit/chunks.py), then all-reduce."""
     rank, world = _rank_world()
+    stats = GaussianStats(space.feature_dim)
     if hasattr(datamodule, "split_dataset"):
         dataset = datamodule.split_dataset(split)
-        mine = range(rank, len(dataset), world)
-        loader = DataLoader(Subset(dataset, mine), batch_size=getattr(datamodule, "batch_size", 64),
+        chunks = index_chunks(len(dataset), chunk_size, rank, world)
+        mine = torch.cat(chunks).tolist() if chunks else []
+        # Every chunk but the global last is full, so each batch is exactly one chunk.
+        loader = DataLoader(Subset(dataset, mine), batch_size=chunk_size,
                             num_workers=getattr(datamodule, "num_workers", 0))
-        stats = GaussianStats(space.feature_dim)
-        done = 0
-        for images, labels in loader:  # in order: the k-th image of this shard is mine[k]
-            ids = torch.tensor(mine[done:done + images.shape[0]])
+        for chunk, (images, labels) in zip(chunks, loader, strict=True):
             readable = labels >= 0  # a negative label marks a file the data module skipped as corrupt
             if readable.any():
-                stats.update(space(images[readable])[0], ids[readable])
-            done += images.shape[0]
+                stats.update(space(images[readable])[0], chunk[readable])
         return stats.all_reduce()
-    # A bare loader: every rank iterates it and keeps its share of the batches.
-    stats = GaussianStats(space.feature_dim)
-    start = 0
-    for i, (images, _labels) in enumerate(datamodule.dataloader(split)):
-        if i % world == rank:
+    # A bare loader: every rank iterates it and keeps its share of the chunks.
+    for k, (start, images) in enumerate(rechunk(datamodule.dataloader(split), chunk_size)):
+        if k % world == rank:
             stats.update(space(images)[0], torch.arange(start, start + images.shape[0]))
-        start += images.shape[0]
     return stats.all_reduce()
 
 
@@ -192,28 +194,29 @@ def stats_digest(mu: np.ndarray, sigma: np.ndarray) -> str:
 
 
 def reference_stats(space: FeatureSpace, stats_file=None, datamodule=None, split: str = "reference",
-                    cache_dir=None) -> tuple[tuple[np.ndarray, np.ndarray], str]:
+                    cache_dir=None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[tuple[np.ndarray, np.ndarray], str]:
     """(mu, sigma) and a description of where they came from.
 
     An explicit `stats_file` wins; otherwise statistics of `split` of the datamodule are read
-    from the cache or computed (sharded over ranks) and written atomically by rank 0.
+    from the cache or computed (in fixed chunks of `chunk_size` images, sharded over ranks)
+    and written atomically by rank 0.
     """
     if stats_file:
-        return load_reference_stats(stats_file, space), str(Path(stats_file).expanduser())
+        return load_reference_stats(stats_file, space, chunk_size=chunk_size), str(Path(stats_file).expanduser())
     if datamodule is None:
         raise ReferenceStatsError("no reference statistics: set fid.reference.stats_file or provide a datamodule")
     if cache_dir is None:
         raise ReferenceStatsError("fid.reference.cache_dir is needed to cache statistics computed from a split")
     path = cache_file(cache_dir, datamodule.dataset_name, split, datamodule.img_size, space.name)
-    expected = cache_metadata(datamodule, split, space)
+    expected = cache_metadata(datamodule, split, space, chunk_size)
     if path.is_file():
         stale = stale_cache_reason(path, expected)
         if stale is None:
-            return load_reference_stats(path, space), str(path)
+            return load_reference_stats(path, space, chunk_size=chunk_size), str(path)
         if _rank_world()[0] == 0:
             log.warning(f"recomputing the cached reference statistics {path}: made from other data or "
                         f"extractor weights ({stale})")
-    stats = compute_split_stats(datamodule, split, space)
+    stats = compute_split_stats(datamodule, split, space, chunk_size)
     if stats.count < 2:
         raise ReferenceStatsError(f"the {split!r} split has {stats.count} image(s); statistics need at least 2")
     mu, sigma = stats.mu_sigma()
