@@ -53,6 +53,8 @@ SMOKE_RUNS = {
                      "| hybrid | static | tiny 48->80 | 2 x 12 |"),
     "digital_kernels": (["-m", "benchmarks.digital_kernels", "--tiny"], "| 64->96 | 40 |"),
     "kl_search": (["-m", "benchmarks.kl_search", "--tiny"], "| hybrid W8A11 | 4 (act + 1"),
+    "feature_extraction": (["-m", "benchmarks.feature_extraction", "--tiny"],
+                           "| inception-v3-compat | 256 px |"),
     "eval_memory": (["benchmarks/eval_memory.py", "--sizes", "8", "--batch-size", "4"],
                     '"num_images": 8'),
 }
