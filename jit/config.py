@@ -190,6 +190,7 @@ class RunSchema:
 
 
 ASSETS = Path(__file__).parent / "assets"
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 def schema_defaults(schema: type) -> dict[str, Any]:
@@ -266,7 +267,9 @@ def validate(cfg: DictConfig) -> None:
     check_finite(cfg)
     s, o, net, den = cfg.sampler, cfg.optim, cfg.model.net, cfg.model.denoiser
     _check(s.steps >= 1, "sampler.steps", f"must be >= 1, got {s.steps}")
-    _check(s.cfg_scale >= 0, "sampler.cfg_scale", f"must be >= 0, got {s.cfg_scale}")
+    _check(0 <= s.cfg_scale <= FLOAT32_MAX, "sampler.cfg_scale",
+           f"must be in [0, {FLOAT32_MAX:.4g}] (the sampler computes in float32, where a larger scale "
+           f"is Inf at the first guided step), got {s.cfg_scale}")
     _check(len(s.interval) == 2 and 0 <= s.interval[0] <= s.interval[1] <= 1, "sampler.interval",
            f"must be [low, high] with 0 <= low <= high <= 1, got {list(s.interval)}")
     _check(o.blr > 0, "optim.blr", f"must be > 0, got {o.blr}")

@@ -29,6 +29,7 @@ import torch
 
 from jit.atomic import atomic_path
 from jit.datamodules import to_model_range
+from jit.models.denoiser import NonFiniteSampleError
 from jit.quant import artefact as art
 from jit.quant import build_quant_config, quantized_layers, sample_context
 from jit.quant.calibration import COVERAGE_COLUMNS, SOURCES, CalibrationError, calibrate
@@ -84,6 +85,10 @@ class CalibrationConfig:
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise CalibrationError(f"unknown calibration key(s) {unknown}; known: {sorted(known)}")
+        method = cfg.get("method", cls.method)
+        if "percentile" in cfg and method != "percentile":
+            raise CalibrationError(f"calibration.percentile applies to calibration.method=percentile only, "
+                                   f"but the method is {method} (drop it, or use calibration=percentile)")
         return cls(**cfg)
 
 
@@ -151,8 +156,11 @@ def _sampling_forward(denoiser, device, sampler: Mapping, precision=contextlib.n
         indices, labels = batch
         shape = (labels.shape[0], denoiser.in_channels, denoiser.img_size, denoiser.img_size)
         noise = denoiser.noise_scale * torch.randn(shape, generator=generator)
-        with sample_context(denoiser.net, indices), precision():
-            return denoiser.generate(labels.to(device), noise.to(device), **settings)
+        try:
+            with sample_context(denoiser.net, indices), precision():
+                return denoiser.generate(labels.to(device), noise.to(device), **settings)
+        except NonFiniteSampleError as err:
+            raise err.for_images(indices) from None
     return forward
 
 
@@ -246,7 +254,8 @@ def run_calibration(module, quant, calibration, run_dir, datamodule=None, sample
     if qcfg.calibration_file is not None:
         path = Path(qcfg.calibration_file)
         artefact = art.load(path)
-        art.apply(artefact, net)
+        with _eval_weights(module, eval_weights):  # the weights it must have been calibrated on
+            art.apply(artefact, net, allow_foreign_weights=qcfg.allow_foreign_calibration, origin=str(path))
         return CalibrationOutcome(path, artefact, [], calibrated=False)
 
     cfg = CalibrationConfig.from_any(calibration)
@@ -274,5 +283,6 @@ def run_calibration(module, quant, calibration, run_dir, datamodule=None, sample
     if _global_rank() == 0:
         art.save(artefact, path)
         write_coverage_csv(coverage, path.with_name(COVERAGE_NAME))
-    art.apply(artefact, net)
+    with _eval_weights(module, eval_weights):
+        art.apply(artefact, net)
     return CalibrationOutcome(path, artefact, coverage, calibrated=True)

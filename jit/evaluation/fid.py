@@ -52,6 +52,7 @@ from jit.metrics.features import INCEPTION, create_feature_space
 from jit.metrics.fid import GaussianStats, InceptionScoreStats, all_reduce_sum, frechet_distance
 from jit.metrics.reference import reference_stats, stats_digest
 from jit.models.compile import compiled_forward
+from jit.models.denoiser import NonFiniteSampleError
 from jit.quant import sample_context
 
 WEIGHT_CHOICES = ("raw", "ema1", "ema2")
@@ -114,6 +115,16 @@ class FIDConfig:
             raise EvaluationConfigError(
                 f"fid.isc_splits={self.isc_splits} exceeds fid.num_images={self.num_images}: the Inception Score "
                 f"needs at least one image per split (lower fid.isc_splits or raise fid.num_images)")
+        # A setting of another extractor would be ignored: the user believes it is used.
+        if self.inception_weights is not None and self.extractor != INCEPTION:
+            raise EvaluationConfigError(
+                f"fid.inception_weights={self.inception_weights} applies to fid.extractor={INCEPTION} only, "
+                f"but the extractor is {self.extractor} (drop it, or give that extractor's weights as "
+                "fid.extractor_weights)")
+        if self.extractor_weights is not None and self.extractor == INCEPTION:
+            raise EvaluationConfigError(
+                f"fid.extractor_weights={self.extractor_weights} is not read by fid.extractor={INCEPTION}; "
+                "its weights are fid.inception_weights")
         if self.eval_weights is not None and self.eval_weights not in WEIGHT_CHOICES:
             raise EvaluationConfigError(f"fid.eval_weights={self.eval_weights!r}; allowed: {', '.join(WEIGHT_CHOICES)}")
 
@@ -129,6 +140,22 @@ def check_data_classes(model_classes: int, datamodule) -> None:
     raise EvaluationConfigError(
         f"class count: the model generates model.net.num_classes={model_classes} classes but the data "
         f"({where}) has {data_classes}; use data with {model_classes} classes or give fid.reference.stats_file")
+
+
+class NonFiniteFeaturesError(ValueError):
+    """The feature extractor gave NaN or Inf for a generated image: nothing non-finite is scored."""
+
+
+def check_finite_features(features: torch.Tensor, logits: torch.Tensor | None, indices, extractor: str) -> None:
+    """Raise naming the first image whose features (or logits) are not finite."""
+    finite = torch.isfinite(features).all(1)
+    if logits is not None:
+        finite &= torch.isfinite(logits).all(1)
+    if not bool(finite.all()):
+        first = int(indices[int(torch.nonzero(~finite)[0, 0])])
+        raise NonFiniteFeaturesError(f"the feature extractor {extractor} gave NaN or Inf features for "
+                                     f"image {first}: it is not scored (check fid.extractor_weights "
+                                     "or fid.inception_weights)")
 
 
 def package_version() -> str:
@@ -352,12 +379,16 @@ class FIDEvaluation:
                         progress.update(task, completed=min(cfg.num_images, base + n * steps_done / steps))
 
                     # The global index is the sample id of the thermal noise too.
-                    with sample_context(net, idx) if net is not None else contextlib.nullcontext():
-                        x = generate(y, noise=noise, step_callback=advance, **sampler)
+                    try:
+                        with sample_context(net, idx) if net is not None else contextlib.nullcontext():
+                            x = generate(y, noise=noise, step_callback=advance, **sampler)
+                    except NonFiniteSampleError as err:
+                        raise err.for_images(idx) from None
                     images = from_model_range(x)
                     if images.shape[1] == 1:  # grey models: the extractors take RGB
                         images = images.expand(-1, 3, -1, -1)
                     features, logits = space(images)
+                    check_finite_features(features, logits, idx, space.name)
                     stats.update(features, idx)
                     if use_is:
                         is_stats.update(logits, idx)

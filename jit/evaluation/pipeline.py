@@ -20,6 +20,7 @@ from jit.evaluation.calibration import CalibrationConfig, run_calibration
 from jit.evaluation.fid import FIDConfig, FIDEvaluation
 from jit.evaluation.plan import balanced_labels, initial_noise
 from jit.evaluation.report import log_table, print_summary, summarize_layer_stats, write_layer_stats
+from jit.models.denoiser import NonFiniteSampleError
 from jit.quant import (
     QuantConfig,
     collect_stats,
@@ -126,8 +127,11 @@ def quant_statistics(module, qcfg: QuantConfig, fid_cfg: FIDConfig, num_classes:
         with module.eval_weights_context(module.eval_weights):
             for indices in torch.arange(n).split(fid_cfg.batch_size):
                 noise = initial_noise(fid_cfg.seed, indices, shape, denoiser.noise_scale)
-                with sample_context(denoiser.net, indices):
-                    module.generate(labels[indices], noise=noise, **fid_cfg.sampler)
+                try:
+                    with sample_context(denoiser.net, indices):
+                        module.generate(labels[indices], noise=noise, **fid_cfg.sampler)
+                except NonFiniteSampleError as err:
+                    raise err.for_images(indices) from None
         return collect_stats(denoiser.net)
     finally:
         enable_stats(denoiser.net, False)

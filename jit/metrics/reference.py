@@ -27,6 +27,11 @@ from .fid import GaussianStats
 log = logging.getLogger(__name__)
 
 
+# How far sigma may be from symmetric, relative to its largest entry: round-off of a
+# covariance stored in float32 is ~1e-7; an asymmetric matrix is not one at all.
+SYMMETRY_RTOL = 1e-5
+
+
 class ReferenceStatsError(ValueError):
     """Reference statistics are missing or do not fit the feature extractor."""
 
@@ -47,6 +52,13 @@ def _check(mu, sigma, feature_dim: int, source) -> tuple[np.ndarray, np.ndarray]
         )
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ReferenceStatsError(f"reference statistics {source} contain NaN or Inf values")
+    asymmetry = float(np.abs(sigma - sigma.T).max())
+    scale = float(np.abs(sigma).max())
+    if asymmetry > SYMMETRY_RTOL * scale:
+        raise ReferenceStatsError(
+            f"reference statistics {source}: sigma is not a covariance, it is not symmetric "
+            f"(max |sigma - sigma^T| = {asymmetry:.3g} against entries up to {scale:.3g}; allowed "
+            f"{SYMMETRY_RTOL:g} of that)")
     return mu, sigma
 
 

@@ -274,7 +274,7 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
     entries = {}
     for name, layer in layers.items():
         entry = {"act_clip": act_clips[name], "adc_clip": adc_clips[name],
-                 "made_for": art.made_for(layer.cfg)}
+                 "made_for": art.made_for(layer.cfg), "weights_sha256": art.weights_digest(layer)}
         if save_weights:
             entry["weight_int"], entry["weight_scale"] = export_weights(layer)
         entries[name] = entry
