@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from jit.atomic import atomic_path
+from jit.console import PhaseProgress, announce
 from jit.datamodules import to_model_range
 from jit.models.denoiser import NonFiniteSampleError
 from jit.quant import artefact as art
@@ -196,8 +197,8 @@ def _eval_weights(module, which: str | None):
 
 
 class _WithProgress:
-    """Re-iterable batches that show a rich progress bar (images done / total, rate, ETA)
-    on each pass; `calibrate` reads its batches twice (activations, then ADC inputs)."""
+    """Re-iterable batches that report progress (images done / total, rate, time left) on
+    each pass; `calibrate` reads its batches twice (activations, then ADC inputs)."""
 
     PASSES = ("activations", "ADC inputs")
 
@@ -211,23 +212,14 @@ class _WithProgress:
         return len(self.batches)
 
     def __iter__(self):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        label = self.PASSES[min(self.passes, len(self.PASSES) - 1)]
+        label = f"calibration ({self.PASSES[min(self.passes, len(self.PASSES) - 1)]})"
         self.passes += 1
-        with Progress(TextColumn(f"[bold]calibration ({label})"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TimeRemainingColumn(), disable=not self.enabled) as progress:
-            task = progress.add_task("calibrate", total=sum(self.sizes))
+        if self.enabled:
+            announce(f"{label}: pass {self.passes} over {sum(self.sizes)} images")
+        with PhaseProgress(label, sum(self.sizes), "images", enabled=self.enabled) as progress:
             for batch, size in zip(self.batches, self.sizes):
                 yield batch
-                progress.advance(task, size)
+                progress.advance(size)
 
 
 def _batch_size(batch) -> int:
@@ -253,6 +245,7 @@ def run_calibration(module, quant, calibration, run_dir, datamodule=None, sample
                                "(quant.scheme=fp, or quantize_model was not called)")
     if qcfg.calibration_file is not None:
         path = Path(qcfg.calibration_file)
+        announce(f"calibration: applying {path}")
         artefact = art.load(path)
         with _eval_weights(module, eval_weights):  # the weights it must have been calibrated on
             art.apply(artefact, net, allow_foreign_weights=qcfg.allow_foreign_calibration, origin=str(path))
@@ -269,14 +262,15 @@ def run_calibration(module, quant, calibration, run_dir, datamodule=None, sample
         forward = _sampling_forward(denoiser, device,
                                     sampler if sampler is not None else getattr(module, "sampler", {}) or {},
                                     precision)
-    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-    batches = _WithProgress(list(batches), _batch_size, enabled=rank == 0)
+    announce(f"calibration: {cfg.method} ranges of {len(quantized_layers(net))} layers from {cfg.num_images} "
+             f"{'images of the calibration split' if cfg.source == 'data' else 'sampling trajectories'}")
+    batches = _WithProgress(list(batches), _batch_size, enabled=_global_rank() == 0)
     coverage: list[dict] = []
     with _eval_weights(module, eval_weights):
         artefact = calibrate(net, batches, method=cfg.method, num_bins=cfg.num_bins,
                              percentile=cfg.percentile, seed=cfg.seed, forward=forward,
                              source=cfg.source, save_weights=cfg.save_weights,
-                             coverage=coverage)
+                             coverage=coverage, announce=announce)
     # Written only once calibration has fully succeeded (and atomically). Every rank
     # calibrated on the same inputs with the same seed, so one copy on disk is enough.
     path = Path(run_dir) / ARTEFACT_NAME

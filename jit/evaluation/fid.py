@@ -28,16 +28,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from jit.atomic import atomic_path, atomic_write_json
+from jit.console import PhaseProgress, announce
 from jit.datamodules import from_model_range
 from jit.evaluation.plan import (
     LABEL_STRATEGIES,
@@ -281,6 +274,11 @@ class FIDEvaluation:
     def _weights(self, module) -> str:
         return self.cfg.eval_weights or getattr(module, "eval_weights", None) or "ema1"
 
+    def _label(self) -> str:
+        """What this evaluation scores, for progress lines: the quantization scheme."""
+        quant = self.extra.get("quant") or {}
+        return str(quant.get("scheme", "fp")) if isinstance(quant, Mapping) else "fp"
+
     def _sampler(self, module) -> dict:
         return {**dict(getattr(module, "sampler", None) or {}), **self.cfg.sampler}
 
@@ -325,6 +323,7 @@ class FIDEvaluation:
         image_shape = (denoiser.in_channels, denoiser.img_size, denoiser.img_size)
 
         # ---- everything that can fail on bad input, before the first image
+        announce(f"FID ({self._label()}): loading the feature extractor {cfg.extractor} and the reference statistics")
         extractor_weights = cfg.inception_weights if cfg.extractor == INCEPTION else cfg.extractor_weights
         space = create_feature_space(cfg.extractor, extractor_weights, device=device,
                                      probe_size=denoiser.img_size)
@@ -356,9 +355,10 @@ class FIDEvaluation:
             if cfg.export_npz else None
         weights_ctx = module.eval_weights_context(weights) if hasattr(module, "eval_weights_context") \
             else contextlib.nullcontext()
-        progress = Progress(TextColumn("[bold]FID generation"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-                            disable=rank != 0 or not cfg.progress)
+        label = f"FID generation ({self._label()})"
+        announce(f"{label}: {cfg.num_images} images in batches of {cfg.batch_size} on {world} process(es), "
+                 f"{sampler.get('method')} sampler with {sampler.get('steps')} steps")
+        progress = PhaseProgress(label, cfg.num_images, "images", enabled=rank == 0 and cfg.progress)
         gen_start = time.perf_counter()
         try:
             if self.compile_backbone:
@@ -368,7 +368,6 @@ class FIDEvaluation:
                 torch._dynamo.reset()
             compiled = compiled_forward(net, self.compile_backbone and net is not None)
             with weights_ctx, progress, torch.no_grad(), compiled:
-                task = progress.add_task("generate", total=cfg.num_images, rate="-")
                 for b0 in range(0, len(mine), cfg.batch_size):
                     idx = mine[b0 : b0 + cfg.batch_size]
                     noise = initial_noise(cfg.seed, idx, image_shape, denoiser.noise_scale).to(device)
@@ -376,7 +375,7 @@ class FIDEvaluation:
                     in_flight, done_before = len(idx) * world, min(cfg.num_images, b0 * world)
 
                     def advance(steps_done, steps, n=in_flight, base=done_before):
-                        progress.update(task, completed=min(cfg.num_images, base + n * steps_done / steps))
+                        progress.update(min(cfg.num_images, base + n * steps_done / steps))
 
                     # The global index is the sample id of the thermal noise too.
                     try:
@@ -402,9 +401,7 @@ class FIDEvaluation:
                             grid_tiles.append((index, *grid_slots[index], nhwc[row]))
                         if cfg.save_images:
                             Image.fromarray(nhwc[row]).save(png_dir / f"{index:06d}_class{int(labels[index])}.png")
-                    done = min(cfg.num_images, (b0 + len(idx)) * world)
-                    rate = done / max(time.perf_counter() - gen_start, 1e-9)
-                    progress.update(task, completed=done, rate=f"{rate:.2f}")
+                    progress.update(min(cfg.num_images, (b0 + len(idx)) * world))
             gen_time = time.perf_counter() - gen_start
             if export is not None:
                 export.finish(run_dir / "samples.npz")

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from jit.atomic import atomic_path
+from jit.console import PhaseProgress, announce
 
 from .features import FeatureSpace
 from .fid import GaussianStats
@@ -179,12 +180,16 @@ def compute_split_stats(datamodule, split: str, space: FeatureSpace) -> Gaussian
                             num_workers=getattr(datamodule, "num_workers", 0))
         stats = GaussianStats(space.feature_dim)
         done = 0
-        for images, labels in loader:  # in order: the k-th image of this shard is mine[k]
-            ids = torch.tensor(mine[done:done + images.shape[0]])
-            readable = labels >= 0  # a negative label marks a file the data module skipped as corrupt
-            if readable.any():
-                stats.update(space(images[readable])[0], ids[readable])
-            done += images.shape[0]
+        label = f"reference statistics ({split} split)"
+        announce(f"{label}: computing {space.name} features of {len(dataset)} images")
+        with PhaseProgress(label, len(dataset), "images", enabled=rank == 0) as progress:
+            for images, labels in loader:  # in order: the k-th image of this shard is mine[k]
+                ids = torch.tensor(mine[done:done + images.shape[0]])
+                readable = labels >= 0  # a negative label marks a file the data module skipped as corrupt
+                if readable.any():
+                    stats.update(space(images[readable])[0], ids[readable])
+                done += images.shape[0]
+                progress.update(min(len(dataset), done * world))
         return stats.all_reduce()
     # A bare loader: every rank iterates it and keeps its share of the batches.
     stats = GaussianStats(space.feature_dim)
