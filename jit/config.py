@@ -145,7 +145,9 @@ class FinetuneSchema:
     # from its model_ema1/model_ema2 either way.
     init_weights: InitWeights = InitWeights.model
     # fnmatch patterns over the Denoiser's parameter names (net.blocks.0.mlp.w12.weight);
-    # the parameters no pattern matches are frozen.
+    # the parameters no pattern matches are frozen. ["*"]: everything trains (training from
+    # scratch, plain fine-tuning); the hardware-aware recipes (experiment=*_hwa) train the
+    # FFN weights the hardware runs, ["net.blocks.*.mlp.*"].
     trainable: list[str] = field(default_factory=lambda: ["*"])
     # true: the training forward runs the simulated hardware of `quant` (STE backward).
     hardware_aware: bool = False
