@@ -145,6 +145,6 @@ class PhaseProgress:
         if self._bar is not None:
             self._bar.__exit__(exc_type, exc, tb)
         elif self.enabled and exc_type is None:
-            elapsed = time.monotonic() - self._start
-            announce(f"{self.label}: {self.completed:.0f}/{self.total:.0f} {self.unit} in {_duration(elapsed)} "
-                     f"({self._rate(time.monotonic()):.3g} {self.unit}/s)")
+            now = time.monotonic()
+            announce(f"{self.label}: {self.completed:.0f}/{self.total:.0f} {self.unit} in "
+                     f"{_duration(now - self._start)} ({self._rate(now):.3g} {self.unit}/s)")

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from jit.atomic import atomic_path, atomic_write_json
+from jit.config import FLOAT32_MAX
 from jit.console import PhaseProgress, announce
 from jit.datamodules import from_model_range
 from jit.evaluation.plan import (
@@ -108,6 +109,10 @@ class FIDConfig:
             raise EvaluationConfigError(
                 f"fid.isc_splits={self.isc_splits} exceeds fid.num_images={self.num_images}: the Inception Score "
                 f"needs at least one image per split (lower fid.isc_splits or raise fid.num_images)")
+        scale = self.sampler.get("cfg_scale")
+        if scale is not None and not (isinstance(scale, (int, float)) and 0 <= scale <= FLOAT32_MAX):
+            raise EvaluationConfigError(f"fid.sampler.cfg_scale must be in [0, {FLOAT32_MAX:.4g}] (the sampler "
+                                        f"computes in float32), got {scale!r}")
         # A setting of another extractor would be ignored: the user believes it is used.
         if self.inception_weights is not None and self.extractor != INCEPTION:
             raise EvaluationConfigError(
