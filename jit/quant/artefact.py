@@ -192,7 +192,7 @@ def load(path: str | os.PathLike) -> dict:
         raise ArtefactError(
             f"{path}: cannot read the calibration artefact (corrupt or truncated file, or "
             f"not written by torch.save): {type(err).__name__}: {_first_line(err)}"
-        ) from None
+        ) from err
     return validate(artefact, origin=str(path))
 
 
