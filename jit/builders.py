@@ -1,10 +1,11 @@
 """Building the pieces a task composes from the run config: the module (from an official
 or Lightning checkpoint), loggers, callbacks (fine-tuning's included), the trainer, the
-checkpoint to resume, and running a function on every process inside Lightning's test
-loop."""
+checkpoint to resume (and the check that resuming changes no training setting), and
+running a function on every process inside Lightning's test loop."""
 
 from __future__ import annotations
 
+import fnmatch
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,10 +67,23 @@ def build_loggers(cfg: DictConfig) -> list:
 
 def build_callbacks(cfg: DictConfig, training: bool) -> list:
     """The `callbacks` group serves training; eval and calibration show their own
-    progress (generation, calibration passes), so their trainer gets none."""
+    progress (generation, calibration passes), so their trainer gets none. Where stdout
+    is not a terminal the training bar gives way to plain progress lines. Without a
+    logger (logger=none) a LearningRateMonitor has nowhere to write, and Lightning refuses
+    it at the start of training: it is left out."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
     if not training:
         return []
-    return [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
+    from jit.callbacks.progress import PlainTrainingProgress, TrainingProgressBar
+    from jit.console import stdout_is_terminal
+
+    callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
+    if not stdout_is_terminal():  # a rich bar would show nothing until the end
+        callbacks = [PlainTrainingProgress() if isinstance(c, TrainingProgressBar) else c for c in callbacks]
+    if not any(node is not None for node in (cfg.logger or {}).values()):
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return callbacks
 
 
 def build_trainer(cfg: DictConfig, loggers: list, callbacks: list) -> L.Trainer:
@@ -202,3 +216,83 @@ def finetune_callbacks(cfg: DictConfig, run: RunSettings) -> list:
     return [HardwareInTheLoop(training_quant_config(run.quant, settings), run.calibration,
                               settings.trainable, settings.recalibrate_every_n_steps,
                               run_dir=cfg.paths.output_dir)]
+
+
+# ----------------------------------------------------------------------------- resuming
+# What a resumed training must share with the run it continues: the sections below, less
+# the data keys that change how the data is read but not which data (loader workers,
+# where the same files lie).
+RESUME_SECTIONS = ("data", "optim", "ema", "model.net", "model.denoiser")
+RESUME_FREE_DATA_KEYS = ("num_workers", "pin_memory", "persistent_workers", "root", "verify_images")
+RESUME_SETTINGS_KEY = "jit_resume_settings"
+
+
+def _flat(prefix: str, node, out: dict) -> dict:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _flat(f"{prefix}.{key}", value, out)
+    else:
+        out[prefix] = list(node) if isinstance(node, (list, tuple)) else node
+    return out
+
+
+def resume_settings(cfg: DictConfig) -> dict:
+    """The training settings a checkpoint records, as flat `section.key` values."""
+    plain = to_plain(cfg)
+    out: dict = {}
+    for section in RESUME_SECTIONS:
+        node = plain
+        for part in section.split("."):
+            node = node[part]
+        if section == "data":
+            node = {k: v for k, v in node.items() if k not in RESUME_FREE_DATA_KEYS}
+        _flat(section, node, out)
+    return out
+
+
+def _settings_from_hparams(hparams: dict) -> dict:
+    """What a checkpoint written before run settings were recorded still tells: the
+    module's hyper-parameters (model, optimizer, EMA; no data settings)."""
+    out: dict = {}
+    for section, key in (("model.net", "net"), ("model.denoiser", "denoiser"), ("optim", "optim"),
+                         ("ema", "ema")):
+        _flat(section, {k: v for k, v in (hparams.get(key) or {}).items() if k != "batch_size"}, out)
+    return out
+
+
+class RecordResumeSettings(L.Callback):
+    """Stores the run's training settings in every checkpoint, for the check on resume."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[RESUME_SETTINGS_KEY] = self.settings
+
+
+def check_resume_settings(cfg: DictConfig, ckpt_path: str, ckpt=None) -> None:
+    """Refuse a resume whose data, optimizer, EMA or model settings differ from the
+    checkpoint's, naming every changed key, unless resume.allow_changes lists it."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    allowed = list(cfg.resume.allow_changes)
+    if ckpt is None:
+        ckpt = safe_load(ckpt_path, mmap=True)
+    ours = resume_settings(cfg)
+    stored = ckpt.get(RESUME_SETTINGS_KEY)
+    if stored is None:
+        stored = _settings_from_hparams(ckpt.get("hyper_parameters") or {})
+        rank_zero_warn(f"{ckpt_path} records no data settings (written by an earlier version): only the "
+                       "model, optimizer and EMA settings are compared with this run's")
+    for pattern in allowed:
+        if not any(fnmatch.fnmatchcase(key, pattern) for key in ours):
+            raise ConfigError(f"resume.allow_changes: {pattern!r} names none of the settings compared on "
+                              f"resume (keys under {', '.join(RESUME_SECTIONS)})")
+    changed = [key for key in sorted(set(stored) | set(ours))
+               if key in stored and stored[key] != ours.get(key)
+               and not any(fnmatch.fnmatchcase(key, pattern) for pattern in allowed)]
+    if changed:
+        listed = ", ".join(f"{key} ({stored[key]!r} -> {ours.get(key)!r})" for key in changed)
+        raise ConfigError(f"ckpt_path={ckpt_path}: resuming would change {listed}; a resumed run continues "
+                          f"the same training (start a new run, or allow the change with "
+                          f"resume.allow_changes=[{','.join(changed)}])")

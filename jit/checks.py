@@ -99,7 +99,12 @@ def check_before_generation(run: RunSettings, module: JiTModule, dm, check_fid: 
                               "quant.mode=static or drop quant.calibration_file)")
         if not Path(qcfg.calibration_file).is_file():
             raise ConfigError(f"quant.calibration_file: no such file: {qcfg.calibration_file}")
-        artefact.check_fits(artefact.load(qcfg.calibration_file), dict.fromkeys(targets), lambda _: qcfg)
+        net = module.denoiser.net
+        with module.eval_weights_context(module.eval_weights):  # the weights it will be applied to
+            artefact.check_fits(artefact.load(qcfg.calibration_file),
+                                {name: net.get_submodule(name) for name in targets}, lambda _: qcfg,
+                                allow_foreign_weights=qcfg.allow_foreign_calibration,
+                                origin=f"quant.calibration_file={qcfg.calibration_file}")
     if check_fid:
         check_reference(run.fid, module, dm)
 

@@ -145,7 +145,9 @@ class FinetuneSchema:
     # from its model_ema1/model_ema2 either way.
     init_weights: InitWeights = InitWeights.model
     # fnmatch patterns over the Denoiser's parameter names (net.blocks.0.mlp.w12.weight);
-    # the parameters no pattern matches are frozen.
+    # the parameters no pattern matches are frozen. ["*"]: everything trains (training from
+    # scratch, plain fine-tuning); the hardware-aware recipes (experiment=*_hwa) train the
+    # FFN weights the hardware runs, ["net.blocks.*.mlp.*"].
     trainable: list[str] = field(default_factory=lambda: ["*"])
     # true: the training forward runs the simulated hardware of `quant` (STE backward).
     hardware_aware: bool = False
@@ -162,6 +164,15 @@ class FinetuneSchema:
 
 
 @dataclass
+class ResumeSchema:
+    """task=train with a Lightning ckpt_path: the run continues that training, so its data,
+    optimizer, EMA and model settings must be the checkpoint's (jit/builders.py,
+    check_resume_settings). Keys (or fnmatch patterns, e.g. "optim.*") listed here may differ."""
+
+    allow_changes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RunSchema:
     task: Task = Task.eval
     seed: int = 0
@@ -170,6 +181,9 @@ class RunSchema:
     ckpt_path: Optional[str] = None
     eval_weights: Weights = Weights.ema1
     compare_fp: bool = True  # eval: also evaluate the float model with the same seeds
+    # Where stdout is not a terminal (SLURM, nohup, CI): seconds between the plain progress
+    # lines of generation, calibration, reference statistics and training.
+    progress_interval_s: float = 30.0
     model: ModelSchema = field(default_factory=ModelSchema)
     sampler: SamplerSchema = field(default_factory=SamplerSchema)
     optim: OptimSchema = field(default_factory=OptimSchema)
@@ -177,6 +191,7 @@ class RunSchema:
     export: ExportSchema = field(default_factory=ExportSchema)
     eval: EvalSchema = field(default_factory=EvalSchema)
     finetune: FinetuneSchema = field(default_factory=FinetuneSchema)
+    resume: ResumeSchema = field(default_factory=ResumeSchema)
     paths: PathsSchema = field(default_factory=PathsSchema)
     # Groups whose keys depend on the chosen option; their builders validate them.
     data: Any = MISSING
@@ -190,6 +205,7 @@ class RunSchema:
 
 
 ASSETS = Path(__file__).parent / "assets"
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 def schema_defaults(schema: type) -> dict[str, Any]:
@@ -266,7 +282,9 @@ def validate(cfg: DictConfig) -> None:
     check_finite(cfg)
     s, o, net, den = cfg.sampler, cfg.optim, cfg.model.net, cfg.model.denoiser
     _check(s.steps >= 1, "sampler.steps", f"must be >= 1, got {s.steps}")
-    _check(s.cfg_scale >= 0, "sampler.cfg_scale", f"must be >= 0, got {s.cfg_scale}")
+    _check(0 <= s.cfg_scale <= FLOAT32_MAX, "sampler.cfg_scale",
+           f"must be in [0, {FLOAT32_MAX:.4g}] (the sampler computes in float32, where a larger scale "
+           f"is Inf at the first guided step), got {s.cfg_scale}")
     _check(len(s.interval) == 2 and 0 <= s.interval[0] <= s.interval[1] <= 1, "sampler.interval",
            f"must be [low, high] with 0 <= low <= high <= 1, got {list(s.interval)}")
     _check(o.blr > 0, "optim.blr", f"must be > 0, got {o.blr}")
@@ -274,6 +292,8 @@ def validate(cfg: DictConfig) -> None:
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
            f"must be two numbers in [0, 1), got {list(o.betas)}")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _check(cfg.progress_interval_s > 0, "progress_interval_s",
+           f"must be > 0 seconds, got {cfg.progress_interval_s}")
     _check(cfg.eval.layer_stats_images >= 0, "eval.layer_stats_images",
            f"must be >= 0 (0 = no per-layer statistics), got {cfg.eval.layer_stats_images}")
     for key in ("decay1", "decay2"):
@@ -298,6 +318,8 @@ def validate(cfg: DictConfig) -> None:
     for i, point in enumerate(ft.compare):
         _check(isinstance(point, DictConfig), f"finetune.compare[{i}]",
                f"must be a mapping of quant overrides such as {{adc: {{bits: 6}}}}, got {point!r}")
+    _check(not cfg.resume.allow_changes or cfg.task == Task.train, "resume.allow_changes",
+           f"applies to resuming a training (task=train with a Lightning ckpt_path), not to task={cfg.task}")
     if cfg.task == Task.export:
         _check(cfg.ckpt_path is not None, "ckpt_path", "task=export needs ckpt_path=<Lightning .ckpt>")
     data_target = str(cfg.data.get("_target_", ""))

@@ -48,6 +48,11 @@ def parse_settings(cfg: DictConfig) -> RunSettings:
     from jit.quant import build_quant_config
 
     quant = build_quant_config(cfg.quant)
+    if quant.allow_foreign_calibration and quant.calibration_file is None:
+        from jit.config import ConfigError
+
+        raise ConfigError("quant.allow_foreign_calibration=true applies to a quant.calibration_file, and "
+                          "none is given (drop the setting, or name the artefact to apply)")
     return RunSettings(
         quant=quant,
         calibration=CalibrationConfig.from_any(cfg.calibration),

@@ -17,9 +17,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
 from jit.builders import (
+    RecordResumeSettings,
     build_callbacks,
     build_loggers,
     build_trainer,
+    check_resume_settings,
     checkpoint_dir,
     checkpoint_kind,
     finalize_loggers,
@@ -27,6 +29,7 @@ from jit.builders import (
     latest_checkpoint,
     load_module,
     module_kwargs,
+    resume_settings,
     run_in_test_loop,
 )
 from jit.checkpoint import save_official_checkpoint
@@ -49,10 +52,16 @@ def train(cfg: DictConfig, run: RunSettings) -> dict:
     settings = run.finetune
     ckpt_path = latest_checkpoint(checkpoint_dir(cfg)) if cfg.ckpt_path == "last" else cfg.ckpt_path
     kind = checkpoint_kind(ckpt_path)
+    if kind == "lightning":
+        check_resume_settings(cfg, ckpt_path)
+    elif cfg.resume.allow_changes:
+        raise ConfigError("resume.allow_changes: applies to resuming from a Lightning .ckpt "
+                          f"(ckpt_path={ckpt_path} is {'an official checkpoint' if kind else 'not set'})")
     dm = instantiate(cfg.data)
     module = JiTModule(**module_kwargs(cfg), init_checkpoint=ckpt_path if kind == "official" else None,
                        init_weights=settings.init_weights)
-    callbacks = build_callbacks(cfg, training=True) + finetune_callbacks(cfg, run)
+    callbacks = (build_callbacks(cfg, training=True) + finetune_callbacks(cfg, run)
+                 + [RecordResumeSettings(resume_settings(cfg))])
     trainer = build_trainer(cfg, build_loggers(cfg), callbacks)
     if trainer.is_global_zero:  # before anything of this run writes there
         for folder in (Path(cfg.paths.output_dir), checkpoint_dir(cfg)):
@@ -135,7 +144,10 @@ TASKS = {Task.train: train, Task.eval: evaluate, Task.calibrate: calibrate, Task
 
 
 def dispatch(cfg: DictConfig):
+    from jit.console import configure_progress
+
     validate(cfg)
+    configure_progress(cfg.progress_interval_s)
     if cfg.model.compile:
         from jit.models.compile import compile_available
 

@@ -248,6 +248,7 @@ def test_bad_input_fails_before_generation(setup, monkeypatch, case, error, mess
         monkeypatch.setenv("TORCH_HOME", str(tmp / "empty_torch_home"))
         monkeypatch.setenv("JIT_OFFLINE", "1")
         settings["extractor"] = "inception-v3-compat"
+        settings["extractor_weights"] = None  # the digits classifier's: refused with Inception
     elif case == "bad_strategy":
         settings["label_strategy"] = "random"
     module = TinyModule()

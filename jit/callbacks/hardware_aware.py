@@ -78,7 +78,9 @@ class HardwareInTheLoop(TrainablePatterns):
         if not self.static:
             return
         if self.artefact is not None:  # restored from the checkpoint being resumed
-            art.apply(self.artefact, pl_module.denoiser.net)
+            # Calibrated at an earlier step of this training: the weights have moved since,
+            # as they do between recalibrations, so its digest cannot match.
+            art.apply(self.artefact, pl_module.denoiser.net, allow_foreign_weights=True)
         else:
             self._calibrate(trainer, pl_module)
 

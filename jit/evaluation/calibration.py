@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 
 from jit.atomic import atomic_path
+from jit.console import PhaseProgress, announce
 from jit.datamodules import to_model_range
+from jit.models.denoiser import NonFiniteSampleError
 from jit.quant import artefact as art
 from jit.quant import build_quant_config, quantized_layers, sample_context
 from jit.quant.calibration import COVERAGE_COLUMNS, SOURCES, CalibrationError, calibrate
@@ -84,6 +86,10 @@ class CalibrationConfig:
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise CalibrationError(f"unknown calibration key(s) {unknown}; known: {sorted(known)}")
+        method = cfg.get("method", cls.method)
+        if "percentile" in cfg and method != "percentile":
+            raise CalibrationError(f"calibration.percentile applies to calibration.method=percentile only, "
+                                   f"but the method is {method} (drop it, or use calibration=percentile)")
         return cls(**cfg)
 
 
@@ -151,8 +157,11 @@ def _sampling_forward(denoiser, device, sampler: Mapping, precision=contextlib.n
         indices, labels = batch
         shape = (labels.shape[0], denoiser.in_channels, denoiser.img_size, denoiser.img_size)
         noise = denoiser.noise_scale * torch.randn(shape, generator=generator)
-        with sample_context(denoiser.net, indices), precision():
-            return denoiser.generate(labels.to(device), noise.to(device), **settings)
+        try:
+            with sample_context(denoiser.net, indices), precision():
+                return denoiser.generate(labels.to(device), noise.to(device), **settings)
+        except NonFiniteSampleError as err:
+            raise err.for_images(indices) from None
     return forward
 
 
@@ -188,8 +197,8 @@ def _eval_weights(module, which: str | None):
 
 
 class _WithProgress:
-    """Re-iterable batches that show a rich progress bar (images done / total, rate, ETA)
-    on each pass; `calibrate` reads its batches twice (activations, then ADC inputs)."""
+    """Re-iterable batches that report progress (images done / total, rate, time left) on
+    each pass; `calibrate` reads its batches twice (activations, then ADC inputs)."""
 
     PASSES = ("activations", "ADC inputs")
 
@@ -203,23 +212,14 @@ class _WithProgress:
         return len(self.batches)
 
     def __iter__(self):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        label = self.PASSES[min(self.passes, len(self.PASSES) - 1)]
+        label = f"calibration ({self.PASSES[min(self.passes, len(self.PASSES) - 1)]})"
         self.passes += 1
-        with Progress(TextColumn(f"[bold]calibration ({label})"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TimeRemainingColumn(), disable=not self.enabled) as progress:
-            task = progress.add_task("calibrate", total=sum(self.sizes))
+        if self.enabled:
+            announce(f"{label}: pass {self.passes} over {sum(self.sizes)} images")
+        with PhaseProgress(label, sum(self.sizes), "images", enabled=self.enabled) as progress:
             for batch, size in zip(self.batches, self.sizes):
                 yield batch
-                progress.advance(task, size)
+                progress.advance(size)
 
 
 def _batch_size(batch) -> int:
@@ -245,8 +245,10 @@ def run_calibration(module, quant, calibration, run_dir, datamodule=None, sample
                                "(quant.scheme=fp, or quantize_model was not called)")
     if qcfg.calibration_file is not None:
         path = Path(qcfg.calibration_file)
+        announce(f"calibration: applying {path}")
         artefact = art.load(path)
-        art.apply(artefact, net)
+        with _eval_weights(module, eval_weights):  # the weights it must have been calibrated on
+            art.apply(artefact, net, allow_foreign_weights=qcfg.allow_foreign_calibration, origin=str(path))
         return CalibrationOutcome(path, artefact, [], calibrated=False)
 
     cfg = CalibrationConfig.from_any(calibration)
@@ -260,19 +262,21 @@ def run_calibration(module, quant, calibration, run_dir, datamodule=None, sample
         forward = _sampling_forward(denoiser, device,
                                     sampler if sampler is not None else getattr(module, "sampler", {}) or {},
                                     precision)
-    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-    batches = _WithProgress(list(batches), _batch_size, enabled=rank == 0)
+    announce(f"calibration: {cfg.method} ranges of {len(quantized_layers(net))} layers from {cfg.num_images} "
+             f"{'images of the calibration split' if cfg.source == 'data' else 'sampling trajectories'}")
+    batches = _WithProgress(list(batches), _batch_size, enabled=_global_rank() == 0)
     coverage: list[dict] = []
     with _eval_weights(module, eval_weights):
         artefact = calibrate(net, batches, method=cfg.method, num_bins=cfg.num_bins,
                              percentile=cfg.percentile, seed=cfg.seed, forward=forward,
                              source=cfg.source, save_weights=cfg.save_weights,
-                             coverage=coverage)
+                             coverage=coverage, announce=announce)
     # Written only once calibration has fully succeeded (and atomically). Every rank
     # calibrated on the same inputs with the same seed, so one copy on disk is enough.
     path = Path(run_dir) / ARTEFACT_NAME
     if _global_rank() == 0:
         art.save(artefact, path)
         write_coverage_csv(coverage, path.with_name(COVERAGE_NAME))
-    art.apply(artefact, net)
+    with _eval_weights(module, eval_weights):
+        art.apply(artefact, net)
     return CalibrationOutcome(path, artefact, coverage, calibrated=True)

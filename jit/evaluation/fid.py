@@ -29,17 +29,11 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from jit.atomic import atomic_path, atomic_write_json
 from jit.chunks import DEFAULT_CHUNK_SIZE
+from jit.config import FLOAT32_MAX
+from jit.console import PhaseProgress, announce
 from jit.datamodules import from_model_range
 from jit.evaluation.plan import (
     LABEL_STRATEGIES,
@@ -54,6 +48,7 @@ from jit.metrics.features import INCEPTION, create_feature_space
 from jit.metrics.fid import GaussianStats, InceptionScoreStats, all_reduce_sum, frechet_distance
 from jit.metrics.reference import reference_stats, stats_digest
 from jit.models.compile import compiled_forward
+from jit.models.denoiser import NonFiniteSampleError
 from jit.quant import sample_context
 
 WEIGHT_CHOICES = ("raw", "ema1", "ema2")
@@ -122,6 +117,20 @@ class FIDConfig:
             raise EvaluationConfigError(
                 f"fid.isc_splits={self.isc_splits} exceeds fid.num_images={self.num_images}: the Inception Score "
                 f"needs at least one image per split (lower fid.isc_splits or raise fid.num_images)")
+        scale = self.sampler.get("cfg_scale")
+        if scale is not None and not (isinstance(scale, (int, float)) and 0 <= scale <= FLOAT32_MAX):
+            raise EvaluationConfigError(f"fid.sampler.cfg_scale must be in [0, {FLOAT32_MAX:.4g}] (the sampler "
+                                        f"computes in float32), got {scale!r}")
+        # A setting of another extractor would be ignored: the user believes it is used.
+        if self.inception_weights is not None and self.extractor != INCEPTION:
+            raise EvaluationConfigError(
+                f"fid.inception_weights={self.inception_weights} applies to fid.extractor={INCEPTION} only, "
+                f"but the extractor is {self.extractor} (drop it, or give that extractor's weights as "
+                "fid.extractor_weights)")
+        if self.extractor_weights is not None and self.extractor == INCEPTION:
+            raise EvaluationConfigError(
+                f"fid.extractor_weights={self.extractor_weights} is not read by fid.extractor={INCEPTION}; "
+                "its weights are fid.inception_weights")
         if self.eval_weights is not None and self.eval_weights not in WEIGHT_CHOICES:
             raise EvaluationConfigError(f"fid.eval_weights={self.eval_weights!r}; allowed: {', '.join(WEIGHT_CHOICES)}")
 
@@ -137,6 +146,22 @@ def check_data_classes(model_classes: int, datamodule) -> None:
     raise EvaluationConfigError(
         f"class count: the model generates model.net.num_classes={model_classes} classes but the data "
         f"({where}) has {data_classes}; use data with {model_classes} classes or give fid.reference.stats_file")
+
+
+class NonFiniteFeaturesError(ValueError):
+    """The feature extractor gave NaN or Inf for a generated image: nothing non-finite is scored."""
+
+
+def check_finite_features(features: torch.Tensor, logits: torch.Tensor | None, indices, extractor: str) -> None:
+    """Raise naming the first image whose features (or logits) are not finite."""
+    finite = torch.isfinite(features).all(1)
+    if logits is not None:
+        finite &= torch.isfinite(logits).all(1)
+    if not bool(finite.all()):
+        first = int(indices[int(torch.nonzero(~finite)[0, 0])])
+        raise NonFiniteFeaturesError(f"the feature extractor {extractor} gave NaN or Inf features for "
+                                     f"image {first}: it is not scored (check fid.extractor_weights "
+                                     "or fid.inception_weights)")
 
 
 def package_version() -> str:
@@ -258,6 +283,11 @@ class FIDEvaluation:
     def _weights(self, module) -> str:
         return self.cfg.eval_weights or getattr(module, "eval_weights", None) or "ema1"
 
+    def _label(self) -> str:
+        """What this evaluation scores, for progress lines: the quantization scheme."""
+        quant = self.extra.get("quant") or {}
+        return str(quant.get("scheme", "fp")) if isinstance(quant, Mapping) else "fp"
+
     def _sampler(self, module) -> dict:
         return {**dict(getattr(module, "sampler", None) or {}), **self.cfg.sampler}
 
@@ -302,6 +332,7 @@ class FIDEvaluation:
         image_shape = (denoiser.in_channels, denoiser.img_size, denoiser.img_size)
 
         # ---- everything that can fail on bad input, before the first image
+        announce(f"FID ({self._label()}): loading the feature extractor {cfg.extractor} and the reference statistics")
         extractor_weights = cfg.inception_weights if cfg.extractor == INCEPTION else cfg.extractor_weights
         space = create_feature_space(cfg.extractor, extractor_weights, device=device,
                                      probe_size=denoiser.img_size)
@@ -333,9 +364,10 @@ class FIDEvaluation:
                            cfg.chunk_size) if cfg.export_npz else None
         weights_ctx = module.eval_weights_context(weights) if hasattr(module, "eval_weights_context") \
             else contextlib.nullcontext()
-        progress = Progress(TextColumn("[bold]FID generation"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-                            disable=rank != 0 or not cfg.progress)
+        label = f"FID generation ({self._label()})"
+        announce(f"{label}: {cfg.num_images} images in chunks of {cfg.chunk_size} on {world} process(es), "
+                 f"{sampler.get('method')} sampler with {sampler.get('steps')} steps")
+        progress = PhaseProgress(label, cfg.num_images, "images", enabled=rank == 0 and cfg.progress)
         gen_start = time.perf_counter()
         try:
             if self.compile_backbone:
@@ -345,7 +377,6 @@ class FIDEvaluation:
                 torch._dynamo.reset()
             compiled = compiled_forward(net, self.compile_backbone and net is not None)
             with weights_ctx, progress, torch.no_grad(), compiled:
-                task = progress.add_task("generate", total=cfg.num_images, rate="-")
                 done_here = 0  # images of this rank so far
                 for idx in chunks:
                     noise = initial_noise(cfg.seed, idx, image_shape, denoiser.noise_scale).to(device)
@@ -353,15 +384,19 @@ class FIDEvaluation:
                     in_flight, done_before = len(idx) * world, min(cfg.num_images, done_here * world)
 
                     def advance(steps_done, steps, n=in_flight, base=done_before):
-                        progress.update(task, completed=min(cfg.num_images, base + n * steps_done / steps))
+                        progress.update(min(cfg.num_images, base + n * steps_done / steps))
 
                     # The global index is the sample id of the thermal noise too.
-                    with sample_context(net, idx) if net is not None else contextlib.nullcontext():
-                        x = generate(y, noise=noise, step_callback=advance, **sampler)
+                    try:
+                        with sample_context(net, idx) if net is not None else contextlib.nullcontext():
+                            x = generate(y, noise=noise, step_callback=advance, **sampler)
+                    except NonFiniteSampleError as err:
+                        raise err.for_images(idx) from None
                     images = from_model_range(x)
                     if images.shape[1] == 1:  # grey models: the extractors take RGB
                         images = images.expand(-1, 3, -1, -1)
                     features, logits = space(images)
+                    check_finite_features(features, logits, idx, space.name)
                     stats.update(features, idx)
                     if use_is:
                         is_stats.update(logits, idx)
@@ -376,9 +411,7 @@ class FIDEvaluation:
                         if cfg.save_images:
                             Image.fromarray(nhwc[row]).save(png_dir / f"{index:06d}_class{int(labels[index])}.png")
                     done_here += len(idx)
-                    done = min(cfg.num_images, done_here * world)
-                    rate = done / max(time.perf_counter() - gen_start, 1e-9)
-                    progress.update(task, completed=done, rate=f"{rate:.2f}")
+                    progress.update(min(cfg.num_images, done_here * world))
             gen_time = time.perf_counter() - gen_start
             if export is not None:
                 export.finish(run_dir / "samples.npz")

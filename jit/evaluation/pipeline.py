@@ -16,10 +16,12 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from jit.checkpoint import sha256_file
 from jit.chunks import index_chunks
+from jit.console import PhaseProgress, announce
 from jit.evaluation.calibration import CalibrationConfig, run_calibration
 from jit.evaluation.fid import FIDConfig, FIDEvaluation
 from jit.evaluation.plan import balanced_labels, initial_noise
 from jit.evaluation.report import log_table, print_summary, summarize_layer_stats, write_layer_stats
+from jit.models.denoiser import NonFiniteSampleError
 from jit.quant import (
     QuantConfig,
     collect_stats,
@@ -106,6 +108,11 @@ def prepare_quantized(module, qcfg: QuantConfig, calibration: CalibrationConfig,
     return {"calibration": provenance, "quantized_layers": len(replaced)}
 
 
+def _is_rank_zero() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def quant_statistics(module, qcfg: QuantConfig, fid_cfg: FIDConfig, num_classes: int,
                      num_images: int) -> list[dict]:
     """Per-layer statistics over a short sampling run with the evaluation's sampler and weights.
@@ -123,12 +130,18 @@ def quant_statistics(module, qcfg: QuantConfig, fid_cfg: FIDConfig, num_classes:
     labels = balanced_labels(fid_cfg.num_images, num_classes, fid_cfg.label_strategy)
     enable_stats(denoiser.net, True)
     reset_stats(denoiser.net)
+    announce(f"layer statistics: sampling the first {n} FID images with per-layer statistics on")
     try:
-        with module.eval_weights_context(module.eval_weights):
+        with module.eval_weights_context(module.eval_weights), \
+                PhaseProgress("layer statistics", n, "images", enabled=_is_rank_zero()) as progress:
             for indices in index_chunks(n, fid_cfg.chunk_size):
                 noise = initial_noise(fid_cfg.seed, indices, shape, denoiser.noise_scale)
-                with sample_context(denoiser.net, indices):
-                    module.generate(labels[indices], noise=noise, **fid_cfg.sampler)
+                try:
+                    with sample_context(denoiser.net, indices):
+                        module.generate(labels[indices], noise=noise, **fid_cfg.sampler)
+                except NonFiniteSampleError as err:
+                    raise err.for_images(indices) from None
+                progress.advance(len(indices))
         return collect_stats(denoiser.net)
     finally:
         enable_stats(denoiser.net, False)

@@ -50,7 +50,10 @@ def print_summary(results: dict, baseline: dict | None) -> None:
     table.add_row(scheme, *[f"{metrics[n]:.4g}" for n in names], f"{msb:.4f}" if msb is not None else "-",
                   *costs.values())
     Console().print(table)
-    if costs:
+    if costs and energy.get("hardware_kind") == "digital":  # the baseline itself: no saving to state
+        print(f"energy per image on {energy['hardware']}: {costs['uJ/image']} uJ (the digital INT8 "
+              "baseline other hardware is compared with)")
+    elif costs:
         print(f"energy per image on {energy['hardware']}: {costs['uJ/image']} uJ, "
               f"{costs['vs_int8']} vs the digital INT8 baseline "
               f"({energy['digital_int8_energy_per_image_uJ']:.4g} uJ) of the same model")
@@ -63,5 +66,7 @@ def energy_columns(energy: dict) -> dict[str, str]:
     INT8 (the float row shows the baseline's energy: a digital accelerator runs it)."""
     if "energy_per_image_uJ" not in energy:
         return {}
+    change = round(-100 * energy["saving_vs_digital_int8"], 1)
+    # An equal energy reads 0.0%, never -0.0% (a saving of 0 negated, or one below 0.05%).
     return {"uJ/image": f"{energy['energy_per_image_uJ']:.4g}",
-            "vs_int8": f"{-100 * energy['saving_vs_digital_int8']:+.1f}%"}
+            "vs_int8": f"{change:+.1f}%" if change != 0 else "0.0%"}

@@ -21,11 +21,17 @@ from torch.utils.data import DataLoader, Subset
 
 from jit.atomic import atomic_path
 from jit.chunks import DEFAULT_CHUNK_SIZE, index_chunks, rechunk
+from jit.console import PhaseProgress, announce
 
 from .features import FeatureSpace
 from .fid import GaussianStats
 
 log = logging.getLogger(__name__)
+
+
+# How far sigma may be from symmetric, relative to its largest entry: round-off of a
+# covariance stored in float32 is ~1e-7; an asymmetric matrix is not one at all.
+SYMMETRY_RTOL = 1e-5
 
 
 class ReferenceStatsError(ValueError):
@@ -48,6 +54,13 @@ def _check(mu, sigma, feature_dim: int, source) -> tuple[np.ndarray, np.ndarray]
         )
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ReferenceStatsError(f"reference statistics {source} contain NaN or Inf values")
+    asymmetry = float(np.abs(sigma - sigma.T).max())
+    scale = float(np.abs(sigma).max())
+    if asymmetry > SYMMETRY_RTOL * scale:
+        raise ReferenceStatsError(
+            f"reference statistics {source}: sigma is not a covariance, it is not symmetric "
+            f"(max |sigma - sigma^T| = {asymmetry:.3g} against entries up to {scale:.3g}; allowed "
+            f"{SYMMETRY_RTOL:g} of that)")
     return mu, sigma
 
 
@@ -174,10 +187,14 @@ def compute_split_stats(datamodule, split: str, space: FeatureSpace, chunk_size:
         # Every chunk but the global last is full, so each batch is exactly one chunk.
         loader = DataLoader(Subset(dataset, mine), batch_size=chunk_size,
                             num_workers=getattr(datamodule, "num_workers", 0))
-        for chunk, (images, labels) in zip(chunks, loader, strict=True):
-            readable = labels >= 0  # a negative label marks a file the data module skipped as corrupt
-            if readable.any():
-                stats.update(space(images[readable])[0], chunk[readable])
+        label = f"reference statistics ({split} split)"
+        announce(f"{label}: computing {space.name} features of {len(dataset)} images")
+        with PhaseProgress(label, len(dataset), "images", enabled=rank == 0) as progress:
+            for chunk, (images, labels) in zip(chunks, loader, strict=True):
+                readable = labels >= 0  # a negative label marks a file the data module skipped as corrupt
+                if readable.any():
+                    stats.update(space(images[readable])[0], chunk[readable])
+                progress.update(min(len(dataset), (int(chunk[-1]) + 1)))
         return stats.all_reduce()
     # A bare loader: every rank iterates it and keeps its share of the chunks.
     for k, (start, images) in enumerate(rechunk(datamodule.dataloader(split), chunk_size)):

@@ -8,10 +8,30 @@ The network predicts x; velocities are derived from it, v = (x - z) / (1 - t).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 SAMPLING_METHODS = ("heun", "euler")
 TIME_SCHEDULES = ("linear", "logit_normal")
+
+
+class NonFiniteSampleError(ValueError):
+    """A sampling step produced NaN or Inf: the images would be scored as black pixels.
+
+    `step` is the first step (1-based, of `steps`) that did; `rows` the batch rows that
+    were non-finite after it, in order. Callers that know the rows' global image indices
+    re-raise naming them (jit/evaluation/fid.py)."""
+
+    def __init__(self, step: int, steps: int, rows: list[int], what: str = "batch row"):
+        self.step, self.steps, self.rows = step, steps, rows
+        self.what = what
+        super().__init__(f"sampling step {step} of {steps} produced NaN or Inf values (first at "
+                         f"{what} {rows[0]}); the sampler settings (sampler.cfg_scale, sampler.steps) "
+                         "or the weights are unusable")
+
+    def for_images(self, indices) -> NonFiniteSampleError:
+        """The same error naming global image indices: `indices[row]` is the image of a row."""
+        indices = [int(i) for i in indices]
+        return NonFiniteSampleError(self.step, self.steps, [indices[row] for row in self.rows], "image")
 
 
 class Denoiser(nn.Module):
@@ -109,6 +129,10 @@ class Denoiser(nn.Module):
         `method` are followed by one Euler step, as in the official sampler. Returns images
         in the model's range (about [-1, 1]). `step_callback(done, steps)`, if given, is
         called after each step (progress display).
+
+        A step that leaves any image non-finite raises NonFiniteSampleError naming that
+        step and the first such batch row once the call ends: the verdict stays on the
+        device (one host sync per call, not per step).
         """
         if method not in SAMPLING_METHODS:
             raise ValueError(f"unknown sampling method {method!r}; allowed: {', '.join(SAMPLING_METHODS)}")
@@ -125,6 +149,7 @@ class Denoiser(nn.Module):
         ts = self.timesteps(steps, schedule, device=device)
         # One host sync per call (not per step) decides which steps need the unconditional pass.
         scales = [cfg_scale if inside else 1.0 for inside in self.guidance_mask(ts, interval).tolist()]
+        first_bad_step = torch.zeros(shape[0], dtype=torch.int32, device=device)  # 0: finite so far
         for i in range(steps):
             t, t_next = ts[i], ts[i + 1]
             v = self.guided_velocity(z, t, labels, scales[i])
@@ -134,6 +159,12 @@ class Denoiser(nn.Module):
             else:
                 v_next = self.guided_velocity(z_euler, t_next, labels, scales[i + 1])
                 z = z + (t_next - t) * 0.5 * (v + v_next)
+            bad = ~torch.isfinite(z).flatten(1).all(1)
+            first_bad_step = torch.where(bad & (first_bad_step == 0), i + 1, first_bad_step)
             if step_callback is not None:
                 step_callback(i + 1, steps)
+        if bool((first_bad_step != 0).any()):
+            flagged = first_bad_step.cpu()
+            step = int(flagged[flagged != 0].min())
+            raise NonFiniteSampleError(step, steps, torch.nonzero(flagged == step).flatten().tolist())
         return z

@@ -14,6 +14,7 @@ Format (a plain dict written with `torch.save`, loadable with `weights_only=True
           "made_for": {"scheme", "act_bits", "adc_bits", "weight_bits", "lsb_bits",
                        "radix", "lsb_gain_shift", "tile_rows", "weight_clip_pct",
                        "weight_granularity"},
+          "weights_sha256": "9f2c...",       # the layer's weights it was calibrated on
           "weight_int": int tensor, "weight_scale": float tensor,   # optional
         }, ...
       },
@@ -22,12 +23,23 @@ Format (a plain dict written with `torch.save`, loadable with `weights_only=True
 Thresholds are clip values, never steps, so they stay meaningful whatever the code range;
 `made_for` records everything that shapes the thresholds (bit widths, the split, the
 tiling, the weight quantizer), and `apply` refuses an artefact made for anything else.
+
+Provenance: `weights_sha256` (`weights_digest`) is the SHA-256 of the layer's weight and
+bias as it was calibrated (float32, row-major, shape included). Thresholds of other
+weights (another training run, a fine-tuned copy) would be applied silently, so `apply`
+refuses an artefact whose digests differ from the model's unless told
+`allow_foreign_weights` (quant.allow_foreign_calibration=true). Artefacts written before
+the digest existed, and seed imports (whose weights are unknown), carry none: they are
+applied with a warning that the weights could not be checked.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -35,6 +47,8 @@ from typing import Any
 import torch
 
 from jit.atomic import atomic_path
+
+log = logging.getLogger(__name__)
 
 KIND = "jit-aimc-calibration"
 FORMAT_VERSION = 1
@@ -61,6 +75,20 @@ def made_for(qcfg) -> dict[str, Any]:
         "weight_clip_pct": qcfg.weight.clip_pct,
         "weight_granularity": qcfg.weight.granularity,
     }
+
+
+def weights_digest(layer) -> str:
+    """SHA-256 of a linear layer's weight and bias (if any) as float32, row-major, each
+    preceded by its shape: what a layer's thresholds were calibrated on."""
+    digest = hashlib.sha256()
+    for tensor in (layer.weight, getattr(layer, "bias", None)):
+        if tensor is None:
+            digest.update(b"none\0")
+            continue
+        values = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        digest.update(str(tuple(values.shape)).encode() + b"\0")
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def new_artefact(*, scheme: str, method: str, num_images: int, source: str,
@@ -118,10 +146,18 @@ def validate(artefact: Any, origin: str = "artefact") -> dict:
             bad(f"layer {name!r}: made_for must have the keys {', '.join(MADE_FOR_KEYS)}")
         if ("weight_int" in entry) != ("weight_scale" in entry):
             bad(f"layer {name!r}: weight_int and weight_scale come together")
+        digest = entry.get("weights_sha256")
+        if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            bad(f"layer {name!r}: weights_sha256 must be a SHA-256 hex digest or absent, got {digest!r}")
     return artefact
 
 
 # ------------------------------------------------------------------------------- I/O ----
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def save(artefact: dict, path: str | os.PathLike) -> Path:
     """Write atomically (`jit.atomic`): a temporary file in the same folder, fsync, os.replace.
 
@@ -142,21 +178,35 @@ def load(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"calibration artefact {str(path)!r} does not exist")
     try:
         artefact = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # zip/pickle errors differ by torch version; all mean the same
+    except pickle.UnpicklingError as err:
+        blocked = re.search(r"GLOBAL (\S+)", str(err))
+        if blocked or "unsupported global" in str(err).lower():
+            what = f"the Python object {blocked.group(1)}" if blocked else "Python objects"
+            raise ArtefactError(
+                f"{path}: refused as unsafe: the calibration artefact would unpickle {what}, "
+                "not just tensors and containers (loading it could run arbitrary code)") from None
+        # Any other refusal of the restricted unpickler is a byte stream that is no pickle.
+        raise ArtefactError(f"{path}: cannot read the calibration artefact (corrupt or truncated "
+                            "file, or not written by torch.save)") from None
+    except Exception as err:  # zip errors differ by torch version; all mean the same
         raise ArtefactError(
             f"{path}: cannot read the calibration artefact (corrupt or truncated file, or "
-            f"not written by torch.save): {type(err).__name__}: {err}"
+            f"not written by torch.save): {type(err).__name__}: {_first_line(err)}"
         ) from err
     return validate(artefact, origin=str(path))
 
 
 # ----------------------------------------------------------------------------- apply ----
-def check_fits(artefact: dict, layers: dict[str, Any], layer_cfg) -> None:
+def check_fits(artefact: dict, layers: dict[str, Any], layer_cfg, *, allow_foreign_weights: bool = False,
+               origin: str = "calibration artefact") -> None:
     """Raise ArtefactError naming every mismatch between the artefact and the model.
 
-    `layers`: the model's quantized layers by name; `layer_cfg(layer)` its QuantConfig.
+    `layers`: the model's layers by name (quantized, or the float nn.Linear modules they
+    will replace; None skips the weight check); `layer_cfg(layer)` its QuantConfig.
+    Unless `allow_foreign_weights`, the layers' weights must be those the artefact was
+    calibrated on (see the module doc); `origin` names the artefact in messages.
     """
-    validate(artefact)
+    validate(artefact, origin)
     entries = artefact["layers"]
     unknown = sorted(set(entries) - set(layers))
     missing = sorted(set(layers) - set(entries))
@@ -172,7 +222,27 @@ def check_fits(artefact: dict, layers: dict[str, Any], layer_cfg) -> None:
         if diffs:
             problems.append(f"{name} was calibrated for {', '.join(diffs)}")
     if problems:
-        raise ArtefactError("calibration artefact does not fit the model: " + "; ".join(problems))
+        raise ArtefactError(f"{origin} does not fit the model: " + "; ".join(problems))
+    if not allow_foreign_weights:
+        _check_weights(artefact, layers, origin)
+
+
+def _check_weights(artefact: dict, layers: dict[str, Any], origin: str) -> None:
+    entries = artefact["layers"]
+    checked = [name for name in sorted(layers) if layers[name] is not None]
+    unrecorded = [name for name in checked if entries[name].get("weights_sha256") is None]
+    if unrecorded:
+        log.warning(f"{origin} records no weight digest for {len(unrecorded)} layer(s) (written "
+                    "before digests were recorded, or imported): applied without checking that it "
+                    "was calibrated on these weights")
+    foreign = [name for name in checked if name not in unrecorded
+               and entries[name]["weights_sha256"] != weights_digest(layers[name])]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more of {len(checked)} layers)" if len(foreign) > 1 else ""
+        raise ArtefactError(
+            f"{origin} was calibrated on other weights: layer {foreign[0]}{more} differs from the "
+            "model's (weight digest); calibrate these weights (drop quant.calibration_file), or set "
+            "quant.allow_foreign_calibration=true to apply another model's thresholds anyway")
 
 
 _SEED_KEY = re.compile(r"^(?P<layer>.+)_(?P<kind>act|acc)$")
@@ -198,9 +268,11 @@ def parse_seed_scales(raw: dict) -> dict[str, dict[str, Any]]:
     return out
 
 
-def apply(artefact: dict, model) -> list[str]:
+def apply(artefact: dict, model, *, allow_foreign_weights: bool = False,
+          origin: str = "calibration artefact") -> list[str]:
     """Set every quantized layer's static thresholds (and imported weights) from the
-    artefact after checking that it was made for this model; returns the layer names.
+    artefact after checking that it was made for this model and, unless
+    `allow_foreign_weights`, calibrated on its weights; returns the layer names.
 
     Nothing is changed when a check fails. Layer names are relative to `model`.
     """
@@ -210,7 +282,8 @@ def apply(artefact: dict, model) -> list[str]:
     if not layers:
         raise ArtefactError("the model has no quantized layers to apply a calibration "
                             "artefact to (quant.scheme=fp, or quantize_model was not called)")
-    check_fits(artefact, layers, lambda layer: layer.cfg)
+    check_fits(artefact, layers, lambda layer: layer.cfg, allow_foreign_weights=allow_foreign_weights,
+               origin=origin)
     for name, layer in layers.items():
         entry = artefact["layers"][name]
         layer.set_static(entry["act_clip"], entry["adc_clip"] or None,

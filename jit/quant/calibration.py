@@ -208,7 +208,7 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
               num_bins: int | None = None, percentile: float = 99.99, seed: int = 0,
               forward: Callable[[Any, torch.Generator], Any] | None = None,
               source: str = "data", save_weights: bool = False,
-              coverage: list | None = None) -> dict:
+              coverage: list | None = None, announce: Callable[[str], None] | None = None) -> dict:
     """Thresholds for every quantized layer of `model`, as an artefact dict.
 
     batches: a re-iterable (list, DataLoader) of inputs; it is read twice.
@@ -218,6 +218,7 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
     num_bins: histogram bins over [0, the power of two above max|x|) (a power of two);
         None: BINS_PER_LEVEL per level of each quantizer (`calibrators.default_bins`).
     coverage: if a list is given, one row per layer is appended (see `coverage_rows`).
+    announce(message): told when each clip search starts (progress of long calibrations).
     Layer names are relative to `model`; pass the module the artefact will be applied to.
     """
     if method not in METHODS:
@@ -247,6 +248,8 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
                 raise CalibrationError("calibration saw zero images: the calibration input is "
                                        "empty (check calibration.num_images / the split)")
             act_clips = {}
+            if announce is not None:
+                announce(f"calibration: {method} search for the activation clips of {len(layers)} layers")
             for name, layer in layers.items():
                 if (name, "act") not in hists:
                     raise CalibrationError(f"layer {name} was never called during calibration")
@@ -260,6 +263,8 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
                     layer.set_static(act_clips[name])
                 enable_stats(model)
                 _run(forward, batches, seed)
+                if announce is not None:
+                    announce(f"calibration: {method} search for the ADC clips of {len(layers)} layers")
                 for name, layer in layers.items():
                     for path in layer.adc_paths:
                         hist = hists.get((name, f"adc.{path}"))
@@ -274,7 +279,7 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
     entries = {}
     for name, layer in layers.items():
         entry = {"act_clip": act_clips[name], "adc_clip": adc_clips[name],
-                 "made_for": art.made_for(layer.cfg)}
+                 "made_for": art.made_for(layer.cfg), "weights_sha256": art.weights_digest(layer)}
         if save_weights:
             entry["weight_int"], entry["weight_scale"] = export_weights(layer)
         entries[name] = entry

@@ -4,7 +4,7 @@
 `DictConfig` or a plain nested mapping with the user-facing names
 
     quant.scheme, quant.mode, quant.dynamic_scope, quant.targets, quant.seed,
-    quant.calibration_file,
+    quant.calibration_file, quant.allow_foreign_calibration,
     quant.weight.{bits, clip_pct, granularity}, quant.act.{bits, percentile},
     quant.split.{lsb_bits, radix, lsb_gain_shift},
     quant.adc.{bits, bypass, noise_sigma_lsb, samples, tile_rows}
@@ -171,6 +171,8 @@ class QuantConfig:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     seed: int = 0
     calibration_file: str | None = None
+    # Apply a calibration_file made on other weights (jit/quant/artefact.py: weight digests).
+    allow_foreign_calibration: bool = False
     weight: WeightConfig | None = None
     act: ActConfig | None = None
     split: SplitConfig | None = None
@@ -187,6 +189,8 @@ class QuantConfig:
         _check_int("seed", self.seed, 0)
         if self.calibration_file is not None and not isinstance(self.calibration_file, str):
             _fail("calibration_file", "a path or null", self.calibration_file)
+        if not isinstance(self.allow_foreign_calibration, bool):
+            _fail("allow_foreign_calibration", "true or false", self.allow_foreign_calibration)
         for name, cls in SECTIONS.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, cls(**_scheme_defaults(self.scheme, name, {})))
