@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from jit.checkpoint import sha256_file
