@@ -10,9 +10,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from jit.builders import load_module
 from jit.config import register_schemas
 from jit.module import JiTModule
-from jit.builders import load_module
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NET = {"name": "JiT-T/4", "input_size": 16, "num_classes": 10}

@@ -326,7 +326,7 @@ def test_feature_space_runs_one_pass_per_chunk_and_repeats_it_bitwise():
 def test_reference_statistics_are_made_of_fixed_chunks_of_the_split(tmp_path):
     """Statistics of a split do not depend on the loader's batch size or the process's
     share: features are extracted per chunk [kC, (k+1)C) of the split's index."""
-    from jit.chunks import rechunk
+    from jit.sample_plan import rechunk
 
     space = create_feature_space("digits-cnn", None, device="cpu", probe_size=16)
     torch.manual_seed(1)

@@ -22,10 +22,10 @@ from test_training import (
     load_ckpt,
 )
 
-from jit.evaluation.calibration import run_calibration
 from jit.callbacks.hardware_aware import HardwareInTheLoop
 from jit.checkpoint import build_denoiser_from_checkpoint, load_jit_checkpoint
 from jit.datamodules import DigitsDataModule, to_model_range
+from jit.evaluation.calibration import run_calibration
 from jit.models import Denoiser
 from jit.module import JiTModule
 from jit.quant import build_quant_config, quantize_model, quantized_layers, sample_context

@@ -196,8 +196,9 @@ def test_presets_compose_and_validate(preset, tmp_path):
     ("+hardware.analog.leakage_pJ=1", "hardware.analog.leakage_pJ: unknown field"),
 ])
 def test_bad_hardware_values_name_the_key(override, message, tmp_path):
-    from jit.hardware import HardwareConfigError
     from test_run import compose_run
+
+    from jit.hardware import HardwareConfigError
 
     cfg = compose_run([override, f"paths.output_dir={tmp_path}"])
     with pytest.raises(HardwareConfigError, match="^" + message.replace("[", r"\[")) as err:

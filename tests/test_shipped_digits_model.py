@@ -2,10 +2,10 @@
 
 import torch
 
+from jit.builders import SHIPPED_DIGITS_MODEL
 from jit.checkpoint import build_denoiser_from_checkpoint
 from jit.datamodules import from_model_range
 from jit.metrics import cond_accuracy
-from jit.builders import SHIPPED_DIGITS_MODEL
 
 
 def test_shipped_model_is_small_and_loads_strictly():

@@ -48,8 +48,8 @@ def test_calibration_file_in_dynamic_mode_is_an_error(tmp_path):
 
 
 def test_calibration_file_made_for_other_settings_fails_at_startup(tmp_path):
-    from jit.quant import artefact, build_quant_config, target_names
     from jit.builders import load_module
+    from jit.quant import artefact, build_quant_config, target_names
 
     cfg = compose_run(TINY + [f"paths.output_dir={tmp_path}"])
     module, _ = load_module(cfg)

@@ -4,7 +4,7 @@ Image i (global index) gets label labels[i] and initial noise drawn from a gener
 seeded with seed * 1_000_003 + i, and i is its sample id for the quantized layers'
 thermal noise (jit.quant.sample_context). Generation and feature extraction run in fixed
 chunks of the global index (`fid.chunk_size` images per forward, rank r of W taking
-chunks r, r + W, ...: jit/chunks.py), so every run layout computes the same forwards and
+chunks r, r + W, ...: jit/sample_plan.py), so every run layout computes the same forwards and
 the generated images do not depend on the number of processes. Images never leave memory
 unless PNGs or an npz are asked for; each image's features are kept with its global
 index, and the statistics are reduced once, in index order, after all ranks' rows are
@@ -31,7 +31,6 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from jit.atomic import atomic_path, atomic_write_json
-from jit.chunks import DEFAULT_CHUNK_SIZE
 from jit.config import FLOAT32_MAX
 from jit.console import PhaseProgress, announce
 from jit.datamodules import from_model_range
@@ -50,6 +49,7 @@ from jit.metrics.reference import reference_stats, stats_digest
 from jit.models.compile import compiled_forward
 from jit.models.denoiser import NonFiniteSampleError
 from jit.quant import sample_context
+from jit.sample_plan import DEFAULT_CHUNK_SIZE
 
 WEIGHT_CHOICES = ("raw", "ema1", "ema2")
 

@@ -16,7 +16,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from jit.checkpoint import sha256_file
-from jit.chunks import index_chunks
 from jit.console import PhaseProgress, announce
 from jit.evaluation.calibration import CalibrationConfig, run_calibration
 from jit.evaluation.fid import FIDConfig, FIDEvaluation
@@ -31,6 +30,7 @@ from jit.quant import (
     reset_stats,
     sample_context,
 )
+from jit.sample_plan import index_chunks
 
 
 @dataclass(frozen=True)

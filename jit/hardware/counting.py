@@ -78,8 +78,8 @@ def count_dense_macs(net: nn.Module, run) -> DenseCounts:
 def dense_macs_per_image(module, fid_cfg, num_classes: int) -> DenseCounts:
     """One image of the FID set (index 0: its label and initial noise) generated with the
     evaluation's sampler and weights, counted."""
-    from jit.evaluation.plan import balanced_labels, initial_noise
     from jit.models.denoiser import NonFiniteSampleError
+    from jit.sample_plan import balanced_labels, initial_noise
 
     denoiser = module.denoiser
     device = next(denoiser.parameters()).device

@@ -167,7 +167,7 @@ class FeatureSpace:
 
         Convolution kernels pick their algorithm by batch size, so an image's features
         change in the last bits with the batch around it. Callers therefore hand in one
-        fixed chunk of the global image index at a time (jit/evaluation/plan.py): the same
+        fixed chunk of the global image index at a time (jit/sample_plan.py): the same
         images always form the same pass, whatever the run layout.
         """
         if images_uint8.shape[0] == 0:

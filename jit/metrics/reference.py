@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from jit.atomic import atomic_path
-from jit.chunks import DEFAULT_CHUNK_SIZE, index_chunks, rechunk
 from jit.console import PhaseProgress, announce
+from jit.sample_plan import DEFAULT_CHUNK_SIZE, index_chunks, rechunk
 
 from .features import FeatureSpace
 from .fid import GaussianStats
@@ -177,7 +177,7 @@ def _rank_world() -> tuple[int, int]:
 
 def compute_split_stats(datamodule, split: str, space: FeatureSpace, chunk_size: int) -> GaussianStats:
     """Statistics of a datamodule split: one extractor pass per fixed chunk of the split's
-    index, rank r taking chunks r, r + W, ... (jit/chunks.py), then all-reduce."""
+    index, rank r taking chunks r, r + W, ... (jit/sample_plan.py), then all-reduce."""
     rank, world = _rank_world()
     stats = GaussianStats(space.feature_dim)
     if hasattr(datamodule, "split_dataset"):
