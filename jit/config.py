@@ -170,6 +170,9 @@ class RunSchema:
     ckpt_path: Optional[str] = None
     eval_weights: Weights = Weights.ema1
     compare_fp: bool = True  # eval: also evaluate the float model with the same seeds
+    # A run folder holding an earlier run's outputs is refused; true: move them to
+    # previous/<timestamp>/ in that folder and run there (docs/runs.md).
+    overwrite: bool = False
     model: ModelSchema = field(default_factory=ModelSchema)
     sampler: SamplerSchema = field(default_factory=SamplerSchema)
     optim: OptimSchema = field(default_factory=OptimSchema)

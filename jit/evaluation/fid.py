@@ -52,6 +52,7 @@ from jit.metrics.features import INCEPTION, create_feature_space
 from jit.metrics.fid import GaussianStats, InceptionScoreStats, all_reduce_sum, frechet_distance
 from jit.metrics.reference import reference_stats, stats_digest
 from jit.models.compile import compiled_forward
+from jit.provenance import provenance
 from jit.quant import sample_context
 
 WEIGHT_CHOICES = ("raw", "ema1", "ema2")
@@ -412,6 +413,7 @@ class FIDEvaluation:
             "world_size": world,
             "precision": self._precision(trainer, denoiser, device),
             "package_version": package_version(),
+            **provenance(),
             "batch_size": cfg.batch_size,
             **self.extra,
             # Flat keys ("weights.bits") so sweeps can tabulate runs; the caller's config wins.
