@@ -198,9 +198,10 @@ class RunFolder:
         except OSError as err:
             self.restore()
             raise write_error(err, self.path, any_errno=True) from err
-        print(f"overwrite=true: the earlier run in {self.path} moved to {target}", file=sys.stderr)
 
     def start(self) -> None:
+        if self.previous is not None and not self.started:
+            print(f"overwrite=true: the earlier run in {self.path} is now in {self.previous}", file=sys.stderr)
         self.started = True
 
     def restore(self) -> None:

@@ -47,7 +47,10 @@ def _files_hydra_wrote(run_dir: Path) -> list[Path]:
 def _remove_files_of_failed_run(run_dir: Path, created: list[Path]) -> None:
     """Delete what this run created, then the folders that are left empty; nothing else."""
     for path in created:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # a folder made read-only: what cannot go stays
+            pass
     for folder in sorted({p.parent for p in created} | {run_dir}, key=lambda p: len(p.parts), reverse=True):
         try:
             folder.rmdir()  # only succeeds when empty
@@ -155,11 +158,12 @@ def _end_failed(err: BaseException, folder, run_dir: Path, created: list[Path], 
         logging.getLogger("jit").debug(trace)
     if folder is None or not (folder.started or multirun):
         # Refused before it started: the folder goes back to what it was.
+        if not multirun:
+            _remove_files_of_failed_run(run_dir, created)
         if folder is not None:
             folder.restore()
             folder.release()
-        if not multirun:
-            _remove_files_of_failed_run(run_dir, created)
+            _remove_files_of_failed_run(run_dir, [])  # the folder, if the lock was all it held
         if code is not None or message is None:
             raise err
         print(f"error: {message}", file=sys.stderr)
