@@ -231,7 +231,7 @@ class RunFolder:
         try:
             atomic_write_text(self.path / FAILED, text.rstrip("\n") + "\n")
         except OSError as err:
-            return str(write_error(err, self.path / FAILED, any_errno=True))
+            return os.strerror(err.errno).lower() if err.errno else str(err)
         finally:
             self.release()
         return None
