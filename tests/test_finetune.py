@@ -238,3 +238,25 @@ def test_jit_b16_hwa_experiment_runs_on_a_tiny_model_and_fake_imagenet(official_
     assert summary["points"][0]["point"] == "hybrid static, ADC 6 bit, 8 LSB"
     denoiser, _ = build_denoiser_from_checkpoint(out / "checkpoint-last.pth", "model_ema1")
     assert denoiser.img_size == 32
+
+
+@pytest.mark.parametrize("overrides, messages", [
+    (["finetune.compare=[{calibration_file: /nowhere/calibration.pt}]"],
+     ["finetune.compare[0] (hybrid static, ADC 6 bit, 8 LSB): quant.calibration_file: no such file: "
+      "/nowhere/calibration.pt"]),
+    (["finetune.compare=[{},{targets: ['blocks.*.nothing']}]"], ["finetune.compare[1] ", "'blocks.*.nothing'"]),
+    (["model.denoiser.noise_scale=2.0"], ["finetune.compare[0] ", f"{SHIPPED} was trained with",
+                                          "model.denoiser.noise_scale"]),
+])
+def test_every_comparison_is_checked_before_training(tmp_path, overrides, messages):
+    """A comparison that could only fail after training (a missing calibration file,
+    targets matching nothing, a start checkpoint made for other settings) is refused
+    before the first step: the run folder is left as it was (here: not created)."""
+    out = tmp_path / "out"
+    proc = run(["experiment=digits_hwa", "trainer.max_steps=2", *overrides, f"hydra.run.dir={out}"], tmp_path,
+               check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: finetune.compare[") and all(m in line for m in messages), line
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
