@@ -242,8 +242,8 @@ def test_jit_b16_hwa_experiment_runs_on_a_tiny_model_and_fake_imagenet(official_
 
 @pytest.mark.parametrize("overrides, messages", [
     (["finetune.compare=[{calibration_file: /nowhere/calibration.pt}]"],
-     ["finetune.compare[0] (hybrid static, ADC 6 bit, 8 LSB): quant.calibration_file: no such file: "
-      "/nowhere/calibration.pt"]),
+     [("finetune.compare[0] (hybrid static, ADC 6 bit, 8 LSB): quant.calibration_file: no such file: "
+       "/nowhere/calibration.pt")]),
     (["finetune.compare=[{},{targets: ['blocks.*.nothing']}]"], ["finetune.compare[1] ", "'blocks.*.nothing'"]),
     (["model.denoiser.noise_scale=2.0"], ["finetune.compare[0] ", f"{SHIPPED} was trained with",
                                           "model.denoiser.noise_scale"]),
