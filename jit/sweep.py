@@ -308,11 +308,25 @@ class SweepSummary(Callback):
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
         # The summary so far: if the sweep is stopped, the finished jobs are summarised.
-        if config.hydra.mode is not None and str(config.hydra.mode).endswith("MULTIRUN"):
-            try:
-                summarize(Path(config.hydra.sweep.dir))
-            except Exception as err:  # noqa: BLE001 - the final summary still comes at the end of the sweep
+        if config.hydra.mode is None or not str(config.hydra.mode).endswith("MULTIRUN"):
+            return
+        try:
+            summarize(Path(config.hydra.sweep.dir))
+        except OSError as err:
+            from jit.atomic import OutputWriteError, write_error
+
+            mapped = write_error(err, err.filename or config.hydra.sweep.dir)
+            if not isinstance(mapped, OutputWriteError):
                 print(f"could not update the sweep summary: {_one_line(err)}", file=sys.stderr)
+                return
+            # A full disk or an unwritable sweep folder: the next jobs could not write
+            # either (nor could Hydra, which would end the sweep with a traceback).
+            atexit.unregister(self._at_exit)
+            print(f"error: {mapped}; the sweep stops here (`python -m jit.sweep {config.hydra.sweep.dir}` "
+                  "summarizes it once there is space)", file=sys.stderr)
+            raise SystemExit(2) from None
+        except Exception as err:  # noqa: BLE001 - the final summary still comes at the end of the sweep
+            print(f"could not update the sweep summary: {_one_line(err)}", file=sys.stderr)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         atexit.unregister(self._at_exit)

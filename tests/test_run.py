@@ -696,6 +696,41 @@ def test_export_onto_its_own_checkpoint_is_refused_before_work(trained_tiny, tmp
     assert not (tmp_path / "export").exists()
 
 
+def test_a_disk_filling_during_a_sweep_ends_it_in_one_line_and_the_summary_lists_every_job(tmp_path):
+    """Once the first job's results are written the disk is full: the sweep stops with one
+    line (no traceback, exit code 2), and the summary rebuilt later lists all three jobs."""
+    sweep = tmp_path / "sweep"
+    fault = ("import builtins, errno, os, pathlib, jit.atomic as atomic\n"
+             f"sweep = pathlib.Path({str(sweep)!r})\n"
+             "def full(path):\n"
+             "    if (sweep / '0' / 'results.json').exists() and sweep in pathlib.Path(path).absolute().parents:\n"
+             "        raise OSError(errno.ENOSPC, 'No space left on device', str(path))\n"
+             "create, mkdir, open_ = atomic._create_temporary, os.mkdir, builtins.open\n"
+             "def create_(path):\n"
+             "    full(path)\n"
+             "    return create(path)\n"
+             "def mkdir_(path, *args, **kwargs):\n"
+             "    full(path)\n"
+             "    return mkdir(path, *args, **kwargs)\n"
+             "def opened(file, mode='r', *args, **kwargs):\n"
+             "    if isinstance(file, (str, os.PathLike)) and any(c in mode for c in 'wax+'):\n"
+             "        full(file)\n"
+             "    return open_(file, mode, *args, **kwargs)\n"
+             "atomic._create_temporary, os.mkdir, builtins.open = create_, mkdir_, opened")
+    proc = run_with_fault(fault, ["-m", *QUICK_EVAL, "quant.mode=dynamic", "quant.adc.bits=4,6,8",
+                                  f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: no space left on {sweep / 'summary.csv'}; "
+                                                            "the sweep stops here")
+    rebuilt = subprocess.run([sys.executable, "-m", "jit.sweep", str(sweep)], check=False, cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert rebuilt.returncode == 1
+    with open(sweep / "summary.csv") as f:
+        rows = [(r["quant.adc.bits"], r["status"]) for r in csv.DictReader(f)]
+    assert rows == [("4", "ok"), ("6", "not started"), ("8", "not started")]
+
+
 @pytest.mark.parametrize("signum, code", [(15, 143), (2, 130)])
 def test_a_stop_signal_ends_an_evaluation_within_a_batch(tmp_path, signum, code):
     import signal
