@@ -260,3 +260,25 @@ def test_every_comparison_is_checked_before_training(tmp_path, overrides, messag
     assert line.startswith("error: finetune.compare[") and all(m in line for m in messages), line
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_a_failure_after_training_keeps_the_run_folder_and_marks_it_failed(tmp_path):
+    """Whatever fails once training has started (here: the comparison, replaced by one that
+    raises a configuration error) leaves .hydra/, run.log and the trained checkpoints where
+    they are, with the error in FAILED."""
+    from test_run import run_with_fault
+
+    out = tmp_path / "out"
+    fault = ("import jit.finetune\n"
+             "from jit.config import ConfigError\n"
+             "def compare(*args, **kwargs):\n"
+             "    raise ConfigError('finetune.compare: a comparison failing after training')\n"
+             "jit.finetune.compare_after_training = compare")
+    proc = run_with_fault(fault, ["experiment=digits_hwa", "trainer.max_steps=2", "calibration.num_images=16",
+                                  "calibration.batch_size=16", "finetune.compare=[{}]", f"hydra.run.dir={out}"],
+                          tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "error: finetune.compare: a comparison failing after training"
+    assert (out / "FAILED").read_text() == "finetune.compare: a comparison failing after training\n"
+    for kept in (".hydra/config.yaml", ".hydra/overrides.yaml", "run.log", "checkpoint-last.pth"):
+        assert (out / kept).is_file(), kept
