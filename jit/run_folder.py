@@ -240,6 +240,7 @@ class RunFolder:
         lock, self.lock = self.lock, None
         if lock is None:
             return
+        atexit.unregister(self.release)
         owner = _read_owner(lock)
         if owner is not None and owner.get("pid") == os.getpid():
             try:

@@ -164,8 +164,11 @@ def _end_failed(err: BaseException, folder, run_dir: Path, created: list[Path], 
             folder.restore()
             folder.release()
             _remove_files_of_failed_run(run_dir, [])  # the folder, if the lock was all it held
-        if code is not None or message is None:
+        if isinstance(err, SystemExit) or message is None:
             raise err
+        if code is not None:  # a stop signal
+            print(message, file=sys.stderr)
+            sys.exit(code)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     shown = message if message is not None else f"{type(err).__name__}: {' '.join(str(err).split())}"
@@ -174,7 +177,8 @@ def _end_failed(err: BaseException, folder, run_dir: Path, created: list[Path], 
     unwritten = folder.fail(shown + (f"\n\n{trace}" if message is None else ""))
     note = f"; the marker {run_dir / FAILED} could not be written ({unwritten})" if unwritten else ""
     if code is not None:  # a stop signal: the sweep stops too
-        print(f"{shown}{note}", file=sys.stderr)
+        if note or not isinstance(err, SystemExit):  # sys.exit's caller has said why
+            print(f"{shown}{note}", file=sys.stderr)
         sys.exit(code)
     if multirun:
         print(f"job failed: {shown}{note}", file=sys.stderr)

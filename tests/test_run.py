@@ -554,7 +554,7 @@ def test_sweep_summary_uses_only_this_sweeps_jobs(tmp_path):
 
 # ------------------------------------------------------- run folders through run.py
 # The shipped digits model, few images and steps: each run takes seconds.
-QUICK_EVAL = ["fid.num_images=20", "fid.batch_size=10", "sampler.steps=2", "sampler.method=euler",
+QUICK_EVAL = ["fid.num_images=10", "fid.batch_size=10", "sampler.steps=2", "sampler.method=euler",
               "calibration.num_images=8", "calibration.batch_size=8", "compare_fp=false",
               "eval.layer_stats_images=0"]
 
@@ -596,11 +596,11 @@ def test_a_refused_run_leaves_the_earlier_run_in_its_folder_as_it_was(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: quant.calibration_file: no such file: {missing}"
     assert folder_state(out) == earlier and not (out / PREVIOUS).exists()
     # overwrite=true: the earlier run moves to previous/<timestamp>/, whole
-    proc = run([*QUICK_EVAL, "overwrite=true", "fid.num_images=10", f"hydra.run.dir={out}"], tmp_path)
+    proc = run([*QUICK_EVAL, "overwrite=true", "fid.num_images=6", f"hydra.run.dir={out}"], tmp_path)
     (moved,) = (out / PREVIOUS).iterdir()
     assert folder_state(moved) == earlier
     assert f"the earlier run in {out} is now in {moved}" in proc.stderr
-    assert json.loads((out / "results.json").read_text())["num_images"] == 10
+    assert json.loads((out / "results.json").read_text())["num_images"] == 6
     assert not (out / LOCK).exists() and not (out / FAILED).exists()
 
 
