@@ -66,40 +66,52 @@ def log_scale_if_wide(ax, values, axis: str = "y") -> bool:
     return True
 
 
-# Where a label may sit around its point (offset in points, horizontal alignment): right
-# above first, then below, left, and further out.
-_LABEL_SPOTS = [((4, 4), "left"), ((4, -10), "left"), ((-4, 4), "right"), ((-4, -10), "right"),
-                ((4, 14), "left"), ((4, -20), "left"), ((-4, 14), "right"), ((-4, -20), "right"),
-                ((4, 24), "left"), ((4, -30), "left"), ((-4, 24), "right"), ((-4, -30), "right")]
+# Where a label may sit around its point, nearest first: (offset in points, horizontal
+# alignment), right or left of it, above or below, one text line (10 pt) further per ring.
+_LABEL_SPOTS = [((4 if align == "left" else -4, dy), align)
+                for ring in range(8) for dy in (4 + 10 * ring, -10 - 10 * ring) for align in ("left", "right")]
+
+
+def label_box(annotation, renderer):
+    """The label's own box in pixels, without its leader line (Annotation's box spans both)."""
+    from matplotlib.text import Text
+
+    annotation.update_positions(renderer)
+    return Text.get_window_extent(annotation, renderer)
 
 
 def place_labels(ax, points: list[tuple[float, float]], labels: list[str], fontsize: float = 6) -> list:
-    """Annotate each point with its label at the first spot around it (`_LABEL_SPOTS`)
-    where the label overlaps no label placed before, nor leaves the axes; the first spot
-    if none is free. Returns the annotations."""
+    """Annotate each point with its label at the nearest spot around it (`_LABEL_SPOTS`)
+    where the label overlaps neither the legend nor a label placed before and stays inside
+    the axes; a label away from its point gets a thin line to it. The nearest spot if none
+    is free. Returns the annotations."""
     fig = ax.figure
     fig.canvas.draw()  # the transforms and text sizes of the final layout
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
-    placed, boxes = [], []
+
+    def annotate(x, y, label, offset, align):
+        leader = {"arrowprops": {"arrowstyle": "-", "lw": 0.4, "color": "gray"}} if abs(offset[1]) > 10 else {}
+        return ax.annotate(label, (x, y), xytext=offset, textcoords="offset points", fontsize=fontsize,
+                           ha=align, va="bottom", **leader)
+
+    legend = ax.get_legend()
+    placed, boxes = [], [legend.get_window_extent(renderer)] if legend is not None else []
     for (x, y), label in sorted(zip(points, labels, strict=True), key=lambda item: (item[0][0], item[0][1])):
         if not label or math.isnan(x) or math.isnan(y):
             continue
         chosen = None
         for offset, align in _LABEL_SPOTS:
-            text = ax.annotate(label, (x, y), xytext=offset, textcoords="offset points", fontsize=fontsize,
-                               ha=align, va="bottom")
-            box = text.get_window_extent(renderer)
+            text = annotate(x, y, label, offset, align)
+            box = label_box(text, renderer)
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
             if inside and not any(box.overlaps(other) for other in boxes):
                 chosen = (text, box)
                 break
             text.remove()
         if chosen is None:
-            offset, align = _LABEL_SPOTS[0]
-            text = ax.annotate(label, (x, y), xytext=offset, textcoords="offset points", fontsize=fontsize,
-                               ha=align, va="bottom")
-            chosen = (text, text.get_window_extent(renderer))
+            text = annotate(x, y, label, *_LABEL_SPOTS[0])
+            chosen = (text, label_box(text, renderer))
         placed.append(chosen[0])
         boxes.append(chosen[1])
     return placed
