@@ -164,7 +164,16 @@ class RunAtTestStart(L.Callback):
         self.result = None
 
     def on_test_start(self, trainer, pl_module) -> None:
-        self.result = self.fn(trainer, pl_module)
+        from jit.interrupt import stop_on_signals
+
+        def stop_other_processes(signum):
+            if trainer.strategy.launcher is not None:
+                trainer.strategy.launcher.kill(signum)
+
+        # Lightning's handler, installed by trainer.test, only notes a SIGTERM for its loop,
+        # which waits for this hook: without ours an evaluation would run on to its end.
+        with stop_on_signals(stop_other_processes):
+            self.result = self.fn(trainer, pl_module)
 
 
 def run_in_test_loop(trainer: L.Trainer, module: JiTModule, fn):

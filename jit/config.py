@@ -184,6 +184,9 @@ class RunSchema:
     # Where stdout is not a terminal (SLURM, nohup, CI): seconds between the plain progress
     # lines of generation, calibration, reference statistics and training.
     progress_interval_s: float = 30.0
+    # A run folder holding an earlier run's outputs is refused; true: move them to
+    # previous/<timestamp>/ in that folder and run there (docs/runs.md).
+    overwrite: bool = False
     model: ModelSchema = field(default_factory=ModelSchema)
     sampler: SamplerSchema = field(default_factory=SamplerSchema)
     optim: OptimSchema = field(default_factory=OptimSchema)

@@ -33,7 +33,7 @@ from torch import nn
 
 from jit.config import ConfigError, to_plain
 
-__all__ = ["FinetuneSettings", "compare_after_training", "freeze_all_but", "training_quant_config"]
+__all__ = ["FinetuneSettings", "check_comparison", "compare_after_training", "freeze_all_but", "training_quant_config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,32 +141,71 @@ def point_label(qcfg) -> str:
     return f"{qcfg.scheme} {qcfg.mode}, {adc}, {qcfg.adc.noise_sigma_lsb:g} LSB"
 
 
+def _comparison_run(cfg: DictConfig, qcfg, tag: str, index: int, checkpoint: str) -> DictConfig:
+    """The eval run of one comparison: `checkpoint` at design point `qcfg`, in
+    `<run>/compare/<tag>_<index>/`, with this run's fid, sampler, calibration and seeds."""
+    sub = OmegaConf.merge(cfg, {
+        "task": "eval", "ckpt_path": checkpoint, "compare_fp": index == 0,
+        "paths": {"output_dir": str(Path(cfg.paths.output_dir) / "compare" / f"{tag}_{index}")},
+        "finetune": {"hardware_aware": False, "noise_sigma_lsb": None, "ranges": None,
+                     "recalibrate_every_n_steps": 0, "compare": []},
+    })
+    sub.quant = OmegaConf.create(qcfg.to_dict())
+    sub.logger = OmegaConf.create({})  # merging {} would keep the run's loggers
+    return sub
+
+
+def _points(cfg: DictConfig, settings: FinetuneSettings) -> list:
+    from jit.quant import build_quant_config
+
+    return [build_quant_config(_merge(to_plain(cfg.quant), override)) for override in settings.compare]
+
+
+def check_comparison(cfg: DictConfig, settings: FinetuneSettings, module, datamodule, start: str | None) -> None:
+    """Before training: every evaluation `compare_after_training` will run can run. The
+    start checkpoint's settings fit the config, and at each design point the calibration
+    inputs and file, the quantization targets, the feature extractor and the reference
+    statistics are checked as `task=eval` checks them (jit.checks), on the model being
+    trained (the trained checkpoint has its architecture)."""
+    from jit.builders import checkpoint_kind
+    from jit.checks import check_before_generation, check_checkpoint_settings
+    from jit.settings import parse_settings
+
+    if not settings.compare:
+        return
+    if start is None:
+        raise ConfigError(f"finetune.compare: {cfg.ckpt_path} names no start checkpoint to compare with "
+                          "(it was not fine-tuned from an official checkpoint)")
+    if checkpoint_kind(start) != "official":
+        raise ConfigError(f"finetune.compare: the start checkpoint {start} is not an official-layout checkpoint")
+    for i, qcfg in enumerate(_points(cfg, settings)):
+        sub = _comparison_run(cfg, qcfg, "start", i, start)
+        try:
+            if i == 0:
+                check_checkpoint_settings(sub, start)
+            check_before_generation(parse_settings(sub), module, datamodule, check_fid=i == 0)
+        except ValueError as err:
+            raise ConfigError(f"finetune.compare[{i}] ({point_label(qcfg)}): {err}") from err
+
+
 def compare_after_training(cfg: DictConfig, settings: FinetuneSettings, start: str, trained: str) -> dict:
     """Evaluate `start` and `trained` (official checkpoints) at every `finetune.compare` point.
 
     Each evaluation is the normal `task=eval` pipeline (static mode calibrates from the
     weights it evaluates) with this run's fid, sampler, calibration and seeds, in
     `<run>/compare/{start,trained}_<i>/`; the first point also evaluates both in float.
-    Writes `<run>/finetune_comparison.json` and returns it.
+    `check_comparison` has checked them all before training. Writes
+    `<run>/finetune_comparison.json` and returns it.
     """
-    from jit.quant import build_quant_config
     from jit.settings import parse_settings
     from jit.tasks import evaluate
 
     run_dir = Path(cfg.paths.output_dir)
     rows = []
-    for i, override in enumerate(settings.compare):
-        qcfg = build_quant_config(_merge(to_plain(cfg.quant), override))  # errors name quant.* keys
+    for i, qcfg in enumerate(_points(cfg, settings)):
         row = {"point": point_label(qcfg), "quant": qcfg.to_dict()}
         for tag, path in (("start", start), ("trained", trained)):
-            sub = OmegaConf.merge(cfg, {
-                "task": "eval", "ckpt_path": path, "compare_fp": i == 0,
-                "paths": {"output_dir": str(run_dir / "compare" / f"{tag}_{i}")},
-                "finetune": {"hardware_aware": False, "noise_sigma_lsb": None, "ranges": None,
-                             "recalibrate_every_n_steps": 0, "compare": []},
-            })
-            sub.quant = OmegaConf.create(qcfg.to_dict())
-            sub.logger = OmegaConf.create({})  # merging {} would keep the run's loggers
+            sub = _comparison_run(cfg, qcfg, tag, i, path)
             results = evaluate(sub, parse_settings(sub))
             row[tag] = results["metrics"]
             if i == 0:

@@ -1,18 +1,19 @@
-"""The entry point behind `run.py`: prepare the run directory, dispatch the task, and turn
-a user error into one line on stderr with its exit code, removing what a failed run
-created and nothing else."""
+"""The entry point behind `run.py`: guard the run folder (jit/run_folder.py), dispatch the
+task, and turn a user error into one line on stderr with its exit code, leaving the run
+folder as docs/runs.md says."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from pathlib import Path
 
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from jit.builders import finish_wandb
 from jit.checkpoint import CheckpointError
-from jit.config import ConfigError, Task, sweep_group, to_plain
+from jit.config import ConfigError, Task, sweep_group
 from jit.tasks import dispatch
 
 
@@ -23,45 +24,6 @@ def _user_error_types() -> tuple[type, ...]:
 
     return (ConfigError, CheckpointError, ValueError, KeyError, FileNotFoundError, NotADirectoryError,
             PermissionError, CorruptImageError, FeatureExtractorError)
-
-
-# What an eval/calibrate run writes into its folder. A new run in the same folder removes
-# these first, so one folder never mixes two runs; training outputs (checkpoints, logger
-# folders) stay, since a resumed run continues them.
-RUN_OUTPUTS = ("results.json", "failed.json", "layer_stats.csv", "calibration.pt", "coverage.csv",
-               "sample_grid.png", "samples.npz", "samples", "baseline_fp")
-
-
-def _config_paths(node) -> set[Path]:
-    """Every string of the config read as a path: files the run reads must not be removed."""
-    if isinstance(node, dict):
-        return set().union(*(_config_paths(v) for v in node.values()))
-    if isinstance(node, (list, tuple)):
-        return set().union(*(_config_paths(v) for v in node))
-    return {Path(node).expanduser().resolve()} if isinstance(node, str) and node else set()
-
-
-def prepare_run_dir(cfg: DictConfig) -> None:
-    """Before any work: the output folder (and for eval the cache folder) is writable, and
-    the run folder holds no outputs of an earlier run, except files this run reads."""
-    import shutil
-
-    from jit.atomic import check_writable
-
-    run_dir = Path(cfg.paths.output_dir)
-    check_writable(run_dir)
-    if cfg.task == Task.eval:
-        check_writable(Path(cfg.paths.cache_dir).expanduser())
-    if rank_zero_only.rank != 0:  # DDP/SLURM ranks start the same job: one of them clears
-        return
-    inputs = _config_paths(to_plain(cfg))
-    for path in [run_dir / name for name in RUN_OUTPUTS] + list(run_dir.glob(".samples.rank*.u8")):
-        if path.resolve() in inputs or not (path.exists() or path.is_symlink()):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
 
 
 def _files_hydra_wrote(run_dir: Path) -> list[Path]:
@@ -85,7 +47,10 @@ def _files_hydra_wrote(run_dir: Path) -> list[Path]:
 def _remove_files_of_failed_run(run_dir: Path, created: list[Path]) -> None:
     """Delete what this run created, then the folders that are left empty; nothing else."""
     for path in created:
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # a folder made read-only: what cannot go stays
+            pass
     for folder in sorted({p.parent for p in created} | {run_dir}, key=lambda p: len(p.parts), reverse=True):
         try:
             folder.rmdir()  # only succeeds when empty
@@ -107,53 +72,120 @@ def _one_line_error(err: BaseException, run_dir: Path) -> str | None:
     return None
 
 
-def main(cfg: DictConfig):
-    """Run one job; bad input, a full disk or an unwritable path end it with one clear line.
+def _exit_code(err: BaseException) -> int | None:
+    """The exit code of a run stopped by a signal or by sys.exit; None for other errors."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    A single run then exits with code 2, after deleting only the files Hydra created for it
-    (the run folder too if that leaves it empty). In a multirun a failing job, whatever the
-    exception, records `failed.json` in its folder and returns, so the other jobs carry on;
-    the sweep summary lists the failure and the multirun exits non-zero (jit.sweep).
+    from jit.interrupt import RunInterrupted
+
+    if isinstance(err, RunInterrupted):
+        return err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    if isinstance(err, SIGTERMException):  # a training that saved last.ckpt (jit.tasks.train)
+        return 128 + signal.SIGTERM
+    if isinstance(err, SystemExit):
+        return err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+    return None
+
+
+def _stop_reason(code: int) -> str:
+    if code > 128:
+        try:
+            return f"interrupted by {signal.Signals(code - 128).name} (exit code {code})"
+        except ValueError:
+            pass
+    return f"stopped with exit code {code}"
+
+
+def main(cfg: DictConfig):
+    """Run one job in its run folder (jit/run_folder.py, docs/runs.md).
+
+    Bad input, a full disk or an unwritable path end the run with one clear line and exit
+    code 2; a stop signal with 128 + its number (143 SIGTERM, 130 SIGINT); any other error
+    with its traceback. A run refused before its checks passed deletes only the files Hydra
+    created for it and puts back what overwrite=true moved aside; a run that started leaves
+    the marker FAILED holding the error. In a multirun a failing job, whatever the
+    exception, records FAILED in its folder and returns, so the other jobs carry on; the
+    sweep summary lists it and the multirun exits non-zero (jit.sweep).
     """
+    from jit import run_folder
     from jit.console import quiet_dependencies
+    from jit.interrupt import stop_on_signals
 
     quiet_dependencies()
     run_dir = Path(cfg.paths.output_dir)
     multirun = sweep_group(cfg) is not None
     created = _files_hydra_wrote(run_dir)
+    folder = None
     try:
-        if multirun:  # a reused sweep folder: this job's folder must not show an earlier sweep's rows
+        folder = run_folder.current(run_dir)
+        if folder is None and run_folder.first_rank():  # not opened by the Hydra callback (a sweep job)
+            folder = run_folder.open_for(cfg, run_dir, ignore=set(created), sweep_job=multirun)
+        if multirun:
             from jit.sweep import mark_sweep_job
 
-            prepare_run_dir(cfg)
             mark_sweep_job(run_dir)
-        return dispatch(cfg)
-    except Exception as err:
+        # Training keeps Lightning's signal handling (SIGTERM saves last.ckpt; jit/train.py).
+        with stop_on_signals() if cfg.task != Task.train else contextlib.nullcontext():
+            result = dispatch(cfg)
+    except BaseException as err:
         finish_wandb(1)  # a crashed job must not leave its run open for the next job of a sweep
-        message = _one_line_error(err, run_dir)
-        if message is None and not multirun:
-            raise
-        import logging
-        import traceback
-
-        trace = "".join(traceback.format_exception(err))
-        logging.getLogger("jit").debug(trace)
-        if multirun:
-            from jit.evaluation.fid import write_json_atomic
-
-            if message is None:  # not bad input: keep the traceback for the user
-                print(trace, file=sys.stderr)
-                message = " ".join(str(err).split())
-            try:
-                write_json_atomic({"status": "failed", "error": f"{type(err).__name__}: {message}"},
-                                  run_dir / "failed.json")
-            except OSError as write_err:
-                print(f"could not record the failure: {write_err}", file=sys.stderr)
-            print(f"job failed: {message}", file=sys.stderr)
-            return None
-        print(f"error: {message}", file=sys.stderr)
-        _remove_files_of_failed_run(run_dir, created)
-        sys.exit(2)
-    except BaseException:
-        finish_wandb(1)
+        if _end_failed(err, folder, run_dir, created, multirun):
+            return None  # a failed sweep job: the sweep carries on
         raise
+    if folder is not None:
+        folder.succeed()
+    return result
+
+
+def _end_failed(err: BaseException, folder, run_dir: Path, created: list[Path], multirun: bool) -> bool:
+    """Report `err` and leave the run folder as `main` says; returns (True) only for a sweep
+    job that failed (not stopped), which the sweep survives."""
+    import logging
+    import traceback
+
+    from jit.run_folder import FAILED
+
+    code = _exit_code(err)
+    if code == 0:  # sys.exit(0): a success
+        if folder is not None:
+            folder.succeed()
+        raise err
+    message = _one_line_error(err, run_dir) if code is None else _stop_reason(code)
+    trace = "".join(traceback.format_exception(err)) if code is None else ""
+    if trace:
+        logging.getLogger("jit").debug(trace)
+    if folder is None or not (folder.started or multirun):
+        # Refused before it started: the folder goes back to what it was.
+        if not multirun:
+            _remove_files_of_failed_run(run_dir, created)
+        if folder is not None:
+            folder.restore()
+            folder.release()
+            _remove_files_of_failed_run(run_dir, [])  # the folder, if the lock was all it held
+        if isinstance(err, SystemExit) or message is None:
+            raise err
+        if code is not None:  # a stop signal
+            print(message, file=sys.stderr)
+            sys.exit(code)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    shown = message if message is not None else f"{type(err).__name__}: {' '.join(str(err).split())}"
+    if multirun and message is None:  # not bad input: keep the traceback for the user
+        print(trace, file=sys.stderr)
+    unwritten = folder.fail(shown + (f"\n\n{trace}" if message is None else ""))
+    note = f"; the marker {run_dir / FAILED} could not be written ({unwritten})" if unwritten else ""
+    if code is not None:  # a stop signal: the sweep stops too
+        if note or not isinstance(err, SystemExit):  # sys.exit's caller has said why
+            print(f"{shown}{note}", file=sys.stderr)
+        sys.exit(code)
+    if multirun:
+        print(f"job failed: {shown}{note}", file=sys.stderr)
+        return True
+    if message is None:
+        if note:
+            print(note.lstrip("; "), file=sys.stderr)
+        raise err
+    print(f"error: {message}{note}", file=sys.stderr)
+    sys.exit(2)

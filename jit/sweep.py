@@ -1,13 +1,15 @@
-"""Summary of a Hydra multirun: one table (CSV + Markdown) and one plot per sweep.
+"""Summary of a Hydra multirun: one table (CSV + Markdown) and plots per sweep.
 
-Runs as a Hydra callback: rewritten after every finished job (`on_job_end`), so a sweep
-stopped by Ctrl-C or a killed launcher still leaves the summary of the jobs that finished,
-and written once more in the launching process when the sweep ends (`on_multirun_end`),
-for the basic launcher and for submitit alike. `python -m jit.sweep <sweep dir>` rebuilds
-it from the job folders at any time. Each job directory holds its overrides
-(`.hydra/overrides.yaml`) and, when it succeeded, `results.json`; a failed job still gets
-a row, with its status, so one failure does not hide the others; a job still running (or
-stopped) shows as "not finished".
+Runs as a Hydra callback: rewritten after every finished job (`on_job_end`), and once more
+in the launching process when the sweep ends (`on_multirun_end`), or when it is stopped
+(Ctrl-C, SIGTERM, an error: at exit), for the basic launcher and for submitit alike.
+`python -m jit.sweep <sweep dir>` rebuilds it at any time.
+
+The rows are every job of the sweep's own job list (its `multirun.yaml`, expanded as
+Hydra's basic sweeper does; job i runs in `<sweep>/<i>`), each with its status
+(`job_status`): ok, failed (with the error of the job's FAILED marker), interrupted,
+running, or not started. Any status but ok makes the exit code 1, for the multirun and
+for `python -m jit.sweep` alike.
 
 Swept are the overrides given several values (`quant.adc.bits=4,6,8`, as recorded in the
 sweep's `multirun.yaml`, or seen with different values across jobs); an override with one
@@ -15,14 +17,15 @@ value for every job (`compare_fp=false`) is the same for all rows and appears ne
 column nor in the legend. When the jobs evaluated the float model too (`compare_fp=true`),
 its score is drawn as a dashed line.
 
-A sweep folder may be reused. The sweep writes a fresh id into `.sweep_id` when it starts;
-each job removes the outputs of an earlier sweep from its folder and copies the id into it
-(jit.runner.main), and the summary lists only the folders carrying this sweep's id. When any
-job failed, the multirun exits with code 1 once the summary is written.
+A sweep folder holding an earlier sweep is refused unless overwrite=true, which moves it
+to `previous/<timestamp>/` (jit/run_folder.py). The sweep also writes a fresh id into
+`.sweep_id` and each job copies it into its folder (jit.runner.main): a job folder with
+another id is not this sweep's.
 """
 
 from __future__ import annotations
 
+import atexit
 import csv
 import json
 import math
@@ -34,7 +37,8 @@ import yaml
 from hydra.experimental.callback import Callback
 
 from jit.atomic import atomic_path, atomic_write_text
-from jit.hardware.report import plot_fid_vs_energy, sweep_columns
+from jit.evaluation.report import energy_change
+from jit.hardware.report import log_scale_if_wide, plot_fid_vs_energy, sweep_columns
 
 # Preferred plot axes: x = ADC resolution, one line per noise level.
 X_KEY = "quant.adc.bits"
@@ -62,43 +66,96 @@ def _parse_override(text: str) -> tuple[str, str]:
     return key, value
 
 
-def declared_sweep_keys(sweep_dir: Path) -> list[str] | None:
-    """Keys given several values on the command line, from the sweep's multirun.yaml."""
+def _record(sweep_dir: Path) -> dict | None:
     record = sweep_dir / "multirun.yaml"
     if not record.is_file():
         return None
+    try:
+        return yaml.safe_load(record.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _parsed_sweep(sweep_dir: Path):
+    """The sweep's overrides as Hydra's basic sweeper parses them: its `hydra.sweeper.params`
+    and the command line, from multirun.yaml; None without a readable record."""
+    record = _record(sweep_dir)
+    if record is None:
+        return None
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = ((yaml.safe_load(record.read_text()) or {}).get("hydra", {}).get("overrides", {})
-                 .get("task")) or []
+    hydra_node = record.get("hydra") or {}
+    params = [f"{k}={v}" for k, v in ((hydra_node.get("sweeper") or {}).get("params") or {}).items()]
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception:  # an unreadable record: fall back to the values the jobs saw
+        return OverridesParser.create().parse_overrides(params + list((hydra_node.get("overrides") or {})
+                                                                       .get("task") or []))
+    except Exception:  # noqa: BLE001 - an unreadable record: fall back to the job folders
         return None
-    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+
+
+def declared_sweep_keys(sweep_dir: Path) -> list[str] | None:
+    """Keys given several values on the command line, from the sweep's multirun.yaml."""
+    parsed = _parsed_sweep(sweep_dir)
+    return None if parsed is None else [o.key_or_group for o in parsed if o.is_sweep_override()]
+
+
+def sweep_jobs(sweep_dir: Path) -> list[list[str]] | None:
+    """Every job of the sweep, in job-number order, as its list of overrides: the sweep's
+    own job list (Hydra's basic sweeper expands multirun.yaml the same way), whether or
+    not the job ever started. None without a readable multirun.yaml."""
+    parsed = _parsed_sweep(sweep_dir)
+    if parsed is None:
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def job_status(job: Path, sweep_id: str | None) -> str:
+    """ok, failed: <error>, interrupted, running or not started: from the job folder's
+    results, its FAILED marker and its lock (jit/run_folder.py)."""
+    from jit.run_folder import FAILED, LOCK, _alive, _read_owner
+
+    if not (job / ".hydra").is_dir() or (sweep_id is not None and _sweep_id(job) != sweep_id):
+        return "not started"
+    if (job / FAILED).is_file():
+        first = ((job / FAILED).read_text(errors="replace").splitlines() or [""])[0]
+        return "interrupted" if first.startswith("interrupted") else "failed: " + first[:120]
+    if (job / LOCK).is_file():
+        owner = _read_owner(job / LOCK)
+        return "running" if owner is not None and _alive(owner) else "interrupted"
+    if (job / "results.json").is_file():
+        return "ok"
+    try:
+        task = (yaml.safe_load((job / ".hydra" / "config.yaml").read_text()) or {}).get("task")
+    except (OSError, yaml.YAMLError):
+        task = None
+    return "interrupted" if task in (None, "eval") else "ok"  # train, calibrate: no results.json
 
 
 def collect_rows(sweep_dir: Path) -> tuple[list[dict], list[str]]:
-    """One row per job of this sweep and the swept keys (constant overrides left out)."""
+    """One row per job of this sweep, every job of its job list, and the swept keys
+    (constant overrides left out)."""
     rows, overridden = [], []
     sweep_id = _sweep_id(sweep_dir)
-    job_dirs = sorted((p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")
-                       if sweep_id is None or _sweep_id(p.parent.parent) == sweep_id),
-                      key=lambda p: (len(p.name), p.name))
-    for job in job_dirs:
-        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+    listed = sweep_jobs(sweep_dir)
+    if listed is not None:  # job i runs in <sweep>/<i> (hydra.sweep.subdir)
+        jobs = [(sweep_dir / str(num), overrides) for num, overrides in enumerate(listed)]
+    else:  # no record: the job folders there are
+        folders = sorted((p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")
+                          if sweep_id is None or _sweep_id(p.parent.parent) == sweep_id),
+                         key=lambda p: (len(p.name), p.name))
+        jobs = [(job, yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []) for job in folders]
+    for job, overrides in jobs:
         row = {"job": job.name}
         for item in overrides:
             key, value = _parse_override(item)
             row[key] = value
             if key not in overridden:
                 overridden.append(key)
-        results, failure = job / "results.json", job / "failed.json"
-        if failure.exists():  # also when the job failed after writing its results
-            row["status"] = "failed: " + json.loads(failure.read_text()).get("error", "")[:120]
-        elif results.exists():
-            data = json.loads(results.read_text())
-            row["status"] = data.get("status", "ok")
+        row["status"] = job_status(job, sweep_id)
+        if row["status"] == "ok" and (job / "results.json").is_file():
+            data = json.loads((job / "results.json").read_text())
             for name, value in (data.get("metrics") or {}).items():
                 if isinstance(value, (int, float)):
                     row[name] = value
@@ -106,8 +163,6 @@ def collect_rows(sweep_dir: Path) -> tuple[list[dict], list[str]]:
                 if isinstance(value, (int, float)):
                     row[f"fp_{name}"] = value
             row.update(sweep_columns(data))  # energy, latency, area estimates
-        else:
-            row["status"] = "not finished"
         rows.append(row)
     declared = declared_sweep_keys(sweep_dir) or []
     swept = [k for k in overridden if k in declared or len({row.get(k) for row in rows}) > 1]
@@ -116,7 +171,9 @@ def collect_rows(sweep_dir: Path) -> tuple[list[dict], list[str]]:
     return rows, swept
 
 
-def _fmt(value) -> str:
+def _fmt(value, column: str = "") -> str:
+    if column == "saving_vs_digital_int8" and isinstance(value, (int, float)):
+        return energy_change(value)  # as the console gives it: -57.0%
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -131,7 +188,7 @@ def write_tables(rows: list[dict], out_dir: Path) -> list[str]:
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(_fmt(row.get(c, ""), c) for c in columns) + " |" for row in rows]
     atomic_write_text(out_dir / "summary.md", "\n".join(lines) + "\n")
     return columns
 
@@ -181,6 +238,7 @@ def plot_figure(rows: list[dict], swept: list[str]):
             from matplotlib.ticker import MaxNLocator
 
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    log_scale_if_wide(ax, [value for points in groups.values() for _, value in points] + baselines)
     ax.set_xlabel(x_key)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
@@ -204,6 +262,9 @@ def plot(rows: list[dict], swept: list[str], out_dir: Path) -> Path | None:
     return path
 
 
+STATUSES = ("ok", "failed", "interrupted", "running", "not started")
+
+
 def summarize(sweep_dir: str | Path) -> dict:
     sweep_dir = Path(sweep_dir)
     rows, swept = collect_rows(sweep_dir)
@@ -212,8 +273,10 @@ def summarize(sweep_dir: str | Path) -> dict:
     pareto = plot_fid_vs_energy(rows, swept, sweep_dir)  # also marks rows["pareto"]
     write_tables(rows, sweep_dir)
     figure = plot(rows, swept, sweep_dir)
-    return {"rows": len(rows), "ok": sum(row["status"] == "ok" for row in rows), "swept": swept,
-            "plot": str(figure) if figure else None, "pareto_plot": str(pareto) if pareto else None}
+    counts = {status: sum(row["status"].split(":")[0] == status for row in rows) for status in STATUSES}
+    return {"rows": len(rows), "ok": counts["ok"], "counts": counts, "swept": swept,
+            "files": [str(sweep_dir / name) for name in ("summary.md", "summary.csv")]
+            + [str(p) for p in (figure, pareto) if p]}
 
 
 def report(sweep_dir: Path) -> int:
@@ -222,31 +285,75 @@ def report(sweep_dir: Path) -> int:
     if not info["rows"]:
         print(f"no sweep jobs found in {sweep_dir}", file=sys.stderr)
         return 1
-    print(f"sweep summary: {info['rows']} jobs -> {sweep_dir / 'summary.md'}"
-          + (f", plot {info['plot']}" if info.get("plot") else ""))
+    counts = ", ".join(f"{n} {status}" for status, n in info["counts"].items() if n)
+    print(f"sweep summary: {info['rows']} jobs ({counts}) -> {', '.join(info['files'])}")
     failed = info["rows"] - info["ok"]
     if failed:
-        print(f"{failed} of {info['rows']} sweep jobs failed or did not finish; see {sweep_dir / 'summary.md'}",
+        print(f"{failed} of {info['rows']} sweep jobs did not succeed ({counts}); see {sweep_dir / 'summary.md'}",
               file=sys.stderr)
         return 1
     return 0
 
 
 class SweepSummary(Callback):
+    """Rewrites the summary after every job and when the sweep ends, however it ends."""
+
+    def __init__(self):
+        self._sweep_dir: Path | None = None
+
     def on_multirun_start(self, config, **kwargs) -> None:
-        atomic_write_text(Path(config.hydra.sweep.dir) / SWEEP_ID_FILE, uuid.uuid4().hex)
+        self._sweep_dir = Path(config.hydra.sweep.dir)
+        atomic_write_text(self._sweep_dir / SWEEP_ID_FILE, uuid.uuid4().hex)
+        atexit.register(self._at_exit)  # a sweep stopped by a signal or an error ends here too
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
         # The summary so far: if the sweep is stopped, the finished jobs are summarised.
-        if config.hydra.mode is not None and str(config.hydra.mode).endswith("MULTIRUN"):
-            try:
-                summarize(Path(config.hydra.sweep.dir))
-            except Exception as err:  # the final summary still comes at the end of the sweep
-                print(f"could not update the sweep summary: {err}", file=sys.stderr)
+        if config.hydra.mode is None or not str(config.hydra.mode).endswith("MULTIRUN"):
+            return
+        try:
+            summarize(Path(config.hydra.sweep.dir))
+        except OSError as err:
+            from jit.atomic import OutputWriteError, write_error
+
+            mapped = write_error(err, err.filename or config.hydra.sweep.dir)
+            if not isinstance(mapped, OutputWriteError):
+                print(f"could not update the sweep summary: {_one_line(err)}", file=sys.stderr)
+                return
+            # A full disk or an unwritable sweep folder: the next jobs could not write
+            # either (nor could Hydra, which would end the sweep with a traceback).
+            atexit.unregister(self._at_exit)
+            print(f"error: {mapped}; the sweep stops here (`python -m jit.sweep {config.hydra.sweep.dir}` "
+                  "summarizes it once there is space)", file=sys.stderr)
+            raise SystemExit(2) from None
+        except Exception as err:  # noqa: BLE001 - the final summary still comes at the end of the sweep
+            print(f"could not update the sweep summary: {_one_line(err)}", file=sys.stderr)
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        if report(Path(config.hydra.sweep.dir)):
+        atexit.unregister(self._at_exit)
+        self._sweep_dir = None
+        if _report_safely(Path(config.hydra.sweep.dir)):
             raise SystemExit(1)  # Hydra turns callback exceptions into warnings, not an exit code
+
+    def _at_exit(self) -> None:
+        if self._sweep_dir is not None:
+            _report_safely(self._sweep_dir)
+
+
+def _one_line(err: BaseException) -> str:
+    from jit.atomic import write_error
+
+    if isinstance(err, OSError):
+        err = write_error(err, err.filename or "the sweep folder")
+    return " ".join(str(err).split())
+
+
+def _report_safely(sweep_dir: Path) -> int:
+    """`report`, with a failure to write the summary (a full disk) as one line: exit code 1."""
+    try:
+        return report(sweep_dir)
+    except OSError as err:
+        print(f"error: could not write the sweep summary: {_one_line(err)}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sweep_dir.is_dir():
         print(f"error: sweep folder not found: {args.sweep_dir}", file=sys.stderr)
         return 2
-    return report(args.sweep_dir)
+    return _report_safely(args.sweep_dir)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ calibration) inside Lightning's test loop.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
+from jit import run_folder
 from jit.builders import (
     RecordResumeSettings,
     build_callbacks,
@@ -47,7 +49,8 @@ def train(cfg: DictConfig, run: RunSettings) -> dict:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from jit.atomic import remove_stale_temporaries
-    from jit.finetune import compare_after_training
+    from jit.checkpoint import safe_load
+    from jit.finetune import check_comparison, compare_after_training
 
     settings = run.finetune
     ckpt_path = latest_checkpoint(checkpoint_dir(cfg)) if cfg.ckpt_path == "last" else cfg.ckpt_path
@@ -60,9 +63,13 @@ def train(cfg: DictConfig, run: RunSettings) -> dict:
     dm = instantiate(cfg.data)
     module = JiTModule(**module_kwargs(cfg), init_checkpoint=ckpt_path if kind == "official" else None,
                        init_weights=settings.init_weights)
+    if settings.compare:  # every evaluation after training is checked before it
+        start = ckpt_path if kind == "official" else safe_load(ckpt_path, mmap=True).get("init_checkpoint")
+        check_comparison(cfg, settings, module, dm, start)
     callbacks = (build_callbacks(cfg, training=True) + finetune_callbacks(cfg, run)
                  + [RecordResumeSettings(resume_settings(cfg))])
     trainer = build_trainer(cfg, build_loggers(cfg), callbacks)
+    run_folder.start()
     if trainer.is_global_zero:  # before anything of this run writes there
         for folder in (Path(cfg.paths.output_dir), checkpoint_dir(cfg)):
             for stale in remove_stale_temporaries(folder):
@@ -95,6 +102,11 @@ def export(cfg: DictConfig, run: RunSettings) -> dict:
     if checkpoint_kind(cfg.ckpt_path) != "lightning":
         raise ConfigError(f"ckpt_path: task=export converts a Lightning .ckpt; {cfg.ckpt_path} is not one")
     out = cfg.export.out_path or str(Path(cfg.paths.output_dir) / "checkpoint-last.pth")
+    target, source = Path(out).expanduser(), Path(cfg.ckpt_path).expanduser()
+    if target.resolve() == source.resolve() or (target.exists() and os.path.samefile(target, source)):
+        raise ConfigError(f"export.out_path: {out} is the checkpoint being exported (ckpt_path); writing there "
+                          "would replace its optimizer and resume state: choose another file")
+    run_folder.start()
     export_official(cfg.ckpt_path, out)
     print(f"official-layout checkpoint written: {out}")
     return {"checkpoint": out}
@@ -111,6 +123,7 @@ def evaluate(cfg: DictConfig, settings: RunSettings) -> dict:
         compile_backbone=bool(cfg.model.compile))
     dm = instantiate(cfg.data)
     check_before_generation(settings, module, dm, check_fid=True)
+    run_folder.start()
     trainer = build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg, training=False))
     results = run_in_test_loop(trainer, module, lambda trainer, module: evaluate_float_then_quantized(
         trainer, module, dm, run))
@@ -131,6 +144,7 @@ def calibrate(cfg: DictConfig, settings: RunSettings) -> dict:
     module, _ = load_module(cfg)
     dm = instantiate(cfg.data)
     check_before_generation(settings, module, dm, check_fid=False)
+    run_folder.start()
     # Under the trainer, as eval: its precision (bf16 autocast with bf16-mixed) and devices.
     trainer = build_trainer(cfg, [], build_callbacks(cfg, training=False))
     info = run_in_test_loop(trainer, module, lambda trainer, module: prepare_quantized(
@@ -138,6 +152,15 @@ def calibrate(cfg: DictConfig, settings: RunSettings) -> dict:
     if trainer.is_global_zero:
         print(f"calibration artefact: {info['calibration']['file']}")
     return info
+
+
+def check_output_folders(cfg: DictConfig) -> None:
+    """Before any work: the output folder (and for eval the cache folder) is writable."""
+    from jit.atomic import check_writable
+
+    check_writable(Path(cfg.paths.output_dir))
+    if cfg.task == Task.eval:
+        check_writable(Path(cfg.paths.cache_dir).expanduser())
 
 
 TASKS = {Task.train: train, Task.eval: evaluate, Task.calibrate: calibrate, Task.export: export}
@@ -155,9 +178,7 @@ def dispatch(cfg: DictConfig):
         if reason is not None:
             raise ConfigError(f"model.compile=true: {reason}; run with model.compile=false")
     settings = parse_settings(cfg)  # fails on a bad section before anything is loaded
-    from jit.runner import prepare_run_dir  # the runner imports this module
-
-    prepare_run_dir(cfg)
+    check_output_folders(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return TASKS[cfg.task](cfg, settings)
 

@@ -238,3 +238,47 @@ def test_jit_b16_hwa_experiment_runs_on_a_tiny_model_and_fake_imagenet(official_
     assert summary["points"][0]["point"] == "hybrid static, ADC 6 bit, 8 LSB"
     denoiser, _ = build_denoiser_from_checkpoint(out / "checkpoint-last.pth", "model_ema1")
     assert denoiser.img_size == 32
+
+
+@pytest.mark.parametrize("overrides, messages", [
+    (["finetune.compare=[{calibration_file: /nowhere/calibration.pt}]"],
+     [("finetune.compare[0] (hybrid static, ADC 6 bit, 8 LSB): quant.calibration_file: no such file: "
+       "/nowhere/calibration.pt")]),
+    (["finetune.compare=[{},{targets: ['blocks.*.nothing']}]"], ["finetune.compare[1] ", "'blocks.*.nothing'"]),
+    (["model.denoiser.noise_scale=2.0"], ["finetune.compare[0] ", f"{SHIPPED} was trained with",
+                                          "model.denoiser.noise_scale"]),
+])
+def test_every_comparison_is_checked_before_training(tmp_path, overrides, messages):
+    """A comparison that could only fail after training (a missing calibration file,
+    targets matching nothing, a start checkpoint made for other settings) is refused
+    before the first step: the run folder is left as it was (here: not created)."""
+    out = tmp_path / "out"
+    proc = run(["experiment=digits_hwa", "trainer.max_steps=2", *overrides, f"hydra.run.dir={out}"], tmp_path,
+               check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: finetune.compare[") and all(m in line for m in messages), line
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_a_failure_after_training_keeps_the_run_folder_and_marks_it_failed(tmp_path):
+    """Whatever fails once training has started (here: the comparison, replaced by one that
+    raises a configuration error) leaves .hydra/, run.log and the trained checkpoints where
+    they are, with the error in FAILED."""
+    from test_run import run_with_fault
+
+    out = tmp_path / "out"
+    fault = ("import jit.finetune\n"
+             "from jit.config import ConfigError\n"
+             "def compare(*args, **kwargs):\n"
+             "    raise ConfigError('finetune.compare: a comparison failing after training')\n"
+             "jit.finetune.compare_after_training = compare")
+    proc = run_with_fault(fault, ["experiment=digits_hwa", "trainer.max_steps=2", "calibration.num_images=16",
+                                  "calibration.batch_size=16", "finetune.compare=[{}]", f"hydra.run.dir={out}"],
+                          tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "error: finetune.compare: a comparison failing after training"
+    assert (out / "FAILED").read_text() == "finetune.compare: a comparison failing after training\n"
+    for kept in (".hydra/config.yaml", ".hydra/overrides.yaml", "run.log", "checkpoint-last.pth"):
+        assert (out / kept).is_file(), kept

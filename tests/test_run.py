@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from jit.config import register_schemas
+from jit.run_folder import FAILED, LOCK, PREVIOUS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -202,6 +203,14 @@ def test_tiny_eval_writes_results_grid_and_coverage(trained_tiny, tmp_path):
     assert {"fid_digits", "cond_accuracy"} <= set(results["metrics"])
     assert {"fid_digits", "cond_accuracy"} <= set(results["baseline_fp"])
     assert results["quant"]["scheme"] == "hybrid" and results["num_images"] == 20
+    # which code on which machine: two results can be traced to their code and CPU
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], check=False, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert results["git_revision"] == head.stdout.strip() and isinstance(results["git_dirty"], bool)
+    else:
+        assert results["git_revision"] is None and results["git_dirty"] is None
+    assert results["cpu_model"] and results["torch_version"] == torch.__version__
+    assert results["int8_kernel"] in ("onednn", "int_mm", "float32")
     assert (out / "sample_grid.png").exists() or results.get("sample_grid")
     assert list(out.glob("*coverage*.csv")), list(out.iterdir())
     # The float baseline and the quantized model log under their own keys.
@@ -265,8 +274,9 @@ def test_sweep_summary_has_energy_columns_and_the_pareto_plot(trained_tiny, tmp_
     assert (sweep / "summary_fid_vs_energy.png").stat().st_size > 0
 
 
-def test_interrupted_sweep_leaves_the_summary_of_its_finished_jobs(trained_tiny, tmp_path):
-    """Ctrl-C during the second job: the first job's row is in the summary."""
+def test_interrupted_sweep_summary_lists_every_job_and_exits_non_zero(trained_tiny, tmp_path):
+    """Ctrl-C during the second job of three: the summary written as the sweep stops lists
+    the first job ok, the second interrupted, the third not started."""
     import signal
     import time
 
@@ -284,17 +294,20 @@ def test_interrupted_sweep_leaves_the_summary_of_its_finished_jobs(trained_tiny,
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    expected = [("4", "ok"), ("8", "interrupted"), ("10", "not started")]
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
-    assert [(r["quant.adc.bits"], r["status"]) for r in rows] == [("4", "ok")]
+    assert [(r["quant.adc.bits"], r["status"]) for r in rows] == expected
     assert float(rows[0]["fid_digits"]) >= 0
-    # rebuilt by hand, the summary also lists the job that was stopped
+    assert (sweep / "1" / FAILED).read_text().startswith("interrupted by SIGINT")
+    assert "2 of 3 sweep jobs did not succeed (1 ok, 1 interrupted, 1 not started)" in err
+    # rebuilt by hand: the same rows, and the exit code says not all jobs succeeded
     rebuilt = subprocess.run([sys.executable, "-m", "jit.sweep", str(sweep)], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
-    assert rebuilt.returncode == 1 and "1 of 2 sweep jobs failed or did not finish" in rebuilt.stderr
+    assert rebuilt.returncode == 1 and "2 of 3 sweep jobs did not succeed" in rebuilt.stderr
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
-    assert [(r["quant.adc.bits"], r["status"]) for r in rows] == [("4", "ok"), ("8", "not finished")]
+    assert [(r["quant.adc.bits"], r["status"]) for r in rows] == expected
 
 
 def fake_imagenet(root: Path, classes: int = 10, train_per_class: int = 2, val_per_class: int = 2) -> Path:
@@ -340,22 +353,30 @@ def test_wandb_offline_records_quant_hyperparameters(trained_tiny, tmp_path):
 
 
 def test_failing_sweep_job_is_reported_and_the_others_complete(trained_tiny, tmp_path):
-    """Also in a reused sweep folder: the earlier sweep's rows (an "ok" job 1, a job 2 this
-    sweep does not have) must not show, and the multirun ends with code 1 after the summary."""
+    """Also in a reused sweep folder (overwrite=true): the earlier sweep moves to previous/,
+    its rows (an "ok" job 1, a job 2 this sweep does not have) must not show, and the
+    multirun ends with code 1 after the summary."""
     sweep = tmp_path / "sweep"
     for job, bits in enumerate(["4", "8", "10"]):  # an earlier sweep, all ok
         (sweep / str(job) / ".hydra").mkdir(parents=True)
         (sweep / str(job) / ".hydra" / "overrides.yaml").write_text(f"- quant.adc.bits={bits}\n")
         (sweep / str(job) / "results.json").write_text(json.dumps({"metrics": {"fid_digits": 1.0}}))
-    proc = run(["-m", f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL, "compare_fp=false",
-                "quant.mode=dynamic", "quant.adc.bits=6,40", f"hydra.sweep.dir={sweep}"], tmp_path, check=False)
+    args = ["-m", f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL, "compare_fp=false",
+            "quant.mode=dynamic", "quant.adc.bits=6,40", f"hydra.sweep.dir={sweep}"]
+    refused = run(args, tmp_path, check=False)
+    assert refused.returncode == 2 and "overwrite=true" in refused.stderr.strip().splitlines()[-1]
+    assert not (sweep / "multirun.yaml").exists() and not (sweep / PREVIOUS).exists()
+    proc = run([*args, "overwrite=true"], tmp_path, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     rows = {r["quant.adc.bits"]: r for r in csv.DictReader(open(sweep / "summary.csv"))}
     assert set(rows) == {"6", "40"}
     assert rows["6"]["status"] == "ok" and float(rows["6"]["fid_digits"]) >= 0
     assert rows["40"]["status"].startswith("failed") and "quant.adc.bits" in rows["40"]["status"]
-    assert not (sweep / "1" / "results.json").exists()
-    assert "quant.adc.bits" in proc.stderr and "1 of 2 sweep jobs failed" in proc.stderr
+    assert "quant.adc.bits" in (sweep / "1" / FAILED).read_text()
+    assert not (sweep / "1" / "results.json").exists() and not (sweep / "2").exists()
+    (earlier,) = (sweep / PREVIOUS).iterdir()
+    assert sorted(p.name for p in earlier.iterdir()) == ["0", "1", "2"]
+    assert "quant.adc.bits" in proc.stderr and "1 of 2 sweep jobs did not succeed (1 ok, 1 failed)" in proc.stderr
 
 
 def test_submitit_local_two_job_sweep(trained_tiny, tmp_path):
@@ -487,28 +508,29 @@ def test_unwritable_cache_or_output_folder_fails_before_any_work(tmp_path, monke
     assert not ran
 
 
-def test_new_run_replaces_the_outputs_of_an_earlier_run(tmp_path, monkeypatch):
-    """Never a folder mixing two runs: earlier outputs go at startup, inputs and user files stay."""
+def test_earlier_run_is_refused_or_moved_aside_never_deleted(tmp_path, monkeypatch, capsys):
+    """A folder holding an earlier run's outputs: refused in one line; with overwrite=true
+    they move to previous/<timestamp>/, while this run's inputs and the user's files stay."""
     out = tmp_path / "out"
     (out / "baseline_fp").mkdir(parents=True)
     for name in ("results.json", "layer_stats.csv", "coverage.csv", "baseline_fp/results.json", "notes.txt"):
         (out / name).write_text("earlier run")
     torch.save({}, out / "calibration.pt")  # given to this run as its calibration input
     seen = []
+    with pytest.raises(SystemExit) as refused:
+        run_main(tmp_path, monkeypatch, seen.append, f"quant.calibration_file={out / 'calibration.pt'}")
+    assert refused.value.code == 2 and not seen
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {out} holds the outputs of an earlier run") and "overwrite=true" in err, err
+    assert "\n" not in err
     run_main(tmp_path, monkeypatch, lambda cfg: seen.append(sorted(p.name for p in out.iterdir())),
-             f"quant.calibration_file={out / 'calibration.pt'}")
-    assert seen == [["calibration.pt", "notes.txt"]]
-
-
-@pytest.mark.parametrize("error", [FloatingPointError("nan in blocks.0.mlp.w12"), RuntimeError("boom")])
-def test_any_failing_sweep_job_records_failed_json(tmp_path, monkeypatch, error):
-    def fail(cfg):
-        raise error
-
-    result, _ = run_main(tmp_path, monkeypatch, fail, multirun=True)
-    assert result is None
-    record = json.loads((tmp_path / "out" / "failed.json").read_text())
-    assert record == {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+             f"quant.calibration_file={out / 'calibration.pt'}", "overwrite=true")
+    assert seen == [[".lock", "calibration.pt", "notes.txt", PREVIOUS]]
+    (earlier,) = (out / PREVIOUS).iterdir()
+    assert sorted(p.name for p in earlier.iterdir()) == ["baseline_fp", "coverage.csv", "layer_stats.csv",
+                                                          "results.json"]
+    assert (earlier / "results.json").read_text() == "earlier run"
+    assert not (out / ".lock").exists()
 
 
 def test_sweep_summary_uses_only_this_sweeps_jobs(tmp_path):
@@ -517,17 +539,223 @@ def test_sweep_summary_uses_only_this_sweeps_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     for job, (sweep_id, files) in enumerate([("new", {"results.json": {"metrics": {"fid": 3.0}}}),
                                              ("new", {"results.json": {"metrics": {"fid": 1.0}},
-                                                      "failed.json": {"error": "ValueError: bad"}}),
+                                                      FAILED: "ValueError: bad\n"}),
                                              ("old", {"results.json": {"metrics": {"fid": 2.0}}})]):
         (sweep / str(job) / ".hydra").mkdir(parents=True)
         (sweep / str(job) / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
         (sweep / str(job) / SWEEP_ID_FILE).write_text(sweep_id)
         for name, content in files.items():
-            (sweep / str(job) / name).write_text(json.dumps(content))
+            (sweep / str(job) / name).write_text(content if name == FAILED else json.dumps(content))
     (sweep / SWEEP_ID_FILE).write_text("new")
     rows, swept = collect_rows(sweep)
     assert [(r["seed"], r["status"]) for r in rows] == [("0", "ok"), ("1", "failed: ValueError: bad")]
     assert swept == ["seed"]
+
+
+# ------------------------------------------------------- run folders through run.py
+# The shipped digits model, few images and steps: each run takes seconds.
+QUICK_EVAL = ["fid.num_images=10", "fid.chunk_size=10", "sampler.steps=2", "sampler.method=euler",
+              "calibration.num_images=8", "calibration.batch_size=8", "compare_fp=false",
+              "eval.layer_stats_images=0"]
+
+
+def run_with_fault(fault: str, args, tmp_path, check=False):
+    """`python run.py *args` with `fault` (Python source) run first in the same process: a
+    failure the machine would cause (a full disk, a folder made read-only) at a chosen point."""
+    argv = ["run.py", *args, f"paths.cache_dir={tmp_path / 'cache'}"]
+    script = (f"{fault}\nimport runpy, sys\nsys.argv = {argv!r}\n"
+              f"runpy.run_path({str(ROOT / 'run.py')!r}, run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", script], check=False, cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "WANDB_MODE": "offline"}, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def folder_state(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_run_leaves_the_earlier_run_in_its_folder_as_it_was(tmp_path):
+    out = tmp_path / "out"
+    run([*QUICK_EVAL, f"hydra.run.dir={out}"], tmp_path)
+    earlier = folder_state(out)
+    assert ".hydra/config.yaml" in earlier and "results.json" in earlier and "run.log" in earlier
+    # without overwrite=true: refused in one line, before Hydra rewrites .hydra/
+    refused = run([*QUICK_EVAL, "seed=1", f"hydra.run.dir={out}"], tmp_path, check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip() == (f"error: {out} holds the outputs of an earlier run (.hydra, calibration.pt, "
+                                      f"coverage.csv, csv, ...); choose another folder (hydra.run.dir=..., "
+                                      f"hydra.sweep.dir=...), or pass overwrite=true to move them to "
+                                      f"{out / PREVIOUS}/<timestamp>/")
+    assert folder_state(out) == earlier
+    # overwrite=true but bad input: refused by the checks; the earlier run is back in place
+    missing = tmp_path / "nowhere.pt"
+    bad = run([*QUICK_EVAL, "overwrite=true", f"quant.calibration_file={missing}", f"hydra.run.dir={out}"],
+              tmp_path, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: quant.calibration_file: no such file: {missing}"
+    assert folder_state(out) == earlier and not (out / PREVIOUS).exists()
+    # overwrite=true: the earlier run moves to previous/<timestamp>/, whole
+    proc = run([*QUICK_EVAL, "overwrite=true", "fid.num_images=6", f"hydra.run.dir={out}"], tmp_path)
+    (moved,) = (out / PREVIOUS).iterdir()
+    assert folder_state(moved) == earlier
+    assert f"the earlier run in {out} is now in {moved}" in proc.stderr
+    assert json.loads((out / "results.json").read_text())["num_images"] == 6
+    assert not (out / LOCK).exists() and not (out / FAILED).exists()
+
+
+def test_one_run_per_folder_at_a_time_and_stale_leftovers_are_cleared(tmp_path):
+    import time
+
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *QUICK_EVAL, f"hydra.run.dir={out}",
+                              f"paths.cache_dir={tmp_path / 'cache'}"], cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / LOCK).exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    second = run([*QUICK_EVAL, "overwrite=true", f"hydra.run.dir={out}"], tmp_path, check=False)
+    assert second.returncode == 2
+    assert second.stderr.strip().startswith(f"error: {out}: another run (pid {first.pid}, started ")
+    assert len(second.stderr.strip().splitlines()) == 1
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert not (out / PREVIOUS).exists() and not (out / LOCK).exists()
+    log = (out / "run.log").read_text()
+    assert "overwrite" not in log and log.count("quantized 12 layers") == 1  # the log of one run
+    # a run killed by SIGKILL leaves its lock (its process is gone) and a write's temporary
+    (out / LOCK).write_text(json.dumps({"pid": 2 ** 22 + 1, "host": os.uname().nodename, "started": "then"}))
+    stale = out / ".results.json.0a1b2c3d.tmp"
+    stale.write_text("{")
+    run([*QUICK_EVAL, "overwrite=true", f"hydra.run.dir={out}"], tmp_path)
+    assert not stale.exists() and not (out / LOCK).exists()
+    assert not [p for p in (out / PREVIOUS).rglob("*.tmp")]
+
+
+def test_a_run_failing_after_its_start_leaves_the_failed_marker(tmp_path):
+    """A full disk when results.json is written: one line, exit 2, FAILED holding the error,
+    and no results.json; the files written before stay (the marker says they are partial)."""
+    out = tmp_path / "out"
+    fault = ("import errno, jit.atomic as atomic\n"
+             "create = atomic._create_temporary\n"
+             "def full(path):\n"
+             "    if path.name == 'results.json':\n"
+             "        raise OSError(errno.ENOSPC, 'No space left on device', str(path))\n"
+             "    return create(path)\n"
+             "atomic._create_temporary = full")
+    proc = run_with_fault(fault, [*QUICK_EVAL, f"hydra.run.dir={out}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: no space left on {out / 'results.json'}"
+    assert "Traceback" not in proc.stderr
+    assert (out / FAILED).read_text() == f"no space left on {out / 'results.json'}\n"
+    assert not (out / "results.json").exists() and (out / "calibration.pt").exists()
+    assert (out / ".hydra" / "config.yaml").exists() and not (out / LOCK).exists()
+
+
+def test_a_folder_made_read_only_mid_run_ends_in_one_line(tmp_path):
+    """Once calibration.pt is written, nothing more can be created or removed in the run
+    folder (as after chmod a-w; simulated, since root ignores permissions): one line naming
+    the file and that the marker could not be written, no traceback from any clean-up."""
+    out = tmp_path / "out"
+    fault = ("import errno, os, pathlib, jit.atomic as atomic\n"
+             f"out = pathlib.Path({str(out)!r})\n"
+             "def guarded(fn):\n"
+             "    def call(path, *args, **kwargs):\n"
+             "        if (out / 'calibration.pt').exists() and pathlib.Path(path).parent == out:\n"
+             "            raise PermissionError(errno.EACCES, 'Permission denied', str(path))\n"
+             "        return fn(path, *args, **kwargs)\n"
+             "    return call\n"
+             "atomic._create_temporary = guarded(atomic._create_temporary)\n"
+             "os.unlink = guarded(os.unlink)\n"
+             "os.rmdir = guarded(os.rmdir)")
+    proc = run_with_fault(fault, [*QUICK_EVAL, f"hydra.run.dir={out}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (f"error: cannot write {out / 'coverage.csv'}: permission denied; the marker "
+                    f"{out / FAILED} could not be written (permission denied)"), last
+    assert not (out / "results.json").exists()
+
+
+def test_export_onto_its_own_checkpoint_is_refused_before_work(trained_tiny, tmp_path):
+    import hashlib
+
+    ckpt = trained_tiny / "checkpoints" / "last.ckpt"
+    alias = tmp_path / "alias.ckpt"
+    alias.symlink_to(ckpt)
+    before = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    for target in (ckpt, alias):
+        proc = run(["task=export", f"ckpt_path={ckpt}", f"export.out_path={target}",
+                    f"hydra.run.dir={tmp_path / 'export'}"], tmp_path, check=False)
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == (f"error: export.out_path: {target} is the checkpoint being exported "
+                                       "(ckpt_path); writing there would replace its optimizer and resume "
+                                       "state: choose another file")
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == before
+    assert not (tmp_path / "export").exists()
+
+
+def test_a_disk_filling_during_a_sweep_ends_it_in_one_line_and_the_summary_lists_every_job(tmp_path):
+    """Once the first job's results are written the disk is full: the sweep stops with one
+    line (no traceback, exit code 2), and the summary rebuilt later lists all three jobs."""
+    sweep = tmp_path / "sweep"
+    fault = ("import builtins, errno, os, pathlib, jit.atomic as atomic\n"
+             f"sweep = pathlib.Path({str(sweep)!r})\n"
+             "def full(path):\n"
+             "    if (sweep / '0' / 'results.json').exists() and sweep in pathlib.Path(path).absolute().parents:\n"
+             "        raise OSError(errno.ENOSPC, 'No space left on device', str(path))\n"
+             "create, mkdir, open_ = atomic._create_temporary, os.mkdir, builtins.open\n"
+             "def create_(path):\n"
+             "    full(path)\n"
+             "    return create(path)\n"
+             "def mkdir_(path, *args, **kwargs):\n"
+             "    full(path)\n"
+             "    return mkdir(path, *args, **kwargs)\n"
+             "def opened(file, mode='r', *args, **kwargs):\n"
+             "    if isinstance(file, (str, os.PathLike)) and any(c in mode for c in 'wax+'):\n"
+             "        full(file)\n"
+             "    return open_(file, mode, *args, **kwargs)\n"
+             "atomic._create_temporary, os.mkdir, builtins.open = create_, mkdir_, opened")
+    proc = run_with_fault(fault, ["-m", *QUICK_EVAL, "quant.mode=dynamic", "quant.adc.bits=4,6,8",
+                                  f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: no space left on {sweep / 'summary.csv'}; "
+                                                            "the sweep stops here")
+    rebuilt = subprocess.run([sys.executable, "-m", "jit.sweep", str(sweep)], check=False, cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert rebuilt.returncode == 1
+    with open(sweep / "summary.csv") as f:
+        rows = [(r["quant.adc.bits"], r["status"]) for r in csv.DictReader(f)]
+    assert rows == [("4", "ok"), ("6", "not started"), ("8", "not started")]
+
+
+@pytest.mark.parametrize("signum, code", [(15, 143), (2, 130)])
+def test_a_stop_signal_ends_an_evaluation_within_a_batch(tmp_path, signum, code):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "run.py"), *QUICK_EVAL, "fid.num_images=2000", "fid.chunk_size=4",
+           f"hydra.run.dir={out}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
+    deadline = time.monotonic() + 300
+    while not (out / "calibration.pt").exists():  # calibrated: generation runs
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    time.sleep(2)
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    stopped_after = time.monotonic() - sent
+    name = signal.Signals(signum).name
+    assert proc.returncode == code, err[-3000:]
+    assert stopped_after < 10, stopped_after  # one batch of 4 images takes well under a second
+    assert err.strip().splitlines()[-1] == f"interrupted by {name} (exit code {code})"
+    assert (out / FAILED).read_text() == f"interrupted by {name} (exit code {code})\n"
+    assert not (out / "results.json").exists() and not (out / LOCK).exists()
 
 
 # ------------------------------------------------------------------ packaging

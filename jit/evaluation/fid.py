@@ -48,6 +48,7 @@ from jit.metrics.fid import GaussianStats, InceptionScoreStats, all_reduce_sum, 
 from jit.metrics.reference import reference_stats, stats_digest
 from jit.models.compile import compiled_forward
 from jit.models.denoiser import NonFiniteSampleError
+from jit.provenance import provenance
 from jit.quant import sample_context
 from jit.sample_plan import DEFAULT_CHUNK_SIZE
 
@@ -450,6 +451,7 @@ class FIDEvaluation:
             "world_size": world,
             "precision": self._precision(trainer, denoiser, device),
             "package_version": package_version(),
+            **provenance(),
             "chunk_size": cfg.chunk_size,
             **self.extra,
             # Flat keys ("weights.bits") so sweeps can tabulate runs; the caller's config wins.

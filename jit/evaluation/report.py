@@ -66,7 +66,12 @@ def energy_columns(energy: dict) -> dict[str, str]:
     INT8 (the float row shows the baseline's energy: a digital accelerator runs it)."""
     if "energy_per_image_uJ" not in energy:
         return {}
-    change = round(-100 * energy["saving_vs_digital_int8"], 1)
-    # An equal energy reads 0.0%, never -0.0% (a saving of 0 negated, or one below 0.05%).
     return {"uJ/image": f"{energy['energy_per_image_uJ']:.4g}",
-            "vs_int8": f"{change:+.1f}%" if change != 0 else "0.0%"}
+            "vs_int8": energy_change(energy["saving_vs_digital_int8"])}
+
+
+def energy_change(saving: float) -> str:
+    """A saving vs the digital INT8 baseline (0.57) as the change in energy: -57.0%. An
+    equal energy reads 0.0%, never -0.0% (a saving of 0 negated, or one below 0.05%)."""
+    change = round(-100 * saving, 1)
+    return f"{change:+.1f}%" if change != 0 else "0.0%"
