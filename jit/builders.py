@@ -217,7 +217,7 @@ def latest_checkpoint(folder: Path) -> str:
 def finetune_callbacks(cfg: DictConfig, run: RunSettings) -> list:
     """The hardware in the training loop (finetune.hardware_aware), or freezing alone."""
     from jit.callbacks.hardware_aware import HardwareInTheLoop, TrainablePatterns
-    from jit.finetune import training_quant_config
+    from jit.settings import training_quant_config
 
     settings = run.finetune
     if not settings.hardware_aware:

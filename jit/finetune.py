@@ -22,117 +22,21 @@ with the same seeds and images, at `quant` merged with each listed override
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
+from jit.builders import checkpoint_kind
+from jit.checks import check_before_generation, check_checkpoint_settings
 from jit.config import ConfigError, to_plain
+from jit.settings import FinetuneSettings, RunSettings, merged, parse_settings
 
-__all__ = ["FinetuneSettings", "check_comparison", "compare_after_training", "freeze_all_but", "training_quant_config"]
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneSettings:
-    """The validated `finetune` section (defaults and allowed values: jit.config.FinetuneSchema)."""
-
-    init_weights: str
-    trainable: tuple[str, ...]
-    hardware_aware: bool
-    noise_sigma_lsb: float | None
-    ranges: str | None
-    recalibrate_every_n_steps: int
-    compare: tuple[dict, ...]
-
-
-def settings_from(cfg: DictConfig, quant) -> FinetuneSettings:
-    """Parse `cfg.finetune` once, with the checks that depend on the task and on `quant`
-    (the run's parsed QuantConfig)."""
-    plain = to_plain(cfg)
-    ft = plain["finetune"]
-    qcfg = None
-    hardware_only = {"noise_sigma_lsb": None, "ranges": None, "recalibrate_every_n_steps": 0}
-    if ft["hardware_aware"]:
-        if str(plain["task"]) != "train":
-            raise ConfigError(f"finetune.hardware_aware: applies to task=train only (got task={plain['task']})")
-        qcfg = quant
-        if qcfg.scheme == "fp":
-            raise ConfigError("finetune.hardware_aware=true needs a quantized scheme: choose quant=hybrid_w8a11, "
-                              "bitserial_w8a12, w8a8, ... (got quant.scheme=fp)")
-    else:
-        for key, default in hardware_only.items():
-            if ft[key] != default:
-                raise ConfigError(f"finetune.{key}: only used with finetune.hardware_aware=true")
-    ranges = ft["ranges"] or (qcfg.mode if qcfg is not None else None)
-    if ft["recalibrate_every_n_steps"] and ranges != "static":
-        raise ConfigError("finetune.recalibrate_every_n_steps: only used with static ranges while training "
-                          f"(finetune.ranges=static, or quant.mode=static); the ranges are {ranges}")
-    if ft["compare"]:
-        from jit.quant import build_quant_config
-
-        for i, point in enumerate(ft["compare"]):  # checked now, not after hours of training
-            try:
-                build_quant_config(_merge(plain["quant"], point))
-            except ValueError as err:
-                raise ConfigError(f"finetune.compare[{i}]: {err}") from err
-        if str(plain["task"]) != "train":
-            raise ConfigError(f"finetune.compare: applies to task=train only (got task={plain['task']})")
-        if plain["ckpt_path"] is None:
-            raise ConfigError("finetune.compare: needs a start checkpoint to compare with (ckpt_path=...)")
-    return FinetuneSettings(
-        init_weights=ft["init_weights"],
-        trainable=tuple(ft["trainable"]),
-        hardware_aware=bool(ft["hardware_aware"]),
-        noise_sigma_lsb=ft["noise_sigma_lsb"],
-        ranges=ranges,
-        recalibrate_every_n_steps=int(ft["recalibrate_every_n_steps"]),
-        compare=tuple(dict(p) for p in ft["compare"]),
-    )
-
-
-def training_quant_config(quant, settings: FinetuneSettings):
-    """The hardware the training forward runs: `quant` with the training noise and ranges."""
-    from jit.quant import build_quant_config
-
-    plain = build_quant_config(quant).to_dict()
-    if settings.ranges is not None:
-        plain["mode"] = settings.ranges
-    if settings.noise_sigma_lsb is not None:
-        plain["adc"]["noise_sigma_lsb"] = settings.noise_sigma_lsb
-    if plain["mode"] == "dynamic":
-        plain["calibration_file"] = None  # dynamic ranges follow the weights as they train
-    return build_quant_config(plain)
-
-
-def freeze_all_but(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Freeze every parameter whose name matches none of `patterns`; return the trained names.
-
-    A pattern that matches nothing is an error naming `finetune.trainable` and some names.
-    """
-    names = [name for name, _ in model.named_parameters()]
-    for pattern in patterns:
-        if not fnmatch.filter(names, pattern):
-            raise ConfigError(f"finetune.trainable: pattern {pattern!r} matches no parameter; "
-                              f"names look like {names[:3] + names[-2:]}")
-    trained = []
-    for name, param in model.named_parameters():
-        keep = any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
-        param.requires_grad_(keep)
-        if keep:
-            trained.append(name)
-    return trained
+__all__ = ["check_comparison", "compare_after_training", "comparison_table", "point_label"]
 
 
 # ----------------------------------------------------------------- after training --
-def _merge(base: Mapping, override: Mapping) -> dict:
-    """`base` with `override` merged in depth, as plain containers."""
-    return OmegaConf.to_container(OmegaConf.merge(base, override))
-
-
 def point_label(qcfg) -> str:
     """A design point in a few words: scheme, mode, ADC bits and noise."""
     if qcfg.scheme == "fp":
@@ -158,7 +62,7 @@ def _comparison_run(cfg: DictConfig, qcfg, tag: str, index: int, checkpoint: str
 def _points(cfg: DictConfig, settings: FinetuneSettings) -> list:
     from jit.quant import build_quant_config
 
-    return [build_quant_config(_merge(to_plain(cfg.quant), override)) for override in settings.compare]
+    return [build_quant_config(merged(to_plain(cfg.quant), override)) for override in settings.compare]
 
 
 def check_comparison(cfg: DictConfig, settings: FinetuneSettings, module, datamodule, start: str | None) -> None:
@@ -167,10 +71,6 @@ def check_comparison(cfg: DictConfig, settings: FinetuneSettings, module, datamo
     inputs and file, the quantization targets, the feature extractor and the reference
     statistics are checked as `task=eval` checks them (jit.checks), on the model being
     trained (the trained checkpoint has its architecture)."""
-    from jit.builders import checkpoint_kind
-    from jit.checks import check_before_generation, check_checkpoint_settings
-    from jit.settings import parse_settings
-
     if not settings.compare:
         return
     if start is None:
@@ -188,18 +88,17 @@ def check_comparison(cfg: DictConfig, settings: FinetuneSettings, module, datamo
             raise ConfigError(f"finetune.compare[{i}] ({point_label(qcfg)}): {err}") from err
 
 
-def compare_after_training(cfg: DictConfig, settings: FinetuneSettings, start: str, trained: str) -> dict:
+def compare_after_training(cfg: DictConfig, settings: FinetuneSettings, start: str, trained: str,
+                           evaluate: Callable[[DictConfig, RunSettings], dict]) -> dict:
     """Evaluate `start` and `trained` (official checkpoints) at every `finetune.compare` point.
 
-    Each evaluation is the normal `task=eval` pipeline (static mode calibrates from the
-    weights it evaluates) with this run's fid, sampler, calibration and seeds, in
+    Each evaluation is `evaluate`, the normal `task=eval` task (jit.tasks.evaluate, handed
+    in by the task that trained; static mode calibrates from the weights it evaluates),
+    with this run's fid, sampler, calibration and seeds, in
     `<run>/compare/{start,trained}_<i>/`; the first point also evaluates both in float.
     `check_comparison` has checked them all before training. Writes
     `<run>/finetune_comparison.json` and returns it.
     """
-    from jit.settings import parse_settings
-    from jit.tasks import evaluate
-
     run_dir = Path(cfg.paths.output_dir)
     rows = []
     for i, qcfg in enumerate(_points(cfg, settings)):

@@ -92,7 +92,7 @@ def train(cfg: DictConfig, run: RunSettings) -> dict:
     result = {"checkpoint": str(out), "global_step": int(trainer.global_step)}
     if settings.compare:
         trainer.strategy.barrier()  # every rank evaluates; rank 0 has just written the file
-        result["comparison"] = compare_after_training(cfg, settings, module.init_source, str(out))
+        result["comparison"] = compare_after_training(cfg, settings, module.init_source, str(out), evaluate)
     return result
 
 

@@ -251,7 +251,7 @@ def test_training_without_a_logger_and_without_a_terminal_prints_plain_progress(
 
 
 def test_hardware_aware_recipes_train_the_ffn_weights_the_hardware_runs(tmp_path):
-    from jit.finetune import freeze_all_but
+    from jit.callbacks.hardware_aware import freeze_all_but
     from jit.models import Denoiser, build_jit
 
     for args in (["experiment=digits_hwa"], ["experiment=jit_b16_in256_hwa", "data.root=/data/imagenet"]):

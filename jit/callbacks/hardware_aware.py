@@ -15,14 +15,36 @@ interrupted one had instead of calibrating again from weights it has moved on fr
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
-from jit.finetune import freeze_all_but
+from jit.config import ConfigError
 from jit.quant import artefact as art
 from jit.quant import quantize_model
+
+
+def freeze_all_but(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Freeze every parameter whose name matches none of `patterns`; return the trained names.
+
+    A pattern that matches nothing is an error naming `finetune.trainable` and some names.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            raise ConfigError(f"finetune.trainable: pattern {pattern!r} matches no parameter; "
+                              f"names look like {names[:3] + names[-2:]}")
+    trained = []
+    for name, param in model.named_parameters():
+        keep = any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+        param.requires_grad_(keep)
+        if keep:
+            trained.append(name)
+    return trained
 
 
 class TrainablePatterns(L.Callback):
@@ -43,7 +65,7 @@ class TrainablePatterns(L.Callback):
 class HardwareInTheLoop(TrainablePatterns):
     """Train `pl_module.denoiser` through the simulated hardware of `quant`.
 
-    quant:       the training QuantConfig (jit.finetune.training_quant_config).
+    quant:       the training QuantConfig (jit.settings.training_quant_config).
     calibration: the `calibration` section, used in static mode.
     trainable:   fnmatch patterns of the Denoiser parameters that train.
     recalibrate_every_n_steps: static mode: recalibrate at global steps N, 2N, ...; 0: never.
