@@ -97,6 +97,7 @@ def settings_from(cfg: DictConfig, quant) -> FinetuneSettings:
 def training_quant_config(quant, settings: FinetuneSettings):
     """The hardware the training forward runs: `quant` with the training noise and ranges."""
     from jit.quant import build_quant_config
+    from jit.quant import device as device_model
 
     plain = build_quant_config(quant).to_dict()
     if settings.ranges is not None:
@@ -105,6 +106,9 @@ def training_quant_config(quant, settings: FinetuneSettings):
         plain["adc"]["noise_sigma_lsb"] = settings.noise_sigma_lsb
     if plain["mode"] == "dynamic":
         plain["calibration_file"] = None  # dynamic ranges follow the weights as they train
+    # The devices inject their programming noise alone, a fresh draw per step (the
+    # HardwareInTheLoop callback keys it on the step): the weights learn to tolerate it.
+    plain["device"] = device_model.training_draw(build_quant_config(quant).device)
     return build_quant_config(plain)
 
 
@@ -156,7 +160,8 @@ def compare_after_training(cfg: DictConfig, settings: FinetuneSettings, start: s
     run_dir = Path(cfg.paths.output_dir)
     rows = []
     for i, override in enumerate(settings.compare):
-        qcfg = build_quant_config(_merge(to_plain(cfg.quant), override))  # errors name quant.* keys
+        qcfg = build_quant_config(_merge(to_plain(cfg.quant), override),  # errors name quant.* keys
+                                  device=cfg.get("device"))
         row = {"point": point_label(qcfg), "quant": qcfg.to_dict()}
         for tag, path in (("start", start), ("trained", trained)):
             sub = OmegaConf.merge(cfg, {

@@ -6,6 +6,7 @@ call, take these objects and never parse those sections again. Each type validat
 own section and names the key it rejects:
 
     quant        jit.quant.QuantConfig                     jit/quant/config.py
+    device       jit.quant.DeviceConfig, as quant.device   jit/quant/config.py
     calibration  jit.evaluation.calibration.CalibrationConfig
     fid          jit.evaluation.fid.FIDConfig
     hardware     jit.hardware.HardwareConfig               jit/hardware/config.py
@@ -47,7 +48,7 @@ def parse_settings(cfg: DictConfig) -> RunSettings:
     from jit.hardware import build_hardware_config
     from jit.quant import build_quant_config
 
-    quant = build_quant_config(cfg.quant)
+    quant = build_quant_config(cfg.quant, device=cfg.get("device"))
     return RunSettings(
         quant=quant,
         calibration=CalibrationConfig.from_any(cfg.calibration),
