@@ -83,3 +83,15 @@ def test_cli_builds_the_summary_of_a_stopped_sweep(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "jit.sweep", str(tmp_path / "nowhere")], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and missing.stderr.strip() == f"error: sweep folder not found: {tmp_path / 'nowhere'}"
+
+
+def test_time_since_programming_is_plotted_on_a_log_axis_per_compensation():
+    rows = [{"device.t_inference_s": t, "device.drift_compensation": comp, "fid": f, "status": "ok"}
+            for t, f in ((1.0, 5.0), (3600.0, 6.0), (31536000.0, 9.0))
+            for comp in ("none", "global")]
+    fig, metric = plot_figure(rows, ["device.drift_compensation", "device.t_inference_s"])
+    ax = fig.axes[0]
+    assert metric == "fid" and ax.get_xscale() == "log"
+    assert ax.get_xlabel() == "device.t_inference_s"
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels == ["device.drift_compensation=global", "device.drift_compensation=none"]
