@@ -80,6 +80,14 @@ class Slicing(NamedTuple):
     sparse_digital: bool
 
 
+class ReadNoise(NamedTuple):
+    """The devices' read noise of one tile's reads (reference.read_noise_std_codes)."""
+
+    codes: torch.Tensor  # the path's input codes on this tile's rows, [tokens, rows]
+    variance_t: torch.Tensor  # per weight and read, code units^2, [rows, out_features]
+    reads: int
+
+
 class ArrayCall(NamedTuple):
     """What the analog and digital stages of one call need from the layer."""
 
@@ -214,13 +222,14 @@ def _add_product(codes: Codes, weights: WeightCodes, rows: slice, out: torch.Ten
 
 # ----- ADC ------------------------------------------------------------------------------
 def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
-                 noise_sigma_codes: float | torch.Tensor = 0.0, noise: SampleNoise | None = None,
-                 count_saturated: bool = False, errors: ConverterErrors | None = None
-                 ) -> int | torch.Tensor:
+                 noise_sigma_codes: float = 0.0, noise: SampleNoise | None = None,
+                 count_saturated: bool = False, errors: ConverterErrors | None = None,
+                 read_noise: ReadNoise | None = None) -> int | torch.Tensor:
     """In place on a 2-D accumulation: acc -> clamp(round(acc/step + e), -2^(n-1), 2^(n-1)-1)
-    with e ~ N(0, noise_sigma_codes^2); `noise_sigma_codes` a number or one std per element
-    (the devices' read noise, reference.read_noise_std_codes). With `errors` the real
-    converters (reference.adc_transfer) replace the rounding.
+    with e ~ N(0, noise_sigma_codes^2), or with `read_noise` one std per element: the thermal
+    sigma and the devices' read noise (reference.read_noise_std_codes, computed per row
+    block while it is in cache). With `errors` the real converters (reference.adc_transfer)
+    replace the rounding.
 
     The thermal noise is referred to the ADC input and expressed in ADC steps (DESIGN.md:
     N(0, (sigma_lsb * s_adc)^2 / K) on `a`), so it is drawn with that std directly in the
@@ -231,7 +240,7 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
     `count_saturated` (a 0-d device tensor: no host sync), else 0.
     """
     code_max = qmax(bits)
-    per_element = isinstance(noise_sigma_codes, torch.Tensor)
+    per_element = read_noise is not None
     if not per_element and noise_sigma_codes <= 0:
         noise = None
     elif noise is None:
@@ -255,7 +264,9 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
                 buf[segment].normal_(0.0, 1.0 if per_element else noise_sigma_codes,
                                      generator=generator)
             if per_element:
-                buf.mul_(noise_sigma_codes[rows])
+                buf.mul_(read_noise_std_codes(read_noise.codes[rows], read_noise.variance_t,
+                                              noise_sigma_codes, step[rows] if per_row else step,
+                                              read_noise.reads))
             if per_row:
                 chunk.add_(buf)
             else:
@@ -324,18 +335,18 @@ def accumulate(split: Split, weights: WeightCodes, tokens: int, call: ArrayCall,
             step = 1.0
             if not adc.bypass:
                 step = call.adc_step(path.name, acc)
-                std = sigma
+                read_noise = None
                 if weights.read_variance_t is not None and call.noise is not None:
-                    std = read_noise_std_codes(path.codes[:, rows], weights.read_variance_t[rows],
-                                               sigma, step, path.reads)
+                    read_noise = ReadNoise(path.codes[:, rows], weights.read_variance_t[rows],
+                                           path.reads)
                 draw = None
-                if (sigma or isinstance(std, torch.Tensor)) and call.noise is not None:
+                if (sigma or read_noise is not None) and call.noise is not None:
                     draw = call.noise._replace(keys=[noise_key(key, path.index, tile_index)
                                                      for key in call.noise.keys])
-                saturated = adc_convert_(acc, step, adc.bits, std if draw else 0.0, draw,
+                saturated = adc_convert_(acc, step, adc.bits, sigma if draw else 0.0, draw,
                                          stats is not None,
-                                         (call.converters or {}).get((path.index, tile_index)))
-                del std
+                                         (call.converters or {}).get((path.index, tile_index)),
+                                         read_noise)
                 if stats is not None:
                     stats.observe_adc(acc.numel(), saturated)
             if unit is None:
