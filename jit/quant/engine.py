@@ -27,7 +27,13 @@ from .intmm import GROUP_ELEMENTS, Int8Weights, int8_linear, new_digits, write_d
 from .noise import noise_key
 from .plan import SampleNoise, blockwise, noise_blocks, row_blocks
 from .quantizers import qmax, round_
-from .reference import ConverterErrors, adc_transfer, converter_input, read_noise_std_codes
+from .reference import (
+    ConverterErrors,
+    adc_transfer,
+    converter_input,
+    read_noise_std_codes,
+    read_noise_variance,
+)
 
 # A step or scale: a Python number for the whole call, or a [rows, 1] tensor per row.
 RowScale = float | torch.Tensor
@@ -81,10 +87,9 @@ class Slicing(NamedTuple):
 
 
 class ReadNoise(NamedTuple):
-    """The devices' read noise of one tile's reads (reference.read_noise_std_codes)."""
+    """The devices' read noise of one tile's reads (reference.read_noise_variance)."""
 
-    codes: torch.Tensor  # the path's input codes on this tile's rows, [tokens, rows]
-    variance_t: torch.Tensor  # per weight and read, code units^2, [rows, out_features]
+    variance: torch.Tensor  # [tokens, out_features], accumulation units^2
     reads: int
 
 
@@ -227,8 +232,8 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
                  read_noise: ReadNoise | None = None) -> int | torch.Tensor:
     """In place on a 2-D accumulation: acc -> clamp(round(acc/step + e), -2^(n-1), 2^(n-1)-1)
     with e ~ N(0, noise_sigma_codes^2), or with `read_noise` one std per element: the thermal
-    sigma and the devices' read noise (reference.read_noise_std_codes, computed per row
-    block while it is in cache). With `errors` the real converters (reference.adc_transfer)
+    sigma and the devices' read noise (reference.read_noise_std_codes, per row block while
+    it is in cache). With `errors` the real converters (reference.adc_transfer)
     replace the rounding.
 
     The thermal noise is referred to the ADC input and expressed in ADC steps (DESIGN.md:
@@ -264,9 +269,8 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
                 buf[segment].normal_(0.0, 1.0 if per_element else noise_sigma_codes,
                                      generator=generator)
             if per_element:
-                buf.mul_(read_noise_std_codes(read_noise.codes[rows], read_noise.variance_t,
-                                              noise_sigma_codes, step[rows] if per_row else step,
-                                              read_noise.reads))
+                buf.mul_(read_noise_std_codes(read_noise.variance[rows], noise_sigma_codes,
+                                              step[rows] if per_row else step, read_noise.reads))
             if per_row:
                 chunk.add_(buf)
             else:
@@ -337,8 +341,10 @@ def accumulate(split: Split, weights: WeightCodes, tokens: int, call: ArrayCall,
                 step = call.adc_step(path.name, acc)
                 read_noise = None
                 if weights.read_variance_t is not None and call.noise is not None:
-                    read_noise = ReadNoise(path.codes[:, rows], weights.read_variance_t[rows],
-                                           path.reads)
+                    # One product for the whole tile; the std follows per row block.
+                    variance = read_noise_variance(path.codes[:, rows],
+                                                   weights.read_variance_t[rows])
+                    read_noise = ReadNoise(variance, path.reads)
                 draw = None
                 if (sigma or read_noise is not None) and call.noise is not None:
                     draw = call.noise._replace(keys=[noise_key(key, path.index, tile_index)

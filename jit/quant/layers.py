@@ -33,6 +33,13 @@ context: the row index and the layer's own count of noisy forwards, which `resee
 restarts). So a sample gets the same noise at any batch size, position, process count or
 order.
 
+Devices (`cfg.device`, device.py): unless ideal, the analog paths compute with the codes
+programmed into conductance pairs at device.t_inference_s (drawn from device.seed and the
+layer name, cached with the weight codes; `programming_draw` selects a fresh programming,
+as hardware-aware training does each step), read with the devices' read noise; the
+converters' DNL, INL, offset and gain (`cfg.adc`) are drawn once per layer. The exact
+digital path keeps the INT codes.
+
 Dynamic clips and ADC peaks are taken over `cfg.dynamic_scope`: one token, one sample
 (the input's leading dimension, the default) or the whole call (`batch`, the seed's
 behaviour). Per-sample and per-token steps are [rows, 1] tensors, one batched op each.

@@ -1,5 +1,7 @@
 """Executable specification of DESIGN.md "AIMC quantization": the hybrid W8A11, legacy
-bit-serial and W8A8 forwards as whole-tensor torch, one line per formula.
+bit-serial and W8A8 forwards as whole-tensor torch, one line per formula; with
+"Device non-idealities", the real converters and the devices' read noise at the ADC
+input (the programmed arrays themselves: device.py).
 
 Three users:
 - the tests, which hold the fast layers (layers.py, with their CPU row blocks and INT8
@@ -32,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from .config import QuantConfig
+from .config import AdcConfig, QuantConfig
 from .noise import noise_key
 from .quantizers import percentile_abs, qmax, weight_clip
 
@@ -203,8 +205,8 @@ class ConverterErrors(NamedTuple):
 _ADC_GAIN, _ADC_OFFSET, _ADC_EDGES = 1, 2, 3
 
 
-def converter_errors(adc_cfg, key: int, cols: int, device: torch.device, dtype: torch.dtype
-                     ) -> ConverterErrors:
+def converter_errors(adc_cfg: AdcConfig, key: int, cols: int, device: torch.device,
+                     dtype: torch.dtype) -> ConverterErrors:
     """Draw one array's converters from `key` (device seed, layer, path, tile): per
     column a gain 1 + N(0, gain_sigma^2), an offset N(0, offset_sigma^2) LSB, and, for DNL,
     each code edge c + 1/2 (between codes c and c + 1) moved by N(0, dnl_sigma^2) LSB.
@@ -249,15 +251,19 @@ def adc_transfer(v: torch.Tensor, errors: ConverterErrors, bits: int) -> torch.T
     return (below - (qmax(bits) + 1)).to(v.dtype)
 
 
-def read_noise_std_codes(codes: torch.Tensor, variance_t: torch.Tensor,
-                         thermal_sigma: float, step: torch.Tensor | float, reads: int
-                         ) -> torch.Tensor:
-    """Std (ADC steps, [rows, cols]) of the noise at the ADC input of one read of
-    a = codes @ W: the thermal sigma (already / sqrt(K)) and the devices' read noise, whose
-    independent per-device errors add sum_i x_i^2 var_i,j to a_j (`variance_t`: [in, out]),
-    averaged over K reads and referred to the ADC input (/ s_adc^2)."""
-    device_variance = (codes.square() @ variance_t) / (reads * step * step)
-    return torch.sqrt(device_variance + thermal_sigma * thermal_sigma)
+def read_noise_variance(codes: torch.Tensor, variance_t: torch.Tensor) -> torch.Tensor:
+    """Variance ([rows, cols], accumulation units^2) that the devices' read noise adds to
+    one read of a = codes @ W: independent per-device errors add sum_i x_i^2 var_i,j to
+    a_j (`variance_t`: per weight and read, [in, out])."""
+    return codes.square() @ variance_t
+
+
+def read_noise_std_codes(device_variance: torch.Tensor, thermal_sigma: float,
+                         step: torch.Tensor | float, reads: int) -> torch.Tensor:
+    """Std (ADC steps) of the noise at the ADC input: the thermal sigma (already
+    / sqrt(K)) and the devices' read noise `read_noise_variance`, averaged over K reads and
+    referred to the ADC input (/ s_adc^2)."""
+    return torch.sqrt(device_variance / (reads * step * step) + thermal_sigma * thermal_sigma)
 
 
 class ArrayDevices(NamedTuple):
@@ -382,8 +388,8 @@ def forward(x: torch.Tensor, w_int: torch.Tensor, w_step: torch.Tensor,
                 noise = None
                 std = sigma
                 if variance_t is not None:
-                    std = read_noise_std_codes(path.codes[:, rows], variance_t[rows], sigma,
-                                               step, path.reads)
+                    variance = read_noise_variance(path.codes[:, rows], variance_t[rows])
+                    std = read_noise_std_codes(variance, sigma, step, path.reads)
                 if (variance_t is not None or sigma) and noise_keys is not None:
                     keys = mix_keys(mix_keys(noise_keys, path_index), tile_index)
                     noise = thermal_noise(keys, rows_per_sample, a.shape[1], a.dtype) * std
