@@ -46,13 +46,17 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from jit.models.compile import compiled_forward
 from jit.quant import adc_bypassed, build_quant_config, percentile_abs, plan, sample_context
 from jit.quant.layers import LAYER_CLASSES
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 SHAPES = [  # (label, in_features, out_features, tokens per sample, batches)
     ("JiT-B/16 FFN", 768, 4096, 288, (2, 8)),
@@ -60,13 +64,20 @@ SHAPES = [  # (label, in_features, out_features, tokens per sample, batches)
     ("digits JiT-S/4 FFN", 128, 682, 32, (128, 256)),
     ("digits JiT-S/4 FFN", 341, 128, 32, (128, 256)),
 ]
+PCM_ONE_DAY = {**OmegaConf.to_container(OmegaConf.load(CONFIGS / "device" / "pcm.yaml")),
+               "t_inference_s": 86400.0}
 TINY_SHAPES = [("tiny", 48, 80, 12, (2,))]
-CASES = [  # (label, preset overrides, mode)
-    ("hybrid", {"scheme": "hybrid"}, "dynamic"),
-    ("hybrid", {"scheme": "hybrid"}, "static"),
-    ("bitserial K=2", {"scheme": "bitserial"}, "dynamic"),
-    ("bitserial K=2", {"scheme": "bitserial"}, "static"),
-    ("w8a8", {"scheme": "w8a8"}, "dynamic"),
+CASES = [  # (label, preset overrides, mode, device or None)
+    ("hybrid", {"scheme": "hybrid"}, "dynamic", None),
+    ("hybrid", {"scheme": "hybrid"}, "static", None),
+    # Programmed PCM arrays one day after programming, without and with the read noise of
+    # every read: the difference is what read noise costs.
+    ("hybrid pcm, no read noise", {"scheme": "hybrid"}, "static",
+     {**PCM_ONE_DAY, "read_noise_scale": 0.0}),
+    ("hybrid pcm", {"scheme": "hybrid"}, "static", PCM_ONE_DAY),
+    ("bitserial K=2", {"scheme": "bitserial"}, "dynamic", None),
+    ("bitserial K=2", {"scheme": "bitserial"}, "static", None),
+    ("w8a8", {"scheme": "w8a8"}, "dynamic", None),
 ]
 
 
@@ -114,8 +125,9 @@ def paired_ms(fn, reference, runs: int) -> tuple[float, float]:
     return 1e3 * statistics.median(times), statistics.median(ratios)
 
 
-def build(linear: nn.Linear, overrides: dict, mode: str, x: torch.Tensor) -> nn.Module:
-    cfg = build_quant_config({**overrides, "mode": mode})
+def build(linear: nn.Linear, overrides: dict, mode: str, x: torch.Tensor,
+          device: dict | None = None) -> nn.Module:
+    cfg = build_quant_config({**overrides, "mode": mode}, device=device)
     layer = LAYER_CLASSES[cfg.scheme].from_linear(linear, cfg, "bench")
     if mode == "static":
         adc_peaks: dict[str, float] = {}
@@ -195,34 +207,44 @@ def machine() -> str:
     return f"{model} ({', '.join(vector) or 'no AVX2'}), {os.cpu_count()} logical CPUs"
 
 
-def cases(tiny: bool = False):
+def cases(shapes: str | None = None, rows: str | None = None, tiny: bool = False):
     """(shape label, batch label, input, [(row label, mode, module)]) per input, nn.Linear
-    first; modules are built lazily so that only one set is alive at a time."""
+    first; modules are built lazily so that only one set is alive at a time. `shapes`,
+    `rows`: only the shapes, scheme rows whose label contains that text; `tiny`: the tiny
+    shape instead, without compiled rows."""
     for label_shape, in_features, out_features, tokens, batches in (
             TINY_SHAPES if tiny else SHAPES):
+        if shapes and shapes not in label_shape:
+            continue
         torch.manual_seed(0)
         with torch.inference_mode(False):  # parameters, even when iterated under inference
             linear = nn.Linear(in_features, out_features)
         for batch in batches:
             x = torch.distributions.StudentT(3.0).sample((batch, tokens, in_features))
             yield (f"{label_shape} {in_features}->{out_features}", f"{batch} x {tokens}",
-                   x.contiguous(), _modules(linear, x, compiled=not tiny))
+                   x.contiguous(), _modules(linear, x, rows, compiled=not tiny))
 
 
-def _modules(linear: nn.Linear, x: torch.Tensor, compiled: bool):
+def _modules(linear: nn.Linear, x: torch.Tensor, rows: str | None = None,
+             compiled: bool = True):
     yield "nn.Linear", "-", linear
-    for label, overrides, mode in CASES:
-        layer = build(linear, overrides, mode, x)
+    for label, overrides, mode, device in CASES:
+        if rows and rows not in label:
+            continue
+        layer = build(linear, overrides, mode, x, device)
         yield label, mode, layer
-        if overrides["scheme"] == "hybrid":
+        if overrides["scheme"] == "hybrid" and device is None:
             for row, module in reference_rows(layer, x, compiled):
                 yield row, mode, module
 
 
-def peak_table(tiny: bool) -> None:
+FILTERS: list = [None, None, False]  # --shapes, --rows, --tiny, for the peak-memory child
+
+
+def peak_table() -> None:
     """Child process: one JSON line per row, {key: peak bytes of one call}."""
     with torch.inference_mode():
-        for shape, rows, x, modules in cases(tiny):
+        for shape, rows, x, modules in cases(*FILTERS):
             for label, mode, module in modules:
                 peak = min(peak_bytes(functools.partial(module, x)) for _ in range(3))
                 print(json.dumps({"key": [label, mode, shape, rows], "peak": peak}), flush=True)
@@ -248,13 +270,16 @@ def main() -> None:
     parser.add_argument("--block-elements", type=int, default=plan.CHUNK_ELEMENTS,
                         help="elements per row block of the CPU plan (plan."
                              "CHUNK_ELEMENTS; default %(default)s); 0: whole tensors")
-    parser.add_argument("--peak-memory", action="store_true",
-                        help="internal: print peak memory rows as JSON and exit")
+    parser.add_argument("--shapes", default=None,
+                        help="only the shapes whose label contains this text (e.g. 'JiT-B/16')")
+    parser.add_argument("--rows", default=None,
+                        help="only the scheme rows whose label contains this text (e.g. "
+                             "'pcm'), after nn.Linear")
     parser.add_argument("--tiny", action="store_true",
                         help="one small shape, one run, no compiled rows (smoke run)")
+    parser.add_argument("--peak-memory", action="store_true",
+                        help="internal: print peak memory rows as JSON and exit")
     args = parser.parse_args()
-    if args.tiny:
-        args.runs = 1
     if args.block_elements < 0 or args.runs < 1 or args.threads < 1:
         parser.error("--block-elements must be >= 0, --runs and --threads >= 1")
     torch.set_num_threads(args.threads)
@@ -265,8 +290,11 @@ def main() -> None:
         plan.CHUNK_ELEMENTS = args.block_elements
     else:  # the accelerator plan: one op per whole tensor
         plan.BLOCKWISE_DEVICE_TYPES = frozenset()
+    FILTERS[:] = [args.shapes, args.rows, args.tiny]
+    if args.tiny:
+        args.runs = 1
     if args.peak_memory:
-        peak_table(args.tiny)
+        peak_table()
         return
     peaks = peaks_from_child()
     layout = (f"CPU row blocks of {plan.CHUNK_ELEMENTS} elements"
@@ -278,7 +306,7 @@ def main() -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(["---"] * 4 + ["---:"] * 4) + "|")
     with torch.inference_mode():
-        for shape, rows, x, modules in cases(args.tiny):
+        for shape, rows, x, modules in cases(*FILTERS):
             input_mb = x.numel() * x.element_size() / 2**20
             reference = ref_peak = None
             for label, mode, module in modules:

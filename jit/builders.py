@@ -28,7 +28,7 @@ SHIPPED_DIGITS_MODEL = ASSETS / "digits_jit.pth"
 def quant_config(cfg: DictConfig):
     from jit.quant import build_quant_config
 
-    return build_quant_config(cfg.quant)
+    return build_quant_config(cfg.quant, device=cfg.get("device"))
 
 
 def flat_hparams(cfg: DictConfig) -> dict:
@@ -47,7 +47,7 @@ def flat_hparams(cfg: DictConfig) -> dict:
 
     plain = to_plain(cfg)
     for section in ("task", "seed", "ckpt_path", "eval_weights", "model", "quant", "calibration", "sampler", "fid",
-                    "eval", "hardware"):
+                    "eval", "hardware", "device"):
         if section in plain:
             walk(section, plain[section])
     walk("data", {k: v for k, v in plain["data"].items() if k != "_target_"})

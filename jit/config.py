@@ -202,6 +202,8 @@ class RunSchema:
     calibration: Any = MISSING
     fid: Any = MISSING
     hardware: Any = MISSING
+    # The analog arrays' memory devices (configs/device/); jit.quant.DeviceConfig checks them.
+    device: Any = field(default_factory=dict)
     trainer: Any = MISSING
     logger: Any = field(default_factory=dict)
     callbacks: Any = field(default_factory=dict)

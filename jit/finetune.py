@@ -62,7 +62,8 @@ def _comparison_run(cfg: DictConfig, qcfg, tag: str, index: int, checkpoint: str
 def _points(cfg: DictConfig, settings: FinetuneSettings) -> list:
     from jit.quant import build_quant_config
 
-    return [build_quant_config(merged(to_plain(cfg.quant), override)) for override in settings.compare]
+    return [build_quant_config(merged(to_plain(cfg.quant), override), device=cfg.get("device"))
+            for override in settings.compare]
 
 
 def check_comparison(cfg: DictConfig, settings: FinetuneSettings, module, datamodule, start: str | None) -> None:

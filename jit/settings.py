@@ -6,6 +6,7 @@ call, take these objects and never parse those sections again. Each type validat
 own section and names the key it rejects:
 
     quant        jit.quant.QuantConfig                     jit/quant/config.py
+    device       jit.quant.DeviceConfig, as quant.device   jit/quant/config.py
     calibration  jit.evaluation.calibration.CalibrationConfig
     fid          jit.evaluation.fid.FIDConfig
     hardware     jit.hardware.HardwareConfig               jit/hardware/config.py
@@ -49,7 +50,7 @@ def parse_settings(cfg: DictConfig) -> RunSettings:
     from jit.hardware import build_hardware_config
     from jit.quant import build_quant_config
 
-    quant = build_quant_config(cfg.quant)
+    quant = build_quant_config(cfg.quant, device=cfg.get("device"))
     if quant.allow_foreign_calibration and quant.calibration_file is None:
         raise ConfigError("quant.allow_foreign_calibration=true applies to a quant.calibration_file, and "
                           "none is given (drop the setting, or name the artefact to apply)")
@@ -128,6 +129,7 @@ def settings_from(cfg: DictConfig, quant) -> FinetuneSettings:
 def training_quant_config(quant, settings: FinetuneSettings):
     """The hardware the training forward runs: `quant` with the training noise and ranges."""
     from jit.quant import build_quant_config
+    from jit.quant import device as device_model
 
     plain = build_quant_config(quant).to_dict()
     if settings.ranges is not None:
@@ -136,4 +138,7 @@ def training_quant_config(quant, settings: FinetuneSettings):
         plain["adc"]["noise_sigma_lsb"] = settings.noise_sigma_lsb
     if plain["mode"] == "dynamic":
         plain["calibration_file"] = None  # dynamic ranges follow the weights as they train
+    # The devices inject their programming noise alone, a fresh draw per step (the
+    # HardwareInTheLoop callback keys it on the step): the weights learn to tolerate it.
+    plain["device"] = device_model.training_draw(build_quant_config(quant).device)
     return build_quant_config(plain)

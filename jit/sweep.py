@@ -40,9 +40,12 @@ from jit.atomic import atomic_path, atomic_write_text
 from jit.evaluation.report import energy_change
 from jit.hardware.report import log_scale_if_wide, plot_fid_vs_energy, sweep_columns
 
-# Preferred plot axes: x = ADC resolution, one line per noise level.
-X_KEY = "quant.adc.bits"
-LINE_KEY = "quant.adc.noise_sigma_lsb"
+# Preferred plot axes: x = time since programming, else ADC resolution; one line per
+# noise level, else per drift compensation.
+X_KEYS = ("device.t_inference_s", "quant.adc.bits")
+LINE_KEYS = ("quant.adc.noise_sigma_lsb", "device.drift_compensation")
+# Swept over decades: a log x axis.
+LOG_X_KEYS = ("device.t_inference_s",)
 METRIC_PREFERENCE = ("fid", "fid_digits", "cond_accuracy", "inception_score")
 SWEEP_ID_FILE = ".sweep_id"
 
@@ -209,9 +212,9 @@ def plot_figure(rows: list[dict], swept: list[str]):
     metric = next((m for m in METRIC_PREFERENCE if any(m in r for r in rows)), None)
     if metric is None or not swept:
         return None
-    x_key = X_KEY if X_KEY in swept else swept[0]
+    x_key = next((k for k in X_KEYS if k in swept), swept[0])
     others = [k for k in swept if k != x_key]
-    line_key = LINE_KEY if LINE_KEY in others else (others[0] if others else None)
+    line_key = next((k for k in LINE_KEYS if k in others), others[0] if others else None)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,7 +225,7 @@ def plot_figure(rows: list[dict], swept: list[str]):
     for row in rows:
         if metric in row:
             groups.setdefault(str(row.get(line_key, "")), []).append((_number(row.get(x_key)), row[metric]))
-    for label, points in sorted(groups.items(), key=lambda kv: _number(kv[0])):
+    for label, points in sorted(groups.items(), key=lambda kv: (_number(kv[0]), kv[0])):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
                 label=f"{line_key}={label}" if line_key else None)
@@ -231,7 +234,9 @@ def plot_figure(rows: list[dict], swept: list[str]):
         ax.axhline(value, color="black", linestyle="--", linewidth=1,
                    label="float model" if i == 0 else None)
     xs = sorted({x for points in groups.values() for x, _ in points if math.isfinite(x)})
-    if _integers(xs):  # ADC bits 4, 6, 8, 10: no 4.25
+    if x_key in LOG_X_KEYS and xs and xs[0] > 0:
+        ax.set_xscale("log")  # seconds to a year after programming
+    elif _integers(xs):  # ADC bits 4, 6, 8, 10: no 4.25
         if len(xs) <= 12:
             ax.set_xticks(xs)
         else:

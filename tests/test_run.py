@@ -59,7 +59,7 @@ def compose_run(overrides, hydra_cfg=False):
 
 # ------------------------------------------------------------------ composition
 @pytest.mark.parametrize("group", ["model", "data", "quant", "calibration", "fid", "trainer", "logger",
-                                   "callbacks", "experiment", "hardware"])
+                                   "callbacks", "experiment", "hardware", "device"])
 def test_every_group_option_composes_and_instantiates(group, tmp_path, monkeypatch):
     from jit.evaluation.fid import FIDConfig
     from jit.models import build_jit
@@ -82,6 +82,10 @@ def test_every_group_option_composes_and_instantiates(group, tmp_path, monkeypat
             from jit.hardware import build_hardware_config
 
             assert build_hardware_config(cfg.hardware).name == option
+        elif group == "device":
+            from jit.settings import parse_settings
+
+            assert parse_settings(cfg).quant.device.preset == option
         elif group == "calibration":
             from jit.evaluation.calibration import CalibrationConfig
 
@@ -162,6 +166,13 @@ def test_bad_input_deletes_only_what_the_run_created(tmp_path):
     (["quant.adc.bits=40"], r"quant.adc.bits"),
     (["no_such_key=1"], r"no_such_key"),
     (["data=imagenet"], r"data.root"),
+    (["device=nope"], r"Could not find 'device/nope'[\s\S]*ideal\s+nor_flash\s+pcm"),
+    (["device=pcm", "device.t_inference_s=-1"], r"error: device.t_inference_s must be a number >= 0"),
+    (["device=pcm", "device.stuck_at_zero_fraction=0.7", "device.stuck_at_max_fraction=0.5"],
+     r"error: device.stuck_at_max_fraction must be at most 1 - device.stuck_at_zero_fraction"),
+    (["device=pcm", "quant=fp"], r"error: device=pcm: quant.scheme=fp has no analog array"),
+    (["device.t_inference=1"], r"device.t_inference"),
+    (["quant.adc.dnl_sigma_lsb=-0.5"], r"error: quant.adc.dnl_sigma_lsb must be a number >= 0"),
     (["data=imagenet", "data.root=/data/imagenet", "model=jit_b16", "fid=inception_10k"], r"ckpt_path"),
 ])
 def test_bad_input_one_clear_line(args, message, tmp_path):

@@ -172,3 +172,15 @@ def test_labels_of_nearby_points_do_not_overlap(tmp_path):
     boxes = [label_box(t, renderer) for t in labels]  # the text, not its leader line
     assert not [(a.get_text(), b.get_text()) for i, (a, ba) in enumerate(zip(labels, boxes))
                 for b, bb in zip(labels[i + 1:], boxes[i + 1:]) if ba.overlaps(bb)]
+
+
+def test_time_since_programming_is_plotted_on_a_log_axis_per_compensation():
+    rows = [{"device.t_inference_s": t, "device.drift_compensation": comp, "fid": f, "status": "ok"}
+            for t, f in ((1.0, 5.0), (3600.0, 6.0), (31536000.0, 9.0))
+            for comp in ("none", "global")]
+    fig, metric = plot_figure(rows, ["device.drift_compensation", "device.t_inference_s"])
+    ax = fig.axes[0]
+    assert metric == "fid" and ax.get_xscale() == "log"
+    assert ax.get_xlabel() == "device.t_inference_s"
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels == ["device.drift_compensation=global", "device.drift_compensation=none"]

@@ -25,7 +25,7 @@ from torch import nn
 
 from jit.config import ConfigError
 from jit.quant import artefact as art
-from jit.quant import quantize_model
+from jit.quant import quantize_model, quantized_layers
 
 
 def freeze_all_but(model: nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -92,8 +92,11 @@ class HardwareInTheLoop(TrainablePatterns):
             return
         self.quantized = quantize_model(pl_module.denoiser.net, self.quant)
         c = self.quant
+        device = (f", {c.device.preset} programming noise x{c.device.programming_noise_scale:g}"
+                  if c.device.programming_noise else "")
         rank_zero_info(f"hardware-aware training: {len(self.quantized)} layers {c.scheme} {c.mode}, "
-                       f"ADC {'bypass' if c.adc.bypass else c.adc.bits}, noise {c.adc.noise_sigma_lsb:g} LSB")
+                       f"ADC {'bypass' if c.adc.bypass else c.adc.bits}, noise {c.adc.noise_sigma_lsb:g} LSB"
+                       f"{device}")
         super().setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -108,6 +111,9 @@ class HardwareInTheLoop(TrainablePatterns):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         n, step = self.recalibrate_every_n_steps, trainer.global_step
+        if self.quant.device.programming_noise:  # a fresh programming of the arrays per step
+            for layer in quantized_layers(pl_module.denoiser.net).values():
+                layer.programming_draw = step
         if self.static and n and step and step % n == 0 and self.calibrated_at_step != step:
             self._calibrate(trainer, pl_module)
 

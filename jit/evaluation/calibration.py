@@ -52,6 +52,10 @@ class CalibrationConfig:
     percentile: float = 99.99
     seed: int = 0
     save_weights: bool = False
+    # false: calibrate the design (ideal devices and converters, the seed's procedure);
+    # true: through the programmed arrays at device.t_inference_s and their converters
+    # (hardware-in-the-loop calibration of one chip).
+    on_device: bool = False
 
     def __post_init__(self) -> None:
         def fail(key, allowed, value):
@@ -69,6 +73,9 @@ class CalibrationConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 fail(key, f"an integer >= {low}", value)
+        for key in ("save_weights", "on_device"):
+            if not isinstance(getattr(self, key), bool):
+                fail(key, "true or false", getattr(self, key))
         p = self.percentile
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 100:
             fail("percentile", "a number in (0, 100]", p)
@@ -270,7 +277,7 @@ def run_calibration(module, quant, calibration, run_dir, datamodule=None, sample
         artefact = calibrate(net, batches, method=cfg.method, num_bins=cfg.num_bins,
                              percentile=cfg.percentile, seed=cfg.seed, forward=forward,
                              source=cfg.source, save_weights=cfg.save_weights,
-                             coverage=coverage, announce=announce)
+                             coverage=coverage, announce=announce, on_device=cfg.on_device)
     # Written only once calibration has fully succeeded (and atomically). Every rank
     # calibrated on the same inputs with the same seed, so one copy on disk is enough.
     path = Path(run_dir) / ARTEFACT_NAME

@@ -70,8 +70,8 @@ def evaluate_float_then_quantized(trainer, module, datamodule, run: EvaluationSe
     layer_stats = quant_statistics(module, qcfg, fid_cfg, num_classes, stats_images)
     energy, layer_rows = estimate_run(run.hardware, qcfg, dense_macs, targets, layer_stats,
                                       stats_images)
-    extra = {**common, "quant": qcfg.to_dict(), **provenance, "baseline_fp": baseline,
-             "energy": energy}
+    extra = {**common, "quant": qcfg.to_dict(), "device": qcfg.device.to_dict(), **provenance,
+             "baseline_fp": baseline, "energy": energy}
     if layer_stats:
         extra["layer_stats_summary"] = summarize_layer_stats(layer_stats)
         extra["layer_stats_images"] = stats_images

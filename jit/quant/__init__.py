@@ -4,7 +4,16 @@ Plain torch: no Lightning, no Hydra, no dependency on jit.models; layers are rep
 by module name on any nn.Module.
 """
 
-from .config import ActConfig, AdcConfig, QuantConfig, SplitConfig, WeightConfig, build_quant_config
+from .config import (
+                     ActConfig,
+                     AdcConfig,
+                     DeviceConfig,
+                     QuantConfig,
+                     SplitConfig,
+                     WeightConfig,
+                     build_device_config,
+                     build_quant_config,
+)
 from .layers import (
                      BitSerialLinear,
                      HybridLinear,
@@ -19,9 +28,9 @@ from .stats import collect_stats, enable_stats, reset_stats
 from .surgery import adc_bypassed, noise_disabled, quantize_model, reseed, target_names
 
 __all__ = [
-    "SAMPLE_ID_BOUND", "ActConfig", "AdcConfig", "BitSerialLinear", "HybridLinear", "QuantConfig", "QuantLinear",
+    "SAMPLE_ID_BOUND", "ActConfig", "AdcConfig", "BitSerialLinear", "DeviceConfig", "HybridLinear", "QuantConfig", "QuantLinear",
     "SplitConfig", "StaticThresholds", "W8A8Linear", "WeightConfig", "adc_bypassed",
-    "build_quant_config", "collect_stats", "enable_stats", "noise_disabled", "percentile_abs",
+    "build_device_config", "build_quant_config", "collect_stats", "enable_stats", "noise_disabled", "percentile_abs",
     "quantize_model", "quantized_layers", "reseed", "reset_stats", "sample_context",
     "stable_seed", "target_names",
 ]

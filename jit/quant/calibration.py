@@ -34,7 +34,7 @@ from .calibrators import METHODS, default_bins, levels_for, threshold
 from .layers import QuantLinear, quantized_layers
 from .quantizers import qmax, quantize_symmetric, weight_clip
 from .stats import collect_stats, enable_stats
-from .surgery import adc_bypassed, noise_disabled
+from .surgery import adc_bypassed, ideal_devices, noise_disabled
 
 SOURCES = ("data", "sampling")
 _INDEX_CHUNK = 1 << 22
@@ -208,7 +208,8 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
               num_bins: int | None = None, percentile: float = 99.99, seed: int = 0,
               forward: Callable[[Any, torch.Generator], Any] | None = None,
               source: str = "data", save_weights: bool = False,
-              coverage: list | None = None, announce: Callable[[str], None] | None = None) -> dict:
+              coverage: list | None = None, announce: Callable[[str], None] | None = None,
+              on_device: bool = False) -> dict:
     """Thresholds for every quantized layer of `model`, as an artefact dict.
 
     batches: a re-iterable (list, DataLoader) of inputs; it is read twice.
@@ -219,6 +220,8 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
         None: BINS_PER_LEVEL per level of each quantizer (`calibrators.default_bins`).
     coverage: if a list is given, one row per layer is appended (see `coverage_rows`).
     announce(message): told when each clip search starts (progress of long calibrations).
+    on_device: calibrate through the programmed arrays and real converters (quant.device,
+        quant.adc errors) instead of ideal ones; noise is off either way.
     Layer names are relative to `model`; pass the module the artefact will be applied to.
     """
     if method not in METHODS:
@@ -240,7 +243,8 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
     was_training = model.training
     model.eval()
     try:
-        with _restored(layers), noise_disabled(model), adc_bypassed(model):
+        devices = contextlib.nullcontext() if on_device else ideal_devices(model)
+        with _restored(layers), devices, noise_disabled(model), adc_bypassed(model):
             _observe(layers, hists, lambda kind: kind == "act", num_bins)
             _set_mode(layers, "dynamic")
             images = _run(forward, batches, seed)

@@ -7,7 +7,11 @@
     quant.calibration_file, quant.allow_foreign_calibration,
     quant.weight.{bits, clip_pct, granularity}, quant.act.{bits, percentile},
     quant.split.{lsb_bits, radix, lsb_gain_shift},
-    quant.adc.{bits, bypass, noise_sigma_lsb, samples, tile_rows}
+    quant.adc.{bits, bypass, noise_sigma_lsb, samples, tile_rows,
+               dnl_sigma_lsb, inl_max_lsb, offset_sigma_lsb, gain_sigma}
+
+plus the memory devices the analog arrays are built from (`DeviceConfig`, the run's
+top-level `device` group, carried as `QuantConfig.device`; `build_device_config`).
 
 and fills every missing field with the *scheme's* default (`SCHEME_DEFAULTS`), so
 `{"scheme": "bitserial"}` is the seed's W8A12 bit-serial layer and `{"scheme": "hybrid"}`
@@ -41,7 +45,9 @@ MAX_LSB_GAIN_SHIFT = 8
 
 
 def _fail(name: str, allowed: str, value: Any) -> None:
-    raise ValueError(f"quant.{name} must be {allowed}, got {value!r}")
+    # Device fields carry their own group name ("device.seed"); the rest are quant's.
+    key = name if name.startswith("device.") else f"quant.{name}"
+    raise ValueError(f"{key} must be {allowed}, got {value!r}")
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -113,27 +119,180 @@ class SplitConfig:
         _check_int("split.lsb_gain_shift", self.lsb_gain_shift, 0, MAX_LSB_GAIN_SHIFT)
 
 
+def _check_non_negative(name: str, value: Any) -> float:
+    if _check_number(name, value) < 0:
+        _fail(name, "a number >= 0", value)
+    return float(value)
+
+
 @dataclass(frozen=True)
 class AdcConfig:
     """Signed `bits` ADC; `bypass` = ideal read-out; thermal noise of `noise_sigma_lsb`
     ADC steps per read, averaged over `samples` reads; analog arrays of at most
-    `tile_rows` input rows (None: one array holds the whole input)."""
+    `tile_rows` input rows (None: one array holds the whole input).
+
+    A real converter (DESIGN.md "Device non-idealities", reference.adc_transfer), each
+    error drawn once per converter (one per output column of each array) from
+    device.seed: `dnl_sigma_lsb` moves every code edge by N(0, sigma^2) LSB,
+    `inl_max_lsb` bows the transfer curve (peak INL at mid-scale, 0 at both ends),
+    `offset_sigma_lsb` and `gain_sigma` (relative) give each column an offset and a gain
+    error. All 0: the ideal converter, bit for bit."""
 
     bits: int = 10
     bypass: bool = False
     noise_sigma_lsb: float = 2.0
     samples: int = 1
     tile_rows: int | None = None
+    dnl_sigma_lsb: float = 0.0
+    inl_max_lsb: float = 0.0
+    offset_sigma_lsb: float = 0.0
+    gain_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("adc.bits", self.bits, *BITS_RANGE)
         if not isinstance(self.bypass, bool):
             _fail("adc.bypass", "true or false", self.bypass)
-        if _check_number("adc.noise_sigma_lsb", self.noise_sigma_lsb) < 0:
-            _fail("adc.noise_sigma_lsb", "a number >= 0", self.noise_sigma_lsb)
+        _check_non_negative("adc.noise_sigma_lsb", self.noise_sigma_lsb)
         _check_int("adc.samples", self.samples, 1)
         if self.tile_rows is not None:
             _check_int("adc.tile_rows", self.tile_rows, 1)
+        for name in ("dnl_sigma_lsb", "offset_sigma_lsb", "gain_sigma"):
+            _check_non_negative(f"adc.{name}", getattr(self, name))
+        # A signed bow: negative INL bends the curve the other way.
+        _check_number("adc.inl_max_lsb", self.inl_max_lsb)
+
+    @property
+    def converter_errors(self) -> bool:
+        """Whether the converters differ from the ideal one."""
+        return bool(self.dnl_sigma_lsb or self.inl_max_lsb or self.offset_sigma_lsb
+                    or self.gain_sigma)
+
+
+DRIFT_COMPENSATIONS = ("none", "global")
+
+
+def _check_coeffs(name: str, value: Any, length: int) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != length:
+        _fail(name, f"a list of {length} finite numbers", value)
+    return tuple(_check_number(name, v) for v in value)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """The memory devices of the analog arrays (configs/device/, DESIGN.md "Device
+    non-idealities"; formulas in jit/quant/device.py). Defaults: ideal devices, whose
+    read-back weight is the INT code exactly.
+
+    Model (conductances in uS, g_rel = g / g_max_uS):
+    - programming: g_prog = max(0, g + programming_noise_scale * sigma_prog(g) N(0, 1)),
+      sigma_prog(g) = c0 + c1 g_rel + c2 g_rel^2 with programming_noise_uS = (c0, c1, c2);
+    - drift: g(t) = g_prog ((t0 + t_inference) / t0)^-nu, t0 = drift_t0_s, nu per device
+      = drift_scale * max(0, |mu(g) + sigma_nu(g) N(0, 1)|), mu(g) = clamp(a ln g_rel + b,
+      low, high) with drift_nu_mean = (a, b, low, high), sigma_nu likewise with drift_nu_std;
+    - read noise (every read): g(t) + read_noise_scale |g(t)| q(g_prog) sqrt(ln((t + t_read)
+      / (2 t_read))) N(0, 1), q(g) = min(q0 / max(g_rel^k, 1e-3), q_max) with
+      read_noise_q = (q0, k, q_max), t_read = read_time_s;
+    - stuck devices: a share stuck_at_zero_fraction holds 0, stuck_at_max_fraction g_max;
+    - drift_compensation global: analog outputs times sum|W(programmed)| / sum|W(t)|.
+    """
+
+    preset: str = "ideal"
+    g_max_uS: float = 25.0
+    programming_noise_uS: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    drift_t0_s: float = 20.0
+    drift_nu_mean: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    drift_nu_std: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    read_noise_q: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    read_time_s: float = 250e-9
+    t_inference_s: float = 0.0
+    drift_compensation: str = "none"
+    programming_noise_scale: float = 1.0
+    read_noise_scale: float = 1.0
+    drift_scale: float = 1.0
+    stuck_at_zero_fraction: float = 0.0
+    stuck_at_max_fraction: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.preset, str) or not self.preset:
+            _fail("device.preset", "a preset name", self.preset)
+        for name in ("g_max_uS", "drift_t0_s", "read_time_s"):
+            if _check_number(f"device.{name}", getattr(self, name)) <= 0:
+                _fail(f"device.{name}", "a finite number > 0", getattr(self, name))
+        coeffs = {"programming_noise_uS": 3, "drift_nu_mean": 4, "drift_nu_std": 4,
+                  "read_noise_q": 3}
+        for name, length in coeffs.items():
+            object.__setattr__(self, name, _check_coeffs(f"device.{name}", getattr(self, name),
+                                                         length))
+        for name in ("drift_nu_mean", "drift_nu_std"):
+            low, high = getattr(self, name)[2:]
+            if not 0 <= low <= high:
+                _fail(f"device.{name}", "[a, b, low, high] with 0 <= low <= high",
+                      list(getattr(self, name)))
+        if any(v < 0 for v in self.read_noise_q):
+            _fail("device.read_noise_q", "three numbers >= 0", list(self.read_noise_q))
+        for name in ("t_inference_s", "programming_noise_scale", "read_noise_scale",
+                     "drift_scale"):
+            _check_non_negative(f"device.{name}", getattr(self, name))
+        _check_choice("device.drift_compensation", self.drift_compensation,
+                          DRIFT_COMPENSATIONS)
+        for name in ("stuck_at_zero_fraction", "stuck_at_max_fraction"):
+            if not 0 <= _check_number(f"device.{name}", getattr(self, name)) <= 1:
+                _fail(f"device.{name}", "a fraction in [0, 1]", getattr(self, name))
+        if self.stuck_at_zero_fraction + self.stuck_at_max_fraction > 1:
+            _fail("device.stuck_at_max_fraction", "at most 1 - device.stuck_at_zero_fraction="
+                  f"{1 - self.stuck_at_zero_fraction:g} (the stuck fractions sum to at most 1)",
+                  self.stuck_at_max_fraction)
+        _check_int("device.seed", self.seed, 0)
+
+    @property
+    def programming_noise(self) -> bool:
+        return self.programming_noise_scale > 0 and any(self.programming_noise_uS)
+
+    @property
+    def drifts(self) -> bool:
+        """Whether conductances have moved by t_inference."""
+        return (self.drift_scale > 0 and self.t_inference_s > 0
+                and any(self.drift_nu_mean[1:] + self.drift_nu_std[1:]))
+
+    @property
+    def read_noise(self) -> bool:
+        return self.read_noise_scale > 0 and self.read_noise_q[0] > 0 and self.read_noise_q[2] > 0
+
+    @property
+    def stuck(self) -> bool:
+        return self.stuck_at_zero_fraction > 0 or self.stuck_at_max_fraction > 0
+
+    @property
+    def programs_exactly(self) -> bool:
+        """Whether the read-back weight is the INT code itself at t_inference."""
+        return not (self.programming_noise or self.drifts or self.stuck)
+
+    @property
+    def ideal(self) -> bool:
+        """Nothing to simulate: exact weights and noiseless reads."""
+        return self.programs_exactly and not self.read_noise
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def build_device_config(cfg: Any = None) -> DeviceConfig:
+    """DeviceConfig | DictConfig | mapping | None (ideal) -> validated DeviceConfig; an
+    unknown field is an error naming it."""
+    if isinstance(cfg, DeviceConfig):
+        return cfg
+    cfg = _to_plain(cfg)
+    if cfg is None:
+        return DeviceConfig()
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"device config must be a mapping or DeviceConfig, got {type(cfg).__name__}")
+    known = {f.name for f in dataclasses.fields(DeviceConfig)}
+    for key in cfg:
+        if key not in known:
+            raise ValueError(f"device.{key} is not a known field (known: {', '.join(sorted(known))})")
+    return DeviceConfig(**cfg)
 
 
 SECTIONS = {"weight": WeightConfig, "act": ActConfig, "split": SplitConfig, "adc": AdcConfig}
@@ -177,6 +336,8 @@ class QuantConfig:
     act: ActConfig | None = None
     split: SplitConfig | None = None
     adc: AdcConfig | None = None
+    # The run's `device` group: what the analog arrays are made of (ideal by default).
+    device: DeviceConfig | None = None
 
     def __post_init__(self) -> None:
         _check_choice("scheme", self.scheme, SCHEMES)
@@ -196,9 +357,22 @@ class QuantConfig:
                 object.__setattr__(self, name, cls(**_scheme_defaults(self.scheme, name, {})))
             elif not isinstance(getattr(self, name), cls):
                 _fail(name, f"a {cls.__name__}", getattr(self, name))
+        if self.device is None:
+            object.__setattr__(self, "device", DeviceConfig())
+        elif not isinstance(self.device, DeviceConfig):
+            _fail("device", "a DeviceConfig", self.device)
         self._check_cross_fields()
 
+    @property
+    def analog(self) -> bool:
+        """Whether the scheme computes on analog arrays (programmed devices, ADCs)."""
+        return self.scheme in ("hybrid", "bitserial")
+
     def _check_cross_fields(self) -> None:
+        if not self.analog and not self.device.ideal:
+            raise ValueError(f"device={self.device.preset}: quant.scheme={self.scheme} has no "
+                             "analog array to program (use device=ideal, or an analog scheme: "
+                             "quant=hybrid_w8a11 or a bitserial one)")
         if self.scheme not in ("hybrid", "bitserial"):
             return  # no slicing: the split fields are not used
         act_bits, split = self.act.bits, self.split
@@ -218,6 +392,7 @@ class QuantConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["targets"] = list(self.targets)
+        out["device"] = self.device.to_dict()
         return out
 
 
@@ -246,8 +421,14 @@ def _section_values(name: str, given: Any, scheme: str) -> dict[str, Any]:
     return {**_scheme_defaults(scheme, name, given), **given}
 
 
-def build_quant_config(cfg: Any = None) -> QuantConfig:
-    """QuantConfig | DictConfig | nested mapping | None -> validated QuantConfig."""
+def build_quant_config(cfg: Any = None, device: Any = None) -> QuantConfig:
+    """QuantConfig | DictConfig | nested mapping | None -> validated QuantConfig.
+
+    `device`: the run's `device` group (DeviceConfig, mapping or DictConfig); given, it
+    replaces whatever device `cfg` carries."""
+    if device is not None:
+        quant = build_quant_config(cfg)
+        return dataclasses.replace(quant, device=build_device_config(device))
     if isinstance(cfg, QuantConfig):
         return cfg
     cfg = _to_plain(cfg)
@@ -264,6 +445,8 @@ def build_quant_config(cfg: Any = None) -> QuantConfig:
     values = {k: v for k, v in cfg.items() if k not in SECTIONS}
     if "targets" in values and not isinstance(values["targets"], str):
         values["targets"] = tuple(values["targets"])
+    if "device" in values:
+        values["device"] = build_device_config(values["device"])
     sections = {name: SECTIONS[name](**_section_values(name, cfg.get(name), scheme))
                 for name in SECTIONS}
     return QuantConfig(**values, **sections)

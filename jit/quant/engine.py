@@ -27,6 +27,13 @@ from .intmm import GROUP_ELEMENTS, Int8Weights, int8_linear, new_digits, write_d
 from .noise import noise_key
 from .plan import SampleNoise, blockwise, noise_blocks, row_blocks
 from .quantizers import qmax, round_
+from .reference import (
+    ConverterErrors,
+    adc_transfer,
+    converter_input,
+    read_noise_std_codes,
+    read_noise_variance,
+)
 
 # A step or scale: a Python number for the whole call, or a [rows, 1] tensor per row.
 RowScale = float | torch.Tensor
@@ -40,6 +47,16 @@ class WeightCodes(NamedTuple):
     step: torch.Tensor  # s_w: 0-d, or [out_features] per channel
     clip: torch.Tensor | None  # |W| clip (for the straight-through mask); None if imported
     int8: Int8Weights | None = None  # the codes packed for the INT8 kernel, if it runs
+    # The programmed arrays (device.py), transposed like codes_t; None: ideal devices.
+    analog_t: torch.Tensor | None = None  # read-back weights in code units
+    read_variance_t: torch.Tensor | None = None  # per read, code units^2
+    compensation: float = 1.0  # global drift compensation of the analog outputs
+
+    def analog(self) -> WeightCodes:
+        """The weights the analog arrays compute with (the digital path keeps the codes)."""
+        if self.analog_t is None:
+            return self
+        return self._replace(codes_t=self.analog_t, int8=None)
 
 
 class AnalogPath(NamedTuple):
@@ -69,6 +86,13 @@ class Slicing(NamedTuple):
     sparse_digital: bool
 
 
+class ReadNoise(NamedTuple):
+    """The devices' read noise of one tile's reads (reference.read_noise_variance)."""
+
+    variance: torch.Tensor  # [tokens, out_features], accumulation units^2
+    reads: int
+
+
 class ArrayCall(NamedTuple):
     """What the analog and digital stages of one call need from the layer."""
 
@@ -79,6 +103,9 @@ class ArrayCall(NamedTuple):
     observe: Callable[[str, torch.Tensor], None] | None  # ("adc.<path>", acc) hook
     stats: object | None  # stats.LayerStats
     noise: SampleNoise | None  # generator, rows per sample, one key per sample
+    # (path index, tile) -> that array's converters (reference.converter_errors); None or
+    # empty: ideal converters.
+    converters: dict[tuple[int, int], ConverterErrors] | None = None
 
 
 def rows_of(value: RowScale | torch.Tensor, rows: slice) -> RowScale | torch.Tensor:
@@ -201,9 +228,13 @@ def _add_product(codes: Codes, weights: WeightCodes, rows: slice, out: torch.Ten
 # ----- ADC ------------------------------------------------------------------------------
 def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
                  noise_sigma_codes: float = 0.0, noise: SampleNoise | None = None,
-                 count_saturated: bool = False) -> int | torch.Tensor:
+                 count_saturated: bool = False, errors: ConverterErrors | None = None,
+                 read_noise: ReadNoise | None = None) -> int | torch.Tensor:
     """In place on a 2-D accumulation: acc -> clamp(round(acc/step + e), -2^(n-1), 2^(n-1)-1)
-    with e ~ N(0, noise_sigma_codes^2).
+    with e ~ N(0, noise_sigma_codes^2), or with `read_noise` one std per element: the thermal
+    sigma and the devices' read noise (reference.read_noise_std_codes, per row block while
+    it is in cache). With `errors` the real converters (reference.adc_transfer)
+    replace the rounding.
 
     The thermal noise is referred to the ADC input and expressed in ADC steps (DESIGN.md:
     N(0, (sigma_lsb * s_adc)^2 / K) on `a`), so it is drawn with that std directly in the
@@ -214,7 +245,8 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
     `count_saturated` (a 0-d device tensor: no host sync), else 0.
     """
     code_max = qmax(bits)
-    if noise_sigma_codes <= 0:
+    per_element = read_noise is not None
+    if not per_element and noise_sigma_codes <= 0:
         noise = None
     elif noise is None:
         raise ValueError("adc_convert_: noise_sigma_codes > 0 needs the samples' noise keys")
@@ -234,17 +266,26 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
             for segment, key in segments:
                 if key is not None:
                     generator.manual_seed(key)
-                buf[segment].normal_(0.0, noise_sigma_codes, generator=generator)
+                buf[segment].normal_(0.0, 1.0 if per_element else noise_sigma_codes,
+                                     generator=generator)
+            if per_element:
+                buf.mul_(read_noise_std_codes(read_noise.variance[rows], noise_sigma_codes,
+                                              step[rows] if per_row else step, read_noise.reads))
             if per_row:
-                round_(chunk.add_(buf))
+                chunk.add_(buf)
             else:
-                round_(torch.add(buf, chunk, alpha=1.0 / step, out=chunk))
-        elif per_row:
-            round_(chunk)
+                torch.add(buf, chunk, alpha=1.0 / step, out=chunk)
+        elif not per_row:
+            chunk.div_(step)  # exact division: rounding ties as in the seed
+        if errors is not None:
+            if count_saturated:
+                seen = converter_input(chunk, errors, bits)
+                saturated.append((seen > code_max + 0.5).sum() + (seen < -code_max - 1.5).sum())
+            chunk.copy_(adc_transfer(chunk, errors, bits))
         else:
-            round_(chunk.div_(step))  # exact division: rounding ties as in the seed
-        if count_saturated:
-            saturated.append((chunk > code_max).sum() + (chunk < -code_max - 1).sum())
+            round_(chunk)
+            if count_saturated:
+                saturated.append((chunk > code_max).sum() + (chunk < -code_max - 1).sum())
         chunk.clamp_(-code_max - 1, code_max)
     return torch.stack(saturated).sum() if saturated else 0
 
@@ -272,11 +313,14 @@ def accumulate(split: Split, weights: WeightCodes, tokens: int, call: ArrayCall,
     # accumulation. The paths are popped so that each slice's codes are freed once its
     # product has run.
     out_is_codes = False
+    analog = weights.analog()
+    gain_factor = weights.compensation
     while split.analog:
         path = split.analog.pop(0)
         if stats is not None:
             stats.analog_macs += path.codes.numel() * call.out_features * path.reads
         sigma = adc.noise_sigma_lsb / math.sqrt(path.reads) if path.noisy else 0.0
+        gain = path.gain if gain_factor == 1.0 else path.gain * gain_factor
         for tile_index, rows in enumerate(tiles):
             packed = None
             if unit is None:
@@ -289,25 +333,33 @@ def accumulate(split: Split, weights: WeightCodes, tokens: int, call: ArrayCall,
             else:
                 scratch = torch.empty_like(out) if scratch is None else scratch
                 acc = scratch
-            analog_mvm(path.codes, weights, rows, acc)
+            analog_mvm(path.codes, analog, rows, acc)
             if call.observe is not None:
                 call.observe(f"adc.{path.name}", acc)
             step = 1.0
             if not adc.bypass:
                 step = call.adc_step(path.name, acc)
+                read_noise = None
+                if weights.read_variance_t is not None and call.noise is not None:
+                    # One product for the whole tile; the std follows per row block.
+                    variance = read_noise_variance(path.codes[:, rows],
+                                                   weights.read_variance_t[rows])
+                    read_noise = ReadNoise(variance, path.reads)
                 draw = None
-                if sigma and call.noise is not None:
+                if (sigma or read_noise is not None) and call.noise is not None:
                     draw = call.noise._replace(keys=[noise_key(key, path.index, tile_index)
                                                      for key in call.noise.keys])
                 saturated = adc_convert_(acc, step, adc.bits, sigma if draw else 0.0, draw,
-                                         stats is not None)
+                                         stats is not None,
+                                         (call.converters or {}).get((path.index, tile_index)),
+                                         read_noise)
                 if stats is not None:
                     stats.observe_adc(acc.numel(), saturated)
             if unit is None:
-                unit = step * path.gain
+                unit = step * gain
                 out_is_codes = not adc.bypass
                 continue
-            alpha = step * path.gain / unit
+            alpha = step * gain / unit
             for block in row_blocks(*out.shape, out.device):
                 if packed is not None and isinstance(alpha, torch.Tensor):
                     torch.addcmul(packed[block], out[block], alpha[block], out=out[block])

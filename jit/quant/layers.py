@@ -33,6 +33,13 @@ context: the row index and the layer's own count of noisy forwards, which `resee
 restarts). So a sample gets the same noise at any batch size, position, process count or
 order.
 
+Devices (`cfg.device`, device.py): unless ideal, the analog paths compute with the codes
+programmed into conductance pairs at device.t_inference_s (drawn from device.seed and the
+layer name, cached with the weight codes; `programming_draw` selects a fresh programming,
+as hardware-aware training does each step), read with the devices' read noise; the
+converters' DNL, INL, offset and gain (`cfg.adc`) are drawn once per layer. The exact
+digital path keeps the INT codes.
+
 Dynamic clips and ADC peaks are taken over `cfg.dynamic_scope`: one token, one sample
 (the input's leading dimension, the default) or the whole call (`batch`, the seed's
 behaviour). Per-sample and per-token steps are [rows, 1] tensors, one batched op each.
@@ -49,6 +56,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import device as device_model
 from . import engine, reference
 from .config import QuantConfig, build_quant_config
 from .engine import AnalogPath, ArrayCall, Codes, RowScale, Slicing, Split, WeightCodes
@@ -131,6 +139,10 @@ class QuantLinear(nn.Linear):
         # dtype -> (act_clip, act bits, clip, step): the static quantizer's host numbers
         self._static_numbers: dict[torch.dtype, tuple[float, int, float, float]] = {}
         self._weight_cache: tuple[tuple, WeightCodes] | None = None
+        # Which programming of the arrays the device draws come from: None the layer's
+        # own (device.seed, name); an int a fresh draw (hardware-aware training steps).
+        self.programming_draw: int | None = None
+        self._converter_cache: tuple[tuple, dict] | None = None
         self._static_act_cache: tuple[tuple, StaticAct] | None = None
 
     @classmethod
@@ -151,7 +163,7 @@ class QuantLinear(nn.Linear):
         # Generators and the weight cache are rebuilt lazily (deepcopy, pickling); a copy
         # restarts the default call count, like `reseed`, and belongs to no context.
         state = super().__getstate__()
-        state = dict(state, _generators={}, _weight_cache=None,
+        state = dict(state, _generators={}, _weight_cache=None, _converter_cache=None,
                      _static_act_cache=None, _sample_context=None, _noise_calls=0)
         return state
 
@@ -293,9 +305,8 @@ class QuantLinear(nn.Linear):
         w_int, w_step = self._reference_weights(dtype, x2.device)
         finite = torch.isfinite(x2).all()
         context = self._sample_context
-        adc = self.cfg.adc
         keys = None
-        if bool(self.adc_paths) and not adc.bypass and adc.noise_sigma_lsb > 0 and per_sample:
+        if self._reads_noisy() and per_sample:
             keys = self._reference_keys(batch, x2.device)
         if context is not None:
             context.record_finite(self.layer_name, finite)
@@ -306,7 +317,8 @@ class QuantLinear(nn.Linear):
         # Integer codes must stay exact: float32 whatever autocast the caller runs under.
         with torch.autocast(x.device.type, enabled=False):
             y = reference.forward(x2, w_int, w_step, bias, self.cfg, static, per_sample, keys,
-                                  self.adc_paths, self.dynamic_step_eps)
+                                  self.adc_paths, self.dynamic_step_eps,
+                                  self._array_devices(x2.device, dtype))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _reference_thresholds(self, dtype: torch.dtype, device: torch.device
@@ -361,15 +373,67 @@ class QuantLinear(nn.Linear):
             base = noise_key(base, context.next_use(self))
         return reference.mix_keys(call_keys, base)
 
+    def _reads_noisy(self) -> bool:
+        """Whether this layer's analog reads draw noise (thermal or the devices')."""
+        adc = self.cfg.adc
+        return bool(self.adc_paths) and not adc.bypass and (
+            adc.noise_sigma_lsb > 0 or self.cfg.device.read_noise)
+
+    def _array_devices(self, device: torch.device, dtype: torch.dtype
+                       ) -> reference.ArrayDevices | None:
+        """The programmed arrays and converters for reference.py (None: all ideal)."""
+        converters = self._converters(device, dtype)
+        if self.cfg.device.ideal and not converters:
+            return None
+        weights = self._weight_codes(device, dtype)
+        return reference.ArrayDevices(
+            None if weights.analog_t is None else weights.analog_t.t(),
+            None if weights.read_variance_t is None else weights.read_variance_t.t(),
+            weights.compensation, converters)
+
+    def _converters(self, device: torch.device, dtype: torch.dtype
+                    ) -> dict[tuple[int, int], reference.ConverterErrors]:
+        """Each array's column converters, drawn once per (device seed, layer, path, tile)."""
+        adc = self.cfg.adc
+        if not self.adc_paths or adc.bypass or not adc.converter_errors:
+            return {}
+        key = (adc, self.cfg.device.seed, self.layer_name, self.out_features, device, dtype)
+        if self._converter_cache is None or self._converter_cache[0] != key:
+            base = stable_seed(self.cfg.device.seed, f"adc/{self.layer_name}")
+            converters = {(index, tile): reference.converter_errors(
+                              adc, noise_key(base, index, tile), self.out_features, device, dtype)
+                          for index in range(len(self.adc_paths))
+                          for tile in range(len(self._tiles()))}
+            self._converter_cache = (key, converters)
+        return self._converter_cache[1]
+
+    def read_back_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(INT codes, read-back weights after drift compensation), both [out, in] float32
+        in code units, at the current device.t_inference_s."""
+        weights = self._weight_codes(self.weight.device, torch.float32)
+        codes = weights.codes_t.t()
+        if weights.analog_t is None:
+            return codes, codes
+        return codes, weights.analog_t.t() * weights.compensation
+
+    def read_back_weight(self) -> torch.Tensor:
+        """The weights the analog arrays compute with at the current device.t_inference_s,
+        after drift compensation, in the weight's units [out, in] (float32): the INT codes
+        times s_w for ideal devices."""
+        step = self._weight_codes(self.weight.device, torch.float32).step
+        return self.read_back_codes()[1] * (step.reshape(-1, 1) if step.dim() else step)
+
     def _weight_codes(self, device: torch.device, dtype: torch.dtype) -> WeightCodes:
-        """INT weight codes, cached until the weight tensor changes (in-place updates bump
-        its version) so inference does not requantize per call."""
+        """INT weight codes and their programmed arrays (device.py), cached until the weight
+        tensor or the device settings change (in-place updates bump its version) so
+        inference neither requantizes nor reprograms per call."""
         static = self._static
+        programming = (self.cfg.device, self.programming_draw)
         if static is not None and static.weight_int is not None:
-            key = ("import", id(static), device, dtype)
+            key = ("import", id(static), device, dtype, programming)
         else:
             w = self.weight
-            key = (w._version, w.data_ptr(), device, dtype, self.cfg.weight)
+            key = (w._version, w.data_ptr(), device, dtype, self.cfg.weight, programming)
         if self._weight_cache is not None and self._weight_cache[0] == key:
             return self._weight_cache[1]
         if key[0] == "import":
@@ -383,8 +447,22 @@ class QuantLinear(nn.Linear):
             codes, step = quantize_symmetric(w, clip, self.cfg.weight.bits)
             step = step.reshape(-1) if step.dim() else step
         entry = WeightCodes(codes.t().contiguous(), step, clip)
+        if not self.cfg.device.ideal:
+            entry = self._programmed(entry, dtype)
         self._weight_cache = (key, entry)
         return entry
+
+    def _programmed(self, weights: WeightCodes, dtype: torch.dtype) -> WeightCodes:
+        """The codes programmed into the arrays at device.t_inference_s (device.program)."""
+        cfg = self.cfg.device
+        key = device_model.layer_key(cfg.seed, self.layer_name)
+        if self.programming_draw is not None:
+            key = noise_key(key, self.programming_draw)
+        arrays = device_model.program(weights.codes_t.t(), qmax(self.cfg.weight.bits), cfg, key)
+        variance = None if arrays.read_variance is None else (
+            arrays.read_variance.t().to(dtype).contiguous())
+        return weights._replace(analog_t=arrays.read_back.t().to(dtype).contiguous(),
+                                read_variance_t=variance, compensation=arrays.compensation)
 
     def _scope_rows(self, tokens: int, per_sample: int) -> int | None:
         """Rows per dynamic range group (dynamic_scope token/sample), or None for one
@@ -493,8 +571,8 @@ class QuantLinear(nn.Linear):
     def _int8_kernel(self, x2: torch.Tensor, slicing: Slicing) -> str | None:
         """The INT8 kernel this call multiplies its digits on (plan.use_int8), or None:
         the result is the same; statistics keep the float codes they count."""
-        if self.stats is not None:
-            return None
+        if self.stats is not None or not self.cfg.device.ideal:
+            return None  # programmed arrays and read noise compute on float codes
         inner = min(self.cfg.adc.tile_rows or self.in_features, self.in_features)
         backends = {use_int8(low, high, inner, self.cfg.weight.bits, x2.device, x2.dtype,
                              self.int8_matmul) for low, high in slicing.ranges}
@@ -508,13 +586,13 @@ class QuantLinear(nn.Linear):
         return weights
 
     def _array_call(self, batch: int, per_sample: int, group: int | None,
-                    device: torch.device) -> ArrayCall:
+                    device: torch.device, dtype: torch.dtype) -> ArrayCall:
         """What the engine's array stages need for this call: tiles, ADC steps, hooks and
         each sample's noise key (`_call_key` checks the batch against the context)."""
         call_key, sample_ids = self._call_key(batch)
         adc = self.cfg.adc
         noise = None
-        if bool(self.adc_paths) and not adc.bypass and adc.noise_sigma_lsb > 0 and per_sample:
+        if self._reads_noisy() and per_sample:
             keys = self._sample_keys(call_key, sample_ids)
             noise = SampleNoise(self._generator(device), per_sample, keys)
         observer, name = self.observer, self.layer_name
@@ -522,7 +600,7 @@ class QuantLinear(nn.Linear):
             self.out_features, self._tiles(), adc,
             lambda path, acc: self._adc_step(path, acc, group),
             None if observer is None else lambda kind, acc: observer(name, kind, acc),
-            self.stats, noise)
+            self.stats, noise, self._converters(device, dtype))
 
     def _simulate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, WeightCodes]:
         """The hardware forward (no autograd), stage by stage through engine.py. Returns
@@ -533,7 +611,7 @@ class QuantLinear(nn.Linear):
         batch = x.shape[0] if x.dim() > 1 else 1
         per_sample = x2.shape[0] // batch if batch else 0
         group = self._scope_rows(x2.shape[0], per_sample)
-        call = self._array_call(batch, per_sample, group, x2.device)
+        call = self._array_call(batch, per_sample, group, x2.device, dtype)
         if self.observer is not None:
             self.observer(self.layer_name, "act", x)
         act_clip = self._act_clip(x2, group)

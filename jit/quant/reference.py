@@ -1,5 +1,7 @@
 """Executable specification of DESIGN.md "AIMC quantization": the hybrid W8A11, legacy
-bit-serial and W8A8 forwards as whole-tensor torch, one line per formula.
+bit-serial and W8A8 forwards as whole-tensor torch, one line per formula; with
+"Device non-idealities", the real converters and the devices' read noise at the ADC
+input (the programmed arrays themselves: device.py).
 
 Three users:
 - the tests, which hold the fast layers (layers.py, with their CPU row blocks and INT8
@@ -32,7 +34,8 @@ from typing import NamedTuple
 
 import torch
 
-from .config import QuantConfig
+from .config import AdcConfig, QuantConfig
+from .noise import noise_key
 from .quantizers import percentile_abs, qmax, weight_clip
 
 # splitmix64 constants as signed int64: torch has no uint64 arithmetic, and int64
@@ -78,10 +81,49 @@ def thermal_noise(keys: torch.Tensor, rows_per_sample: int, cols: int,
     counters = torch.arange(rows_per_sample * cols, device=keys.device,
                             dtype=torch.int64).reshape(1, rows_per_sample, cols)
     z = mix64(keys.reshape(-1, 1, 1) + counters)
-    u1 = (_shift_right(z, 40).to(torch.float32) + 0.5) * 2.0**-24  # in (0, 1): log is finite
+    return _box_muller(z).reshape(-1, cols).to(dtype)
+
+
+def _uniform_open(z: torch.Tensor) -> torch.Tensor:
+    """The top 24 bits of z as a float32 uniform in (0, 1)."""
+    return (_shift_right(z, 40).to(torch.float32) + 0.5) * 2.0**-24
+
+
+def _box_muller(z: torch.Tensor) -> torch.Tensor:
+    """N(0, 1) from 48 bits of z: the top 24 and the next 24 as two uniforms."""
+    u1 = _uniform_open(z)  # in (0, 1): log is finite
     u2 = ((z >> 16) & 0xFFFFFF).to(torch.float32) * 2.0**-24
-    normal = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
-    return normal.reshape(-1, cols).to(dtype)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+
+
+# Elements per pass of a keyed draw: bounds its int64 temporaries (64 MiB each).
+_DRAW_BLOCK = 2**23
+
+
+def _keyed(key: int, shape: Sequence[int], device: torch.device | str, transform
+           ) -> torch.Tensor:
+    count = math.prod(shape)
+    out = torch.empty(count, dtype=torch.float32, device=device)
+    base = as_int64(key)
+    for start in range(0, count, _DRAW_BLOCK):
+        stop = min(start + _DRAW_BLOCK, count)
+        counters = torch.arange(start, stop, device=device, dtype=torch.int64)
+        out[start:stop] = transform(mix64(counters + base))
+    return out.reshape(tuple(shape))
+
+
+def keyed_normal(key: int, shape: Sequence[int], device: torch.device | str = "cpu"
+                 ) -> torch.Tensor:
+    """float32 N(0, 1) of `shape`: element e (row-major) from mix64(key + e), as
+    `thermal_noise`. A pure function of (key, e) on every device: the draws of a
+    programmed array (device.py) and of its converters."""
+    return _keyed(key, shape, device, _box_muller)
+
+
+def keyed_uniform(key: int, shape: Sequence[int], device: torch.device | str = "cpu"
+                  ) -> torch.Tensor:
+    """float32 uniform in (0, 1) of `shape`, element e from mix64(key + e)."""
+    return _keyed(key, shape, device, _uniform_open)
 
 
 # ----- DESIGN.md "Common pieces" -----------------------------------------------------
@@ -139,11 +181,98 @@ def dynamic_adc_step(a: torch.Tensor, bits: int, group_rows: int | None, eps: fl
 
 
 def adc(a: torch.Tensor, step: torch.Tensor | float, bits: int,
-        noise_codes: torch.Tensor | None) -> torch.Tensor:
-    """ADC codes clamp(round(a / s_adc + e), -2^(n-1), 2^(n-1) - 1); e is the thermal
-    noise already in ADC steps."""
+        noise_codes: torch.Tensor | None, errors: ConverterErrors | None = None
+        ) -> torch.Tensor:
+    """ADC codes clamp(Q(a / s_adc + e), -2^(n-1), 2^(n-1) - 1); e is the noise at the
+    ADC input already in ADC steps, Q rounding (ideal converters) or `adc_transfer`."""
     scaled = a / step if noise_codes is None else a / step + noise_codes
-    return torch.clamp(torch.round(scaled), -qmax(bits) - 1, qmax(bits))
+    codes = torch.round(scaled) if errors is None else adc_transfer(scaled, errors, bits)
+    return torch.clamp(codes, -qmax(bits) - 1, qmax(bits))
+
+
+# ----- DESIGN.md "Device non-idealities": the converters and the arrays' reads --------
+
+class ConverterErrors(NamedTuple):
+    """The imperfections of one array's column converters (one converter per column)."""
+
+    gain: torch.Tensor | None  # [cols]: 1 + relative gain error
+    offset: torch.Tensor | None  # [cols]: offset in LSB
+    inl_max_lsb: float  # peak of the INL bow
+    edges: torch.Tensor | None  # [cols, 2^n - 1]: sorted code edges in LSB (None: ideal)
+
+
+# Which converter error a key belongs to.
+_ADC_GAIN, _ADC_OFFSET, _ADC_EDGES = 1, 2, 3
+
+
+def converter_errors(adc_cfg: AdcConfig, key: int, cols: int, device: torch.device,
+                     dtype: torch.dtype) -> ConverterErrors:
+    """Draw one array's converters from `key` (device seed, layer, path, tile): per
+    column a gain 1 + N(0, gain_sigma^2), an offset N(0, offset_sigma^2) LSB, and, for DNL,
+    each code edge c + 1/2 (between codes c and c + 1) moved by N(0, dnl_sigma^2) LSB.
+    Edges that cross are sorted: the code is the number of edges below the input."""
+    def normal(part: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return keyed_normal(noise_key(key, part), shape, device).to(dtype)
+
+    gain = 1.0 + adc_cfg.gain_sigma * normal(_ADC_GAIN, (cols,)) if adc_cfg.gain_sigma else None
+    offset = adc_cfg.offset_sigma_lsb * normal(_ADC_OFFSET, (cols,)) if adc_cfg.offset_sigma_lsb \
+        else None
+    edges = None
+    if adc_cfg.dnl_sigma_lsb:
+        low = -qmax(adc_cfg.bits) - 1
+        ideal = torch.arange(low, qmax(adc_cfg.bits), device=device, dtype=dtype) + 0.5
+        moved = ideal + adc_cfg.dnl_sigma_lsb * normal(_ADC_EDGES, (cols, ideal.numel()))
+        edges = torch.sort(moved, dim=1).values.contiguous()
+    return ConverterErrors(gain, offset, float(adc_cfg.inl_max_lsb), edges)
+
+
+def converter_input(v: torch.Tensor, errors: ConverterErrors, bits: int) -> torch.Tensor:
+    """What each column's converter sees of v = a / s_adc + e (LSB, [rows, cols]): its gain
+    and offset, then the INL bow inl_max (1 - u^2), u = v / 2^(n-1) clamped to [-1, 1]
+    (peak at mid-scale, zero at both ends of the range)."""
+    if errors.gain is not None:
+        v = v * errors.gain
+    if errors.offset is not None:
+        v = v + errors.offset
+    if errors.inl_max_lsb:
+        u = torch.clamp(v / 2 ** (bits - 1), -1.0, 1.0)
+        v = v + errors.inl_max_lsb * (1.0 - u * u)
+    return v
+
+
+def adc_transfer(v: torch.Tensor, errors: ConverterErrors, bits: int) -> torch.Tensor:
+    """Codes of the real converters for v (LSB, [rows, cols]), before the range clamp:
+    rounding of `converter_input`, or with DNL the count of the column's edges at or
+    below it, from -2^(n-1)."""
+    v = converter_input(v, errors, bits)
+    if errors.edges is None:
+        return torch.round(v)
+    below = torch.searchsorted(errors.edges, v.t().contiguous(), right=True).t()
+    return (below - (qmax(bits) + 1)).to(v.dtype)
+
+
+def read_noise_variance(codes: torch.Tensor, variance_t: torch.Tensor) -> torch.Tensor:
+    """Variance ([rows, cols], accumulation units^2) that the devices' read noise adds to
+    one read of a = codes @ W: independent per-device errors add sum_i x_i^2 var_i,j to
+    a_j (`variance_t`: per weight and read, [in, out])."""
+    return codes.square() @ variance_t
+
+
+def read_noise_std_codes(device_variance: torch.Tensor, thermal_sigma: float,
+                         step: torch.Tensor | float, reads: int) -> torch.Tensor:
+    """Std (ADC steps) of the noise at the ADC input: the thermal sigma (already
+    / sqrt(K)) and the devices' read noise `read_noise_variance`, averaged over K reads and
+    referred to the ADC input (/ s_adc^2)."""
+    return torch.sqrt(device_variance / (reads * step * step) + thermal_sigma * thermal_sigma)
+
+
+class ArrayDevices(NamedTuple):
+    """What one layer's analog arrays hold and how they read out (device.py)."""
+
+    weights: torch.Tensor | None  # read-back weights [out, in], code units (None: the codes)
+    read_variance: torch.Tensor | None  # per weight and read, code units^2 (None: no noise)
+    compensation: float  # digital gain on the analog outputs (global drift compensation)
+    converters: dict[tuple[int, int], ConverterErrors]  # (path index, tile) -> converters
 
 
 # ----- the splits --------------------------------------------------------------------
@@ -210,13 +339,16 @@ def tiles(in_features: int, tile_rows: int | None) -> list[slice]:
 def forward(x: torch.Tensor, w_int: torch.Tensor, w_step: torch.Tensor,
             bias: torch.Tensor | None, cfg: QuantConfig, static: Thresholds | None,
             rows_per_sample: int, noise_keys: torch.Tensor | None,
-            adc_paths: Sequence[str], dynamic_step_eps: float = 0.0) -> torch.Tensor:
+            adc_paths: Sequence[str], dynamic_step_eps: float = 0.0,
+            devices: ArrayDevices | None = None) -> torch.Tensor:
     """y [rows, out] of one quantized linear layer on x [rows, in] (float32 or float64).
 
     `w_int` [out, in] and `w_step` are the weight codes and step; `static` the layer's
     thresholds in static mode (None: dynamic); `rows_per_sample` the rows of one sample
     (the dynamic `sample` scope and the noise); `noise_keys` one int64 key per sample of
-    this call (None: no noise). Path p, tile t mixes (p, t) into the keys."""
+    this call (None: no noise). Path p, tile t mixes (p, t) into the keys. `devices`: the
+    programmed arrays and their converters (None: ideal); the exact digital path keeps
+    the codes."""
     adc_cfg = cfg.adc
     group = None
     if static is None and cfg.dynamic_scope != "batch" and x.shape[0]:
@@ -231,14 +363,22 @@ def forward(x: torch.Tensor, w_int: torch.Tensor, w_step: torch.Tensor,
         x_int = quantize(x, act_clip, act_step)
     analog, digital, digital_gain = paths(x_int, cfg)
     w_int_t = w_int.t()
+    w_analog_t, variance_t, compensation, converters = w_int_t, None, 1.0, {}
+    if devices is not None:
+        if devices.weights is not None:
+            w_analog_t = devices.weights.t()
+        if devices.read_variance is not None:
+            variance_t = devices.read_variance.t()
+        compensation, converters = devices.compensation, devices.converters
     # Analog paths: per tile a = W_int[tile] @ codes[tile], ADC, summed in units of the
     # first conversion's step.
     acc, unit = None, None
     for path in analog:
         path_index = list(adc_paths).index(path.name)
         sigma = adc_cfg.noise_sigma_lsb / math.sqrt(path.reads) if path.noisy else 0.0
+        gain = path.gain if compensation == 1.0 else path.gain * compensation
         for tile_index, rows in enumerate(tiles(x.shape[1], adc_cfg.tile_rows)):
-            a = path.codes[:, rows] @ w_int_t[rows]
+            a = path.codes[:, rows] @ w_analog_t[rows]
             step = 1.0
             if not adc_cfg.bypass:
                 if static is not None:
@@ -246,14 +386,18 @@ def forward(x: torch.Tensor, w_int: torch.Tensor, w_step: torch.Tensor,
                 else:
                     step = dynamic_adc_step(a, adc_cfg.bits, group, dynamic_step_eps)
                 noise = None
-                if sigma and noise_keys is not None:
+                std = sigma
+                if variance_t is not None:
+                    variance = read_noise_variance(path.codes[:, rows], variance_t[rows])
+                    std = read_noise_std_codes(variance, sigma, step, path.reads)
+                if (variance_t is not None or sigma) and noise_keys is not None:
                     keys = mix_keys(mix_keys(noise_keys, path_index), tile_index)
-                    noise = thermal_noise(keys, rows_per_sample, a.shape[1], a.dtype) * sigma
-                a = adc(a, step, adc_cfg.bits, noise)
+                    noise = thermal_noise(keys, rows_per_sample, a.shape[1], a.dtype) * std
+                a = adc(a, step, adc_cfg.bits, noise, converters.get((path_index, tile_index)))
             if acc is None:
-                acc, unit = a, step * path.gain
+                acc, unit = a, step * gain
                 continue
-            acc = _add_scaled(acc, a, step * path.gain / unit)
+            acc = _add_scaled(acc, a, step * gain / unit)
     # Exact digital path, y = s_x s_w s_adc (y_analog + (R / s_adc) W_int @ M) + b.
     if digital is not None:
         product = digital @ w_int_t

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import device
 from .layers import quantized_layers
 
 # A counter: a Python number, or a 0-d device tensor while values are being added.
@@ -159,6 +160,22 @@ def collect_stats(model: nn.Module) -> list[dict]:
     (output vs the float layer, accumulated energies), digital_macs, analog_macs (analog
     reads counted each), the operation counts of `LayerStats.observe_paths` (dense_macs,
     dac_conversions, adc_conversions_<path>, array_reads_<path>, tiles,
-    digital_accumulations), calls."""
-    return [layer.stats.row(name, layer.scheme)
-            for name, layer in quantized_layers(model).items() if layer.stats is not None]
+    digital_accumulations), calls, and the arrays' weight_snr_db and weight_drift_factor
+    (`weight_statistics`)."""
+    rows = []
+    for name, layer in quantized_layers(model).items():
+        if layer.stats is not None:
+            rows.append({**layer.stats.row(name, layer.scheme), **weight_statistics(layer)})
+    return rows
+
+
+def weight_statistics(layer) -> dict:
+    """weight_snr_db and weight_drift_factor of the read-back weights against the INT
+    codes (device.py), at device.t_inference_s after drift compensation; for a layer
+    without analog arrays (W8A8) None."""
+    if not layer.adc_paths:
+        return {"weight_snr_db": None, "weight_drift_factor": None}
+    with torch.no_grad():
+        codes, read_back = layer.read_back_codes()
+    return {"weight_snr_db": device.weight_snr_db(codes, read_back),
+            "weight_drift_factor": device.weight_drift_factor(codes, read_back)}

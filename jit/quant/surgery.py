@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import build_quant_config
+from .config import DeviceConfig, build_quant_config
 from .layers import LAYER_CLASSES, QuantLinear, quantized_layers
 
 # How many candidate names an error message lists.
@@ -68,13 +68,19 @@ def reseed(model: nn.Module, seed: int) -> None:
         layer.reseed(seed)
 
 
+def _adc_overridden(model: nn.Module, **changes: Any) -> contextlib.AbstractContextManager[None]:
+    return _overridden(model, lambda cfg: dataclasses.replace(
+        cfg, adc=dataclasses.replace(cfg.adc, **changes)))
+
+
 @contextlib.contextmanager
-def _adc_overridden(model: nn.Module, **changes: Any) -> Iterator[None]:
+def _overridden(model: nn.Module, change) -> Iterator[None]:
+    """Every quantized layer's config replaced by change(cfg) inside the block."""
     layers = quantized_layers(model).values()
     prior = [(layer, layer.cfg) for layer in layers]
     try:
         for layer, cfg in prior:
-            layer.cfg = dataclasses.replace(cfg, adc=dataclasses.replace(cfg.adc, **changes))
+            layer.cfg = change(cfg)
         yield
     finally:
         for layer, cfg in prior:
@@ -82,9 +88,22 @@ def _adc_overridden(model: nn.Module, **changes: Any) -> Iterator[None]:
 
 
 def noise_disabled(model: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """Thermal noise off in every quantized layer inside the block (settings restored on
-    exit, also on error). Noise generators are not advanced while it is off."""
-    return _adc_overridden(model, noise_sigma_lsb=0.0)
+    """Thermal noise and the devices' read noise off in every quantized layer inside the
+    block (settings restored on exit, also on error). Noise generators are not advanced
+    while it is off."""
+    return _overridden(model, lambda cfg: dataclasses.replace(
+        cfg, adc=dataclasses.replace(cfg.adc, noise_sigma_lsb=0.0),
+        device=dataclasses.replace(cfg.device, read_noise_scale=0.0)))
+
+
+def ideal_devices(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Ideal devices and converters inside the block: the arrays hold the INT codes
+    exactly and the ADCs have no DNL, INL, offset or gain error (calibration's default,
+    which calibrates the design, not one programmed chip)."""
+    ideal_adc = {"dnl_sigma_lsb": 0.0, "inl_max_lsb": 0.0, "offset_sigma_lsb": 0.0,
+                 "gain_sigma": 0.0}
+    return _overridden(model, lambda cfg: dataclasses.replace(
+        cfg, adc=dataclasses.replace(cfg.adc, **ideal_adc), device=DeviceConfig()))
 
 
 def adc_bypassed(model: nn.Module) -> contextlib.AbstractContextManager[None]:
