@@ -8,7 +8,6 @@ import scipy.linalg
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import (
     URL_INCEPTION_V3,
-    FeatureExtractorInceptionV3,
 )
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torchvision.models import VGG16_Weights
@@ -102,19 +101,9 @@ def test_inception_score_matches_torch_fidelity():
 @pytest.fixture(scope="module")
 def random_inception_weights(tmp_path_factory):
     """A randomly initialised inception-v3-compat state dict in the file format torch-fidelity loads."""
-    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-    # The constructor insists on loading weights; give it an empty dict and skip the load once.
-    empty = path.with_name("empty.pth")
-    torch.save({}, empty)
-    original = FeatureExtractorInceptionV3.load_state_dict
-    FeatureExtractorInceptionV3.load_state_dict = lambda self, sd, strict=True: None
-    try:
-        torch.manual_seed(0)
-        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
-    finally:
-        FeatureExtractorInceptionV3.load_state_dict = original
-    torch.save(model.state_dict(), path)
-    return path
+    from benchmarks.feature_extraction import random_inception_weights as make
+
+    return make(tmp_path_factory.mktemp("inception") / "random_inception.pth")
 
 
 def test_inception_end_to_end_on_random_weights(random_inception_weights, tmp_path):

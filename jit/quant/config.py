@@ -278,6 +278,14 @@ class DeviceConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
+def _check_known(cls: type, cfg: Mapping, prefix: str) -> None:
+    """Every key of `cfg` is a field of the dataclass `cls`; else an error naming the key."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in cfg:
+        if key not in known:
+            raise ValueError(f"{prefix}.{key} is not a known field (known: {', '.join(sorted(known))})")
+
+
 def build_device_config(cfg: Any = None) -> DeviceConfig:
     """DeviceConfig | DictConfig | mapping | None (ideal) -> validated DeviceConfig; an
     unknown field is an error naming it."""
@@ -288,10 +296,7 @@ def build_device_config(cfg: Any = None) -> DeviceConfig:
         return DeviceConfig()
     if not isinstance(cfg, Mapping):
         raise TypeError(f"device config must be a mapping or DeviceConfig, got {type(cfg).__name__}")
-    known = {f.name for f in dataclasses.fields(DeviceConfig)}
-    for key in cfg:
-        if key not in known:
-            raise ValueError(f"device.{key} is not a known field (known: {', '.join(sorted(known))})")
+    _check_known(DeviceConfig, cfg, "device")
     return DeviceConfig(**cfg)
 
 
@@ -413,11 +418,7 @@ def _section_values(name: str, given: Any, scheme: str) -> dict[str, Any]:
         given = {}
     if not isinstance(given, Mapping):
         _fail(name, "a mapping", given)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in given:
-        if key not in known:
-            raise ValueError(f"quant.{name}.{key} is not a known field "
-                             f"(known: {', '.join(sorted(known))})")
+    _check_known(cls, given, f"quant.{name}")
     return {**_scheme_defaults(scheme, name, given), **given}
 
 
@@ -436,10 +437,7 @@ def build_quant_config(cfg: Any = None, device: Any = None) -> QuantConfig:
         cfg = {}
     if not isinstance(cfg, Mapping):
         raise TypeError(f"quant config must be a mapping or QuantConfig, got {type(cfg).__name__}")
-    top = {f.name for f in dataclasses.fields(QuantConfig)}
-    for key in cfg:
-        if key not in top:
-            raise ValueError(f"quant.{key} is not a known field (known: {', '.join(sorted(top))})")
+    _check_known(QuantConfig, cfg, "quant")
     scheme = cfg.get("scheme", "hybrid")
     _check_choice("scheme", scheme, SCHEMES)
     values = {k: v for k, v in cfg.items() if k not in SECTIONS}
