@@ -295,7 +295,7 @@ def test_skip_corrupt_reference_statistics_count_the_images_used(corrupt_tree):
     from jit.metrics.reference import compute_split_stats
 
     class MeanColour:  # a 3-d feature space: enough to count and to compare statistics
-        feature_dim = 3
+        name, feature_dim = "mean-colour", 3
 
         def __call__(self, images):
             return images.float().mean(dim=(2, 3)), None
