@@ -24,7 +24,7 @@ mmap and penalises allocation-heavy code.
 
 The "reference" rows are the yardstick, measured on the same machine in the same
 process: the hybrid layer run through jit/quant/reference.py, the executable
-specification (one whole-tensor torch op per DESIGN.md formula, per-sample selections and
+specification (one whole-tensor torch op per docs/design.md formula, per-sample selections and
 ADC peaks, the two float32 matmuls, counter-based noise, no blocking, no sparsity), i.e.
 the straightforward implementation, eagerly and compiled by torch.compile (Inductor; its
 compilation happens in the warm-up call and is not timed). Before timing, their outputs
@@ -158,7 +158,7 @@ class _ReferenceCall(nn.Module):
 
 class Reference(nn.Module):
     """The yardstick: `layer` run through jit/quant/reference.py, the executable
-    specification (one whole-tensor torch op per DESIGN.md formula, counter-based noise,
+    specification (one whole-tensor torch op per docs/design.md formula, counter-based noise,
     no blocking, no sparsity). Compiled (`compiled=True`): the same forward traced by
     torch.compile, as `model.compile=true` runs it."""
 

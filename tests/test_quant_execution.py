@@ -58,7 +58,7 @@ def test_whole_tensor_plan_gives_the_blocked_results(monkeypatch, scheme, cfg, m
 
 
 def test_whole_tensor_plan_noise_statistics(whole_tensor):
-    """Noise on the accelerator plan: the analog error variance of DESIGN.md."""
+    """Noise on the accelerator plan: the analog error variance of docs/design.md."""
     sigma, samples, adc_clip = 3.0, 2, 1e9  # a clip far above every sum: no saturation
     layer = layer_for("hybrid", 256, 512, mode="static",
                       adc={"noise_sigma_lsb": sigma, "samples": samples})

@@ -1,4 +1,4 @@
-"""Quantized linear layers against DESIGN.md: fixture parity, exactness under bypass,
+"""Quantized linear layers against docs/design.md: fixture parity, exactness under bypass,
 noise statistics, tiling, reproducibility, static mode, gradients, bad input."""
 
 import math

@@ -3,7 +3,7 @@
 - The fast layers equal the whole-tensor reference bitwise with the noise off, over the
   schemes, modes, dynamic scopes, tiles, weight granularities and dtypes.
 - The reference's counter-based noise: a pure function of (layer, sample, call), standard
-  normal, with the analog error variance of DESIGN.md.
+  normal, with the analog error variance of docs/design.md.
 - torch.compile (Inductor on the CPU; skipped without a C++ compiler): a compiled layer and
   a compiled backbone trace in one graph (fullgraph=True) and equal the eager reference up
   to float rounding, which is far below one ADC code.

@@ -1,4 +1,4 @@
-"""AIMC quantization of linear layers (DESIGN.md "AIMC quantization").
+"""AIMC quantization of linear layers (docs/design.md "AIMC quantization").
 
 Plain torch: no Lightning, no Hydra, no dependency on jit.models; layers are replaced
 by module name on any nn.Module.

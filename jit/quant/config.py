@@ -15,7 +15,7 @@ top-level `device` group, carried as `QuantConfig.device`; `build_device_config`
 
 and fills every missing field with the *scheme's* default (`SCHEME_DEFAULTS`), so
 `{"scheme": "bitserial"}` is the seed's W8A12 bit-serial layer and `{"scheme": "hybrid"}`
-the DESIGN.md hybrid W8A11. Every field is checked once, here; errors name the field
+the docs/design.md hybrid W8A11. Every field is checked once, here; errors name the field
 (`quant.adc.bits`) and the allowed range.
 
 Constructing `QuantConfig` directly also works: sub-configs left at `None` take the
@@ -131,7 +131,7 @@ class AdcConfig:
     ADC steps per read, averaged over `samples` reads; analog arrays of at most
     `tile_rows` input rows (None: one array holds the whole input).
 
-    A real converter (DESIGN.md "Device non-idealities", reference.adc_transfer), each
+    A real converter (docs/design.md "Device non-idealities", reference.adc_transfer), each
     error drawn once per converter (one per output column of each array) from
     device.seed: `dnl_sigma_lsb` moves every code edge by N(0, sigma^2) LSB,
     `inl_max_lsb` bows the transfer curve (peak INL at mid-scale, 0 at both ends),
@@ -179,7 +179,7 @@ def _check_coeffs(name: str, value: Any, length: int) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    """The memory devices of the analog arrays (configs/device/, DESIGN.md "Device
+    """The memory devices of the analog arrays (configs/device/, docs/design.md "Device
     non-idealities"; formulas in jit/quant/device.py). Defaults: ideal devices, whose
     read-back weight is the INT code exactly.
 

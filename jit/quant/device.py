@@ -1,4 +1,4 @@
-"""The memory devices of the analog arrays (DESIGN.md "Device non-idealities"), one
+"""The memory devices of the analog arrays (docs/design.md "Device non-idealities"), one
 formula per function; part of the executable specification with reference.py.
 
 An INT weight code c (|c| <= code_max) is programmed into a differential pair of devices:

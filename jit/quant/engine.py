@@ -1,5 +1,5 @@
 """The fast engine: a quantized layer's forward as the hardware's stages, run with the
-device plan of plan.py. DESIGN.md "AIMC quantization" is the specification and
+device plan of plan.py. docs/design.md "AIMC quantization" is the specification and
 reference.py the same forward in whole-tensor torch; the tests hold the two equal.
 
     quantize_dac_input   x -> x_int = round(clamp(x, -c, c) / s_x), sliced by the scheme
@@ -236,7 +236,7 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
     it is in cache). With `errors` the real converters (reference.adc_transfer)
     replace the rounding.
 
-    The thermal noise is referred to the ADC input and expressed in ADC steps (DESIGN.md:
+    The thermal noise is referred to the ADC input and expressed in ADC steps (docs/design.md:
     N(0, (sigma_lsb * s_adc)^2 / K) on `a`), so it is drawn with that std directly in the
     code domain, per sample from `noise` (`plan.noise_blocks`), into one block-sized
     buffer, and each block is added, rounded and clamped while it is in cache. `step` is

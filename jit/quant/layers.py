@@ -5,7 +5,7 @@ is engine.py's hardware stages (`QuantLinear._simulate` calls them in order), an
 reference.py is the same forward as whole-tensor torch (`_reference_forward`, also what
 torch.compile traces for inference). A scheme only says how an activation code is
 sliced (`slicing`) into analog paths, each read by its own ADC, and an optional exact
-digital path (`_paths`). DESIGN.md "AIMC quantization" is the specification.
+digital path (`_paths`). docs/design.md "AIMC quantization" is the specification.
 
 Each layer keeps the original `weight`/`bias` Parameters (the very same objects as the
 replaced nn.Linear) and adds no persistent state, so state dicts are unchanged.
@@ -112,7 +112,7 @@ class QuantLinear(nn.Linear):
 
     scheme = ""
     adc_paths: tuple[str, ...] = ()
-    # The seed's dynamic ADC step is max|a|/qmax + 1e-8; the hybrid follows DESIGN.md.
+    # The seed's dynamic ADC step is max|a|/qmax + 1e-8; the hybrid follows docs/design.md.
     dynamic_step_eps = 0.0
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -649,7 +649,7 @@ class QuantLinear(nn.Linear):
 
 
 class HybridLinear(QuantLinear):
-    """Hybrid W8A11 (DESIGN.md): center-out split; the LSB slice runs on the analog array
+    """Hybrid W8A11 (docs/design.md): center-out split; the LSB slice runs on the analog array
     (noise, ADC, optional tiles), the sparse MSB slice on an exact digital MAC whose
     result alone carries the radix gain."""
 
@@ -671,7 +671,7 @@ class HybridLinear(QuantLinear):
 
 
 class BitSerialLinear(QuantLinear):
-    """The seed's legacy bit-serial layer (DESIGN.md "Legacy bit-serial"): signed MSB slice
+    """The seed's legacy bit-serial layer (docs/design.md "Legacy bit-serial"): signed MSB slice
     read `samples` times (noise averaged), unsigned LSB slice with DAC gain 2^g and no
     noise, each through its own ADC."""
 

@@ -1,4 +1,4 @@
-"""Quantizer math of DESIGN.md "AIMC quantization", one function per formula.
+"""Quantizer math of docs/design.md "AIMC quantization", one function per formula.
 
 All integer codes are carried in floating-point tensors: products of INT8 weights and
 INT<=12 activations and their sums are exact in float32 while partial sums stay below
@@ -123,7 +123,7 @@ def _safe_step(clip: torch.Tensor, code_max: int) -> torch.Tensor:
 
 def quantize_symmetric(x: torch.Tensor, clip: torch.Tensor, bits: int) -> tuple[torch.Tensor,
                                                                                  torch.Tensor]:
-    """DESIGN.md: x_int = clamp(round(clamp(x, -c, c) / s), -2^(b-1), 2^(b-1)-1), s = c/qmax.
+    """docs/design.md: x_int = clamp(round(clamp(x, -c, c) / s), -2^(b-1), 2^(b-1)-1), s = c/qmax.
     Returns (codes as a new float tensor, step s). `clip` broadcasts against x."""
     code_max = qmax(bits)
     step = _safe_step(clip, code_max)
@@ -146,7 +146,7 @@ def weight_clip(weight: torch.Tensor, cfg: WeightConfig) -> torch.Tensor:
 
 def center_out_split_(x_int: torch.Tensor, lsb_bits: int, radix: int,
                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """Hybrid split of DESIGN.md step 2, in place: returns M and turns x_int into L, with
+    """Hybrid split of docs/design.md step 2, in place: returns M and turns x_int into L, with
     x_int == radix*M + L, L in the signed `lsb_bits` range and M == 0 exactly when the
     code already lies in that range (maximal MSB sparsity).
 

@@ -1,4 +1,4 @@
-"""Executable specification of DESIGN.md "AIMC quantization": the hybrid W8A11, legacy
+"""Executable specification of docs/design.md "AIMC quantization": the hybrid W8A11, legacy
 bit-serial and W8A8 forwards as whole-tensor torch, one line per formula; with
 "Device non-idealities", the real converters and the devices' read noise at the ADC
 input (the programmed arrays themselves: device.py).
@@ -126,7 +126,7 @@ def keyed_uniform(key: int, shape: Sequence[int], device: torch.device | str = "
     return _keyed(key, shape, device, _uniform_open)
 
 
-# ----- DESIGN.md "Common pieces" -----------------------------------------------------
+# ----- docs/design.md "Common pieces" -----------------------------------------------------
 
 def step_of(clip: torch.Tensor, bits: int) -> torch.Tensor:
     """s = c / qmax, and 1 where c = 0 (everything then rounds to code 0)."""
@@ -190,7 +190,7 @@ def adc(a: torch.Tensor, step: torch.Tensor | float, bits: int,
     return torch.clamp(codes, -qmax(bits) - 1, qmax(bits))
 
 
-# ----- DESIGN.md "Device non-idealities": the converters and the arrays' reads --------
+# ----- docs/design.md "Device non-idealities": the converters and the arrays' reads --------
 
 class ConverterErrors(NamedTuple):
     """The imperfections of one array's column converters (one converter per column)."""

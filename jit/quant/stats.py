@@ -1,4 +1,4 @@
-"""Per-layer statistics of DESIGN.md "Statistics worth logging per layer".
+"""Per-layer statistics of docs/design.md "Statistics per layer".
 
 A layer owns a `LayerStats` only while statistics are enabled (`enable_stats`); when
 it is None the forward pass does no extra work at all. Counters known from shapes are
