@@ -434,7 +434,7 @@ def test_calibration_uses_ideal_devices_unless_on_device():
 
 
 def test_hardware_aware_training_injects_fresh_programming_noise_each_step():
-    from jit.finetune import FinetuneSettings, training_quant_config
+    from jit.settings import FinetuneSettings, training_quant_config
 
     settings = FinetuneSettings("model", ("*",), True, None, None, 0, ())
     quant = build_quant_config({"scheme": "hybrid"},
