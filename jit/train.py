@@ -96,6 +96,17 @@ class SaveOnSignal(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._maybe_save(trainer)
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # A SIGTERM that lands after this callback's batch-end check, but before the loop's
+        # own check (end of the step, end of the epoch, start of a DDP step), stops the run
+        # at a finished step that nothing saved yet; it is saved here. Every rank raises the
+        # exception at the same point, so the collective save still matches up.
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and self.saved_path is None:
+            if trainer.state.fn == "fit" and not trainer.sanity_checking:
+                self._maybe_save(trainer)
+
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:

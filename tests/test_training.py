@@ -317,6 +317,25 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_pat
         assert_state_equal(mine, theirs)
 
 
+def test_sigterm_after_the_batch_end_check_still_saves_and_resumes_bitwise(tmp_path):
+    # The signal lands after SaveOnSignal looked at the batch end; Lightning's loop then stops
+    # at the end of the step, and the checkpoint is written from on_exception.
+    reference = final_state(cfg(tmp_path / "reference", **EXACT, result=str(tmp_path / "ref.pt")))
+    c = cfg(tmp_path / "interrupted", **EXACT, sigterm_self_at=7)
+    proc = subprocess.run([sys.executable, str(HELPER), json.dumps(c)], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300, check=False)
+    last = tmp_path / "interrupted" / "checkpoints" / "last.ckpt"
+    assert last.exists(), (proc.stdout + proc.stderr)[-3000:]
+    assert "SIGTERM received: saving" in proc.stdout + proc.stderr
+    assert load_ckpt(last)["global_step"] == 7
+    resumed = final_state({**c, "sigterm_self_at": None, "ckpt_path": str(last),
+                           "result": str(tmp_path / "resumed.pt")})
+    assert resumed["global_step"] == reference["global_step"] == EXACT["max_steps"]
+    assert_state_equal(resumed["params"], reference["params"])
+    for mine, theirs in zip(resumed["ema"]["shadows"], reference["ema"]["shadows"], strict=True):
+        assert_state_equal(mine, theirs)
+
+
 def test_sigterm_writes_checkpoint_before_stopping(tmp_path):
     progress = tmp_path / "progress"
     c = cfg(tmp_path, max_steps=10_000, every_n=None, progress=str(progress))

@@ -6,7 +6,9 @@ Options (JSON): root, max_steps, every_n (checkpoint period in steps, null = non
 ckpt_path (resume), devices (>1 = DDP over gloo on CPU), batch_size, img_size, blr,
 seed, subset_frac, random_flip and num_workers (data), progress (file rewritten with the global step
 after every batch), pause_at (after that step, wait up to a minute for SIGTERM or SIGKILL,
-so a parent interrupts at a known step), result (torch file per rank with the final
+so a parent interrupts at a known step), sigterm_self_at (the run sends itself SIGTERM
+after that step, from the last batch-end callback: after the checkpoint callbacks looked
+for a signal), result (torch file per rank with the final
 parameters, EMAs and lr; "{rank}" is substituted), hardware (null, or hardware-aware
 training: {"quant": quant config, "recalibrate_every_n_steps": N, "trainable": [...]},
 static ranges calibrated on 16 images from data).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -45,6 +48,7 @@ DEFAULTS = {
     "num_workers": 0,
     "progress": None,
     "pause_at": None,
+    "sigterm_self_at": None,
     "result": None,
     "hardware": None,
 }
@@ -65,6 +69,20 @@ class Progress(Callback):
             deadline = time.monotonic() + 60
             while not trainer.received_sigterm and time.monotonic() < deadline:
                 time.sleep(0.02)
+
+
+class SigtermSelf(Callback):
+    """Sends SIGTERM to its own process at the end of one step, after every other callback."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 10  # delivery to the Python handler is asynchronous
+            while not trainer.received_sigterm and time.monotonic() < deadline:
+                time.sleep(0.01)
 
 
 def make_module(cfg: dict) -> JiTModule:
@@ -107,6 +125,8 @@ def make_trainer(cfg: dict, callbacks=()) -> L.Trainer:
     callbacks += checkpoint_callbacks(
         os.path.join(cfg["root"], "checkpoints"), every_n_train_steps=cfg["every_n"] or 10**9
     )
+    if cfg["sigterm_self_at"] is not None:
+        callbacks.append(SigtermSelf(cfg["sigterm_self_at"]))
     strategy = "auto"
     if cfg["devices"] > 1:
         from lightning.pytorch.strategies import DDPStrategy
