@@ -19,6 +19,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/python run.py $(ARGS)
 
+# One pytest worker per core (pytest-xdist); PYTEST_ARGS="-n 0" runs them in one process.
+PYTEST_ARGS ?= -n auto
+
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,18 @@ def accelerator_plan(device, monkeypatch):
     return device
 
 
+# pytest-xdist runs one worker per core (`-n auto`): each worker then computes on one thread,
+# so workers do not oversubscribe the cores. Without xdist, two threads (the 2-core machine).
+THREADS_PER_WORKER = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # and so do the `python run.py` processes the tests start (a test that needs a given
+    # thread count sets OMP_NUM_THREADS in its own environment)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
-    # Two cores here; more threads only oversubscribe and make timings noisy.
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS_PER_WORKER)
     yield
 
 
