@@ -56,10 +56,11 @@ def _check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
-def module_arguments(net, eval_weights: str, **sections) -> dict:
-    """JiTModule's arguments as plain containers, each section (denoiser, optim, ema,
-    sampler) completed with the schema's defaults. The run schema checks a config's keys
-    and choices at composition; these errors serve callers from Python."""
+def module_arguments(net, eval_weights: str, hold_only: str | None = None, **sections) -> dict:
+    """JiTModule's hyper-parameters as plain containers, each section (denoiser, optim, ema,
+    sampler) completed with the schema's defaults; checked before the model is built. The
+    run schema checks a config's keys and choices at composition; these errors serve
+    callers from Python."""
     net = _plain(net)
     if not isinstance(net, dict) or "name" not in net:
         raise ValueError(f"net must be a mapping with a variant 'name' (and build_jit overrides), got {net!r}")
@@ -71,6 +72,8 @@ def module_arguments(net, eval_weights: str, **sections) -> dict:
             raise ValueError(f"unknown {section} option(s) {unknown}; allowed: {sorted(defaults)}")
         out[section] = {**defaults, **given}
     _check_choice("eval_weights", eval_weights, choices(Weights))
+    if hold_only is not None:
+        _check_choice("hold_only", hold_only, choices(Weights))
     _check_choice("optim.schedule", out["optim"]["schedule"], choices(LRSchedule))
     return {**out, "eval_weights": eval_weights}
 

@@ -119,8 +119,6 @@ class WeightSwap:
     """
 
     def __init__(self, ema: EMA, hold_only: str | None = None):
-        if hold_only is not None and hold_only not in WEIGHTS:
-            raise ValueError(f"hold_only must be one of {', '.join(WEIGHTS)}, got {hold_only!r}")
         self.ema = ema
         self.hold_only = hold_only
         self.backups: list[list[torch.Tensor]] = []

@@ -81,7 +81,8 @@ class JiTModule(L.LightningModule):
                  init_checkpoint: str | None = None, init_weights: str = "model_ema1",
                  hold_only: str | None = None):
         super().__init__()
-        args = module_arguments(net, eval_weights, denoiser=denoiser, optim=optim, ema=ema, sampler=sampler)
+        args = module_arguments(net, eval_weights, hold_only, denoiser=denoiser, optim=optim, ema=ema,
+                                sampler=sampler)
         net = args["net"]
         backbone = build_jit(net["name"], **{k: v for k, v in net.items() if k != "name"})
         # Record what was actually built, so exports and checks do not depend on defaults.

@@ -279,9 +279,10 @@ class FIDEvaluation:
         and (where asked) kept as PNGs, npz rows and sample-grid tiles."""
         cfg, space, labels, world = self.cfg, plan.space, plan.labels, plan.world
         denoiser, net = module.denoiser, module.denoiser.net
-        out = Generated(GaussianStats(space.feature_dim), None, torch.zeros(1, dtype=torch.float64), [], 0.0)
-        if plan.uses_inception_score:
-            out.inception = InceptionScoreStats(cfg.num_images, space.extractor.fc.out_features, cfg.isc_splits)
+        inception = (InceptionScoreStats(cfg.num_images, space.extractor.fc.out_features, cfg.isc_splits)
+                     if plan.uses_inception_score else None)
+        out = Generated(stats=GaussianStats(space.feature_dim), inception=inception,
+                        correct=torch.zeros(1, dtype=torch.float64), grid_tiles=[], seconds=0.0)
         grid_slots = sample_grid_slots(labels, plan.num_classes, cfg.grid["samples_per_class"],
                                        cfg.grid["max_classes"])
         png_dir = plan.run_dir / "samples"
