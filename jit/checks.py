@@ -1,6 +1,7 @@
 """Checks run before expensive work starts: JiTModule's arguments before the model is
-built, the data against the model before training, and before any image is generated the checkpoint settings against the config, the
-calibration inputs, the reference statistics and the data's class count."""
+built, the data against the model before training, and before any image is generated
+the checkpoint settings against the config, the calibration inputs, the reference
+statistics and the data's class count."""
 
 from __future__ import annotations
 
