@@ -34,18 +34,17 @@ def one_run(num_images: int, batch_size: int, workdir: Path) -> dict:
 
     from jit.datamodules import DigitsDataModule
     from jit.evaluation import FIDEvaluation
-    from jit.models import Denoiser, build_jit
+    from jit.module import JiTModule
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    denoiser = Denoiser(build_jit("JiT-T/4", input_size=32, num_classes=10), num_classes=10).eval()
+    # One set of weights and no EMA copies, as task=eval loads a checkpoint.
+    module = JiTModule(net={"name": "JiT-T/4", "input_size": 32, "num_classes": 10},
+                       sampler={"steps": 2, "method": "euler"}, eval_weights="raw", hold_only="raw")
     with torch.no_grad():  # JiT zero-initialises its output layers: all samples would be equal
-        for p in denoiser.parameters():
+        for p in module.denoiser.parameters():
             if p.ndim >= 2 and not p.any():
                 p.normal_(0, 0.02)
-    module = type("Module", (), {"denoiser": denoiser,
-                                 "generate": lambda self, y, noise=None, **kw: denoiser.generate(y, noise=noise, **kw),
-                                 "sampler": {"steps": 2, "method": "euler"}})()
     dm = DigitsDataModule(img_size=32, batch_size=200)
     cfg = {"extractor": "digits-cnn", "num_images": num_images, "chunk_size": batch_size, "progress": False,
            "reference": {"split": "reference", "cache_dir": str(workdir / "cache")}}

@@ -13,7 +13,7 @@ import hashlib
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -286,3 +286,109 @@ def save_official_checkpoint(path, model: dict, model_ema1: dict | None = None, 
         "epoch": int(epoch),
         "args": ns,
     }, path)
+
+
+def official_args(hparams: Mapping, epoch: int = 0) -> argparse.Namespace:
+    """The `args` Namespace of an official checkpoint, filled from JiTModule's hyper-parameters.
+
+    Names follow the official `main_jit.py` so its tools (and `load_jit_checkpoint`) read them.
+    """
+    net, den, opt = hparams["net"], hparams["denoiser"], hparams["optim"]
+    ema, smp = hparams["ema"], hparams["sampler"]
+    return argparse.Namespace(
+        model=net["name"],
+        img_size=net["input_size"],
+        class_num=net["num_classes"],
+        attn_dropout=net.get("attn_drop", 0.0),
+        proj_dropout=net.get("proj_drop", 0.0),
+        label_drop_prob=den["label_drop_prob"],
+        P_mean=den["P_mean"],
+        P_std=den["P_std"],
+        noise_scale=den["noise_scale"],
+        t_eps=den["t_eps"],
+        ema_decay1=ema["decay1"],
+        ema_decay2=ema["decay2"],
+        sampling_method=smp["method"],
+        num_sampling_steps=smp["steps"],
+        cfg=smp["cfg_scale"],
+        interval_min=smp["interval"][0],
+        interval_max=smp["interval"][1],
+        blr=opt["blr"],
+        min_lr=opt["min_lr"],
+        weight_decay=opt["weight_decay"],
+        lr_schedule=opt["schedule"],
+        warmup_steps=opt["warmup_steps"],
+        epoch=epoch,
+    )
+
+
+def official_state(raw: Mapping[str, torch.Tensor], ema_shadows: Sequence[Mapping[str, torch.Tensor]],
+                   hparams: Mapping, epoch: int) -> dict:
+    """{"model", "model_ema1", "model_ema2", "epoch", "args"} as the official code writes it.
+
+    `raw`: the Denoiser's training state dict; `ema_shadows`: the two EMAs' averaged
+    parameters by name. An EMA entry is the raw state dict with its averaged parameters put
+    in (buffers are not averaged). Every tensor is copied to the CPU.
+    """
+    raw = {k: v.detach().cpu().clone() for k, v in raw.items()}
+    ema1, ema2 = ({**raw, **{k: v.detach().cpu().clone() for k, v in shadow.items()}} for shadow in ema_shadows)
+    return {"model": raw, "model_ema1": ema1, "model_ema2": ema2, "epoch": int(epoch),
+            "args": official_args(hparams, int(epoch))}
+
+
+def official_state_from_lightning(ckpt: Mapping) -> dict:
+    """The official layout (`official_state`) of a JiTModule Lightning checkpoint dict."""
+    if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise CheckpointError(
+            "not a JiTModule Lightning checkpoint: 'state_dict' or 'hyper_parameters' missing"
+        )
+    if "ema" not in ckpt:
+        raise CheckpointError(
+            "the Lightning checkpoint holds no 'ema' state (was it written by JiTModule?)"
+        )
+    return official_state(_denoiser_state(ckpt), ckpt["ema"]["shadows"], ckpt["hyper_parameters"],
+                          int(ckpt.get("epoch", 0)))
+
+
+def check_lightning_checkpoint(ckpt: Mapping) -> None:
+    """A JiTModule Lightning checkpoint to resume from holds the EMA state, and finite weights."""
+    if "ema" not in ckpt:
+        raise CheckpointError(
+            "the checkpoint holds no 'ema' state; it was not written by JiTModule "
+            "(to start from an official checkpoint use init_checkpoint)"
+        )
+    check_finite_weights(ckpt["state_dict"], "checkpoint state_dict")
+    for i, shadow in enumerate(ckpt["ema"]["shadows"]):
+        check_finite_weights(shadow, f"checkpoint EMA {i + 1}")
+
+
+def _denoiser_state(ckpt: Mapping) -> dict:
+    """The Denoiser's entries of a JiTModule Lightning checkpoint, without the `denoiser.` prefix."""
+    return {k.removeprefix("denoiser."): v for k, v in ckpt["state_dict"].items() if k.startswith("denoiser.")}
+
+
+def lightning_weights(ckpt: Mapping, ema_index: int | None, source: str) -> dict:
+    """The Denoiser state dict of a JiTModule Lightning checkpoint with its raw weights
+    (`ema_index` None) or with EMA `ema_index`'s averaged parameters over them (buffers are
+    not averaged), checked finite."""
+    if "ema" not in ckpt:
+        raise CheckpointError(f"{source} holds no 'ema' state; it was not written by JiTModule "
+                              "(to start from an official checkpoint use init_checkpoint)")
+    state = _denoiser_state(ckpt)
+    if ema_index is not None:
+        state.update(ckpt["ema"]["shadows"][ema_index])
+    label = "raw" if ema_index is None else f"ema{ema_index + 1}"
+    check_finite_weights(state, f"{source} ({label} weights)")
+    return state
+
+
+def official_ema_weights(path) -> dict[int, dict]:
+    """{EMA index: averaged parameters} of the EMAs an official checkpoint holds (0 for
+    model_ema1, 1 for model_ema2; an absent one is left out), each checked finite."""
+    ckpt = safe_load(path, mmap=True)  # only the EMA tensors are read from it
+    found = {}
+    for index, key in enumerate(("model_ema1", "model_ema2")):
+        if key in ckpt:
+            check_finite_weights(ckpt[key], f"{path}[{key!r}]")
+            found[index] = dict(ckpt[key].items())
+    return found

@@ -1,17 +1,110 @@
-"""Checks run before any image is generated: checkpoint settings against the config, the
-calibration inputs, the reference statistics and the data's class count."""
+"""Checks run before expensive work starts: JiTModule's arguments before the model is
+built, the data against the model before training, and before any image is generated
+the checkpoint settings against the config, the calibration inputs, the reference
+statistics and the data's class count."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from jit.config import ConfigError
-from jit.module import JiTModule
-from jit.settings import RunSettings
+from jit.config import (
+    ConfigError,
+    DenoiserSchema,
+    EMASchema,
+    LRSchedule,
+    OptimSchema,
+    SamplerSchema,
+    Weights,
+    choices,
+    schema_defaults,
+)
+
+if TYPE_CHECKING:
+    from jit.models import Denoiser
+    from jit.settings import RunSettings
+
+# JiTModule's sections fall back on the run schema's defaults: each default is written once.
+SAMPLER_DEFAULTS = schema_defaults(SamplerSchema)
+MODULE_DEFAULTS = {
+    "denoiser": schema_defaults(DenoiserSchema),
+    "optim": {**schema_defaults(OptimSchema), "batch_size": None},
+    "ema": schema_defaults(EMASchema),
+    "sampler": SAMPLER_DEFAULTS,
+}
+
+
+def _plain(obj):
+    """Mappings -> dict, sequences -> list, recursively (OmegaConf containers included).
+
+    Hyper-parameters are stored in checkpoints; plain containers keep them loadable with
+    `torch.load(weights_only=True)`.
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) or type(obj).__name__ == "ListConfig":
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def module_arguments(net, eval_weights: str, hold_only: str | None = None, **sections) -> dict:
+    """JiTModule's hyper-parameters as plain containers, each section (denoiser, optim, ema,
+    sampler) completed with the schema's defaults; checked before the model is built. The
+    run schema checks a config's keys and choices at composition; these errors serve
+    callers from Python."""
+    net = _plain(net)
+    if not isinstance(net, dict) or "name" not in net:
+        raise ValueError(f"net must be a mapping with a variant 'name' (and build_jit overrides), got {net!r}")
+    out = {"net": net}
+    for section, defaults in MODULE_DEFAULTS.items():
+        given = _plain(sections.get(section)) or {}
+        unknown = sorted(set(given) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown {section} option(s) {unknown}; allowed: {sorted(defaults)}")
+        out[section] = {**defaults, **given}
+    _check_choice("eval_weights", eval_weights, choices(Weights))
+    if hold_only is not None:
+        _check_choice("hold_only", hold_only, choices(Weights))
+    _check_choice("optim.schedule", out["optim"]["schedule"], choices(LRSchedule))
+    return {**out, "eval_weights": eval_weights}
+
+
+def check_sampler_options(options) -> None:
+    """Overrides of the sampler settings at generation time (fid.sampler, callers)."""
+    unknown = set(options) - set(SAMPLER_DEFAULTS) - {"generator", "step_callback"}
+    if unknown:
+        raise ValueError(f"unknown sampler option(s) {sorted(unknown)}; allowed: {sorted(SAMPLER_DEFAULTS)}, "
+                         "generator and step_callback")
+
+
+def check_data_fits_model(datamodule, denoiser: Denoiser) -> None:
+    """The data's class count and image size must be the model's; a datamodule of the
+    project checks its own part (`check_compatible`), another one is read for
+    `num_classes` and `img_size` where it has them."""
+    net = denoiser.net
+    if hasattr(datamodule, "check_compatible"):
+        datamodule.check_compatible(patch_size=net.patch_size, num_classes=denoiser.num_classes)
+    else:
+        classes = getattr(datamodule, "num_classes", None)
+        if classes is not None and classes != denoiser.num_classes:
+            raise ValueError(f"num_classes={denoiser.num_classes} (the model's) disagrees with the data, "
+                             f"which has {classes} classes")
+    img_size = getattr(datamodule, "img_size", None)
+    if img_size is not None and img_size % net.patch_size != 0:
+        raise ValueError(f"img_size={img_size} is not divisible by patch_size={net.patch_size}")
+    if img_size is not None and img_size != net.input_size:
+        raise ValueError(f"the data has img_size={img_size} but the model was built for "
+                         f"input_size={net.input_size}; set both to the same value")
 
 
 def check_checkpoint_settings(cfg: DictConfig, path: str, ckpt=None) -> None:
@@ -58,7 +151,8 @@ def uses_data_for_calibration(run: RunSettings) -> bool:
     return run.calibration.source == "data"
 
 
-def check_reference(fid_cfg, module: JiTModule, dm) -> None:
+# `module` below is a JiTModule, not imported: jit/module.py uses these checks itself.
+def check_reference(fid_cfg, module, dm) -> None:
     """The feature extractor loads (weights present and safe) and the reference statistics
     fit it: a stats file is read, a data split is listed and its class count checked."""
     from jit.evaluation.fid import check_data_classes
@@ -79,7 +173,7 @@ def check_reference(fid_cfg, module: JiTModule, dm) -> None:
                                   "reference statistics need at least 2 (or give fid.reference.stats_file)")
 
 
-def check_before_generation(run: RunSettings, module: JiTModule, dm, check_fid: bool) -> None:
+def check_before_generation(run: RunSettings, module, dm, check_fid: bool) -> None:
     """Inputs that would otherwise fail only after the float baseline, the calibration, the
     per-layer statistics or the whole generation: calibration data and file, quantization
     targets, and with `check_fid` the feature extractor, reference statistics and the data's

@@ -15,10 +15,15 @@ official Denoiser's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+
+from jit.config import Weights, choices
+
+WEIGHTS = choices(Weights)  # raw, ema1, ema2: EMA index = position - 1
 
 
 class EMA:
@@ -102,3 +107,61 @@ class EMA:
         # The configured decays win over the saved ones: changing them on resume is allowed.
         for i, values in enumerate(state["shadows"]):
             self.load_dict(i, values)
+
+
+class WeightSwap:
+    """Puts the raw, ema1 or ema2 weights into a module for a while (`use`), restoring on exit.
+
+    A stack: contexts nest, and entry [0] always holds the training (raw) weights, so the
+    raw weights stay reachable (`training_state_dict`, checkpoints) while an EMA is in
+    place. `hold_only`: the module was loaded with those weights alone and no EMA copies
+    (an evaluation-only module); only they can be used, and no copy is made.
+    """
+
+    def __init__(self, ema: EMA, hold_only: str | None = None):
+        self.ema = ema
+        self.hold_only = hold_only
+        self.backups: list[list[torch.Tensor]] = []
+
+    @contextlib.contextmanager
+    def use(self, module: nn.Module, which: str) -> Iterator[nn.Module]:
+        if which not in WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {which!r}")
+        if self.hold_only is not None:
+            if which != self.hold_only:
+                raise ValueError(f"only the {self.hold_only} weights were loaded for evaluation, not {which} "
+                                 f"(eval_weights and fid.eval_weights must agree)")
+            yield module  # already in place: no backup copy needed
+            return
+        if which == "raw" and not self.backups:
+            yield module
+            return
+        params = list(module.parameters())
+        backup = [p.detach().clone() for p in params]
+        self.backups.append(backup)
+        try:
+            with torch.no_grad():
+                if which == "raw":
+                    for p, b in zip(params, self.backups[0]):
+                        p.copy_(b)
+                else:
+                    self.ema.copy_to(module, WEIGHTS.index(which) - 1)
+            yield module
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+            self.backups.pop()
+
+    @property
+    def swapped(self) -> bool:
+        """Whether other weights than the training ones are in place now."""
+        return bool(self.backups)
+
+    def training_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The module's training weights, even while `use` has swapped them out."""
+        state = module.state_dict()
+        if self.backups:
+            names = [n for n, _ in module.named_parameters()]
+            state.update(zip(names, self.backups[0]))
+        return state

@@ -1,5 +1,7 @@
-"""Training plumbing the entry point uses: crash-safe checkpoint files, a checkpoint on
-SIGTERM, and export of Lightning checkpoints to the official JiT layout.
+"""Training plumbing: the official optimiser recipe (parameter groups, learning-rate
+schedule), crash-safe checkpoint files, a checkpoint on SIGTERM, the random states a
+checkpoint carries for an exact resume, and export of Lightning checkpoints to the
+official JiT layout.
 
 Why a CheckpointIO of our own: Lightning 2.6's `TorchCheckpointIO` serialises into memory
 and writes through an fsspec transaction, which for local paths writes a file in the
@@ -12,31 +14,131 @@ file beside the target and renames it over the target (`jit.atomic.atomic_torch_
 
 from __future__ import annotations
 
+import math
 import os
+import random
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from jit.atomic import atomic_torch_save
-from jit.checkpoint import safe_load, save_official_checkpoint
-from jit.module import JiTModule, NonFiniteLossError, official_state_from_lightning
-
-__all__ = [
-    "AtomicCheckpointIO",
-    "JiTModule",
-    "NonFiniteLossError",
-    "SaveOnSignal",
-    "checkpoint_callbacks",
-    "export_official",
-]
+from jit.checkpoint import official_state_from_lightning, safe_load, save_official_checkpoint
 
 
 def _is_local(path) -> bool:
     text = str(path)
     return "://" not in text or text.startswith("file://")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the gradient) became NaN/inf; raised before the optimizer step."""
+
+
+def check_finite_loss(loss: torch.Tensor, trainer: L.Trainer, where: str) -> None:
+    """Stop before the update when the loss is NaN/inf on any rank; `where` (epoch, batch)
+    goes into the message with the global step."""
+    finite = bool(torch.isfinite(loss.detach()))
+    if trainer.world_size > 1:
+        # Every rank must stop together, or the others wait forever in the gradient all-reduce.
+        finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+    if not finite:
+        raise NonFiniteLossError(
+            f"non-finite training loss ({loss.item()} on this rank) at global step {trainer.global_step} "
+            f"({where}); no update was applied and no checkpoint written"
+        )
+
+
+def finite_grad_norm(parameters, global_step: int) -> torch.Tensor | None:
+    """The total gradient norm (None without gradients); NaN/inf stops before the update.
+    Gradients are all-reduced already, so every rank takes the same decision."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads)
+    if not torch.isfinite(norm):
+        raise NonFiniteLossError(f"non-finite gradient norm at global step {global_step}; "
+                                 "no update was applied and no checkpoint written")
+    return norm
+
+
+def per_device_batch(datamodule, configured: int | None) -> int:
+    """The batch of one device for lr = blr * global_batch / 256: the datamodule's
+    `batch_size` (any LightningDataModule that has one), else optim.batch_size."""
+    size = getattr(datamodule, "batch_size", None) if datamodule is not None else None
+    size = size or configured
+    if not size:
+        raise ValueError("cannot tell the per-device batch size for lr = blr * global_batch / 256: "
+                         "use a datamodule with `batch_size` or set optim.batch_size")
+    return int(size)
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Official rule: no weight decay on 1-D parameters (biases, norm weights); frozen ones are skipped."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def lr_schedule(optimizer, schedule: str, warmup_steps: int, min_ratio: float,
+                total_steps: float | None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per optimizer step: linear warm-up over `warmup_steps`, then constant, or cosine from
+    the peak down to `min_ratio` of it at `total_steps` (needed, finite, for cosine)."""
+    if schedule == "cosine" and not math.isfinite(total_steps):
+        raise ValueError(
+            "the cosine schedule needs a finite run length: set trainer.max_steps or max_epochs"
+        )
+
+    def factor(step: int) -> float:
+        # (step + 1) / warmup: the first step already moves (the official per-iteration
+        # warm-up starts at exactly 0, which wastes that step).
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_sample_ids(global_step: int, batch_idx: int, accumulate: int, world_size: int, rank: int,
+                     local_batch: int) -> range:
+    """Global sample ids of a rank's rows: micro-batch number x global batch + rank offset +
+    row, so quantized layers draw the same noise for a sample whatever the process count
+    (jit.quant.sample_context)."""
+    micro_batch = global_step * accumulate + batch_idx % accumulate
+    start = (micro_batch * world_size + rank) * local_batch
+    return range(start, start + local_batch)
+
+
+def rng_states(device: torch.device) -> dict:
+    """The global RNG states (torch CPU, the CUDA device in use, numpy, Python), as tensors
+    and plain containers so a checkpoint holding them still loads with weights_only=True."""
+    keys, pos, has_gauss, cached = np.random.get_state()[1:]
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_states(states: Mapping, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+    keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

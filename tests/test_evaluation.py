@@ -1,11 +1,11 @@
 """FIDEvaluation: deterministic sharded generation, bad input before generation, results.json."""
 
-import contextlib
 import json
 import os
 import socket
 from unittest.mock import MagicMock
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -26,34 +26,36 @@ from jit.evaluation.fid import write_json_atomic
 from jit.metrics.digits_cnn import DigitsCNN
 from jit.metrics.features import FeatureExtractorError
 from jit.metrics.reference import ReferenceStatsError
-from jit.models import Denoiser, build_jit
+from jit.module import JiTModule
 
 SAMPLER = {"steps": 2, "method": "heun", "cfg_scale": 1.5, "interval": (0.1, 1.0), "schedule": "linear"}
 
 
-class TinyModule(torch.nn.Module):
-    """Stand-in for JiTModule: a denoiser, sampler settings and the eval-weights context."""
+class TinyModule(JiTModule):
+    """A small JiTModule that counts its generate calls (and can be interrupted after
+    `fail_after` of them) and records the weights it is asked for. `hold_only`: the
+    evaluation-only form that `task=eval` loads (one set of weights, no EMA copies)."""
 
-    def __init__(self, seed=0, fail_after=None, num_classes=4):
-        super().__init__()
+    def __init__(self, seed=0, fail_after=None, num_classes=4, hold_only=None):
         torch.manual_seed(seed)
-        net = build_jit("JiT-T/4", input_size=16, num_classes=num_classes)
-        self.denoiser = Denoiser(net, num_classes=num_classes)
-        self.denoiser.eval()
-        self.sampler = dict(SAMPLER)
-        self.quant_config = {"mode": "hybrid", "weights": {"bits": 8}, "activations": {"bits": 11}}
+        super().__init__(net={"name": "JiT-T/4", "input_size": 16, "num_classes": num_classes},
+                         sampler=SAMPLER, hold_only=hold_only)
         self.calls, self.weights_used, self.fail_after = 0, [], fail_after
 
-    @contextlib.contextmanager
     def eval_weights_context(self, which):
         self.weights_used.append(which)
-        yield
+        return super().eval_weights_context(which)
 
     def generate(self, labels, noise=None, **overrides):
         self.calls += 1
         if self.fail_after is not None and self.calls > self.fail_after:
             raise KeyboardInterrupt("simulated interruption")
-        return self.denoiser.generate(labels, noise=noise, **{**self.sampler, **overrides})
+        return super().generate(labels, noise=noise, **overrides)
+
+
+def trainer_with(logger, root):
+    return L.Trainer(logger=logger, default_root_dir=root, accelerator="cpu", devices=1,
+                     enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
 
 
 def write_digits_weights(path):
@@ -155,9 +157,10 @@ def test_same_images_and_score_for_any_world_size(setup):
 def test_results_json_grid_and_logger(setup):
     tmp, weights, ref = setup
     logger = CSVLogger(tmp / "logs", name="eval")
-    trainer = type("T", (), {"logger": logger, "global_step": 5})()
+    trainer = trainer_with(logger, tmp)
     module = TinyModule()
-    extra = {"calibration": {"source": "digits/calibration", "num_images": 64}, "layer_stats": {"n_layers": 3}}
+    extra = {"calibration": {"source": "digits/calibration", "num_images": 64}, "layer_stats": {"n_layers": 3},
+             "quant": {"mode": "hybrid", "weights": {"bits": 8}, "activations": {"bits": 11}}}
     out = FIDEvaluation(cfg(weights, ref, eval_weights="ema2", sampler={"steps": 1}, save_images=True),
                         run_dir=tmp / "run", extra=extra).run(trainer, module)
     logger.save()
@@ -181,7 +184,7 @@ def test_digits_end_to_end_with_cached_reference_and_tensorboard(tmp_path):
     """Shipped digits-cnn, reference statistics computed from the digits split and cached."""
     dm = DigitsDataModule(img_size=16, batch_size=64)
     logger = MagicMock(spec=TensorBoardLogger)
-    trainer = type("T", (), {"logger": logger, "global_step": 0})()
+    trainer = trainer_with(logger, tmp_path)
     settings = {"extractor": "digits-cnn", "num_images": 20, "chunk_size": 10, "progress": False,
                 "reference": {"split": "reference", "cache_dir": str(tmp_path / "cache")}}
     extra = {"quant": {"scheme": "hybrid", "adc": {"bits": 11, "noise_sigma_lsb": 2.0}}}
@@ -322,7 +325,7 @@ def test_compiled_generation_of_a_calibrated_model_is_one_graph(setup):
     from jit.quant.artefact import apply, made_for, new_artefact
 
     tmp, weights, ref = setup
-    module = TinyModule()
+    module = TinyModule(hold_only="ema1")  # quantized in place, as task=eval does with its one set of weights
     qcfg = build_quant_config({"scheme": "hybrid", "mode": "static"})
     quantize_model(module.denoiser.net, qcfg)
     layers = {name: {"act_clip": 16.625 + i, "adc_clip": {"lsb": 9000.0 + i},

@@ -22,6 +22,7 @@ from test_startup_checks import run_fails
 
 from jit.checkpoint import CheckpointError, build_denoiser_from_checkpoint, save_official_checkpoint
 from jit.models import Denoiser, build_jit
+from jit.module import JiTModule
 
 TINY_T4 = ["model=jit_t4", "model.net.input_size=16", "sampler.steps=2", "sampler.method=euler",
            "fid.num_images=20", "fid.chunk_size=10", "calibration.num_images=8", "calibration.batch_size=8",
@@ -151,16 +152,17 @@ def test_reference_cache_without_metadata_is_recomputed(tmp_path):
 
 
 # ------------------------------------------------------------------ 3. class count
-class RecordingModule(torch.nn.Module):
+class RecordingModule(JiTModule):
+    """A small JiTModule that records the labels it generates."""
+
     def __init__(self, num_classes):
-        super().__init__()
-        self.denoiser = Denoiser(build_jit("JiT-T/4", input_size=16, num_classes=num_classes), num_classes).eval()
-        self.sampler = {"steps": 1, "method": "euler"}
+        super().__init__(net={"name": "JiT-T/4", "input_size": 16, "num_classes": num_classes},
+                         sampler={"steps": 1, "method": "euler"})
         self.labels = []
 
     def generate(self, labels, noise=None, **sampler):
         self.labels.append(labels)
-        return self.denoiser.generate(labels, noise=noise, **sampler)
+        return super().generate(labels, noise=noise, **sampler)
 
 
 def fid_settings(tmp_path, **extra):

@@ -16,12 +16,9 @@ reference statistics and their shape) is checked before the first image is gener
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
-import zipfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -30,20 +27,27 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from jit.atomic import atomic_path, atomic_write_json
-from jit.config import FLOAT32_MAX
+from jit import __version__
+from jit.atomic import atomic_path
+from jit.config import FLOAT32_MAX, Weights, choices
 from jit.console import PhaseProgress, announce
 from jit.datamodules import from_model_range
 from jit.evaluation.plan import (
     LABEL_STRATEGIES,
     EvaluationConfigError,
     balanced_labels,
-    barrier,
     index_chunks,
     initial_noise,
     rank_world,
 )
-from jit.metrics.features import INCEPTION, create_feature_space
+from jit.evaluation.report import (
+    NpzExport,
+    flatten,
+    sample_grid,
+    sample_grid_slots,
+    write_json_atomic,
+)
+from jit.metrics.features import INCEPTION, FeatureSpace, create_feature_space
 from jit.metrics.fid import GaussianStats, InceptionScoreStats, all_reduce_sum, frechet_distance
 from jit.metrics.reference import reference_stats, stats_digest
 from jit.models.compile import compiled_forward
@@ -52,7 +56,7 @@ from jit.provenance import provenance
 from jit.quant import sample_context
 from jit.sample_plan import DEFAULT_CHUNK_SIZE
 
-WEIGHT_CHOICES = ("raw", "ema1", "ema2")
+WEIGHT_CHOICES = choices(Weights)
 
 
 # ------------------------------------------------------------------------------ config
@@ -135,6 +139,11 @@ class FIDConfig:
         if self.eval_weights is not None and self.eval_weights not in WEIGHT_CHOICES:
             raise EvaluationConfigError(f"fid.eval_weights={self.eval_weights!r}; allowed: {', '.join(WEIGHT_CHOICES)}")
 
+    def labels(self, num_classes: int) -> torch.Tensor:
+        """The conditioning label of every global image index: the one sample plan that the
+        FID images, the per-layer statistics pass and the MAC count share."""
+        return balanced_labels(self.num_images, num_classes, self.label_strategy)
+
 
 def check_data_classes(model_classes: int, datamodule) -> None:
     """Labels come from the model; reference data of another class count would make FID
@@ -165,92 +174,51 @@ def check_finite_features(features: torch.Tensor, logits: torch.Tensor | None, i
                                      "or fid.inception_weights)")
 
 
-def package_version() -> str:
-    from jit import __version__
-
-    return __version__
-
-
-# ------------------------------------------------------------------------ file output
-def write_json_atomic(obj, path) -> None:
-    """JSON written atomically: an interrupted write leaves the previous file (or none)."""
-    atomic_write_json(path, obj, indent=2, sort_keys=True, default=str)
-
-
-class NpzExport:
-    """ADM-style sample export (`arr_0`, NHWC uint8) at constant memory.
-
-    Each rank appends its chunks of images to a raw shard file in the run dir; rank 0 then
-    streams the chunks, back in global index order (chunk k is the k // W-th chunk of rank
-    k % W), into one zip entry of a temporary npz and renames it into place. Needs a file
-    system all ranks share.
-    """
-
-    def __init__(self, run_dir: Path, num_images: int, image_shape_hwc, rank: int, world: int,
-                 chunk_size: int):
-        self.run_dir, self.num_images, self.shape = run_dir, num_images, tuple(image_shape_hwc)
-        self.rank, self.world, self.chunk_size = rank, world, chunk_size
-        self.item_bytes = int(np.prod(self.shape))
-        # Open for the whole generation loop; closed by finish() or abort().
-        self.file = open(self._shard(rank), "wb")  # noqa: SIM115
-
-    def _shard(self, rank: int) -> Path:
-        return self.run_dir / f".samples.rank{rank}.u8"
-
-    def add(self, images_nhwc: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(images_nhwc, dtype=np.uint8).tobytes())
-
-    def finish(self, path: Path) -> None:
-        self.file.close()
-        barrier()
-        if self.rank == 0:
-            n, w, c = self.num_images, self.world, self.chunk_size
-            with contextlib.ExitStack() as stack:
-                shards = [stack.enter_context(open(self._shard(r), "rb")) for r in range(w)]
-                with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, \
-                        zf.open("arr_0.npy", "w", force_zip64=True) as out:
-                    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                              "fortran_order": False, "shape": (n, *self.shape)}
-                    np.lib.format.write_array_header_1_0(out, header)
-                    for k in range(math.ceil(n / c)):
-                        count = min(c, n - k * c)
-                        shard = shards[k % w]  # its chunks are read in order: no seek needed
-                        out.write(shard.read(count * self.item_bytes))
-        barrier()
-        self._shard(self.rank).unlink(missing_ok=True)
-
-    def abort(self) -> None:
-        """Interrupted: drop this rank's partial shard."""
-        self.file.close()
-        self._shard(self.rank).unlink(missing_ok=True)
-
-
-def flatten(d, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}; dataclasses are turned into dicts first."""
-    if is_dataclass(d) and not isinstance(d, type):
-        d = asdict(d)
-    out = {}
-    for key, value in dict(d).items():
-        name = f"{prefix}{key}"
-        if is_dataclass(value) and not isinstance(value, type):
-            value = asdict(value)
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
 # ------------------------------------------------------------------------- the evaluation
+@dataclass
+class FIDPlan:
+    """What `FIDEvaluation.prepare` checked and set up: all that generation needs."""
+
+    run_dir: Path
+    device: torch.device
+    rank: int
+    world: int
+    num_classes: int  # the model's, whatever the data holds
+    image_shape: tuple[int, int, int]  # C, H, W
+    space: FeatureSpace
+    reference: tuple[np.ndarray, np.ndarray]  # mu, sigma
+    reference_source: str
+    labels: torch.Tensor  # of every global image index
+    sampler: dict
+    weights: str  # raw | ema1 | ema2
+
+    @property
+    def uses_inception_score(self) -> bool:
+        return self.space.is_inception and self.space.logits_layer is not None
+
+
+@dataclass
+class Generated:
+    """This rank's share of the generation, streamed into statistics."""
+
+    stats: GaussianStats
+    inception: InceptionScoreStats | None
+    correct: torch.Tensor  # images the extractor classified as their label (non-Inception logits)
+    grid_tiles: list[tuple[int, int, int, np.ndarray]]  # (index, row, column, HWC image)
+    seconds: float
+
+
 class FIDEvaluation:
     """Generate `fid.num_images` images and report FID (and IS or cond_accuracy).
 
-    Call `run(trainer, module, datamodule)` (the `task=eval` pipeline runs it on every
-    process; `trainer` may be None). The module must provide `generate(labels, noise=None, **sampler)`
-    (or a `denoiser` with that method), a `sampler` dict and `eval_weights_context(which)`.
-    `extra` (quantization config, calibration provenance, per-layer statistics summary)
-    is written into results.json as given. Metrics and the sample grid are logged under
-    `log_prefix` (`eval`; the float baseline of a quantized run uses `eval_fp`).
+    `run(trainer, module, datamodule)` (the `task=eval` pipeline runs it on every process;
+    `trainer` may be None) is `prepare` (everything that can fail on bad input), `generate`
+    (streamed, sharded), `reduce` (over ranks) and `report` (results.json, logger). The
+    module is a JiTModule: `denoiser`, `generate`, `sampler`, `eval_weights`,
+    `eval_weights_context`, `hparams`, `device`. `extra` (quantization config, calibration
+    provenance, per-layer statistics summary) is written into results.json as given.
+    Metrics and the sample grid are logged under `log_prefix` (`eval`; the float baseline
+    of a quantized run uses `eval_fp`).
     """
 
     def __init__(self, cfg=None, run_dir=None, extra: dict | None = None, device=None,
@@ -263,134 +231,91 @@ class FIDEvaluation:
         self.compile_backbone = compile_backbone
         self.results: dict | None = None
 
-    # ---------------------------------------------------------------- helpers
-    def _run_dir(self, trainer) -> Path:
-        if self.run_dir is not None:
-            return self.run_dir
-        for attr in ("log_dir", "default_root_dir"):
-            value = getattr(trainer, attr, None) if trainer is not None else None
-            if value:
-                return Path(value)
-        return Path.cwd()
-
-    @staticmethod
-    def _device(module) -> torch.device:
-        device = getattr(module, "device", None)
-        if isinstance(device, torch.device):
-            return device
-        denoiser = getattr(module, "denoiser", module)
-        return next(denoiser.parameters()).device
-
-    def _weights(self, module) -> str:
-        return self.cfg.eval_weights or getattr(module, "eval_weights", None) or "ema1"
+    def run(self, trainer, module, datamodule=None) -> dict:
+        start = time.perf_counter()
+        plan = self.prepare(trainer, module, datamodule)
+        generated = self.generate(module, plan)
+        metrics, tiles = self.reduce(plan, generated)
+        self.results = self.report(trainer, module, plan, generated, metrics, tiles, start)
+        return self.results
 
     def _label(self) -> str:
         """What this evaluation scores, for progress lines: the quantization scheme."""
         quant = self.extra.get("quant") or {}
         return str(quant.get("scheme", "fp")) if isinstance(quant, Mapping) else "fp"
 
-    def _sampler(self, module) -> dict:
-        return {**dict(getattr(module, "sampler", None) or {}), **self.cfg.sampler}
-
-    @staticmethod
-    def _generate_fn(module):
-        if hasattr(module, "generate"):
-            return module.generate
-        return module.denoiser.generate
-
-    def _quant_config(self, module) -> dict:
-        quant = getattr(module, "quant_config", None)
-        if quant is None:
-            hparams = getattr(module, "hparams", None) or {}
-            quant = hparams.get("quant") if isinstance(hparams, Mapping) else None
-        if quant is None:
-            return {}
-        if isinstance(quant, DictConfig):
-            quant = OmegaConf.to_container(quant, resolve=True)
-        return flatten(quant)
-
-    def _grid_slots(self, labels: torch.Tensor, num_classes: int) -> dict[int, tuple[int, int]]:
-        """Global index -> (row, column) of the sample grid: rows are classes, in class order."""
-        spc, max_rows = self.cfg.grid["samples_per_class"], self.cfg.grid["max_classes"]
-        if spc == 0:
-            return {}
-        classes = np.unique(np.linspace(0, num_classes - 1, min(num_classes, max_rows)).round().astype(int))
-        slots = {}
-        for row, c in enumerate(classes):
-            for col, index in enumerate(torch.nonzero(labels == int(c)).flatten()[:spc].tolist()):
-                slots[index] = (row, col)
-        return slots
-
-    # --------------------------------------------------------------------- run
-    def run(self, trainer, module, datamodule=None) -> dict:
-        cfg = self.cfg
-        start = time.perf_counter()
+    # ----------------------------------------------------------------- prepare
+    def prepare(self, trainer, module, datamodule=None) -> FIDPlan:
+        """Everything that can fail on bad input, before the first image: the feature
+        extractor, the reference statistics (and the data's class count), the labels."""
+        cfg, denoiser = self.cfg, module.denoiser
         rank, world = rank_world()
-        run_dir = self._run_dir(trainer)
-        device = torch.device(self.device) if self.device is not None else self._device(module)
-        denoiser = getattr(module, "denoiser", module)
-        num_classes = int(denoiser.num_classes)  # what the model was trained on, whatever the data holds
-        image_shape = (denoiser.in_channels, denoiser.img_size, denoiser.img_size)
-
-        # ---- everything that can fail on bad input, before the first image
+        device = torch.device(self.device) if self.device is not None else module.device
         announce(f"FID ({self._label()}): loading the feature extractor {cfg.extractor} and the reference statistics")
         extractor_weights = cfg.inception_weights if cfg.extractor == INCEPTION else cfg.extractor_weights
         space = create_feature_space(cfg.extractor, extractor_weights, device=device,
                                      probe_size=denoiser.img_size)
+        num_classes = int(denoiser.num_classes)
         if not cfg.reference.get("stats_file") and datamodule is not None:
             check_data_classes(num_classes, datamodule)
-        (ref_mu, ref_sigma), ref_source = reference_stats(
+        reference, reference_source = reference_stats(
             space, cfg.reference.get("stats_file"), datamodule, cfg.reference.get("split", "reference"),
             cfg.reference.get("cache_dir"), cfg.chunk_size)
-        use_is = space.is_inception and space.logits_layer is not None
-        if use_is:
-            is_stats = InceptionScoreStats(cfg.num_images, space.extractor.fc.out_features, cfg.isc_splits)
-        labels = balanced_labels(cfg.num_images, num_classes, cfg.label_strategy)
-        sampler = self._sampler(module)
-        weights = self._weights(module)
-        generate = self._generate_fn(module)
-        net = getattr(denoiser, "net", None)  # the backbone whose calls are counted
+        if self.run_dir is not None:
+            run_dir = self.run_dir
+        elif trainer is not None:
+            run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        else:
+            run_dir = Path.cwd()
         run_dir.mkdir(parents=True, exist_ok=True)
+        return FIDPlan(run_dir=run_dir, device=device, rank=rank, world=world, num_classes=num_classes,
+                       image_shape=(denoiser.in_channels, denoiser.img_size, denoiser.img_size), space=space,
+                       reference=reference, reference_source=reference_source, labels=cfg.labels(num_classes),
+                       sampler={**module.sampler, **cfg.sampler}, weights=cfg.eval_weights or module.eval_weights)
 
-        # ---- generation, streamed
-        stats = GaussianStats(space.feature_dim)
-        correct = torch.zeros(1, dtype=torch.float64)
-        grid_slots = self._grid_slots(labels, num_classes)
-        grid_tiles: list[tuple[int, int, int, np.ndarray]] = []
-        chunks = index_chunks(cfg.num_images, cfg.chunk_size, rank, world)
-        png_dir = run_dir / "samples"
+    # ---------------------------------------------------------------- generate
+    def generate(self, module, plan: FIDPlan) -> Generated:
+        """This rank's chunks of the global index: generated, scored into running statistics,
+        and (where asked) kept as PNGs, npz rows and sample-grid tiles."""
+        cfg, space, labels, world = self.cfg, plan.space, plan.labels, plan.world
+        denoiser, net = module.denoiser, module.denoiser.net
+        inception = (InceptionScoreStats(cfg.num_images, space.extractor.fc.out_features, cfg.isc_splits)
+                     if plan.uses_inception_score else None)
+        out = Generated(stats=GaussianStats(space.feature_dim), inception=inception,
+                        correct=torch.zeros(1, dtype=torch.float64), grid_tiles=[], seconds=0.0)
+        grid_slots = sample_grid_slots(labels, plan.num_classes, cfg.grid["samples_per_class"],
+                                       cfg.grid["max_classes"])
+        png_dir = plan.run_dir / "samples"
         if cfg.save_images:
             png_dir.mkdir(parents=True, exist_ok=True)
-        export = NpzExport(run_dir, cfg.num_images, (image_shape[1], image_shape[2], 3), rank, world,
+        _, h, w = plan.image_shape
+        export = NpzExport(plan.run_dir, cfg.num_images, (h, w, 3), plan.rank, world,
                            cfg.chunk_size) if cfg.export_npz else None
-        weights_ctx = module.eval_weights_context(weights) if hasattr(module, "eval_weights_context") \
-            else contextlib.nullcontext()
         label = f"FID generation ({self._label()})"
         announce(f"{label}: {cfg.num_images} images in chunks of {cfg.chunk_size} on {world} process(es), "
-                 f"{sampler.get('method')} sampler with {sampler.get('steps')} steps")
-        progress = PhaseProgress(label, cfg.num_images, "images", enabled=rank == 0 and cfg.progress)
-        gen_start = time.perf_counter()
+                 f"{plan.sampler.get('method')} sampler with {plan.sampler.get('steps')} steps")
+        progress = PhaseProgress(label, cfg.num_images, "images", enabled=plan.rank == 0 and cfg.progress)
+        start = time.perf_counter()
         try:
             if self.compile_backbone:
                 # Graphs of earlier evaluations in this process (the float baseline, earlier
                 # jobs of a sweep) guard on modules that are gone; they would count against
                 # Dynamo's limit of 8 graphs per code object, past which it runs eagerly.
                 torch._dynamo.reset()
-            compiled = compiled_forward(net, self.compile_backbone and net is not None)
-            with weights_ctx, progress, torch.no_grad(), compiled:
+            with module.eval_weights_context(plan.weights), progress, torch.no_grad(), \
+                    compiled_forward(net, self.compile_backbone):
                 done_here = 0  # images of this rank so far
-                for idx in chunks:
-                    noise = initial_noise(cfg.seed, idx, image_shape, denoiser.noise_scale).to(device)
-                    y = labels[idx].to(device)
+                for idx in index_chunks(cfg.num_images, cfg.chunk_size, plan.rank, world):
+                    noise = initial_noise(cfg.seed, idx, plan.image_shape, denoiser.noise_scale).to(plan.device)
                     in_flight, done_before = len(idx) * world, min(cfg.num_images, done_here * world)
 
                     def advance(steps_done, steps, n=in_flight, base=done_before):
                         progress.update(min(cfg.num_images, base + n * steps_done / steps))
 
-                    # The global index is the sample id of the thermal noise too.
-                    try:
-                        with sample_context(net, idx) if net is not None else contextlib.nullcontext():
-                            x = generate(y, noise=noise, step_callback=advance, **sampler)
+                    try:  # the global index is the sample id of the thermal noise too
+                        with sample_context(net, idx):
+                            x = module.generate(labels[idx].to(plan.device), noise=noise, step_callback=advance,
+                                                **plan.sampler)
                     except NonFiniteSampleError as err:
                         raise err.for_images(idx) from None
                     images = from_model_range(x)
@@ -398,78 +323,93 @@ class FIDEvaluation:
                         images = images.expand(-1, 3, -1, -1)
                     features, logits = space(images)
                     check_finite_features(features, logits, idx, space.name)
-                    stats.update(features, idx)
-                    if use_is:
-                        is_stats.update(logits, idx)
+                    out.stats.update(features, idx)
+                    if out.inception is not None:
+                        out.inception.update(logits, idx)
                     elif logits is not None:
-                        correct += (logits.argmax(1) == labels[idx]).sum()
+                        out.correct += (logits.argmax(1) == labels[idx]).sum()
                     nhwc = images.permute(0, 2, 3, 1).cpu().numpy()
                     if export is not None:
                         export.add(nhwc)
                     for row, index in enumerate(idx.tolist()):
                         if index in grid_slots:
-                            grid_tiles.append((index, *grid_slots[index], nhwc[row]))
+                            out.grid_tiles.append((index, *grid_slots[index], nhwc[row]))
                         if cfg.save_images:
                             Image.fromarray(nhwc[row]).save(png_dir / f"{index:06d}_class{int(labels[index])}.png")
                     done_here += len(idx)
                     progress.update(min(cfg.num_images, done_here * world))
-            gen_time = time.perf_counter() - gen_start
+            out.seconds = time.perf_counter() - start
             if export is not None:
-                export.finish(run_dir / "samples.npz")
+                export.finish(plan.run_dir / "samples.npz")
                 export = None
         finally:
             if export is not None:  # interrupted
                 export.abort()
+        return out
 
-        # ---- reduce over ranks and report (rank 0 writes)
-        stats.all_reduce()
-        mu, sigma = stats.mu_sigma()
-        fid = frechet_distance(mu, sigma, ref_mu, ref_sigma)
-        metrics = {"fid" if space.is_inception else f"fid_{self._space_tag(space.name)}": fid}
-        if use_is:
-            metrics["inception_score"], metrics["inception_score_std"] = is_stats.all_reduce().compute()
+    # ------------------------------------------------------------------ reduce
+    def reduce(self, plan: FIDPlan, generated: Generated) -> tuple[dict, list]:
+        """The metrics over every rank's images (statistics reduced in index order) and the
+        sample-grid tiles of all ranks."""
+        space = plan.space
+        generated.stats.all_reduce()
+        mu, sigma = generated.stats.mu_sigma()
+        fid = frechet_distance(mu, sigma, *plan.reference)
+        # "digits-cnn" is reported as fid_digits: the feature space, never "Inception".
+        metrics = {"fid" if space.is_inception else f"fid_{space.name.split('-')[0]}": fid}
+        if generated.inception is not None:
+            metrics["inception_score"], metrics["inception_score_std"] = generated.inception.all_reduce().compute()
         elif space.logits_layer is not None:
-            metrics["cond_accuracy"] = float(all_reduce_sum(correct).item()) / cfg.num_images
-        tiles = self._gather_tiles(grid_tiles)
+            metrics["cond_accuracy"] = float(all_reduce_sum(generated.correct).item()) / self.cfg.num_images
+        tiles = generated.grid_tiles
+        if plan.world > 1:
+            gathered = [None] * plan.world
+            dist.all_gather_object(gathered, tiles)
+            tiles = [t for part in gathered for t in part]
+        return metrics, tiles
+
+    # ------------------------------------------------------------------ report
+    def report(self, trainer, module, plan: FIDPlan, generated: Generated, metrics: dict, tiles: list,
+               start: float) -> dict:
+        """results.json with the provenance two results must share to be compared, the
+        sample grid and the logged metrics (rank 0 writes)."""
+        cfg, denoiser, space = self.cfg, module.denoiser, plan.space
         wall = time.perf_counter() - start
-        hparams = getattr(module, "hparams", None) or {}
         results = {
             "metrics": metrics,
             "num_images": cfg.num_images,
             # Provenance: what two results must share to be compared.
-            "model": {"variant": (hparams.get("net") or {}).get("name"), "img_size": denoiser.img_size,
-                      "num_classes": num_classes, "noise_scale": denoiser.noise_scale},
+            "model": {"variant": module.hparams["net"].get("name"), "img_size": denoiser.img_size,
+                      "num_classes": plan.num_classes, "noise_scale": denoiser.noise_scale},
             "feature_extractor": space.name,
             "feature_extractor_weights_sha256": space.weights_sha256,
             "feature_dim": space.feature_dim,
-            "reference": ref_source,
-            "reference_stats_sha256": stats_digest(ref_mu, ref_sigma),
-            "sampler": sampler,
-            "weights": weights,
+            "reference": plan.reference_source,
+            "reference_stats_sha256": stats_digest(*plan.reference),
+            "sampler": plan.sampler,
+            "weights": plan.weights,
             "label_strategy": cfg.label_strategy,
             "seed": cfg.seed,
-            "world_size": world,
-            "precision": self._precision(trainer, denoiser, device),
-            "package_version": package_version(),
+            "world_size": plan.world,
+            "precision": self._precision(trainer, denoiser, plan.device),
+            "package_version": __version__,
             **provenance(),
             "chunk_size": cfg.chunk_size,
             **self.extra,
-            # Flat keys ("weights.bits") so sweeps can tabulate runs; the caller's config wins.
-            "quant": flatten(self.extra["quant"]) if self.extra.get("quant") is not None
-            else self._quant_config(module),
+            # Flat keys ("weights.bits") so sweeps can tabulate runs.
+            "quant": flatten(self.extra.get("quant") or {}),
             "wall_time_s": wall,
-            "generation_time_s": gen_time,
-            "images_per_s": cfg.num_images / gen_time,
+            "generation_time_s": generated.seconds,
+            "images_per_s": cfg.num_images / generated.seconds,
         }
-        if rank == 0:
-            grid = self._grid_image(tiles, image_shape[1:]) if tiles else None
+        if plan.rank == 0:
+            grid = sample_grid(tiles, plan.image_shape[1:]) if tiles else None
             if grid is not None:
-                results["sample_grid"] = str(run_dir / "sample_grid.png")
+                results["sample_grid"] = str(plan.run_dir / "sample_grid.png")
                 with atomic_path(results["sample_grid"]) as tmp:
                     Image.fromarray(grid).save(tmp, format="PNG")
-            write_json_atomic(results, run_dir / "results.json")
+            write_json_atomic(results, plan.run_dir / "results.json")
             self._log(trainer, metrics, grid)
-        self.results = results
         return results
 
     @staticmethod
@@ -477,48 +417,19 @@ class FIDEvaluation:
         """The trainer's precision setting and what generation ran in: the weights' dtype
         and the autocast dtype of the trainer's precision context (JiTModule.generate);
         quantized layers compute in float32 inside it."""
-        plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
         autocast = None
-        if plugin is not None:
-            with plugin.forward_context():
+        if trainer is not None:
+            with trainer.precision_plugin.forward_context():
                 if torch.is_autocast_enabled(device.type):
                     autocast = str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")
-        return {"trainer": str(getattr(trainer, "precision", None)) if trainer is not None else None,
+        return {"trainer": str(trainer.precision) if trainer is not None else None,
                 "weights_dtype": str(next(denoiser.parameters()).dtype).removeprefix("torch."),
                 "autocast": autocast}
 
-    @staticmethod
-    def _space_tag(name: str) -> str:
-        # "digits-cnn" is reported as fid_digits: the feature space, never "Inception".
-        return name.split("-")[0]
-
-    @staticmethod
-    def _gather_tiles(tiles):
-        _, world = rank_world()
-        if world == 1:
-            return tiles
-        gathered = [None] * world
-        dist.all_gather_object(gathered, tiles)
-        return [t for part in gathered for t in part]
-
-    @staticmethod
-    def _grid_image(tiles, hw, pad: int = 2) -> np.ndarray:
-        """HWC uint8 grid: one row per grid class, samples_per_class columns, black padding."""
-        rows = 1 + max(t[1] for t in tiles)
-        cols = 1 + max(t[2] for t in tiles)  # fewer than samples_per_class when num_images is small
-        h, w = hw
-        grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), np.uint8)
-        for _, row, col, image in tiles:
-            y, x = pad + row * (h + pad), pad + col * (w + pad)
-            grid[y : y + h, x : x + w] = image
-        return grid
-
     def _log(self, trainer, metrics: dict, grid) -> None:
-        logger = getattr(trainer, "logger", None) if trainer is not None else None
-        if logger is None:
+        if trainer is None or trainer.logger is None:
             return
-        step = int(getattr(trainer, "global_step", 0))
-        prefix = self.log_prefix
+        logger, step, prefix = trainer.logger, trainer.global_step, self.log_prefix
         logger.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
         if grid is None:
             return  # CSV and other loggers: the PNG in the run dir is all there is

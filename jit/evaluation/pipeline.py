@@ -19,7 +19,7 @@ from jit.checkpoint import sha256_file
 from jit.console import PhaseProgress, announce
 from jit.evaluation.calibration import CalibrationConfig, run_calibration
 from jit.evaluation.fid import FIDConfig, FIDEvaluation
-from jit.evaluation.plan import balanced_labels, initial_noise
+from jit.evaluation.plan import initial_noise
 from jit.evaluation.report import log_table, print_summary, summarize_layer_stats, write_layer_stats
 from jit.models.denoiser import NonFiniteSampleError
 from jit.quant import (
@@ -128,7 +128,7 @@ def quant_statistics(module, qcfg: QuantConfig, fid_cfg: FIDConfig, num_classes:
         return []
     denoiser = module.denoiser
     shape = (denoiser.in_channels, denoiser.img_size, denoiser.img_size)
-    labels = balanced_labels(fid_cfg.num_images, num_classes, fid_cfg.label_strategy)
+    labels = fid_cfg.labels(num_classes)
     enable_stats(denoiser.net, True)
     reset_stats(denoiser.net)
     announce(f"layer statistics: sampling the first {n} FID images with per-layer statistics on")

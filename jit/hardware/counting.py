@@ -79,12 +79,12 @@ def dense_macs_per_image(module, fid_cfg, num_classes: int) -> DenseCounts:
     """One image of the FID set (index 0: its label and initial noise) generated with the
     evaluation's sampler and weights, counted."""
     from jit.models.denoiser import NonFiniteSampleError
-    from jit.sample_plan import balanced_labels, initial_noise
+    from jit.sample_plan import initial_noise
 
     denoiser = module.denoiser
     device = next(denoiser.parameters()).device
     shape = (denoiser.in_channels, denoiser.img_size, denoiser.img_size)
-    labels = balanced_labels(fid_cfg.num_images, num_classes, fid_cfg.label_strategy)[:1].to(device)
+    labels = fid_cfg.labels(num_classes)[:1].to(device)
     noise = initial_noise(fid_cfg.seed, [0], shape, denoiser.noise_scale).to(device)
     try:
         return count_dense_macs(denoiser.net, lambda: module.generate(labels, noise=noise, **fid_cfg.sampler))
