@@ -74,7 +74,7 @@ def test_forward_host_syncs(accelerator_plan, scheme, variant, mode, scope):
         assert torch.isfinite(y).all()
     if scope == "batch" and mode == "dynamic":
         analog = layer.adc_paths and not layer.cfg.adc.bypass
-        tiles = len(layer._tiles()) * len(layer.adc_paths) if analog else 0
+        tiles = len(layer.tiles()) * len(layer.adc_paths) if analog else 0
         assert counter.total == tiles, dict(counter.ops)
     else:
         assert counter.total == 0, dict(counter.ops)

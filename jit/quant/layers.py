@@ -1,11 +1,12 @@
 """Quantized drop-ins for nn.Linear: hybrid W8A11, legacy bit-serial and W8A8.
 
-A layer owns its configuration, thresholds, noise keys and gradients; the computation
-is engine.py's hardware stages (`QuantLinear._simulate` calls them in order), and
-reference.py is the same forward as whole-tensor torch (`_reference_forward`, also what
-torch.compile traces for inference). A scheme only says how an activation code is
-sliced (`slicing`) into analog paths, each read by its own ADC, and an optional exact
-digital path (`_paths`). docs/design.md "AIMC quantization" is the specification.
+A layer owns its configuration, thresholds, noise keys and gradients. It computes on two
+paths that share one set of formulas (reference.py) and one store of weight codes and
+devices (arrays.py): fast_path.py runs engine.py's hardware stages (every eager call and
+every gradient), reference_call.py the whole-tensor specification (what torch.compile
+traces for inference, and what the tests hold the fast path to). A scheme only says how
+an activation code is sliced (`slicing`) into analog paths, each read by its own ADC,
+and an optional exact digital path (`_paths`). docs/design.md "AIMC quantization" is the specification.
 
 Each layer keeps the original `weight`/`bias` Parameters (the very same objects as the
 replaced nn.Linear) and adds no persistent state, so state dicts are unchanged.
@@ -51,28 +52,24 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from . import device as device_model
-from . import engine, reference
+from . import arrays, reference
 from .config import QuantConfig, build_quant_config
-from .engine import AnalogPath, ArrayCall, Codes, RowScale, Slicing, Split, WeightCodes
-from .intmm import Int8Weights
+from .engine import AnalogPath, Codes, Slicing, Split, WeightCodes
+from .fast_path import simulate
 from .noise import SampleContext, noise_key
-from .plan import SampleNoise, use_int8
 from .quantizers import (
-    _safe_step,
     bitserial_split_,
     center_out_split_,
-    percentile_abs,
     qmax,
     quantize_symmetric,
     stable_seed,
-    weight_clip,
+    step_of,
 )
+from .reference_call import reference_forward
 
 Observer = Callable[[str, str, torch.Tensor], None]
 
@@ -87,16 +84,6 @@ class StaticThresholds:
     adc_bits: int
     weight_int: torch.Tensor | None = None
     weight_scale: torch.Tensor | None = None
-
-
-class StaticAct(NamedTuple):
-    """The static activation clip on the device (0-d) and, as host numbers, the clip and
-    the step exactly as the device computes them: the quantizer's scalar bounds without
-    reading the device."""
-
-    clip: torch.Tensor
-    clip_value: float
-    step_value: float
 
 
 def _check_clip(layer: str, what: str, value: object) -> float:
@@ -135,7 +122,7 @@ class QuantLinear(nn.Linear):
         self._sample_context: SampleContext | None = None  # set by noise.sample_context
         self._noise_calls = 0  # noisy forwards outside a context (their call index)
         self._noise_base: tuple[tuple[int, str], int] | None = None  # stable_seed memo
-        self._seed_base()
+        self.seed_base()
         # dtype -> (act_clip, act bits, clip, step): the static quantizer's host numbers
         self._static_numbers: dict[torch.dtype, tuple[float, int, float, float]] = {}
         self._weight_cache: tuple[tuple, WeightCodes] | None = None
@@ -143,7 +130,7 @@ class QuantLinear(nn.Linear):
         # own (device.seed, name); an int a fresh draw (hardware-aware training steps).
         self.programming_draw: int | None = None
         self._converter_cache: tuple[tuple, dict] | None = None
-        self._static_act_cache: tuple[tuple, StaticAct] | None = None
+        self._static_act_cache: tuple | None = None  # fast_path.StaticAct of a clip
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, cfg: QuantConfig, name: str = "") -> QuantLinear:
@@ -236,9 +223,9 @@ class QuantLinear(nn.Linear):
         the call count used outside a sample context."""
         self.cfg = dataclasses.replace(self.cfg, seed=seed)
         self._noise_calls = 0
-        self._seed_base()
+        self.seed_base()
 
-    def _seed_base(self) -> int:
+    def seed_base(self) -> int:
         """stable_seed(quant seed, layer name), remembered while both stay (SHA-256 is
         host work that a compiled graph cannot hold)."""
         key = (self.cfg.seed, self.layer_name)
@@ -246,17 +233,17 @@ class QuantLinear(nn.Linear):
             self._noise_base = (key, stable_seed(*key))
         return self._noise_base[1]
 
-    def _call_key(self, batch: int) -> tuple[int, list[int] | range]:
+    def call_key(self, batch: int) -> tuple[int, list[int] | range]:
         """(key of this call, sample ids of the batch rows): noise.py's context, or the
         default outside one. Checks the batch against the context."""
-        base = self._seed_base()
+        base = self.seed_base()
         context = self._sample_context
         if context is None:
             return base, range(batch)
         context.check(self.layer_name, batch)
         return noise_key(base, context.calls, context.next_use(self)), context.sample_ids
 
-    def _sample_keys(self, call_key: int, sample_ids) -> list[int]:
+    def sample_keys(self, call_key: int, sample_ids) -> list[int]:
         """One key per sample for this call's noise (outside a context, each noisy call
         counts as the layer's next call)."""
         if self._sample_context is None:
@@ -264,13 +251,18 @@ class QuantLinear(nn.Linear):
             self._noise_calls += 1
         return [noise_key(call_key, sample) for sample in sample_ids]
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def generator(self, device: torch.device) -> torch.Generator:
         """A generator per device, re-seeded with a sample's key before each draw."""
         gen = self._generators.get(device)
         if gen is None:
-            gen = torch.Generator(device=device)
-            self._generators[device] = gen
+            gen = self._generators[device] = torch.Generator(device=device)
         return gen
+
+    def reads_noisy(self) -> bool:
+        """Whether this layer's analog reads draw noise (thermal or the devices')."""
+        adc = self.cfg.adc
+        return bool(self.adc_paths) and not adc.bypass and (
+            adc.noise_sigma_lsb > 0 or self.cfg.device.read_noise)
 
     # ----- forward -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,47 +280,12 @@ class QuantLinear(nn.Linear):
         return not wants_grad and self.observer is None and self.stats is None
 
     def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward through reference.py: whole-tensor ops, no host syncs in static mode
-        or the token and sample scopes, no Python state read per call. torch.compile
-        traces this path (inference only: no straight-through gradients); eagerly it is
-        the executable specification the tests compare the fast path with.
+        """The forward through reference.py (reference_call.py)."""
+        return reference_forward(self, x)
 
-        Noise keys: inside a sample_context the call's keys (noise.SampleContext
-        .call_keys) mixed with this layer and its use in the call; outside one the row
-        index and the layer's own count of noisy forwards, as the fast path (eager only:
-        a compiled graph would bake the count in)."""
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        x2 = x.detach().reshape(-1, self.in_features).to(dtype)
-        batch = x.shape[0] if x.dim() > 1 else 1
-        per_sample = x2.shape[0] // batch if batch else 0
-        static = self._reference_thresholds(dtype, x2.device)
-        w_int, w_step = self._reference_weights(dtype, x2.device)
-        finite = torch.isfinite(x2).all()
-        context = self._sample_context
-        keys = None
-        if self._reads_noisy() and per_sample:
-            keys = self._reference_keys(batch, x2.device)
-        if context is not None:
-            context.record_finite(self.layer_name, finite)
-        elif not bool(finite):
-            raise FloatingPointError(f"layer '{self.layer_name}': NaN or Inf in the input "
-                                     "activations")
-        bias = None if self.bias is None else self.bias.detach().to(dtype)
-        # Integer codes must stay exact: float32 whatever autocast the caller runs under.
-        with torch.autocast(x.device.type, enabled=False):
-            y = reference.forward(x2, w_int, w_step, bias, self.cfg, static, per_sample, keys,
-                                  self.adc_paths, self.dynamic_step_eps,
-                                  self._array_devices(x2.device, dtype))
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def _reference_thresholds(self, dtype: torch.dtype, device: torch.device
-                              ) -> reference.Thresholds | None:
-        if self.cfg.mode != "static":
-            return None
-        clip, step = self.static_act_numbers(dtype)
-        clips = {} if self.cfg.adc.bypass else {
-            path: self._static_adc_clip(path) for path in self.adc_paths}
-        return reference.Thresholds(clip, step, clips)
+    def _weight_codes(self, device: torch.device, dtype: torch.dtype) -> WeightCodes:
+        """The INT weight codes and programmed arrays (arrays.py)."""
+        return arrays.weight_codes(self, device, dtype)
 
     def static_act_numbers(self, dtype: torch.dtype) -> tuple[float, float]:
         """The static activation clip and step as host numbers exactly representable in
@@ -340,81 +297,28 @@ class QuantLinear(nn.Linear):
         entry = self._static_numbers.get(dtype)
         if entry is None or entry[0] != static.act_clip or entry[1] != bits:
             clip = torch.tensor(static.act_clip, dtype=dtype)
-            entry = (static.act_clip, bits, float(clip), float(_safe_step(clip, qmax(bits))))
+            entry = (static.act_clip, bits, float(clip), float(step_of(clip, bits)))
             self._static_numbers[dtype] = entry
         return entry[2], entry[3]
 
-    def _reference_weights(self, dtype: torch.dtype, device: torch.device
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_int, s_w): the imported codes of static mode, else from the float weights."""
-        static = self._static
-        if self.cfg.mode == "static" and static is not None and static.weight_int is not None:
-            return (static.weight_int.to(device=device, dtype=dtype),
-                    static.weight_scale.to(device=device, dtype=dtype))
-        return reference.weight_codes(self.weight.detach().to(dtype), self.cfg)
+    def _require_static(self) -> StaticThresholds:
+        if self._static is None:
+            raise RuntimeError(f"layer '{self.layer_name}' is in static mode but has no "
+                               "thresholds: calibrate it or call set_static()")
+        return self._static
 
-    def _reference_keys(self, batch: int, device: torch.device) -> torch.Tensor:
-        """int64 noise keys of this call's samples for reference.py."""
-        base = self._seed_base()
-        context = self._sample_context
-        if context is None:
-            if torch.compiler.is_compiling():
-                raise RuntimeError(f"layer '{self.layer_name}': a compiled noisy layer needs "
-                                   "a jit.quant.sample_context around the network call")
-            keys = [noise_key(self._noise_calls, row) for row in range(batch)]
-            self._noise_calls += 1
-            call_keys = torch.tensor(keys, dtype=torch.int64, device=device)
-        else:
-            context.check(self.layer_name, batch)
-            if context.call_keys is None:
-                raise RuntimeError(f"layer '{self.layer_name}': the sample_context has no "
-                                   "call keys yet (its network was not called with a tensor)")
-            call_keys = context.call_keys.to(device)
-            base = noise_key(base, context.next_use(self))
-        return reference.mix_keys(call_keys, base)
-
-    def _reads_noisy(self) -> bool:
-        """Whether this layer's analog reads draw noise (thermal or the devices')."""
-        adc = self.cfg.adc
-        return bool(self.adc_paths) and not adc.bypass and (
-            adc.noise_sigma_lsb > 0 or self.cfg.device.read_noise)
-
-    def _array_devices(self, device: torch.device, dtype: torch.dtype
-                       ) -> reference.ArrayDevices | None:
-        """The programmed arrays and converters for reference.py (None: all ideal)."""
-        converters = self._converters(device, dtype)
-        if self.cfg.device.ideal and not converters:
-            return None
-        weights = self._weight_codes(device, dtype)
-        return reference.ArrayDevices(
-            None if weights.analog_t is None else weights.analog_t.t(),
-            None if weights.read_variance_t is None else weights.read_variance_t.t(),
-            weights.compensation, converters)
-
-    def _converters(self, device: torch.device, dtype: torch.dtype
-                    ) -> dict[tuple[int, int], reference.ConverterErrors]:
-        """Each array's column converters, drawn once per (device seed, layer, path, tile)."""
-        adc = self.cfg.adc
-        if not self.adc_paths or adc.bypass or not adc.converter_errors:
-            return {}
-        key = (adc, self.cfg.device.seed, self.layer_name, self.out_features, device, dtype)
-        if self._converter_cache is None or self._converter_cache[0] != key:
-            base = stable_seed(self.cfg.device.seed, f"adc/{self.layer_name}")
-            converters = {(index, tile): reference.converter_errors(
-                              adc, noise_key(base, index, tile), self.out_features, device, dtype)
-                          for index in range(len(self.adc_paths))
-                          for tile in range(len(self._tiles()))}
-            self._converter_cache = (key, converters)
-        return self._converter_cache[1]
+    def static_adc_clip(self, path: str) -> float:
+        clip = self._require_static().adc_clips.get(path)
+        if clip is None:
+            raise RuntimeError(f"layer '{self.layer_name}' is in static mode but has no "
+                               f"ADC clip for path '{path}': calibrate it or call "
+                               "set_static(adc_clip=...)")
+        return clip
 
     def read_back_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(INT codes, read-back weights after drift compensation), both [out, in] float32
-        in code units, at the current device.t_inference_s."""
-        weights = self._weight_codes(self.weight.device, torch.float32)
-        codes = weights.codes_t.t()
-        if weights.analog_t is None:
-            return codes, codes
-        return codes, weights.analog_t.t() * weights.compensation
+        """(INT codes, read-back weights after drift compensation), [out, in] float32 in
+        code units, at the current device.t_inference_s."""
+        return arrays.read_back_codes(self)
 
     def read_back_weight(self) -> torch.Tensor:
         """The weights the analog arrays compute with at the current device.t_inference_s,
@@ -423,140 +327,10 @@ class QuantLinear(nn.Linear):
         step = self._weight_codes(self.weight.device, torch.float32).step
         return self.read_back_codes()[1] * (step.reshape(-1, 1) if step.dim() else step)
 
-    def _weight_codes(self, device: torch.device, dtype: torch.dtype) -> WeightCodes:
-        """INT weight codes and their programmed arrays (device.py), cached until the weight
-        tensor or the device settings change (in-place updates bump its version) so
-        inference neither requantizes nor reprograms per call."""
-        static = self._static
-        programming = (self.cfg.device, self.programming_draw)
-        if static is not None and static.weight_int is not None:
-            key = ("import", id(static), device, dtype, programming)
-        else:
-            w = self.weight
-            key = (w._version, w.data_ptr(), device, dtype, self.cfg.weight, programming)
-        if self._weight_cache is not None and self._weight_cache[0] == key:
-            return self._weight_cache[1]
-        if key[0] == "import":
-            codes = static.weight_int.to(device=device, dtype=dtype)
-            step, clip = static.weight_scale.to(device=device, dtype=dtype), None
-        else:
-            w = self.weight.detach().to(dtype)
-            if not bool(w.isfinite().all()):  # once per weight version: the codes are cached
-                raise FloatingPointError(f"layer '{self.layer_name}': NaN or Inf in the weights")
-            clip = weight_clip(w, self.cfg.weight)
-            codes, step = quantize_symmetric(w, clip, self.cfg.weight.bits)
-            step = step.reshape(-1) if step.dim() else step
-        entry = WeightCodes(codes.t().contiguous(), step, clip)
-        if not self.cfg.device.ideal:
-            entry = self._programmed(entry, dtype)
-        self._weight_cache = (key, entry)
-        return entry
-
-    def _programmed(self, weights: WeightCodes, dtype: torch.dtype) -> WeightCodes:
-        """The codes programmed into the arrays at device.t_inference_s (device.program)."""
-        cfg = self.cfg.device
-        key = device_model.layer_key(cfg.seed, self.layer_name)
-        if self.programming_draw is not None:
-            key = noise_key(key, self.programming_draw)
-        arrays = device_model.program(weights.codes_t.t(), qmax(self.cfg.weight.bits), cfg, key)
-        variance = None if arrays.read_variance is None else (
-            arrays.read_variance.t().to(dtype).contiguous())
-        return weights._replace(analog_t=arrays.read_back.t().to(dtype).contiguous(),
-                                read_variance_t=variance, compensation=arrays.compensation)
-
-    def _scope_rows(self, tokens: int, per_sample: int) -> int | None:
-        """Rows per dynamic range group (dynamic_scope token/sample), or None for one
-        range over the whole call (static mode, scope batch, or an empty input)."""
-        if self.cfg.mode == "static" or self.cfg.dynamic_scope == "batch" or not tokens:
-            return None
-        return 1 if self.cfg.dynamic_scope == "token" else per_sample
-
-    def _check_finite(self, low: torch.Tensor, high: torch.Tensor) -> None:
-        """NaN/Inf in the input. Inside a sample_context the verdict stays on the device
-        and the context raises when it exits (no host sync per call); outside one it is
-        read at once."""
-        finite = torch.isfinite(low) & torch.isfinite(high)
-        if self._sample_context is not None:
-            self._sample_context.record_finite(self.layer_name, finite)
-        elif not bool(finite):
-            raise FloatingPointError(f"layer '{self.layer_name}': NaN or Inf in the input "
-                                     "activations")
-
-    def _static_act(self, dtype: torch.dtype, device: torch.device) -> StaticAct:
-        """The static clip and step for this dtype and device, computed once (on the
-        CPU) per clip value."""
-        static = self._require_static()
-        key = (static.act_clip, dtype, device, self.cfg.act.bits)
-        if self._static_act_cache is None or self._static_act_cache[0] != key:
-            clip = torch.tensor(static.act_clip, dtype=dtype)
-            step = _safe_step(clip, qmax(self.cfg.act.bits))
-            entry = StaticAct(clip.to(device), float(clip), float(step))
-            self._static_act_cache = (key, entry)
-        return self._static_act_cache[1]
-
-    def _act_clip(self, x: torch.Tensor, group: int | None) -> torch.Tensor:
-        """Activation clip: 0-d, or per row [rows, 1] (equal within each group of `group`
-        rows)."""
-        low, high = torch.aminmax(x)
-        self._check_finite(low, high)
-        if self.cfg.mode == "static":
-            return self._static_act(x.dtype, x.device).clip
-        if group is not None:
-            grouped = x.reshape(-1, group * x.shape[1])
-            if self.cfg.act.percentile == 100.0:
-                clip = grouped.abs().amax(dim=1)
-            else:
-                clip = percentile_abs(grouped, self.cfg.act.percentile, dim=1)
-            return clip.repeat_interleave(group).unsqueeze(1)
-        if self.cfg.act.percentile == 100.0:
-            return torch.maximum(-low, high)
-        return percentile_abs(x, self.cfg.act.percentile)
-
-    def _require_static(self) -> StaticThresholds:
-        if self._static is None:
-            raise RuntimeError(f"layer '{self.layer_name}' is in static mode but has no "
-                               "thresholds: calibrate it or call set_static()")
-        return self._static
-
-    def _static_adc_clip(self, path: str) -> float:
-        clip = self._require_static().adc_clips.get(path)
-        if clip is None:
-            raise RuntimeError(f"layer '{self.layer_name}' is in static mode but has no "
-                               f"ADC clip for path '{path}': calibrate it or call "
-                               "set_static(adc_clip=...)")
-        return clip
-
-    def _adc_step(self, path: str, acc: torch.Tensor, group: int | None) -> RowScale:
-        """The ADC step: a number, or per row [rows, 1] (dynamic, per group of `group`
-        rows)."""
-        code_max = qmax(self.cfg.adc.bits)
-        if self.cfg.mode == "static":
-            return self._static_adc_clip(path) / code_max
-        # Dynamic peaks are taken per tile (acc is one tile's partial sum): each array's
-        # converters range on what they convert, as auto-ranging hardware would; a global
-        # peak would need every tile's result before any tile is converted. Static clips
-        # are per layer and shared by all tiles (calibration collects every tile's sums).
-        if group is not None:
-            low, high = torch.aminmax(acc.reshape(-1, group * acc.shape[1]), dim=1)
-            peak = torch.maximum(-low, high)
-            if self.dynamic_step_eps == 0:  # all-zero accumulation: any step gives code 0
-                step = torch.where(peak > 0, peak / code_max, torch.ones_like(peak))
-            else:
-                step = peak / code_max + self.dynamic_step_eps
-            return step.repeat_interleave(group).unsqueeze(1)
-        # The seed's whole-call scope reads its peak on the host (one sync per tile), so
-        # its step is the float64 number a static clip of that value gives.
-        low, high = torch.aminmax(acc)
-        peak = float(torch.maximum(-low, high))
-        if peak == 0 and self.dynamic_step_eps == 0:
-            return 1.0  # all-zero accumulation: any step gives code 0
-        return peak / code_max + self.dynamic_step_eps
-
-    def _tiles(self) -> list[slice]:
-        rows = self.cfg.adc.tile_rows
-        if rows is None or rows >= self.in_features:
-            return [slice(None)]
-        return [slice(start, start + rows) for start in range(0, self.in_features, rows)]
+    # ----- what a scheme defines --------------------------------------------------------
+    def tiles(self) -> list[slice]:
+        """Input rows of each analog array."""
+        return reference.tiles(self.in_features, self.cfg.adc.tile_rows)
 
     def slicing(self) -> Slicing:
         """How this scheme slices activation codes (engine.Slicing). Default: no split,
@@ -567,85 +341,6 @@ class QuantLinear(nn.Linear):
     def _paths(self, x_int: Codes, msb: Codes | None) -> Split:
         """The analog and digital paths over the sliced codes."""
         raise NotImplementedError
-
-    def _int8_kernel(self, x2: torch.Tensor, slicing: Slicing) -> str | None:
-        """The INT8 kernel this call multiplies its digits on (plan.use_int8), or None:
-        the result is the same; statistics keep the float codes they count."""
-        if self.stats is not None or not self.cfg.device.ideal:
-            return None  # programmed arrays and read noise compute on float codes
-        inner = min(self.cfg.adc.tile_rows or self.in_features, self.in_features)
-        backends = {use_int8(low, high, inner, self.cfg.weight.bits, x2.device, x2.dtype,
-                             self.int8_matmul) for low, high in slicing.ranges}
-        return backends.pop() if len(backends) == 1 else None
-
-    def _with_int8(self, weights: WeightCodes, backend: str) -> WeightCodes:
-        """The weight codes prepared for the INT8 kernel, once per weight version."""
-        if weights.int8 is None or weights.int8.backend != backend:
-            weights = weights._replace(int8=Int8Weights(weights.codes_t, backend))
-            self._weight_cache = (self._weight_cache[0], weights)
-        return weights
-
-    def _array_call(self, batch: int, per_sample: int, group: int | None,
-                    device: torch.device, dtype: torch.dtype) -> ArrayCall:
-        """What the engine's array stages need for this call: tiles, ADC steps, hooks and
-        each sample's noise key (`_call_key` checks the batch against the context)."""
-        call_key, sample_ids = self._call_key(batch)
-        adc = self.cfg.adc
-        noise = None
-        if self._reads_noisy() and per_sample:
-            keys = self._sample_keys(call_key, sample_ids)
-            noise = SampleNoise(self._generator(device), per_sample, keys)
-        observer, name = self.observer, self.layer_name
-        return ArrayCall(
-            self.out_features, self._tiles(), adc,
-            lambda path, acc: self._adc_step(path, acc, group),
-            None if observer is None else lambda kind, acc: observer(name, kind, acc),
-            self.stats, noise, self._converters(device, dtype))
-
-    def _simulate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, WeightCodes]:
-        """The hardware forward (no autograd), stage by stage through engine.py. Returns
-        (y, activation clip, weight codes)."""
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        x2 = x.detach().reshape(-1, self.in_features).to(dtype)
-        # A sample is one entry of the leading dimension (one row of a 2-D input).
-        batch = x.shape[0] if x.dim() > 1 else 1
-        per_sample = x2.shape[0] // batch if batch else 0
-        group = self._scope_rows(x2.shape[0], per_sample)
-        call = self._array_call(batch, per_sample, group, x2.device, dtype)
-        if self.observer is not None:
-            self.observer(self.layer_name, "act", x)
-        act_clip = self._act_clip(x2, group)
-        act_step = _safe_step(act_clip, qmax(self.cfg.act.bits))
-        weights = self._weight_codes(x2.device, dtype)
-        slicing = self.slicing()
-        backend = self._int8_kernel(x2, slicing)
-        as_digits = backend is not None
-        if as_digits:
-            weights = self._with_int8(weights, backend)
-        # Static: host numbers, known without reading the device, take ATen's scalar fast
-        # path. Dynamic: the clip stays on the device (0-d or per row), no host sync.
-        if self.cfg.mode == "static":
-            static = self._static_act(dtype, x2.device)
-            clip, step = static.clip_value, static.step_value
-        else:
-            clip, step = act_clip, act_step
-        x_int, msb, columns = engine.quantize_dac_input(
-            x2, clip, step, slicing, as_digits, self.stats)
-        split = self._paths(x_int, msb)
-        del x_int, msb
-        if self.stats is not None and split.msb is not None:
-            self.stats.observe_msb(split.msb)
-        # Nothing here may keep a slice alive: accumulate frees each one after its product.
-        split = split._replace(msb=None)
-        y, unit = engine.accumulate(split, weights, x2.shape[0], call, columns)
-        del split
-        bias = None if self.bias is None else self.bias.detach().to(dtype)
-        engine.reconstruct_(y, act_step, weights.step, unit, bias)
-        if self.stats is not None:
-            self.stats.calls += 1
-            self.stats.observe_output(x2, self.weight.detach().to(dtype), bias, y)
-        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return y, act_clip, weights
 
 
 class HybridLinear(QuantLinear):
@@ -741,7 +436,7 @@ class _StraightThrough(torch.autograd.Function):
         # Integer codes and their products must stay exact: the simulation computes in
         # float32 (float64 for float64 inputs) whatever autocast the caller runs under.
         with torch.autocast(x.device.type, enabled=False):
-            y, act_clip, weights = layer._simulate(x)
+            y, act_clip, weights = simulate(layer, x)
         ctx.layer = layer
         ctx.weights = weights
         ctx.save_for_backward(x, weight, act_clip)

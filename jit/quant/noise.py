@@ -161,7 +161,7 @@ def sample_context(net: nn.Module, sample_ids: Iterable[int] | torch.Tensor
     try:
         for layer in layers:
             layer._sample_context = context
-            layer._seed_base()  # host work here, not inside a compiled call
+            layer.seed_base()  # host work here, not inside a compiled call
             if layer.static is not None:
                 for dtype in (torch.float32, torch.float64):
                     layer.static_act_numbers(dtype)

@@ -116,17 +116,16 @@ def _largest_abs(x: torch.Tensor, k: int, stride: int = 16) -> torch.Tensor:
     return candidates.topk(k, largest=True, sorted=True).values
 
 
-def _safe_step(clip: torch.Tensor, code_max: int) -> torch.Tensor:
-    """clip / code_max, with step 1 where clip is 0 (everything clips to code 0 then)."""
-    return torch.where(clip > 0, clip / code_max, torch.ones_like(clip))
+def step_of(clip: torch.Tensor, bits: int) -> torch.Tensor:
+    """s = c / qmax, and 1 where c = 0 (everything then rounds to code 0)."""
+    return torch.where(clip > 0, clip / qmax(bits), torch.ones_like(clip))
 
 
 def quantize_symmetric(x: torch.Tensor, clip: torch.Tensor, bits: int) -> tuple[torch.Tensor,
                                                                                  torch.Tensor]:
     """docs/design.md: x_int = clamp(round(clamp(x, -c, c) / s), -2^(b-1), 2^(b-1)-1), s = c/qmax.
     Returns (codes as a new float tensor, step s). `clip` broadcasts against x."""
-    code_max = qmax(bits)
-    step = _safe_step(clip, code_max)
+    step = step_of(clip, bits)
     # |clamp(x, -c, c) / s| <= qmax (1 + 2^-23): rounding cannot leave [-qmax, qmax], so
     # the outer clamp of the formula is implied and costs no pass.
     codes = torch.clamp(x, -clip, clip)

@@ -36,7 +36,7 @@ import torch
 
 from .config import AdcConfig, QuantConfig
 from .noise import noise_key
-from .quantizers import percentile_abs, qmax, weight_clip
+from .quantizers import percentile_abs, qmax, step_of, weight_clip
 
 # splitmix64 constants as signed int64: torch has no uint64 arithmetic, and int64
 # multiplication wraps modulo 2^64 on every backend, which is the uint64 product's bits.
@@ -128,20 +128,16 @@ def keyed_uniform(key: int, shape: Sequence[int], device: torch.device | str = "
 
 # ----- docs/design.md "Common pieces" -----------------------------------------------------
 
-def step_of(clip: torch.Tensor, bits: int) -> torch.Tensor:
-    """s = c / qmax, and 1 where c = 0 (everything then rounds to code 0)."""
-    return torch.where(clip > 0, clip / qmax(bits), torch.ones_like(clip))
-
-
 def quantize(x: torch.Tensor, clip: torch.Tensor | float, step: torch.Tensor | float
              ) -> torch.Tensor:
     """x_int = round(clamp(x, -c, c) / s); the outer clamp to [-2^(b-1), qmax] is implied."""
     return torch.round(torch.clamp(x, -clip, clip) / step)
 
 
-def weight_codes(weight: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W_int [out, in], s_w: 0-d or [out]) from the float weights: clip max|W| or its
-    `clip_pct` percentile, per tensor or per output channel ([out, 1])."""
+def weight_codes(weight: torch.Tensor, cfg: QuantConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W_int [out, in], s_w: 0-d or [out], the clip: 0-d or [out, 1]) from the float
+    weights: clip max|W| or its `clip_pct` percentile, per tensor or per output channel."""
     w = cfg.weight
     if w.granularity == "channel":
         clip = weight_clip(weight, w)
@@ -150,7 +146,7 @@ def weight_codes(weight: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, 
     else:  # one row: the selection along a dimension, which traces without host syncs
         clip = percentile_abs(weight.reshape(1, -1), w.clip_pct, dim=1).reshape(())
     step = step_of(clip, w.bits)
-    return quantize(weight, clip, step), step.reshape(-1) if step.dim() else step
+    return quantize(weight, clip, step), step.reshape(-1) if step.dim() else step, clip
 
 
 def dynamic_clip(x: torch.Tensor, percentile: float, group_rows: int | None) -> torch.Tensor:
