@@ -1,7 +1,8 @@
 """What a quantized layer's analog arrays hold: its INT weight codes, the conductances
 they are programmed into (device.py) and each array's column converters.
 
-Both forwards read these, the fast path (fast_path.py) and the specification
+Its functions take a layers.QuantLinear (typed as nn.Module: layers.py imports this
+module). Both forwards read these, the fast path (fast_path.py) and the specification
 (reference_call.py), so they compute with the very same codes and devices. Everything
 here is cached on the layer and rebuilt when the weight tensor, the imported codes or the
 device settings change; a cached entry never changes a result.
@@ -9,9 +10,8 @@ device settings change; a cached entry never changes a result.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
+from torch import nn
 
 from . import device as device_model
 from . import reference
@@ -19,11 +19,8 @@ from .engine import WeightCodes
 from .noise import noise_key
 from .quantizers import qmax, stable_seed
 
-if TYPE_CHECKING:
-    from .layers import QuantLinear
 
-
-def weight_codes(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> WeightCodes:
+def weight_codes(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> WeightCodes:
     """INT weight codes (reference.weight_codes, or the imported ones) and their programmed
     arrays, cached until the weight tensor or the device settings change (in-place updates
     bump its version), so inference neither requantizes nor reprograms per call."""
@@ -52,12 +49,12 @@ def weight_codes(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -
     return entry
 
 
-def replace_cached(layer: QuantLinear, weights: WeightCodes) -> None:
+def replace_cached(layer: nn.Module, weights: WeightCodes) -> None:
     """Keep `weights` (the same codes, with more attached) as the cached entry."""
     layer._weight_cache = (layer._weight_cache[0], weights)
 
 
-def _programmed(layer: QuantLinear, weights: WeightCodes, dtype: torch.dtype) -> WeightCodes:
+def _programmed(layer: nn.Module, weights: WeightCodes, dtype: torch.dtype) -> WeightCodes:
     """The codes programmed into the arrays at device.t_inference_s (device.program)."""
     cfg = layer.cfg.device
     key = device_model.layer_key(cfg.seed, layer.layer_name)
@@ -70,7 +67,7 @@ def _programmed(layer: QuantLinear, weights: WeightCodes, dtype: torch.dtype) ->
                             read_variance_t=variance, compensation=arrays.compensation)
 
 
-def converters(layer: QuantLinear, device: torch.device, dtype: torch.dtype
+def converters(layer: nn.Module, device: torch.device, dtype: torch.dtype
                ) -> dict[tuple[int, int], reference.ConverterErrors]:
     """Each array's column converters, drawn once per (device seed, layer, path, tile)."""
     adc = layer.cfg.adc
@@ -88,7 +85,7 @@ def converters(layer: QuantLinear, device: torch.device, dtype: torch.dtype
     return cache[1]
 
 
-def array_devices(layer: QuantLinear, device: torch.device, dtype: torch.dtype
+def array_devices(layer: nn.Module, device: torch.device, dtype: torch.dtype
                   ) -> reference.ArrayDevices | None:
     """The programmed arrays and converters in reference.py's terms (None: all ideal)."""
     drawn = converters(layer, device, dtype)
@@ -101,7 +98,7 @@ def array_devices(layer: QuantLinear, device: torch.device, dtype: torch.dtype
         weights.compensation, drawn)
 
 
-def read_back_codes(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
+def read_back_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(INT codes, read-back weights after drift compensation), both [out, in] float32 in
     code units, at the current device.t_inference_s."""
     weights = weight_codes(layer, layer.weight.device, torch.float32)

@@ -5,22 +5,23 @@ It computes reference.py's formulas with the same helpers (clips and steps, tile
 codes, noise keys), in row blocks with fewer temporaries, on an INT8 kernel where the CPU
 has an exact one (plan.py), with the observers and statistics that calibration and the
 energy model read. tests/test_quant_reference.py holds it bitwise to reference.py.
+
+Its functions take a layers.QuantLinear, typed as nn.Module (layers.py imports this
+module).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from . import arrays, engine, reference
 from .engine import ArrayCall, RowScale, Slicing, WeightCodes
 from .intmm import Int8Weights
 from .plan import SampleNoise, use_int8
 from .quantizers import qmax, step_of
-
-if TYPE_CHECKING:
-    from .layers import QuantLinear
 
 
 class StaticAct(NamedTuple):
@@ -33,7 +34,7 @@ class StaticAct(NamedTuple):
     step_value: float
 
 
-def simulate(layer: QuantLinear, x: torch.Tensor
+def simulate(layer: nn.Module, x: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, WeightCodes]:
     """The hardware forward (no autograd). Returns (y, activation clip, weight codes)."""
     cfg = layer.cfg
@@ -80,7 +81,7 @@ def simulate(layer: QuantLinear, x: torch.Tensor
     return y, act_clip, weights
 
 
-def _scope_rows(layer: QuantLinear, tokens: int, per_sample: int) -> int | None:
+def _scope_rows(layer: nn.Module, tokens: int, per_sample: int) -> int | None:
     """Rows per dynamic range group (dynamic_scope token/sample), or None for one range
     over the whole call (static mode, scope batch, or an empty input)."""
     cfg = layer.cfg
@@ -89,7 +90,7 @@ def _scope_rows(layer: QuantLinear, tokens: int, per_sample: int) -> int | None:
     return 1 if cfg.dynamic_scope == "token" else per_sample
 
 
-def _check_finite(layer: QuantLinear, low: torch.Tensor, high: torch.Tensor) -> None:
+def _check_finite(layer: nn.Module, low: torch.Tensor, high: torch.Tensor) -> None:
     """NaN/Inf in the input. Inside a sample_context the verdict stays on the device and
     the context raises when it exits (no host sync per call); outside one it is read at
     once."""
@@ -101,7 +102,7 @@ def _check_finite(layer: QuantLinear, low: torch.Tensor, high: torch.Tensor) -> 
                                  "activations")
 
 
-def _static_act(layer: QuantLinear, dtype: torch.dtype, device: torch.device) -> StaticAct:
+def _static_act(layer: nn.Module, dtype: torch.dtype, device: torch.device) -> StaticAct:
     """The static clip and step for this dtype and device, computed once (on the CPU) per
     clip value."""
     clip_value, step_value = layer.static_act_numbers(dtype)
@@ -113,7 +114,7 @@ def _static_act(layer: QuantLinear, dtype: torch.dtype, device: torch.device) ->
     return cache[1]
 
 
-def _act_clip(layer: QuantLinear, x: torch.Tensor, group: int | None) -> torch.Tensor:
+def _act_clip(layer: nn.Module, x: torch.Tensor, group: int | None) -> torch.Tensor:
     """Activation clip: 0-d, or per row [rows, 1] (equal within each group of rows)."""
     low, high = torch.aminmax(x)
     _check_finite(layer, low, high)
@@ -122,7 +123,7 @@ def _act_clip(layer: QuantLinear, x: torch.Tensor, group: int | None) -> torch.T
     return reference.dynamic_clip(x, layer.cfg.act.percentile, group)
 
 
-def _adc_step(layer: QuantLinear, path: str, acc: torch.Tensor, group: int | None
+def _adc_step(layer: nn.Module, path: str, acc: torch.Tensor, group: int | None
               ) -> RowScale:
     """The ADC step: a number, or per row [rows, 1] (dynamic, per group of rows).
 
@@ -136,7 +137,7 @@ def _adc_step(layer: QuantLinear, path: str, acc: torch.Tensor, group: int | Non
     return reference.dynamic_adc_step(acc, bits, group, layer.dynamic_step_eps)
 
 
-def _int8_kernel(layer: QuantLinear, x2: torch.Tensor, slicing: Slicing) -> str | None:
+def _int8_kernel(layer: nn.Module, x2: torch.Tensor, slicing: Slicing) -> str | None:
     """The INT8 kernel this call multiplies its digits on (plan.use_int8), or None: the
     result is the same; statistics keep the float codes they count."""
     if layer.stats is not None or not layer.cfg.device.ideal:
@@ -147,7 +148,7 @@ def _int8_kernel(layer: QuantLinear, x2: torch.Tensor, slicing: Slicing) -> str 
     return backends.pop() if len(backends) == 1 else None
 
 
-def _array_call(layer: QuantLinear, batch: int, per_sample: int, group: int | None,
+def _array_call(layer: nn.Module, batch: int, per_sample: int, group: int | None,
                 device: torch.device, dtype: torch.dtype) -> ArrayCall:
     """What the engine's array stages need for this call: tiles, ADC steps, hooks and each
     sample's noise key (`call_key` checks the batch against the context)."""

@@ -2,22 +2,21 @@
 whole-tensor ops, no host syncs in static mode or the token and sample scopes, no Python
 state read per call. torch.compile traces this path for inference (no straight-through
 gradients); eagerly it is what the tests hold the fast path (fast_path.py) to.
+
+Its functions take a layers.QuantLinear, typed as nn.Module (layers.py imports this
+module).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
+from torch import nn
 
 from . import arrays, reference
 from .noise import noise_key
 
-if TYPE_CHECKING:
-    from .layers import QuantLinear
 
-
-def reference_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+def reference_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """y of `layer` on x through reference.forward.
 
     Noise keys: inside a sample_context the call's keys (noise.SampleContext.call_keys)
@@ -49,7 +48,7 @@ def reference_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
 
 
-def _thresholds(layer: QuantLinear, dtype: torch.dtype) -> reference.Thresholds | None:
+def _thresholds(layer: nn.Module, dtype: torch.dtype) -> reference.Thresholds | None:
     if layer.cfg.mode != "static":
         return None
     clip, step = layer.static_act_numbers(dtype)
@@ -58,7 +57,7 @@ def _thresholds(layer: QuantLinear, dtype: torch.dtype) -> reference.Thresholds 
     return reference.Thresholds(clip, step, clips)
 
 
-def _weights(layer: QuantLinear, dtype: torch.dtype, device: torch.device
+def _weights(layer: nn.Module, dtype: torch.dtype, device: torch.device
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(W_int, s_w): the imported codes of static mode, else from the float weights."""
     static = layer.static
@@ -69,7 +68,7 @@ def _weights(layer: QuantLinear, dtype: torch.dtype, device: torch.device
     return codes, step
 
 
-def _keys(layer: QuantLinear, batch: int, device: torch.device) -> torch.Tensor:
+def _keys(layer: nn.Module, batch: int, device: torch.device) -> torch.Tensor:
     """int64 noise keys of this call's samples for reference.py."""
     base = layer.seed_base()
     context = layer._sample_context
