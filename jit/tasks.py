@@ -137,7 +137,7 @@ def calibrate(cfg: DictConfig, settings: RunSettings) -> dict:
     from jit.evaluation.pipeline import prepare_quantized
 
     qcfg = settings.quant
-    if qcfg.scheme == "fp" or qcfg.mode != "static":
+    if not qcfg.quantizes or qcfg.mode != "static":
         raise ConfigError(f"quant: task=calibrate needs a quantized scheme in static mode "
                           f"(got quant.scheme={qcfg.scheme}, quant.mode={qcfg.mode})")
     run_dir = Path(cfg.paths.output_dir)
