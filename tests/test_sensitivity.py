@@ -9,14 +9,15 @@ import json
 
 import pytest
 import torch
-from test_run import run
+from test_run import compose_run, run
 
 from jit.builders import SHIPPED_DIGITS_MODEL
 from jit.checkpoint import build_denoiser_from_checkpoint
-from jit.config import ConfigError
+from jit.config import ConfigError, validate
 from jit.quant import quantize_model, sample_context
 from jit.sample_plan import balanced_labels, index_chunks, initial_noise
 from jit.sensitivity import COLUMNS, block_of, read_done, spearman, units_of, write_rows
+from jit.settings import parse_settings
 
 UNITS = ["blocks.0.mlp.w12", "blocks.1.mlp.w3"]
 # The shipped digits model, two layers as the units, dynamic ranges (no calibration),
@@ -44,7 +45,7 @@ def hand_proxy(layer: str) -> float:
     squared, count = 0.0, 0
     for indices in index_chunks(4, 2):
         calls = []
-        handle = denoiser.net.register_forward_hook(lambda m, args, out: calls.append((args, out)))
+        handle = denoiser.net.register_forward_hook(lambda m, args, out, calls=calls: calls.append((args, out)))
         with torch.no_grad():
             denoiser.generate(labels[indices], initial_noise(0, indices, shape, denoiser.noise_scale), steps=2,
                               method="euler", cfg_scale=2.0, interval=(0.1, 1.0))
@@ -79,22 +80,34 @@ def test_proxy_equals_the_hand_computed_mse_and_a_rerun_skips_done_units(tmp_pat
     # Another configuration in the same folder is refused before any work.
     proc = run([*SHORT, "quant.adc.bits=8", f"hydra.run.dir={out}"], tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines() == [
-        f"error: {out / 'sensitivity.csv'} holds units measured with another configuration ({UNITS[0]}, ...): "
-        "resume with the same overrides, or pass overwrite=true (moves them to previous/) or choose another "
-        "hydra.run.dir"]
+    expected = (f"error: {out / 'sensitivity.csv'} holds units measured with another configuration ({UNITS[0]}, "
+                "...): resume with the same overrides, or pass overwrite=true (moves them to previous/) or choose "
+                "another hydra.run.dir")
+    assert proc.stderr.strip().splitlines() == [expected]
 
 
 @pytest.mark.parametrize("args, message", [
-    (["sensitivity.fid_images=1"], "error: sensitivity.fid_images: must be 0 (proxy only) or >= 2"),
-    (["sensitivity.proxy_images=0"], "error: sensitivity.proxy_images: must be >= 1, got 0"),
-    (["task=eval", "sensitivity.unit=block"], "error: sensitivity.unit: applies to task=sensitivity only"),
-    (["quant=fp"], "error: quant: task=sensitivity puts units on the hardware of quant; quant.scheme=fp"),
+    (["sensitivity.fid_images=1"], "sensitivity.fid_images: must be 0 (proxy only) or >= 2"),
+    (["sensitivity.proxy_images=0"], "sensitivity.proxy_images: must be >= 1, got 0"),
+    (["task=eval", "sensitivity.unit=block"], "sensitivity.unit: applies to task=sensitivity only"),
+    (["quant=fp"], "quant: task=sensitivity puts units on the hardware of quant; quant.scheme=fp"),
 ])
-def test_bad_sensitivity_input_is_one_line(args, message, tmp_path):
-    proc = run([*SHORT, *args, f"hydra.run.dir={tmp_path / 'out'}"], tmp_path, check=False)
-    assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr[-2000:]
-    assert len(proc.stderr.strip().splitlines()) == 1
+def test_bad_sensitivity_input_is_refused_before_the_model_loads(args, message, tmp_path, monkeypatch):
+    from jit import builders, tasks
+
+    monkeypatch.setattr(builders, "load_module", lambda cfg: pytest.fail("the model was loaded"))
+    cfg = compose_run([*SHORT, *args, f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+        tasks.sensitivity(cfg, parse_settings(cfg))
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_an_unknown_unit_is_refused_by_the_schema(tmp_path):
+    with pytest.raises(Exception) as info:  # noqa: PT011 (Hydra's composition error wraps OmegaConf's)
+        compose_run([*SHORT, "sensitivity.unit=head", f"paths.output_dir={tmp_path}"])
+    text = f"{info.value} {info.value.__cause__}"
+    assert "sensitivity.unit=head" in text and "expected one of [layer, block]" in text
 
 
 def test_units_by_layer_or_block_skip_float_layers():
