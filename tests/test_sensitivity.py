@@ -104,7 +104,7 @@ def test_bad_sensitivity_input_is_refused_before_the_model_loads(args, message, 
 
 
 def test_an_unknown_unit_is_refused_by_the_schema(tmp_path):
-    with pytest.raises(Exception) as info:  # noqa: PT011 (Hydra's composition error wraps OmegaConf's)
+    with pytest.raises(Exception) as info:  # Hydra's composition error wraps OmegaConf's
         compose_run([*SHORT, "sensitivity.unit=head", f"paths.output_dir={tmp_path}"])
     text = f"{info.value} {info.value.__cause__}"
     assert "sensitivity.unit=head" in text and "expected one of [layer, block]" in text
