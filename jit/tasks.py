@@ -177,12 +177,12 @@ def sensitivity(cfg: DictConfig, settings: RunSettings) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     checkpoint = cfg.ckpt_path
     # Everything a unit's numbers depend on; a CSV of another configuration is refused.
-    parts = {key: plain.get(key) for key in ("model", "sampler", "eval_weights", "sensitivity", "fid", "hardware",
-                                             "ckpt_path", "seed")}
+    parts = {key: plain.get(key) for key in ("model", "sampler", "eval_weights", "sensitivity", "hardware", "seed")}
     parts.update(quant=qcfg.to_dict(), calibration=dataclasses.asdict(settings.calibration),
                  checkpoint_sha256=sha256_file(checkpoint) if checkpoint else "shipped digits model")
-    parts["fid"] = {k: v for k, v in (parts["fid"] or {}).items() if k not in ("progress", "save_images",
-                                                                                  "export_npz", "reference")}
+    fid = dataclasses.asdict(settings.fid)  # what the images and their score depend on, not where files go
+    fid["reference"] = {k: v for k, v in fid["reference"].items() if k != "cache_dir"}
+    parts["fid"] = {k: v for k, v in fid.items() if k not in ("progress", "save_images", "export_npz")}
     digest = config_digest(parts)
     done = read_done(run_dir / CSV_NAME, digest)
     module, _ = load_module(cfg)
