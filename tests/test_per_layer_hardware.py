@@ -136,6 +136,9 @@ def test_statistics_and_energy_follow_each_layers_config():
     total = sum(row["energy_pJ_per_image"] for row in out)
     assert summary["energy_per_image_uJ"] * 1e6 == pytest.approx(total)
     assert summary["adc_conversion_pJ"] is None  # two resolutions: see the layer rows
+    # a float group with one hybrid layer (quant.layers) is costed by its rows too
+    fp_group, _ = estimate(hw, "fp", None, dense, targets, [r for r in rows if r["adc_bits"] == 10], 1)
+    assert fp_group["energy_adc_uJ"] > 0 and fp_group["analog_tiles"] > 0
 
 
 @pytest.mark.parametrize("layers, message", [
@@ -197,3 +200,12 @@ def test_run_py_refuses_bad_per_layer_overrides_in_one_line(override, message, t
     assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (out / "calibration.pt").exists()
+
+
+def test_a_float_group_with_analog_layers_takes_real_devices():
+    pcm = {"preset": "pcm", "programming_noise_uS": [0.1, 0.2, 0.0]}
+    cfg = build_quant_config({"scheme": "fp", "layers": {"blocks.0.*": {"scheme": "hybrid"}}}, device=pcm)
+    assert cfg.quantizes and cfg.layer_config("blocks.0.mlp.w3").device.preset == "pcm"
+    assert cfg.layer_config("blocks.1.mlp.w3").scheme == "fp"
+    with pytest.raises(ValueError, match="device=pcm: quant.scheme=fp has no analog array"):
+        build_quant_config({"scheme": "fp"}, device=pcm)

@@ -115,8 +115,8 @@ def estimate(hw: HardwareConfig, scheme: str, adc_bits: int | None, dense, targe
                   "digital_msb_macs": 0.0, "digital_accumulations": 0.0,
                   "digital_int8_macs": 0.0, "digital_rest_macs": float(rest_macs)}
     rows_out, latency_ns, tiles, adc_bits_used = [], rest_ns, 0, set()
-    if scheme == "fp" or not layer_rows:
-        # The target layers run digitally, as in the baseline.
+    if not layer_rows:
+        # The target layers run digitally, as in the baseline (quant=fp quantizes nothing).
         energy["digital_rest"] = baseline_pJ
         latency_ns = baseline_ns
         operations["digital_int8_macs"] = float(dense.target_macs(targets))

@@ -378,8 +378,8 @@ class QuantConfig:
             object.__setattr__(self, "device", DeviceConfig())
         elif not isinstance(self.device, DeviceConfig):
             _fail("device", "a DeviceConfig", self.device)
-        self._check_cross_fields()
         object.__setattr__(self, "layers", self._checked_layers(self.layers))
+        self._check_cross_fields()
 
     def _checked_layers(self, layers: Any) -> tuple[tuple[str, dict[str, Any]], ...]:
         """`layers` as ((pattern, plain override), ...); every override checked over the
@@ -443,8 +443,8 @@ class QuantConfig:
         """The config of the targeted layer `name`: the group with every `layers` override
         whose pattern matches `name` merged in, in order (the group itself when none does)."""
         matching = [(p, o) for p, o in self.layers if fnmatch.fnmatchcase(name, p)]
-        if not matching:
-            return dataclasses.replace(self, layers=()) if self.layers else self
+        if not self.layers:
+            return self
         return self._merged_config(matching, f"quant.layers (layer {name})")
 
     @property
@@ -458,7 +458,8 @@ class QuantConfig:
         return self.scheme in ("hybrid", "bitserial")
 
     def _check_cross_fields(self) -> None:
-        if not self.analog and not self.device.ideal:
+        analog_layers = any(o.get("scheme") in ("hybrid", "bitserial") for _, o in self.layers)
+        if not self.analog and not analog_layers and not self.device.ideal:
             raise ValueError(f"device={self.device.preset}: quant.scheme={self.scheme} has no "
                              "analog array to program (use device=ideal, or an analog scheme: "
                              "quant=hybrid_w8a11 or a bitserial one)")
