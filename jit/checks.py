@@ -146,7 +146,7 @@ def check_calibration_inputs(run: RunSettings, dm) -> None:
 
 def uses_data_for_calibration(run: RunSettings) -> bool:
     qcfg = run.quant
-    if qcfg.scheme == "fp" or qcfg.mode != "static" or qcfg.calibration_file is not None:
+    if not qcfg.quantizes or qcfg.mode != "static" or qcfg.calibration_file is not None:
         return False
     return run.calibration.source == "data"
 
@@ -179,24 +179,33 @@ def check_before_generation(run: RunSettings, module, dm, check_fid: bool) -> No
     targets, and with `check_fid` the feature extractor, reference statistics and the data's
     class count against the model's. Raises with the key or file named."""
     from jit.evaluation.fid import check_data_classes
-    from jit.quant import artefact, target_names
+    from jit.quant import artefact, layer_configs
 
     qcfg = run.quant
     if uses_data_for_calibration(run):
         check_data_classes(module.denoiser.num_classes, dm)
     check_calibration_inputs(run, dm)
-    targets = target_names(module.denoiser.net, qcfg.targets)
+    try:  # targets and quant.layers patterns against the model's layer names
+        configs = layer_configs(module.denoiser.net, qcfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    quantized = {name: cfg for name, cfg in configs.items() if cfg.scheme != "fp"}
+    if qcfg.quantizes and not quantized:
+        raise ConfigError("quant.layers: every targeted layer is set to scheme fp; nothing is quantized "
+                          "(use quant=fp for the float model)")
     if qcfg.calibration_file is not None:
-        if qcfg.scheme == "fp" or qcfg.mode != "static":
+        if not quantized or qcfg.mode != "static":
             raise ConfigError(f"quant.calibration_file: only static mode uses it; with quant.scheme="
                               f"{qcfg.scheme} quant.mode={qcfg.mode} it would be ignored (set "
                               "quant.mode=static or drop quant.calibration_file)")
         if not Path(qcfg.calibration_file).is_file():
             raise ConfigError(f"quant.calibration_file: no such file: {qcfg.calibration_file}")
         net = module.denoiser.net
+        layers = {name: net.get_submodule(name) for name in quantized}
+        config_of = {id(layer): quantized[name] for name, layer in layers.items()}
         with module.eval_weights_context(module.eval_weights):  # the weights it will be applied to
-            artefact.check_fits(artefact.load(qcfg.calibration_file),
-                                {name: net.get_submodule(name) for name in targets}, lambda _: qcfg,
+            artefact.check_fits(artefact.load(qcfg.calibration_file), layers,
+                                lambda layer: config_of[id(layer)],
                                 allow_foreign_weights=qcfg.allow_foreign_calibration,
                                 origin=f"quant.calibration_file={qcfg.calibration_file}")
     if check_fid:

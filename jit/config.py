@@ -37,6 +37,7 @@ class Task(_Choice):
     eval = "eval"
     calibrate = "calibrate"
     export = "export"
+    sensitivity = "sensitivity"
 
 
 class Weights(_Choice):
@@ -163,6 +164,22 @@ class FinetuneSchema:
     compare: list[Any] = field(default_factory=list)
 
 
+class SensitivityUnit(_Choice):
+    layer = "layer"
+    block = "block"
+
+
+@dataclass
+class SensitivitySchema:
+    """task=sensitivity (jit/sensitivity.py, docs/exploration.md): one unit at a time on the
+    hardware of `quant`, the rest float."""
+
+    unit: SensitivityUnit = SensitivityUnit.layer  # layer: each targeted layer; block: per block
+    # Images whose float sampling trajectories the proxy (output MSE vs float) follows.
+    proxy_images: int = 32
+    fid_images: int = 0  # FID of each unit over this many images; 0: the proxy only
+
+
 @dataclass
 class ResumeSchema:
     """task=train with a Lightning ckpt_path: the run continues that training, so its data,
@@ -195,6 +212,7 @@ class RunSchema:
     eval: EvalSchema = field(default_factory=EvalSchema)
     finetune: FinetuneSchema = field(default_factory=FinetuneSchema)
     resume: ResumeSchema = field(default_factory=ResumeSchema)
+    sensitivity: SensitivitySchema = field(default_factory=SensitivitySchema)
     paths: PathsSchema = field(default_factory=PathsSchema)
     # Groups whose keys depend on the chosen option; their builders validate them.
     data: Any = MISSING
@@ -325,6 +343,14 @@ def validate(cfg: DictConfig) -> None:
                f"must be a mapping of quant overrides such as {{adc: {{bits: 6}}}}, got {point!r}")
     _check(not cfg.resume.allow_changes or cfg.task == Task.train, "resume.allow_changes",
            f"applies to resuming a training (task=train with a Lightning ckpt_path), not to task={cfg.task}")
+    sens, sens_defaults = cfg.sensitivity, schema_defaults(SensitivitySchema)
+    _check(sens.proxy_images >= 1, "sensitivity.proxy_images", f"must be >= 1, got {sens.proxy_images}")
+    _check(sens.fid_images == 0 or sens.fid_images >= 2, "sensitivity.fid_images",
+           f"must be 0 (proxy only) or >= 2 (FID needs two images), got {sens.fid_images}")
+    if cfg.task != Task.sensitivity:
+        changed = [key for key, value in sens_defaults.items() if str(sens[key]) != str(value)]
+        _check(not changed, f"sensitivity.{changed[0] if changed else ''}",
+               f"applies to task=sensitivity only (got task={cfg.task})")
     if cfg.task == Task.export:
         _check(cfg.ckpt_path is not None, "ckpt_path", "task=export needs ckpt_path=<Lightning .ckpt>")
     data_target = str(cfg.data.get("_target_", ""))

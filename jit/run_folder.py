@@ -14,7 +14,9 @@ Every run of `run.py` goes through it, in three steps:
              `open` moved aside, so the folder is as it was
 
 A training resumed in its own folder (`ckpt_path=last`, or a checkpoint inside the
-folder) continues the earlier run there: nothing is refused or moved.
+folder) continues the earlier run there: nothing is refused or moved; so does a
+`task=sensitivity` run in a folder holding its sensitivity.csv (without overwrite=true),
+which skips the units measured there with the same configuration.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ RUN_ARTEFACTS = (
     ".hydra", ".pl_hydra_*", FAILED, "failed.json", "results.json", "layer_stats.csv", "calibration.pt",
     "coverage.csv", "sample_grid.png", "samples.npz", "samples", ".samples.rank*.u8", "baseline_fp",
     "checkpoints", "checkpoint-last.pth", "finetune_comparison.json", "compare", "csv", "tensorboard", "wandb",
+    "sensitivity.csv", "sensitivity.json", "sensitivity.png", "units",
     # a sweep's folder
     ".sweep_id", "multirun.yaml", "summary.csv", "summary.md", "summary_*.png",
 )
@@ -303,11 +306,19 @@ def continues_training(cfg: DictConfig, folder: Path) -> bool:
     return ckpt == "last" or folder.resolve() in Path(ckpt).expanduser().resolve().parents
 
 
+def continues_sensitivity(cfg: DictConfig, folder: Path) -> bool:
+    """A sensitivity analysis rerun in its folder resumes it (jit/sensitivity.py refuses a
+    table of another configuration); overwrite=true starts afresh."""
+    return (str(cfg.get("task")) == "sensitivity" and not cfg.get("overwrite", False)
+            and (folder / "sensitivity.csv").is_file())
+
+
 def open_for(cfg: DictConfig, folder: Path, ignore: set[Path] = frozenset(), sweep_job: bool = False) -> RunFolder:
     """The guard of a run of `cfg` in `folder`. `sweep_job`: a job folder of a sweep,
     whose folder the sweep's guard has cleared."""
+    continuing = sweep_job or continues_training(cfg, folder) or continues_sensitivity(cfg, folder)
     return open_run(folder, overwrite=bool(cfg.get("overwrite", False)), inputs=config_inputs(cfg),
-                    continuing=sweep_job or continues_training(cfg, folder), ignore=ignore)
+                    continuing=continuing, ignore=ignore)
 
 
 def first_rank() -> bool:

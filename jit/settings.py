@@ -92,7 +92,7 @@ def settings_from(cfg: DictConfig, quant) -> FinetuneSettings:
         if str(plain["task"]) != "train":
             raise ConfigError(f"finetune.hardware_aware: applies to task=train only (got task={plain['task']})")
         qcfg = quant
-        if qcfg.scheme == "fp":
+        if not qcfg.quantizes:
             raise ConfigError("finetune.hardware_aware=true needs a quantized scheme: choose quant=hybrid_w8a11, "
                               "bitserial_w8a12, w8a8, ... (got quant.scheme=fp)")
     else:

@@ -1,4 +1,4 @@
-"""The tasks `run.py` dispatches to: train, eval, calibrate, export.
+"""The tasks `run.py` dispatches to: train, eval, calibrate, export, sensitivity.
 
 `dispatch` checks the schema and parses every section once (jit/settings.py) before a
 task builds a model or touches data; a task then composes the pieces (jit/builders.py)
@@ -8,6 +8,7 @@ calibration) inside Lightning's test loop.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -137,7 +138,7 @@ def calibrate(cfg: DictConfig, settings: RunSettings) -> dict:
     from jit.evaluation.pipeline import prepare_quantized
 
     qcfg = settings.quant
-    if qcfg.scheme == "fp" or qcfg.mode != "static":
+    if not qcfg.quantizes or qcfg.mode != "static":
         raise ConfigError(f"quant: task=calibrate needs a quantized scheme in static mode "
                           f"(got quant.scheme={qcfg.scheme}, quant.mode={qcfg.mode})")
     run_dir = Path(cfg.paths.output_dir)
@@ -154,16 +155,63 @@ def calibrate(cfg: DictConfig, settings: RunSettings) -> dict:
     return info
 
 
+def sensitivity(cfg: DictConfig, settings: RunSettings) -> dict:
+    from jit.checkpoint import sha256_file
+    from jit.config import to_plain
+    from jit.sensitivity import (
+        CSV_NAME,
+        SensitivityRun,
+        SensitivitySettings,
+        config_digest,
+        print_summary,
+        read_done,
+        run_sensitivity,
+    )
+
+    qcfg = settings.quant
+    if not qcfg.quantizes:
+        raise ConfigError("quant: task=sensitivity puts units on the hardware of quant; quant.scheme=fp has "
+                          "none (choose quant=hybrid_w8a11, bitserial_w8a12, w8a8, ...)")
+    plain = to_plain(cfg)
+    sens = SensitivitySettings(**plain["sensitivity"])
+    run_dir = Path(cfg.paths.output_dir)
+    checkpoint = cfg.ckpt_path
+    # Everything a unit's numbers depend on; a CSV of another configuration is refused.
+    parts = {key: plain.get(key) for key in ("model", "sampler", "eval_weights", "sensitivity", "hardware", "seed")}
+    parts.update(quant=qcfg.to_dict(), calibration=dataclasses.asdict(settings.calibration),
+                 checkpoint_sha256=sha256_file(checkpoint) if checkpoint else "shipped digits model")
+    fid = dataclasses.asdict(settings.fid)  # what the images and their score depend on, not where files go
+    fid["reference"] = {k: v for k, v in fid["reference"].items() if k != "cache_dir"}
+    parts["fid"] = {k: v for k, v in fid.items() if k not in ("progress", "save_images", "export_npz")}
+    digest = config_digest(parts)
+    done = read_done(run_dir / CSV_NAME, digest)
+    module, _ = load_module(cfg)
+    dm = instantiate(cfg.data)
+    check_before_generation(settings, module, dm, check_fid=sens.fid_images > 0)
+    run_folder.start()
+    trainer = build_trainer(cfg, [], build_callbacks(cfg, training=False))
+    if trainer.world_size > 1:
+        raise ConfigError(f"trainer: task=sensitivity runs in one process (got {trainer.world_size}); use "
+                          "trainer=cpu or trainer.devices=1")
+    run = SensitivityRun(settings=sens, quant=qcfg, fid=settings.fid, hardware=settings.hardware,
+                         calibration=settings.calibration, run_dir=run_dir, digest=digest, done=done)
+    summary = run_in_test_loop(trainer, module, lambda trainer, module: run_sensitivity(trainer, module, dm, run))
+    print_summary(summary, run_dir / CSV_NAME)
+    print(f"run directory: {run_dir}\nsensitivity: {run_dir / CSV_NAME}")
+    return summary
+
+
 def check_output_folders(cfg: DictConfig) -> None:
     """Before any work: the output folder (and for eval the cache folder) is writable."""
     from jit.atomic import check_writable
 
     check_writable(Path(cfg.paths.output_dir))
-    if cfg.task == Task.eval:
+    if cfg.task in (Task.eval, Task.sensitivity):
         check_writable(Path(cfg.paths.cache_dir).expanduser())
 
 
-TASKS = {Task.train: train, Task.eval: evaluate, Task.calibrate: calibrate, Task.export: export}
+TASKS = {Task.train: train, Task.eval: evaluate, Task.calibrate: calibrate, Task.export: export,
+         Task.sensitivity: sensitivity}
 
 
 def dispatch(cfg: DictConfig):

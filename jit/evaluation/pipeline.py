@@ -58,7 +58,7 @@ def evaluate_float_then_quantized(trainer, module, datamodule, run: EvaluationSe
     if trainer.is_global_zero:  # results.json is written by rank 0
         common["checkpoint_sha256"] = sha256_file(run.checkpoint)
     baseline = None
-    if run.compare_fp and qcfg.scheme != "fp":
+    if run.compare_fp and qcfg.quantizes:
         rank_zero_info("evaluating the float model (baseline)")
         fp = FIDEvaluation(fid_cfg, run_dir=run.run_dir / "baseline_fp", log_prefix="eval_fp",
                            extra={**common, "quant": {"scheme": "fp"}},
@@ -72,6 +72,8 @@ def evaluate_float_then_quantized(trainer, module, datamodule, run: EvaluationSe
                                       stats_images)
     extra = {**common, "quant": qcfg.to_dict(), "device": qcfg.device.to_dict(), **provenance,
              "baseline_fp": baseline, "energy": energy}
+    if qcfg.layers:
+        extra["quant_per_layer"] = per_layer_differences(qcfg, targets)
     if layer_stats:
         extra["layer_stats_summary"] = summarize_layer_stats(layer_stats)
         extra["layer_stats_images"] = stats_images
@@ -86,6 +88,20 @@ def evaluate_float_then_quantized(trainer, module, datamodule, run: EvaluationSe
     return results
 
 
+def per_layer_differences(qcfg: QuantConfig, targets: list[str]) -> dict[str, dict]:
+    """{layer: {"adc.bits": 8, ...}}: where each targeted layer's own config (quant.layers)
+    differs from the group's, flat keys; {} for a layer on the group's config."""
+    from jit.evaluation.fid import flatten
+
+    group = flatten({k: v for k, v in qcfg.to_dict().items() if k != "layers"})
+    out = {}
+    for name in targets:
+        own = flatten({k: v for k, v in qcfg.layer_config(name).to_dict().items() if k != "layers"})
+        out[name] = {key: value for key, value in own.items()
+                     if group.get(key) != value and not key.startswith("device.")}
+    return out
+
+
 def prepare_quantized(module, qcfg: QuantConfig, calibration: CalibrationConfig, dm, run_dir: Path,
                       trainer=None) -> dict:
     """Quantize the backbone in place; in static mode calibrate with `calibration` or
@@ -93,7 +109,7 @@ def prepare_quantized(module, qcfg: QuantConfig, calibration: CalibrationConfig,
 
     Returns the provenance recorded in results.json.
     """
-    if qcfg.scheme == "fp":
+    if not qcfg.quantizes:
         return {"calibration": None}
     replaced = quantize_model(module.denoiser.net, qcfg)
     rank_zero_info(f"quantized {len(replaced)} layers ({qcfg.scheme}, {qcfg.mode})")
@@ -124,7 +140,7 @@ def quant_statistics(module, qcfg: QuantConfig, fid_cfg: FIDConfig, num_classes:
     `eval.layer_stats_images=0` skips them.
     """
     n = min(num_images, fid_cfg.num_images)
-    if qcfg.scheme == "fp" or n == 0:
+    if not qcfg.quantizes or n == 0:
         return []
     denoiser = module.denoiser
     shape = (denoiser.in_channels, denoiser.img_size, denoiser.img_size)

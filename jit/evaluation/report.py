@@ -113,14 +113,29 @@ def sample_grid(tiles, hw, pad: int = 2) -> np.ndarray:
     return grid
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def summarize_layer_stats(rows: list[dict]) -> dict:
-    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return {f"mean_{k}": sum(r[k] for r in rows) / len(rows) for k in keys}
+    """Mean of every numeric column over the layers that have it (per-layer hardware mixes
+    schemes: a W8A8 layer has no MSB density)."""
+    keys = dict.fromkeys(k for row in rows for k, v in row.items() if _number(v))
+    means = {}
+    for key in keys:
+        values = [row[key] for row in rows if _number(row.get(key))]
+        means[f"mean_{key}"] = sum(values) / len(values)
+    return means
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(key for row in rows for key in row))
 
 
 def write_layer_stats(rows: list[dict], path: Path) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        # Rows may differ in columns (per-layer schemes, layers kept in float): all of them, in order.
+        writer = csv.DictWriter(f, fieldnames=_columns(rows))
         writer.writeheader()
         writer.writerows(rows)
 
@@ -128,7 +143,8 @@ def write_layer_stats(rows: list[dict], path: Path) -> None:
 def log_table(trainer, key: str, rows: list[dict]) -> None:
     for logger in trainer.loggers:
         if hasattr(logger, "log_table"):  # wandb
-            logger.log_table(key=key, columns=list(rows[0]), data=[list(r.values()) for r in rows])
+            columns = _columns(rows)
+            logger.log_table(key=key, columns=columns, data=[[r.get(c) for c in columns] for r in rows])
 
 
 def print_summary(results: dict, baseline: dict | None) -> None:

@@ -10,7 +10,11 @@ model at the same node (README "Energy, latency and area").
 
 Breakdown of the energy: `adc`, `analog_array`, `dac`, `digital_msb` (the hybrid's MSB
 MACs) and `digital_rest` (layers outside quant.targets, W8A8 layers, the adds that merge
-partial results).
+partial results, and targeted layers kept in float by quant.layers, which cost what they
+cost on the digital INT8 baseline).
+
+Per-layer hardware (quant.layers): each statistics row carries its layer's own `scheme`
+and `adc_bits`, and is costed with them.
 """
 
 from __future__ import annotations
@@ -77,12 +81,29 @@ def digital_baseline(dense, targets: list[str], hw: HardwareConfig) -> tuple[flo
     return energy, (target + rest) / d.macs_per_ns
 
 
+def float_layer_row(name: str, macs: int, hw: HardwareConfig) -> dict:
+    """The layer_stats.csv row of a targeted layer kept in float (quant.layers scheme fp):
+    its dense MACs at the digital INT8 baseline's cost."""
+    d = hw.digital
+    return {"layer": name, "scheme": "fp", "dense_macs_per_image": float(macs),
+            "energy_digital_rest_pJ_per_image": macs * d.int8_mac_pJ,
+            "energy_pJ_per_image": macs * d.int8_mac_pJ, "latency_ns_per_image": macs / d.macs_per_ns}
+
+
+def _row_adc_bits(row: dict, default: int | None) -> int | None:
+    bits = row.get("adc_bits")
+    return int(bits) if isinstance(bits, (int, float)) and not isinstance(bits, bool) else default
+
+
 def estimate(hw: HardwareConfig, scheme: str, adc_bits: int | None, dense, targets: list[str],
              layer_rows: list[dict], images: int) -> tuple[dict, list[dict]]:
     """(results.json `energy` block, layer rows with per-image counts and energy added).
 
     `layer_rows`: statistics rows of the quantized layers over `images` images (empty for
     quant=fp). A quantized model without rows (no statistics pass) cannot be estimated.
+    A row's own `scheme` and `adc_bits` (per-layer hardware) win over `scheme` and
+    `adc_bits`; a target without a row stays float and costs its digital INT8 MACs, and
+    gets a row of its own (`float_layer_row`).
     """
     baseline_pJ, baseline_ns = digital_baseline(dense, targets, hw)
     d = hw.digital
@@ -93,22 +114,34 @@ def estimate(hw: HardwareConfig, scheme: str, adc_bits: int | None, dense, targe
     operations = {"analog_macs": 0.0, "dac_conversions": 0.0, "adc_conversions": 0.0,
                   "digital_msb_macs": 0.0, "digital_accumulations": 0.0,
                   "digital_int8_macs": 0.0, "digital_rest_macs": float(rest_macs)}
-    rows_out, latency_ns, tiles = [], rest_ns, 0
-    if scheme == "fp" or not layer_rows:
-        # The target layers run digitally, as in the baseline.
+    rows_out, latency_ns, tiles, adc_bits_used = [], rest_ns, 0, set()
+    if not layer_rows:
+        # The target layers run digitally, as in the baseline (quant=fp quantizes nothing).
         energy["digital_rest"] = baseline_pJ
         latency_ns = baseline_ns
         operations["digital_int8_macs"] = float(dense.target_macs(targets))
     else:
         energy["digital_rest"] = rest_pJ
-        for row in layer_rows:
+        by_name = {row["layer"]: row for row in layer_rows}
+        adc_bits_used = set()
+        for name in [*targets, *(n for n in by_name if n not in set(targets))]:
+            if name not in by_name:  # kept in float by quant.layers
+                row = float_layer_row(name, dense.linear_macs.get(name, 0), hw)
+                rows_out.append(row)
+                energy["digital_rest"] += row["energy_pJ_per_image"]
+                latency_ns += row["latency_ns_per_image"]
+                operations["digital_int8_macs"] += row["dense_macs_per_image"]
+                continue
+            row = by_name[name]
             shape = dense.linear_shapes[row["layer"]]
-            costs = layer_costs(row, images, hw, scheme, adc_bits, shape)
+            row_scheme, row_bits = row.get("scheme") or scheme, _row_adc_bits(row, adc_bits)
+            costs = layer_costs(row, images, hw, row_scheme, row_bits, shape)
             rows_out.append({**row, **costs})
             for part in PARTS:
                 energy[part] += costs[f"energy_{part}_pJ_per_image"]
             latency_ns += costs["latency_ns_per_image"]
-            if scheme in ANALOG_SCHEMES and hw.kind == "aimc":
+            if row_scheme in ANALOG_SCHEMES and hw.kind == "aimc":
+                adc_bits_used.add(row_bits)
                 tiles += tiles_needed(shape, hw)
                 operations["analog_macs"] += costs["analog_macs_per_image"]
                 operations["dac_conversions"] += costs["dac_conversions_per_image"]
@@ -132,8 +165,9 @@ def estimate(hw: HardwareConfig, scheme: str, adc_bits: int | None, dense, targe
         "digital_int8_latency_per_image_ms": baseline_ns / NS_PER_MS,
         "analog_tiles": tiles,
         "analog_area_mm2": tiles * hw.analog.tile_area_mm2 if tiles else 0.0,
-        "adc_conversion_pJ": (hw.analog.adc_conversion_fJ(adc_bits) / 1000
-                              if tiles else None),
+        # One ADC resolution: its energy per conversion; per-layer resolutions: see layer_stats.csv.
+        "adc_conversion_pJ": (hw.analog.adc_conversion_fJ(next(iter(adc_bits_used))) / 1000
+                              if tiles and len(adc_bits_used) == 1 else None),
         "operations_per_image": operations,
     }
     return summary, rows_out

@@ -25,12 +25,43 @@ from .layers import (
 from .noise import SAMPLE_ID_BOUND, sample_context
 from .quantizers import percentile_abs, stable_seed
 from .stats import collect_stats, enable_stats, reset_stats
-from .surgery import adc_bypassed, noise_disabled, quantize_model, reseed, target_names
+from .surgery import (
+                      adc_bypassed,
+                      layer_configs,
+                      noise_disabled,
+                      quantize_model,
+                      reseed,
+                      restore_float,
+                      target_names,
+)
 
 __all__ = [
-    "SAMPLE_ID_BOUND", "ActConfig", "AdcConfig", "BitSerialLinear", "DeviceConfig", "HybridLinear", "QuantConfig", "QuantLinear",
-    "SplitConfig", "StaticThresholds", "W8A8Linear", "WeightConfig", "adc_bypassed",
-    "build_device_config", "build_quant_config", "collect_stats", "enable_stats", "noise_disabled", "percentile_abs",
-    "quantize_model", "quantized_layers", "reseed", "reset_stats", "sample_context",
-    "stable_seed", "target_names",
+                     "SAMPLE_ID_BOUND",
+                     "ActConfig",
+                     "AdcConfig",
+                     "BitSerialLinear",
+                     "DeviceConfig",
+                     "HybridLinear",
+                     "QuantConfig",
+                     "QuantLinear",
+                     "SplitConfig",
+                     "StaticThresholds",
+                     "W8A8Linear",
+                     "WeightConfig",
+                     "adc_bypassed",
+                     "build_device_config",
+                     "build_quant_config",
+                     "collect_stats",
+                     "enable_stats",
+                     "layer_configs",
+                     "noise_disabled",
+                     "percentile_abs",
+                     "quantize_model",
+                     "quantized_layers",
+                     "reseed",
+                     "reset_stats",
+                     "restore_float",
+                     "sample_context",
+                     "stable_seed",
+                     "target_names",
 ]

@@ -5,6 +5,7 @@ Format (a plain dict written with `torch.save`, loadable with `weights_only=True
     {
       "kind": "jit-aimc-calibration", "format_version": 1,
       "scheme": "hybrid",                    # quant.scheme the thresholds were made for
+                                             # ("bitserial+hybrid" where quant.layers mixes schemes)
       "method": "kl", "num_images": 256, "source": "data",   # or "sampling", "seed:<file>"
       "options": {"num_bins": None, "percentile": ..., "seed": 0},  # None: default_bins
       "layers": {
@@ -22,7 +23,8 @@ Format (a plain dict written with `torch.save`, loadable with `weights_only=True
 
 Thresholds are clip values, never steps, so they stay meaningful whatever the code range;
 `made_for` records everything that shapes the thresholds (bit widths, the split, the
-tiling, the weight quantizer), and `apply` refuses an artefact made for anything else.
+tiling, the weight quantizer) of each layer under its own config (per-layer hardware,
+quant.layers), and `apply` refuses an artefact made for anything else, naming the layer.
 
 Provenance: `weights_sha256` (`weights_digest`) is the SHA-256 of the layer's weight and
 bias as it was calibrated (float32, row-major, shape included). Thresholds of other

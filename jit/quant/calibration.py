@@ -232,9 +232,9 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
     if not layers:
         raise CalibrationError("the model has no quantized layers to calibrate "
                                "(quant.scheme=fp, or quantize_model was not called)")
-    schemes = {layer.cfg.scheme for layer in layers.values()}
-    if len(schemes) != 1:
-        raise CalibrationError(f"layers of several schemes ({sorted(schemes)}) in one model")
+    # Layers of several schemes (quant.layers) each get their own thresholds; the
+    # artefact's per-layer `made_for` records what each was made for.
+    schemes = "+".join(sorted({layer.cfg.scheme for layer in layers.values()}))
     if num_bins is not None:
         AbsHistogram(num_bins)  # validates num_bins before any work
         _check_bins(method, num_bins, layers)
@@ -290,7 +290,7 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
     options = {"num_bins": num_bins, "seed": seed}
     if method == "percentile":
         options["percentile"] = percentile
-    return art.new_artefact(scheme=schemes.pop(), method=method, num_images=images,
+    return art.new_artefact(scheme=schemes, method=method, num_images=images,
                             source=source, layers=entries, options=options)
 
 

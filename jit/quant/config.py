@@ -8,7 +8,8 @@
     quant.weight.{bits, clip_pct, granularity}, quant.act.{bits, percentile},
     quant.split.{lsb_bits, radix, lsb_gain_shift},
     quant.adc.{bits, bypass, noise_sigma_lsb, samples, tile_rows,
-               dnl_sigma_lsb, inl_max_lsb, offset_sigma_lsb, gain_sigma}
+               dnl_sigma_lsb, inl_max_lsb, offset_sigma_lsb, gain_sigma},
+    quant.layers (per-layer hardware: glob pattern -> partial override, see below)
 
 plus the memory devices the analog arrays are built from (`DeviceConfig`, the run's
 top-level `device` group, carried as `QuantConfig.device`; `build_device_config`).
@@ -18,6 +19,14 @@ and fills every missing field with the *scheme's* default (`SCHEME_DEFAULTS`), s
 the docs/design.md hybrid W8A11. Every field is checked once, here; errors name the field
 (`quant.adc.bits`) and the allowed range.
 
+Per-layer hardware: `quant.layers` is an ordered mapping from glob patterns on the names
+of the targeted layers (`blocks.0.*`, `blocks.*.mlp.w3`) to partial overrides of
+`scheme`, `weight.*`, `act.*`, `split.*` and `adc.*`. A layer's own config
+(`QuantConfig.layer_config(name)`) is the group's with every matching override merged in,
+in order; `scheme: fp` keeps that layer in float (digital). Each override is checked here
+against the group; that each pattern matches a targeted layer is checked once the model's
+layer names are known (`jit.quant.surgery.layer_configs`).
+
 Constructing `QuantConfig` directly also works: sub-configs left at `None` take the
 scheme's defaults, sub-configs given explicitly are used as they are.
 """
@@ -25,6 +34,7 @@ scheme's defaults, sub-configs given explicitly are used as they are.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -343,6 +353,8 @@ class QuantConfig:
     adc: AdcConfig | None = None
     # The run's `device` group: what the analog arrays are made of (ideal by default).
     device: DeviceConfig | None = None
+    # Per-layer overrides, in order: ((glob pattern, {scheme?, weight?, act?, split?, adc?}), ...)
+    layers: tuple[tuple[str, dict[str, Any]], ...] = ()
 
     def __post_init__(self) -> None:
         _check_choice("scheme", self.scheme, SCHEMES)
@@ -366,7 +378,79 @@ class QuantConfig:
             object.__setattr__(self, "device", DeviceConfig())
         elif not isinstance(self.device, DeviceConfig):
             _fail("device", "a DeviceConfig", self.device)
+        object.__setattr__(self, "layers", self._checked_layers(self.layers))
         self._check_cross_fields()
+
+    def _checked_layers(self, layers: Any) -> tuple[tuple[str, dict[str, Any]], ...]:
+        """`layers` as ((pattern, plain override), ...); every override checked over the
+        group (unknown keys and bad values name `quant.layers['<pattern>'].<key>`)."""
+        layers = _to_plain(layers)
+        if layers is None:
+            return ()
+        if isinstance(layers, Mapping):
+            pairs = list(layers.items())
+        elif isinstance(layers, (list, tuple)) and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 for p in layers):
+            pairs = [tuple(p) for p in layers]
+        else:
+            _fail("layers", "a mapping from layer name patterns to quant overrides", layers)
+        checked = []
+        for pattern, override in pairs:
+            if not isinstance(pattern, str) or not pattern:
+                _fail("layers", "keyed by non-empty glob patterns on layer names", pattern)
+            key = f"layers[{pattern!r}]"
+            override = _to_plain(override)
+            if override is None:
+                override = {}
+            if not isinstance(override, Mapping):
+                _fail(key, "a mapping of quant overrides (scheme, weight, act, split, adc)", override)
+            for name in override:
+                if name not in LAYER_OVERRIDE_KEYS:
+                    raise ValueError(f"quant.{key}.{name} is not a per-layer setting (allowed: "
+                                     f"{', '.join(LAYER_OVERRIDE_KEYS)})")
+            for name, cls in SECTIONS.items():
+                if name in override:
+                    section = _to_plain(override[name])
+                    if not isinstance(section, Mapping):
+                        _fail(f"{key}.{name}", "a mapping", section)
+                    _check_known(cls, section, f"quant.{key}.{name}")
+            plain = _deep_copy(dict(override))
+            self._merged_config([(pattern, plain)], f"quant.{key}")  # checks the values
+            checked.append((pattern, plain))
+        return tuple(checked)
+
+    def _merged_config(self, overrides, where: str) -> QuantConfig:
+        """The group merged with `overrides` in order, built and checked; errors name `where`."""
+        values = self._group_values()
+        for _, override in overrides:
+            for name, value in override.items():
+                values[name] = {**values[name], **value} if name in SECTIONS else value
+        if values["scheme"] == "fp":  # a float layer has no arrays: any device is fine
+            values["device"] = {}
+        if values["scheme"] == "bitserial" and not any("radix" in o.get("split", {}) for _, o in overrides):
+            values["split"]["radix"] = 2 ** values["split"]["lsb_bits"]  # implied by lsb_bits
+        try:
+            return build_quant_config(values)
+        except ValueError as err:
+            message = str(err)
+            if message.startswith("quant."):
+                message = f"{where}.{message[len('quant.'):]}"
+            elif not message.startswith(where):
+                message = f"{where}: {message}"
+            raise ValueError(message) from None
+
+    def layer_config(self, name: str) -> QuantConfig:
+        """The config of the targeted layer `name`: the group with every `layers` override
+        whose pattern matches `name` merged in, in order (the group itself when none does)."""
+        matching = [(p, o) for p, o in self.layers if fnmatch.fnmatchcase(name, p)]
+        if not self.layers:
+            return self
+        return self._merged_config(matching, f"quant.layers (layer {name})")
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether any layer may be quantized: the group's scheme or a per-layer one."""
+        return self.scheme != "fp" or any(o.get("scheme", self.scheme) != "fp" for _, o in self.layers)
 
     @property
     def analog(self) -> bool:
@@ -374,7 +458,8 @@ class QuantConfig:
         return self.scheme in ("hybrid", "bitserial")
 
     def _check_cross_fields(self) -> None:
-        if not self.analog and not self.device.ideal:
+        analog_layers = any(o.get("scheme") in ("hybrid", "bitserial") for _, o in self.layers)
+        if not self.analog and not analog_layers and not self.device.ideal:
             raise ValueError(f"device={self.device.preset}: quant.scheme={self.scheme} has no "
                              "analog array to program (use device=ideal, or an analog scheme: "
                              "quant=hybrid_w8a11 or a bitserial one)")
@@ -394,11 +479,27 @@ class QuantConfig:
             _fail("split.lsb_gain_shift", "0 unless quant.scheme is bitserial",
                   split.lsb_gain_shift)
 
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+    def _group_values(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layers"}
+        for name in SECTIONS:
+            out[name] = dataclasses.asdict(out[name])
         out["targets"] = list(self.targets)
         out["device"] = self.device.to_dict()
         return out
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self._group_values()
+        out["layers"] = {pattern: _deep_copy(override) for pattern, override in self.layers}
+        return out
+
+
+LAYER_OVERRIDE_KEYS = ("scheme", *SECTIONS)
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _to_plain(cfg: Any) -> Any:
@@ -445,6 +546,8 @@ def build_quant_config(cfg: Any = None, device: Any = None) -> QuantConfig:
         values["targets"] = tuple(values["targets"])
     if "device" in values:
         values["device"] = build_device_config(values["device"])
+    if "layers" in values:
+        values["layers"] = _to_plain(values["layers"])
     sections = {name: SECTIONS[name](**_section_values(name, cfg.get(name), scheme))
                 for name in SECTIONS}
     return QuantConfig(**values, **sections)

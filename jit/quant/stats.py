@@ -156,7 +156,8 @@ def reset_stats(model: nn.Module) -> None:
 
 def collect_stats(model: nn.Module) -> list[dict]:
     """One row per collecting layer: msb_density, lsb_range_coverage, int8_range_coverage,
-    act_clip_rate, adc_saturation_rate (None where a scheme has no such part), sqnr_db
+    act_clip_rate, adc_saturation_rate (None where a scheme has no such part), the layer's
+    own bit widths and ADC noise (`layer_settings`), sqnr_db
     (output vs the float layer, accumulated energies), digital_macs, analog_macs (analog
     reads counted each), the operation counts of `LayerStats.observe_paths` (dense_macs,
     dac_conversions, adc_conversions_<path>, array_reads_<path>, tiles,
@@ -165,8 +166,18 @@ def collect_stats(model: nn.Module) -> list[dict]:
     rows = []
     for name, layer in quantized_layers(model).items():
         if layer.stats is not None:
-            rows.append({**layer.stats.row(name, layer.scheme), **weight_statistics(layer)})
+            rows.append({**layer.stats.row(name, layer.scheme), **layer_settings(layer),
+                         **weight_statistics(layer)})
     return rows
+
+
+def layer_settings(layer) -> dict:
+    """The layer's own hardware (per-layer quant.layers overrides included): bit widths and
+    ADC noise; the ADC columns None for a layer without ADCs (W8A8)."""
+    c, adc = layer.cfg, bool(layer.adc_paths)
+    return {"weight_bits": c.weight.bits, "act_bits": c.act.bits,
+            "adc_bits": c.adc.bits if adc else None,
+            "adc_noise_sigma_lsb": c.adc.noise_sigma_lsb if adc else None}
 
 
 def weight_statistics(layer) -> dict:

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import DeviceConfig, build_quant_config
+from .config import DeviceConfig, QuantConfig, build_quant_config
 from .layers import LAYER_CLASSES, QuantLinear, quantized_layers
 
 # How many candidate names an error message lists.
@@ -28,37 +28,80 @@ def target_names(linears: Any, targets: tuple[str, ...]) -> list[str]:
     A pattern that matches none is an error naming it and listing some available names.
     """
     if isinstance(linears, nn.Module):
-        linears = [name for name, m in linears.named_modules()
-                   if isinstance(m, nn.Linear) and not isinstance(m, QuantLinear)]
+        linears = _float_linears(linears)
     linears = list(linears)
     for pattern in targets:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in linears):
-            listed = ", ".join(linears[:_LISTED_NAMES]) or "none"
             raise ValueError(f"quant.targets pattern {pattern!r} matches no nn.Linear module "
-                             f"(available: {listed}{', ...' if len(linears) > _LISTED_NAMES else ''})")
+                             f"(available: {_listed(linears) or 'none'})")
     return [name for name in linears if _matches(name, targets)]
 
 
-def quantize_model(model: nn.Module, cfg: Any) -> list[str]:
-    """Replace the nn.Linear modules whose names match `cfg.targets` (glob patterns) by the
-    scheme's quantized layer, in place; return the replaced names.
+def _float_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not isinstance(m, QuantLinear)}
 
-    The new layers share the original weight/bias Parameters, so `state_dict()` keys and
-    values are unchanged and checkpoints still load strictly. Scheme `fp` replaces
-    nothing (the float model is the baseline, at zero cost) but still checks the targets.
-    A pattern that matches no nn.Linear is an error listing some available names.
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:_LISTED_NAMES]) + (", ..." if len(names) > _LISTED_NAMES else "")
+
+
+def layer_configs(linears: Any, cfg: Any) -> dict[str, QuantConfig]:
+    """Every layer `cfg.targets` selects among `linears` (a model, or nn.Linear names),
+    with its own config (`QuantConfig.layer_config`: the group with the matching
+    `quant.layers` overrides); scheme `fp` marks a layer that stays float.
+
+    A `quant.layers` pattern that matches no targeted layer is an error naming it.
     """
     cfg = build_quant_config(cfg)
-    linears = {name: m for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not isinstance(m, QuantLinear)}
     names = target_names(linears, cfg.targets)
-    if cfg.scheme == "fp":
-        return []
-    cls = LAYER_CLASSES[cfg.scheme]
-    for name in names:
+    for pattern, _ in cfg.layers:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ValueError(f"quant.layers[{pattern!r}]: matches no quantized layer "
+                             f"(targeted: {_listed(names) or 'none'})")
+    return {name: cfg.layer_config(name) for name in names}
+
+
+def quantize_model(model: nn.Module, cfg: Any, only: Any = None) -> list[str]:
+    """Replace the nn.Linear modules whose names match `cfg.targets` (glob patterns) by
+    the quantized layer of their own scheme (`layer_configs`: the group's, or a
+    `quant.layers` override's), in place; return the replaced names.
+
+    The new layers share the original weight/bias Parameters, so `state_dict()` keys and
+    values are unchanged and checkpoints still load strictly. A layer of scheme `fp` (the
+    group's, or its override's) stays the float nn.Linear; the targets and `quant.layers`
+    patterns are checked all the same. A pattern that matches no nn.Linear is an error
+    listing some available names. `only`: replace just these targeted layers (the rest
+    stay float), e.g. one unit of a sensitivity analysis.
+    """
+    linears = _float_linears(model)
+    configs = layer_configs(linears, cfg)
+    if only is not None:
+        unknown = sorted(set(only) - set(configs))
+        if unknown:
+            raise ValueError(f"layers {unknown} are not targeted by quant.targets")
+        configs = {name: c for name, c in configs.items() if name in set(only)}
+    replaced = []
+    for name, layer_cfg in configs.items():
+        if layer_cfg.scheme == "fp":
+            continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, cls.from_linear(linears[name], cfg, name))
+        setattr(parent, child, LAYER_CLASSES[layer_cfg.scheme].from_linear(linears[name], layer_cfg, name))
+        replaced.append(name)
+    return replaced
+
+
+def restore_float(model: nn.Module) -> list[str]:
+    """Undo `quantize_model`: every quantized layer back to a plain nn.Linear holding the
+    same weight and bias Parameters; returns the names."""
+    names = list(quantized_layers(model))
+    for name, layer in quantized_layers(model).items():
+        linear = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+        linear.weight, linear.bias = layer.weight, layer.bias
+        linear.train(layer.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, linear)
     return names
 
 
