@@ -24,26 +24,14 @@ Calibration-facing API (used by the calibration module, also fine by hand):
   noiseless pre-ADC accumulation of one analog path, [tokens, out_features], once per
   tile). The tensors are live buffers: read them (e.g. into a histogram), do not keep or
   modify them.
-- `jit.quant.noise_disabled(model)` / `adc_bypassed(model)` (surgery.py) switch the
-  thermal noise / the whole ADC off temporarily and restore the prior settings.
 
-Thermal noise is stateless (noise.py): each sample's noise is drawn from a generator
-re-seeded with a key mixed from `stable_seed(cfg.seed, layer_name)` (SHA-256 of
-"seed/name"), the sample id and the call index that `sample_context` supplies (outside a
-context: the row index and the layer's own count of noisy forwards, which `reseed`
-restarts). So a sample gets the same noise at any batch size, position, process count or
-order.
-
-Devices (`cfg.device`, device.py): unless ideal, the analog paths compute with the codes
-programmed into conductance pairs at device.t_inference_s (drawn from device.seed and the
-layer name, cached with the weight codes; `programming_draw` selects a fresh programming,
-as hardware-aware training does each step), read with the devices' read noise; the
-converters' DNL, INL, offset and gain (`cfg.adc`) are drawn once per layer. The exact
-digital path keeps the INT codes.
-
-Dynamic clips and ADC peaks are taken over `cfg.dynamic_scope`: one token, one sample
-(the input's leading dimension, the default) or the whole call (`batch`, the seed's
-behaviour). Per-sample and per-token steps are [rows, 1] tensors, one batched op each.
+Noise is stateless (noise.py): a sample's draws are keyed on stable_seed(cfg.seed, layer
+name), its sample id and the call index that `sample_context` supplies (outside one: the
+row and the layer's count of noisy forwards, which `reseed` restarts), so a sample gets
+the same noise at any batch size, position, process count or order. Non-ideal devices
+(`cfg.device`) and converters are drawn once per layer in arrays.py; `programming_draw`
+selects a fresh programming, as hardware-aware training does each step. Dynamic ranges
+are taken over `cfg.dynamic_scope`: a token, a sample (default) or the whole call.
 """
 
 from __future__ import annotations
