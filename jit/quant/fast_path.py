@@ -1,5 +1,5 @@
 """A quantized layer's forward on the execution engine (engine.py), stage by stage: the
-path every eager call and every gradient takes.
+path every eager call takes, and its straight-through gradients (`StraightThrough`).
 
 It computes reference.py's formulas with the same helpers (clips and steps, tiles, weight
 codes, noise keys), in row blocks with fewer temporaries, on an INT8 kernel where the CPU
@@ -21,7 +21,7 @@ from . import arrays, engine, reference
 from .engine import ArrayCall, RowScale, Slicing, WeightCodes
 from .intmm import Int8Weights
 from .plan import SampleNoise, use_int8
-from .quantizers import qmax, step_of
+from .quantizers import qmax, quantize_symmetric, step_of
 
 
 class StaticAct(NamedTuple):
@@ -163,3 +163,46 @@ def _array_call(layer: nn.Module, batch: int, per_sample: int, group: int | None
         lambda path, acc: _adc_step(layer, path, acc, group),
         None if observer is None else lambda kind, acc: observer(name, kind, acc),
         layer.stats, noise, arrays.converters(layer, device, dtype))
+
+
+class StraightThrough(torch.autograd.Function):
+    """Forward: the simulated hardware. Backward: straight-through estimator of
+    y = fq(W) fq(x)^T + b, i.e. every rounding (weights, activations, slicing, ADC) passes
+    the gradient unchanged, the activation and weight clips block it outside their range,
+    and ADC saturation is ignored. Imported integer weights get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        # Integer codes and their products must stay exact: the simulation computes in
+        # float32 (float64 for float64 inputs) whatever autocast the caller runs under.
+        with torch.autocast(x.device.type, enabled=False):
+            y, act_clip, weights = simulate(layer, x)
+        ctx.layer = layer
+        ctx.weights = weights
+        ctx.save_for_backward(x, weight, act_clip)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        with torch.autocast(grad_y.device.type, enabled=False):
+            return StraightThrough._gradients(ctx, grad_y)
+
+    @staticmethod
+    def _gradients(ctx, grad_y):
+        x, weight, act_clip = ctx.saved_tensors
+        layer, weights = ctx.layer, ctx.weights
+        dtype = weights.codes_t.dtype
+        g = grad_y.reshape(-1, layer.out_features).to(dtype)
+        x2 = x.reshape(-1, layer.in_features).to(dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            w_fq_t = weights.codes_t * weights.step
+            grad_x = (g @ w_fq_t.t()).mul_(x2.abs() <= act_clip)
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1] and weights.clip is not None:
+            x_codes, x_step = quantize_symmetric(x2, act_clip, layer.cfg.act.bits)
+            grad_w = (g.t() @ x_codes.mul_(x_step)).mul_(weight.detach().abs() <= weights.clip)
+            grad_w = grad_w.to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = g.sum(0).to(grad_y.dtype)
+        return grad_x, grad_w, grad_b, None

@@ -47,13 +47,12 @@ from torch import nn
 from . import arrays, reference
 from .config import QuantConfig, build_quant_config
 from .engine import AnalogPath, Codes, Slicing, Split, WeightCodes
-from .fast_path import simulate
+from .fast_path import StraightThrough
 from .noise import SampleContext, noise_key
 from .quantizers import (
     bitserial_split_,
     center_out_split_,
     qmax,
-    quantize_symmetric,
     stable_seed,
     step_of,
 )
@@ -256,7 +255,7 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and self._inference_only(x):
             return self._reference_forward(x)
-        return _StraightThrough.apply(x, self.weight, self.bias, self)
+        return StraightThrough.apply(x, self.weight, self.bias, self)
 
     def _inference_only(self, x: torch.Tensor) -> bool:
         """Whether reference.py serves this call: no gradients wanted, no observer and no
@@ -411,46 +410,3 @@ LAYER_CLASSES: dict[str, type[QuantLinear]] = {
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     """{module name: quantized layer} in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the simulated hardware. Backward: straight-through estimator of
-    y = fq(W) fq(x)^T + b, i.e. every rounding (weights, activations, slicing, ADC) passes
-    the gradient unchanged, the activation and weight clips block it outside their range,
-    and ADC saturation is ignored. Imported integer weights get no gradient."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, layer):
-        # Integer codes and their products must stay exact: the simulation computes in
-        # float32 (float64 for float64 inputs) whatever autocast the caller runs under.
-        with torch.autocast(x.device.type, enabled=False):
-            y, act_clip, weights = simulate(layer, x)
-        ctx.layer = layer
-        ctx.weights = weights
-        ctx.save_for_backward(x, weight, act_clip)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        with torch.autocast(grad_y.device.type, enabled=False):
-            return _StraightThrough._gradients(ctx, grad_y)
-
-    @staticmethod
-    def _gradients(ctx, grad_y):
-        x, weight, act_clip = ctx.saved_tensors
-        layer, weights = ctx.layer, ctx.weights
-        dtype = weights.codes_t.dtype
-        g = grad_y.reshape(-1, layer.out_features).to(dtype)
-        x2 = x.reshape(-1, layer.in_features).to(dtype)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            w_fq_t = weights.codes_t * weights.step
-            grad_x = (g @ w_fq_t.t()).mul_(x2.abs() <= act_clip)
-            grad_x = grad_x.reshape(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[1] and weights.clip is not None:
-            x_codes, x_step = quantize_symmetric(x2, act_clip, layer.cfg.act.bits)
-            grad_w = (g.t() @ x_codes.mul_(x_step)).mul_(weight.detach().abs() <= weights.clip)
-            grad_w = grad_w.to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = g.sum(0).to(grad_y.dtype)
-        return grad_x, grad_w, grad_b, None
