@@ -191,6 +191,9 @@ class SearchSchema:
     # {unit pattern: {quant field: [choices]}}, e.g. {"blocks.0.*": {adc: {bits: [6, 8, 10]}}}
     space: Any = None
     objectives: list[str] = field(default_factory=lambda: ["fid", "energy"])  # all minimised
+    # After the trials: each Pareto point evaluated again with FID over this many images
+    # (the trials' reduced fid.num_images ranks them); 0: not re-evaluated.
+    front_fid_images: int = 0
 
 
 @dataclass
@@ -366,6 +369,9 @@ def validate(cfg: DictConfig) -> None:
         _check(not changed, f"sensitivity.{changed[0] if changed else ''}",
                f"applies to task=sensitivity only (got task={cfg.task})")
     _check(cfg.search.n_trials >= 1, "search.n_trials", f"must be >= 1, got {cfg.search.n_trials}")
+    front = cfg.search.front_fid_images
+    _check(front == 0 or front >= 2, "search.front_fid_images",
+           f"must be 0 (no re-evaluation) or >= 2 (FID needs two images), got {front}")
     if cfg.task != Task.search:
         search_defaults = schema_defaults(SearchSchema)
         changed = [key for key, value in search_defaults.items()

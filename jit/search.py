@@ -27,6 +27,9 @@ everything the trials' numbers depend on. A rerun in the same folder continues i
 its assignment evaluated again, so no trial counts twice. A `search.db` holding a study
 of another search space or configuration is refused.
 
+With `search.front_fid_images=N` each front point is evaluated again with FID over N
+images (`front/`), the trials' reduced `fid.num_images` having only ranked them.
+
 Outputs: `pareto.csv` (the front: trial, FID, uJ/image, assignment), `pareto.png` (every
 trial, the front highlighted) and each front point as a quant preset
 `presets/quant/pareto_<k>.yaml`, run with
@@ -56,7 +59,9 @@ SUMMARY_NAME = "search.json"
 TRIALS_DIR = "trials"
 CACHE_DIR = "calibration_cache"
 PRESETS_DIR = "presets"
-COLUMNS = ("pareto_k", "trial", "fid", "energy_per_image_uJ", "assignment", "preset")
+FRONT_DIR = "front"
+COLUMNS = ("pareto_k", "trial", "fid", "energy_per_image_uJ", "fid_front", "front_fid_images", "assignment",
+           "preset")
 # Settings calibration runs without (noise off, ADC bypassed, ideal devices): trials that
 # differ only in these share one calibration.
 _NOT_CALIBRATED = {"adc": ("noise_sigma_lsb", "samples", "bypass", "dnl_sigma_lsb", "inl_max_lsb",
@@ -81,6 +86,7 @@ class SearchSettings:
     n_trials: int
     choices: tuple[Choice, ...]
     objectives: tuple[str, ...]
+    front_fid_images: int = 0
 
 
 def _leaves(node, key: str, prefix: str = ""):
@@ -143,7 +149,11 @@ def parse_search(section: Mapping, quant) -> SearchSettings:
                 except (ValueError, TypeError) as err:
                     raise ConfigError(f"{where}={value!r}: {err}") from None
             choices.append(Choice(pattern, field, tuple(values)))
-    return SearchSettings(n_trials=n_trials, choices=tuple(choices), objectives=objectives)
+    front = section.get("front_fid_images", 0)
+    if isinstance(front, bool) or not isinstance(front, int) or front < 0 or front == 1:
+        raise ConfigError(f"search.front_fid_images: must be 0 (no re-evaluation) or an integer >= 2, got {front!r}")
+    return SearchSettings(n_trials=n_trials, choices=tuple(choices), objectives=objectives,
+                          front_fid_images=front)
 
 
 def assignment(settings: SearchSettings, params: Mapping) -> dict[str, dict]:
@@ -269,11 +279,25 @@ def objective_values(results: dict) -> dict[str, float]:
             "energy": float(energy["energy_per_image_uJ"])}
 
 
+def evaluate_trial(trainer, module, datamodule, run: SearchRun, qcfg, run_dir: Path, fid=None) -> dict:
+    """One ordinary evaluation of `qcfg` (no float baseline) in `run_dir`; the backbone
+    is float again afterwards."""
+    from jit.evaluation.pipeline import EvaluationSettings, evaluate_float_then_quantized
+    from jit.quant import restore_float
+
+    evaluation = EvaluationSettings(
+        quant=qcfg, fid=fid or run.fid, hardware=run.hardware, calibration=run.calibration, run_dir=run_dir,
+        checkpoint=run.checkpoint, compare_fp=False, layer_stats_images=run.layer_stats_images)
+    try:
+        return evaluate_float_then_quantized(trainer, module, datamodule, evaluation)
+    finally:
+        restore_float(module.denoiser.net)
+
+
 def run_search(trainer, module, datamodule, run: SearchRun) -> dict:
     """Trials until `n_trials` are complete, then the front's table, plot and presets."""
     from jit.evaluation.calibration import ARTEFACT_NAME
-    from jit.evaluation.pipeline import EvaluationSettings, evaluate_float_then_quantized
-    from jit.quant import restore_float, target_names
+    from jit.quant import target_names
 
     settings = run.settings
     study = open_study(run.run_dir / DB_NAME, run.digest, settings, run.seed)
@@ -295,13 +319,7 @@ def run_search(trainer, module, datamodule, run: SearchRun) -> dict:
                 qcfg = dataclasses.replace(qcfg, calibration_file=str(cached))
         announce(f"search: trial {trial.number} ({done + 1}/{settings.n_trials}): {json.dumps(layers)}"
                  + (" (calibration reused)" if qcfg.calibration_file == str(cached) else ""))
-        evaluation = EvaluationSettings(
-            quant=qcfg, fid=run.fid, hardware=run.hardware, calibration=run.calibration, run_dir=trial_dir,
-            checkpoint=run.checkpoint, compare_fp=False, layer_stats_images=run.layer_stats_images)
-        try:
-            results = evaluate_float_then_quantized(trainer, module, datamodule, evaluation)
-        finally:
-            restore_float(module.denoiser.net)
+        results = evaluate_trial(trainer, module, datamodule, run, qcfg, trial_dir)
         # A crash before `tell` leaves the trial RUNNING: the next run re-evaluates it.
         if cached is not None and not cached.is_file() and (trial_dir / ARTEFACT_NAME).is_file():
             cache.mkdir(parents=True, exist_ok=True)
@@ -315,12 +333,45 @@ def run_search(trainer, module, datamodule, run: SearchRun) -> dict:
         study.tell(trial, [values[name] for name in settings.objectives])
         done += 1
         announce(f"search: trial {trial.number}: FID {values['fid']:.4g}, {values['energy']:.4g} uJ/image")
-    return write_outputs(study, run)
-
-
-def write_outputs(study, run: SearchRun) -> dict:
-    trials = complete_trials(study)
     front = sorted(study.best_trials, key=lambda t: (t.user_attrs["energy_per_image_uJ"], t.user_attrs["fid"]))
+    front_fid = evaluate_front(trainer, module, datamodule, run, front, names)
+    return write_outputs(study, run, front, front_fid)
+
+
+def evaluate_front(trainer, module, datamodule, run: SearchRun, front: list, names: list[str]) -> dict[int, float]:
+    """With search.front_fid_images=N: each front point's FID over N images, in
+    `front/trial_<number>_<N>images/` (kept: a rerun reads it back); {trial number: FID}."""
+    n = run.settings.front_fid_images
+    if not n:
+        return {}
+    fid = dataclasses.replace(run.fid, num_images=n)
+    fid.validate()
+    out = {}
+    for k, trial in enumerate(front):
+        folder = run.run_dir / FRONT_DIR / f"trial_{trial.number:04d}_{n}images"
+        earlier = _read_json(folder / "results.json")
+        if earlier.get("num_images") == n and earlier.get("metrics"):
+            out[trial.number] = float(next(iter(earlier["metrics"].values())))
+            continue
+        qcfg = trial_quant(run.quant, trial.user_attrs["layers"])
+        cached = run.run_dir / CACHE_DIR / f"{calibration_key(qcfg, names, run.calibration)[:16]}.pt"
+        if qcfg.mode == "static" and qcfg.calibration_file is None and cached.is_file():
+            qcfg = dataclasses.replace(qcfg, calibration_file=str(cached))
+        announce(f"search: Pareto point {k + 1}/{len(front)} (trial {trial.number}) with FID over {n} images")
+        results = evaluate_trial(trainer, module, datamodule, run, qcfg, folder, fid=fid)
+        out[trial.number] = float(next(iter(results["metrics"].values())))
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_outputs(study, run: SearchRun, front: list, front_fid: dict[int, float]) -> dict:
+    trials = complete_trials(study)
     presets = run.run_dir / PRESETS_DIR / "quant"
     presets.mkdir(parents=True, exist_ok=True)
     for stale in presets.glob("pareto_*.yaml"):  # an earlier, smaller front
@@ -330,11 +381,13 @@ def write_outputs(study, run: SearchRun) -> dict:
         path = write_preset(presets / f"pareto_{k}.yaml", trial_quant(run.quant, trial.user_attrs["layers"]), trial)
         rows.append({"pareto_k": k, "trial": trial.number, "fid": trial.user_attrs["fid"],
                      "energy_per_image_uJ": trial.user_attrs["energy_per_image_uJ"],
+                     "fid_front": front_fid.get(trial.number),
+                     "front_fid_images": run.settings.front_fid_images if trial.number in front_fid else None,
                      "assignment": json.dumps(trial.user_attrs["layers"], sort_keys=True), "preset": str(path)})
     with atomic_path(run.run_dir / CSV_NAME) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
     plot_front(trials, front, run.run_dir / PLOT_NAME)
     summary = {"config_sha256": run.digest, "study": study.study_name, "objectives": list(run.settings.objectives),
                "complete_trials": len(trials), "pareto": rows, "csv": str(run.run_dir / CSV_NAME),
@@ -385,5 +438,7 @@ def plot_front(trials: list, front: list, path: Path) -> Path:
 def print_summary(summary: dict) -> None:
     print(f"search: {summary['complete_trials']} complete trials, Pareto front ({', '.join(summary['objectives'])}):")
     for row in summary["pareto"]:
-        print(f"  pareto_{row['pareto_k']}: trial {row['trial']}  FID {row['fid']:.4g}  "
+        front = (f" (FID {row['fid_front']:.4g} over {row['front_fid_images']} images)"
+                 if row["fid_front"] is not None else "")
+        print(f"  pareto_{row['pareto_k']}: trial {row['trial']}  FID {row['fid']:.4g}{front}  "
               f"{row['energy_per_image_uJ']:.4g} uJ/image  {row['assignment']}")

@@ -230,9 +230,9 @@ def search(cfg: DictConfig, settings: RunSettings) -> dict:
         raise ConfigError("eval.layer_stats_images: the energy objective needs the statistics pass (>= 1 image), "
                           "got 0")
     run_dir = Path(cfg.paths.output_dir)
-    # n_trials is left out: a rerun with a larger number continues the same study.
+    # Left out: a rerun with more trials, or a re-evaluation of the front, continues the same study.
     parts = numbers_depend_on(cfg, settings, "search")
-    parts["search"] = {k: v for k, v in parts["search"].items() if k != "n_trials"}
+    parts["search"] = {k: v for k, v in parts["search"].items() if k not in ("n_trials", "front_fid_images")}
     parts["layer_stats_images"] = int(cfg.eval.layer_stats_images)
     digest = config_digest(parts)
     check_database(run_dir / DB_NAME, digest)

@@ -59,7 +59,7 @@ def test_search_resumes_after_a_crash_refuses_another_study_and_writes_presets(t
     crashed = study.ask()
     params = {name: crashed.suggest_categorical(name, list(dist.choices))
               for name, dist in done[0].distributions.items()}
-    proc = run([*SHORT, "search.n_trials=3", f"hydra.run.dir={out}"], tmp_path)
+    proc = run([*SHORT, "search.n_trials=3", "search.front_fid_images=6", f"hydra.run.dir={out}"], tmp_path)
     text = proc.stdout + proc.stderr
     assert "2 trial(s) already complete" in text
     assert f"trial {crashed.number} was left running by an interrupted run: marked failed" in text
@@ -74,6 +74,9 @@ def test_search_resumes_after_a_crash_refuses_another_study_and_writes_presets(t
     with open(out / "pareto.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     first = rows[0]
+    for row in rows:  # the front evaluated again over 6 images
+        results = json.loads((out / "front" / f"trial_{int(row['trial']):04d}_6images" / "results.json").read_text())
+        assert results["num_images"] == 6 and float(row["fid_front"]) == pytest.approx(results["metrics"]["fid_digits"])
     cfg = compose_run([f"hydra.searchpath=[file://{out / 'presets'}]", f"quant=pareto_{first['pareto_k']}",
                        "task=eval", f"paths.output_dir={tmp_path / 'eval'}"])
     validate(cfg)
@@ -99,6 +102,7 @@ def test_search_resumes_after_a_crash_refuses_another_study_and_writes_presets(t
      "search.space['blocks.0.*'].mode='static': quant.layers['blocks.0.*'].mode is not a per-layer setting"),
     (["search.space={blocks.0.*: {adc: {bits: []}}}"], "search.space['blocks.0.*'].adc.bits: an empty list"),
     (["search.n_trials=0"], "search.n_trials: must be >= 1, got 0"),
+    (["search.front_fid_images=1"], "search.front_fid_images: must be 0 (no re-evaluation) or >= 2"),
     (["search.objectives=[fid,latency]"], "search.objectives: must be distinct names among fid, energy"),
     (["task=eval"], "search.space: applies to task=search only"),
     (["quant=fp"], "quant: task=search assigns layers to the hardware of quant"),
