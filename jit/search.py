@@ -9,10 +9,11 @@ the leaves being lists:
       "blocks.1.*": {adc: {bits: [6, 8, 10], noise_sigma_lsb: [2.0, 8.0]}}
 
 Each trial picks one value per leaf (Optuna's NSGA-II sampler, seeded with the run's
-`seed`), appends those picks to `quant.layers` (after the group's own patterns) and runs
+`seed` plus the number of trials the study holds), appends those picks to `quant.layers` (after the group's own patterns) and runs
 an ordinary quantized evaluation of that config (jit/evaluation/pipeline.py) in
 `trials/<number>/`: calibration, per-layer statistics, energy estimate, FID over
-`fid.num_images`. Its objectives are those of `search.objectives` (FID, energy per image
+`fid.num_images`. A pick that repeats a complete trial's assignment takes its numbers
+(`same_as`) instead of evaluating it again. Its objectives are those of `search.objectives` (FID, energy per image
 in uJ), all minimised.
 
 Static calibration is shared between trials whose calibration would be identical: it
@@ -237,6 +238,8 @@ def open_study(path: Path, digest: str, settings: SearchSettings, seed: int):
     study = optuna.create_study(storage=storage, study_name=study_name(digest), load_if_exists=True,
                                 directions=["minimize"] * len(settings.objectives),
                                 sampler=optuna.samplers.NSGAIISampler(seed=seed))
+    # A continued study draws on from where it stopped instead of replaying its first picks.
+    study.sampler = optuna.samplers.NSGAIISampler(seed=seed + len(study.get_trials(deepcopy=False)))
     study.set_user_attr("config_sha256", digest)
     study.set_user_attr("objectives", list(settings.objectives))
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -310,6 +313,16 @@ def run_search(trainer, module, datamodule, run: SearchRun) -> dict:
         trial = study.ask()
         params = {c.name: trial.suggest_categorical(c.name, list(c.values)) for c in settings.choices}
         layers = assignment(settings, params)
+        twin = next((t for t in complete_trials(study) if t.params == params), None)
+        if twin is not None:  # the sampler may pick an assignment again: it has its numbers already
+            announce(f"search: trial {trial.number} ({done + 1}/{settings.n_trials}) repeats trial {twin.number}'s "
+                     "assignment: its results reused")
+            for key in ("fid", "energy_per_image_uJ", "layers", "run_dir"):
+                trial.set_user_attr(key, twin.user_attrs[key])
+            trial.set_user_attr("same_as", twin.number)
+            study.tell(trial, list(twin.values))
+            done += 1
+            continue
         qcfg = trial_quant(run.quant, layers)
         trial_dir = run.run_dir / TRIALS_DIR / f"{trial.number:04d}"
         cached = None
@@ -333,7 +346,8 @@ def run_search(trainer, module, datamodule, run: SearchRun) -> dict:
         study.tell(trial, [values[name] for name in settings.objectives])
         done += 1
         announce(f"search: trial {trial.number}: FID {values['fid']:.4g}, {values['energy']:.4g} uJ/image")
-    front = sorted(study.best_trials, key=lambda t: (t.user_attrs["energy_per_image_uJ"], t.user_attrs["fid"]))
+    front = sorted((t for t in study.best_trials if "same_as" not in t.user_attrs),
+                   key=lambda t: (t.user_attrs["energy_per_image_uJ"], t.user_attrs["fid"]))
     front_fid = evaluate_front(trainer, module, datamodule, run, front, names)
     return write_outputs(study, run, front, front_fid)
 

@@ -149,3 +149,15 @@ def test_calibration_is_shared_across_noise_but_not_across_adc_bits():
 
     assert key(6, 0.0) == key(6, 8.0) != key(8, 0.0)
     assert study_name("ab" * 32) == "search-abababababababab"
+
+
+def test_a_repeated_assignment_takes_the_numbers_of_its_twin(tmp_path):
+    out = tmp_path / "one"
+    only = [*SHORT[:-1], "quant.mode=dynamic", "search.space={blocks.0.*: {adc: {bits: [6]}}}"]
+    proc = run([*only, "search.n_trials=2", f"hydra.run.dir={out}"], tmp_path)
+    assert "trial 1 (2/2) repeats trial 0's assignment: its results reused" in proc.stdout + proc.stderr
+    trials = study_of(out).get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 2 and trials[1].values == trials[0].values and trials[1].user_attrs["same_as"] == 0
+    assert not (out / "trials" / "0001").exists()
+    with open(out / "pareto.csv", newline="") as f:
+        assert [row["trial"] for row in csv.DictReader(f)] == ["0"]
