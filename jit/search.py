@@ -1,12 +1,8 @@
 """`task=search`: a Pareto search over per-layer hardware, minimising (FID, energy).
 
-The search space (`search.space`) maps unit patterns (glob patterns on the targeted
-layers' names, as in quant.layers) to the fields of `quant` to search and their choices,
-the leaves being lists:
-
-    search.space:
-      "blocks.0.*": {adc: {bits: [6, 8, 10]}, scheme: [hybrid, fp]}
-      "blocks.1.*": {adc: {bits: [6, 8, 10], noise_sigma_lsb: [2.0, 8.0]}}
+`search.space` maps unit patterns (globs on the targeted layers' names, as in
+quant.layers) to the `quant` fields to search, each leaf a list of choices, e.g.
+`{"blocks.0.*": {adc: {bits: [6, 8, 10]}, scheme: [hybrid, fp]}}` (docs/exploration.md).
 
 Each trial picks one value per leaf (Optuna's NSGA-II sampler, seeded with the run's
 `seed` plus the number of trials the study holds), appends those picks to `quant.layers` (after the group's own patterns) and runs
