@@ -47,6 +47,7 @@ from pathlib import Path
 from jit.atomic import atomic_path, atomic_write_json
 from jit.config import ConfigError
 from jit.console import announce
+from jit.sensitivity import read_json_or_empty
 
 OBJECTIVES = ("fid", "energy")
 DB_NAME = "search.db"
@@ -359,7 +360,7 @@ def evaluate_front(trainer, module, datamodule, run: SearchRun, front: list, nam
     out = {}
     for k, trial in enumerate(front):
         folder = run.run_dir / FRONT_DIR / f"trial_{trial.number:04d}_{n}images"
-        earlier = _read_json(folder / "results.json")
+        earlier = read_json_or_empty(folder / "results.json")
         if earlier.get("num_images") == n and earlier.get("metrics"):
             out[trial.number] = float(next(iter(earlier["metrics"].values())))
             continue
@@ -371,13 +372,6 @@ def evaluate_front(trainer, module, datamodule, run: SearchRun, front: list, nam
         results = evaluate_trial(trainer, module, datamodule, run, qcfg, folder, fid=fid)
         out[trial.number] = float(next(iter(results["metrics"].values())))
     return out
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def write_outputs(study, run: SearchRun, front: list, front_fid: dict[int, float]) -> dict:
