@@ -38,6 +38,7 @@ class Task(_Choice):
     calibrate = "calibrate"
     export = "export"
     sensitivity = "sensitivity"
+    search = "search"
 
 
 class Weights(_Choice):
@@ -181,6 +182,21 @@ class SensitivitySchema:
 
 
 @dataclass
+class SearchSchema:
+    """task=search (jit/search.py, docs/exploration.md): a Pareto search over per-layer
+    hardware with Optuna's NSGA-II sampler, each trial an evaluation of `quant` with the
+    trial's picks appended to quant.layers."""
+
+    n_trials: int = 20  # complete trials; a rerun with a larger number continues the study
+    # {unit pattern: {quant field: [choices]}}, e.g. {"blocks.0.*": {adc: {bits: [6, 8, 10]}}}
+    space: Any = None
+    objectives: list[str] = field(default_factory=lambda: ["fid", "energy"])  # all minimised
+    # After the trials: each Pareto point evaluated again with FID over this many images
+    # (the trials' reduced fid.num_images ranks them); 0: not re-evaluated.
+    front_fid_images: int = 0
+
+
+@dataclass
 class ResumeSchema:
     """task=train with a Lightning ckpt_path: the run continues that training, so its data,
     optimizer, EMA and model settings must be the checkpoint's (jit/builders.py,
@@ -213,6 +229,7 @@ class RunSchema:
     finetune: FinetuneSchema = field(default_factory=FinetuneSchema)
     resume: ResumeSchema = field(default_factory=ResumeSchema)
     sensitivity: SensitivitySchema = field(default_factory=SensitivitySchema)
+    search: SearchSchema = field(default_factory=SearchSchema)
     paths: PathsSchema = field(default_factory=PathsSchema)
     # Groups whose keys depend on the chosen option; their builders validate them.
     data: Any = MISSING
@@ -351,6 +368,16 @@ def validate(cfg: DictConfig) -> None:
         changed = [key for key, value in sens_defaults.items() if str(sens[key]) != str(value)]
         _check(not changed, f"sensitivity.{changed[0] if changed else ''}",
                f"applies to task=sensitivity only (got task={cfg.task})")
+    _check(cfg.search.n_trials >= 1, "search.n_trials", f"must be >= 1, got {cfg.search.n_trials}")
+    front = cfg.search.front_fid_images
+    _check(front == 0 or front >= 2, "search.front_fid_images",
+           f"must be 0 (no re-evaluation) or >= 2 (FID needs two images), got {front}")
+    if cfg.task != Task.search:
+        search_defaults = schema_defaults(SearchSchema)
+        changed = [key for key, value in search_defaults.items()
+                   if OmegaConf.to_container(cfg.search, resolve=True)[key] != value]
+        _check(not changed, f"search.{changed[0] if changed else ''}",
+               f"applies to task=search only (got task={cfg.task})")
     if cfg.task == Task.export:
         _check(cfg.ckpt_path is not None, "ckpt_path", "task=export needs ckpt_path=<Lightning .ckpt>")
     data_target = str(cfg.data.get("_target_", ""))

@@ -16,7 +16,8 @@ Every run of `run.py` goes through it, in three steps:
 A training resumed in its own folder (`ckpt_path=last`, or a checkpoint inside the
 folder) continues the earlier run there: nothing is refused or moved; so does a
 `task=sensitivity` run in a folder holding its sensitivity.csv (without overwrite=true),
-which skips the units measured there with the same configuration.
+which skips the units measured there with the same configuration, and a `task=search`
+run in a folder holding its search.db, which continues the study.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ RUN_ARTEFACTS = (
     "coverage.csv", "sample_grid.png", "samples.npz", "samples", ".samples.rank*.u8", "baseline_fp",
     "checkpoints", "checkpoint-last.pth", "finetune_comparison.json", "compare", "csv", "tensorboard", "wandb",
     "sensitivity.csv", "sensitivity.json", "sensitivity.png", "units",
+    "search.db", "search.json", "pareto.csv", "pareto.png", "trials", "calibration_cache", "presets",
     # a sweep's folder
     ".sweep_id", "multirun.yaml", "summary.csv", "summary.md", "summary_*.png",
 )
@@ -313,10 +315,18 @@ def continues_sensitivity(cfg: DictConfig, folder: Path) -> bool:
             and (folder / "sensitivity.csv").is_file())
 
 
+def continues_search(cfg: DictConfig, folder: Path) -> bool:
+    """A search rerun in its folder continues its study (jit/search.py refuses a
+    search.db of another search space); overwrite=true starts afresh."""
+    return (str(cfg.get("task")) == "search" and not cfg.get("overwrite", False)
+            and (folder / "search.db").is_file())
+
+
 def open_for(cfg: DictConfig, folder: Path, ignore: set[Path] = frozenset(), sweep_job: bool = False) -> RunFolder:
     """The guard of a run of `cfg` in `folder`. `sweep_job`: a job folder of a sweep,
     whose folder the sweep's guard has cleared."""
-    continuing = sweep_job or continues_training(cfg, folder) or continues_sensitivity(cfg, folder)
+    continuing = (sweep_job or continues_training(cfg, folder) or continues_sensitivity(cfg, folder)
+                  or continues_search(cfg, folder))
     return open_run(folder, overwrite=bool(cfg.get("overwrite", False)), inputs=config_inputs(cfg),
                     continuing=continuing, ignore=ignore)
 

@@ -291,7 +291,7 @@ def run_sensitivity(trainer, module, datamodule, run: SensitivityRun) -> dict:
         dense, _ = count_targets_and_macs(module, qcfg, run.fid, num_classes)
         float_net = copy.deepcopy(denoiser.net)  # the float reference, with the evaluated weights
         if fid_cfg is not None:
-            earlier = _read_json(summary_path)
+            earlier = read_json_or_empty(summary_path)
             if earlier.get("config_sha256") == run.digest and _number(earlier.get("fid_float")) is not None:
                 fid_float = float(earlier["fid_float"])
             else:
@@ -354,7 +354,7 @@ def run_sensitivity(trainer, module, datamodule, run: SensitivityRun) -> dict:
     return summary
 
 
-def _read_json(path: Path) -> dict:
+def read_json_or_empty(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

@@ -1,4 +1,4 @@
-"""The tasks `run.py` dispatches to: train, eval, calibrate, export, sensitivity.
+"""The tasks `run.py` dispatches to: train, eval, calibrate, export, sensitivity, search.
 
 `dispatch` checks the schema and parses every section once (jit/settings.py) before a
 task builds a model or touches data; a task then composes the pieces (jit/builders.py)
@@ -155,8 +155,25 @@ def calibrate(cfg: DictConfig, settings: RunSettings) -> dict:
     return info
 
 
-def sensitivity(cfg: DictConfig, settings: RunSettings) -> dict:
+def numbers_depend_on(cfg: DictConfig, settings: RunSettings, section: str) -> dict:
+    """What the measured numbers of a sensitivity or search run depend on (their digest
+    guards resumed results): the model and its weights, sampler, hardware, quant,
+    calibration, the FID settings (not where files go) and the task's own `section`."""
     from jit.checkpoint import sha256_file
+    from jit.config import to_plain
+
+    plain = to_plain(cfg)
+    checkpoint = cfg.ckpt_path
+    parts = {key: plain.get(key) for key in ("model", "sampler", "eval_weights", section, "hardware", "seed")}
+    parts.update(quant=settings.quant.to_dict(), calibration=dataclasses.asdict(settings.calibration),
+                 checkpoint_sha256=sha256_file(checkpoint) if checkpoint else "shipped digits model")
+    fid = dataclasses.asdict(settings.fid)  # what the images and their score depend on, not where files go
+    fid["reference"] = {k: v for k, v in fid["reference"].items() if k != "cache_dir"}
+    parts["fid"] = {k: v for k, v in fid.items() if k not in ("progress", "save_images", "export_npz")}
+    return parts
+
+
+def sensitivity(cfg: DictConfig, settings: RunSettings) -> dict:
     from jit.config import to_plain
     from jit.sensitivity import (
         CSV_NAME,
@@ -175,15 +192,8 @@ def sensitivity(cfg: DictConfig, settings: RunSettings) -> dict:
     plain = to_plain(cfg)
     sens = SensitivitySettings(**plain["sensitivity"])
     run_dir = Path(cfg.paths.output_dir)
-    checkpoint = cfg.ckpt_path
     # Everything a unit's numbers depend on; a CSV of another configuration is refused.
-    parts = {key: plain.get(key) for key in ("model", "sampler", "eval_weights", "sensitivity", "hardware", "seed")}
-    parts.update(quant=qcfg.to_dict(), calibration=dataclasses.asdict(settings.calibration),
-                 checkpoint_sha256=sha256_file(checkpoint) if checkpoint else "shipped digits model")
-    fid = dataclasses.asdict(settings.fid)  # what the images and their score depend on, not where files go
-    fid["reference"] = {k: v for k, v in fid["reference"].items() if k != "cache_dir"}
-    parts["fid"] = {k: v for k, v in fid.items() if k not in ("progress", "save_images", "export_npz")}
-    digest = config_digest(parts)
+    digest = config_digest(numbers_depend_on(cfg, settings, "sensitivity"))
     done = read_done(run_dir / CSV_NAME, digest)
     module, _ = load_module(cfg)
     dm = instantiate(cfg.data)
@@ -201,17 +211,60 @@ def sensitivity(cfg: DictConfig, settings: RunSettings) -> dict:
     return summary
 
 
+def search(cfg: DictConfig, settings: RunSettings) -> dict:
+    from jit.config import to_plain
+    from jit.quant import target_names
+    from jit.search import (
+        DB_NAME,
+        SearchRun,
+        check_database,
+        check_patterns,
+        parse_search,
+        print_summary,
+        run_search,
+    )
+    from jit.sensitivity import config_digest
+
+    search_settings = parse_search(to_plain(cfg)["search"], settings.quant)
+    if int(cfg.eval.layer_stats_images) < 1 and "energy" in search_settings.objectives:
+        raise ConfigError("eval.layer_stats_images: the energy objective needs the statistics pass (>= 1 image), "
+                          "got 0")
+    run_dir = Path(cfg.paths.output_dir)
+    # Left out: a rerun with more trials, or a re-evaluation of the front, continues the same study.
+    parts = numbers_depend_on(cfg, settings, "search")
+    parts["search"] = {k: v for k, v in parts["search"].items() if k not in ("n_trials", "front_fid_images")}
+    parts["layer_stats_images"] = int(cfg.eval.layer_stats_images)
+    digest = config_digest(parts)
+    check_database(run_dir / DB_NAME, digest)
+    module, source = load_module(cfg)
+    dm = instantiate(cfg.data)
+    check_before_generation(settings, module, dm, check_fid=True)
+    check_patterns(search_settings, target_names(module.denoiser.net, settings.quant.targets))
+    run_folder.start()
+    trainer = build_trainer(cfg, [], build_callbacks(cfg, training=False))
+    if trainer.world_size > 1:
+        raise ConfigError(f"trainer: task=search runs in one process (got {trainer.world_size}); use "
+                          "trainer=cpu or trainer.devices=1")
+    run = SearchRun(settings=search_settings, quant=settings.quant, fid=settings.fid, hardware=settings.hardware,
+                    calibration=settings.calibration, run_dir=run_dir, checkpoint=source,
+                    layer_stats_images=int(cfg.eval.layer_stats_images), digest=digest, seed=int(cfg.seed))
+    summary = run_in_test_loop(trainer, module, lambda trainer, module: run_search(trainer, module, dm, run))
+    print_summary(summary)
+    print(f"run directory: {run_dir}\nPareto front: {run_dir / 'pareto.csv'}")
+    return summary
+
+
 def check_output_folders(cfg: DictConfig) -> None:
     """Before any work: the output folder (and for eval the cache folder) is writable."""
     from jit.atomic import check_writable
 
     check_writable(Path(cfg.paths.output_dir))
-    if cfg.task in (Task.eval, Task.sensitivity):
+    if cfg.task in (Task.eval, Task.sensitivity, Task.search):
         check_writable(Path(cfg.paths.cache_dir).expanduser())
 
 
 TASKS = {Task.train: train, Task.eval: evaluate, Task.calibrate: calibrate, Task.export: export,
-         Task.sensitivity: sensitivity}
+         Task.sensitivity: sensitivity, Task.search: search}
 
 
 def dispatch(cfg: DictConfig):

@@ -1,0 +1,163 @@
+"""task=search: trials evaluate distinct per-layer assignments, the study resumes from its
+SQLite file after a crash without counting a trial twice, another study is refused, the
+front's presets compose, and bad input is one line before the model loads."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from test_run import compose_run, run
+
+from jit.config import ConfigError, validate
+from jit.evaluation.fid import flatten
+from jit.search import assignment, calibration_key, parse_search, study_name
+from jit.settings import parse_settings
+
+SPACE = "{blocks.0.*: {adc: {bits: [6, 8]}, scheme: [hybrid, fp]}, blocks.1.*: {adc: {bits: [6, 10]}}}"
+# The shipped digits model, two targeted layers, static KL ranges from 4 images, 4 FID
+# images of 2 Euler steps: a trial takes a few seconds.
+SHORT = ["task=search", "quant.mode=static", "quant.targets=[blocks.0.mlp.w12,blocks.1.mlp.w3]",
+         "sampler.steps=2", "sampler.method=euler", "fid.num_images=4", "fid.chunk_size=4",
+         "eval.layer_stats_images=2", "calibration.num_images=4", "calibration.batch_size=4",
+         f"search.space={SPACE}"]
+
+
+def study_of(out):
+    storage = f"sqlite:///{out / 'search.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_search_resumes_after_a_crash_refuses_another_study_and_writes_presets(tmp_path):
+    out = tmp_path / "search"
+    proc = run([*SHORT, "search.n_trials=2", f"hydra.run.dir={out}"], tmp_path)
+    study = study_of(out)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 2
+    layers = [t.user_attrs["layers"] for t in done]
+    assert layers[0] != layers[1]
+    for trial in done:  # each trial is an ordinary evaluation of its own quant.layers
+        results = json.loads((out / "trials" / f"{trial.number:04d}" / "results.json").read_text())
+        searched = {k: v for k, v in results["quant"].items() if k.startswith("layers.")}
+        assert searched == flatten({"layers": trial.user_attrs["layers"]})
+        assert results["metrics"]["fid_digits"] == pytest.approx(trial.user_attrs["fid"])
+        assert results["energy"]["energy_per_image_uJ"] == pytest.approx(trial.user_attrs["energy_per_image_uJ"])
+        assert list(trial.values) == [trial.user_attrs["fid"], trial.user_attrs["energy_per_image_uJ"]]
+    evaluated = proc.stdout.count("search: trial ") + proc.stderr.count("search: trial ")
+    reused = (proc.stdout + proc.stderr).count("(calibration reused)")
+    assert len(list((out / "calibration_cache").glob("*.pt"))) == 2 - reused and evaluated > 0
+    with open(out / "pareto.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {int(r["trial"]) for r in rows} == {t.number for t in study.best_trials}
+    assert (out / "pareto.png").stat().st_size > 0
+
+    # A crash mid-trial: a trial left RUNNING with its assignment picked.
+    crashed = study.ask()
+    params = {name: crashed.suggest_categorical(name, list(dist.choices))
+              for name, dist in done[0].distributions.items()}
+    proc = run([*SHORT, "search.n_trials=3", "search.front_fid_images=6", f"hydra.run.dir={out}"], tmp_path)
+    text = proc.stdout + proc.stderr
+    assert "2 trial(s) already complete" in text
+    assert f"trial {crashed.number} was left running by an interrupted run: marked failed" in text
+    trials = study_of(out).get_trials()
+    assert trials[crashed.number].state == TrialState.FAIL
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3 and [t.number for t in complete[:2]] == [t.number for t in done]
+    assert complete[2].params == params  # the crashed trial's assignment, evaluated once more
+    assert text.count("(3/3)") == 1 and "(1/3)" not in text and "(2/3)" not in text
+
+    # The front's presets run as they are: `--config-dir <run dir>/presets quant=pareto_<k>`.
+    with open(out / "pareto.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    first = rows[0]
+    for row in rows:  # the front evaluated again over 6 images
+        results = json.loads((out / "front" / f"trial_{int(row['trial']):04d}_6images" / "results.json").read_text())
+        assert results["num_images"] == 6 and float(row["fid_front"]) == pytest.approx(results["metrics"]["fid_digits"])
+    cfg = compose_run([f"hydra.searchpath=[file://{out / 'presets'}]", f"quant=pareto_{first['pareto_k']}",
+                       "task=eval", f"paths.output_dir={tmp_path / 'eval'}"])
+    validate(cfg)
+    quant = parse_settings(cfg).quant
+    assert quant.to_dict()["layers"] == json.loads(first["assignment"]) and quant.targets == (
+        "blocks.0.mlp.w12", "blocks.1.mlp.w3")
+
+    # Another search space in the same folder: refused before any work, in one line.
+    other = [*SHORT[:-1], "search.space={blocks.0.*: {adc: {bits: [6, 10]}}}"]
+    proc = run([*other, "search.n_trials=3", f"hydra.run.dir={out}"], tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()
+    assert len(line) == 1 and line[0].startswith(f"error: {out / 'search.db'} holds the study {study.study_name}, "
+                                                 "made for another search space")
+    assert len(study_of(out).get_trials()) == len(trials)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["search.space=null"], "search.space: empty"),
+    (["search.space={blocks.0.*: {adc: {bitz: [6]}}}"], "search.space['blocks.0.*'].adc.bitz=6: "),
+    (["search.space={blocks.0.*: {adc: {bits: [6, 99]}}}"], "search.space['blocks.0.*'].adc.bits=99: "),
+    (["search.space={blocks.0.*: {mode: [static]}}"],
+     "search.space['blocks.0.*'].mode='static': quant.layers['blocks.0.*'].mode is not a per-layer setting"),
+    (["search.space={blocks.0.*: {adc: {bits: []}}}"], "search.space['blocks.0.*'].adc.bits: an empty list"),
+    (["search.n_trials=0"], "search.n_trials: must be >= 1, got 0"),
+    (["search.front_fid_images=1"], "search.front_fid_images: must be 0 (no re-evaluation) or >= 2"),
+    (["search.objectives=[fid,latency]"], "search.objectives: must be distinct names among fid, energy"),
+    (["task=eval"], "search.space: applies to task=search only"),
+    (["quant=fp"], "quant: task=search assigns layers to the hardware of quant"),
+    (["eval.layer_stats_images=0"], "eval.layer_stats_images: the energy objective needs"),
+])
+def test_bad_search_input_is_refused_before_the_model_loads(args, message, tmp_path, monkeypatch):
+    from jit import builders, tasks
+
+    monkeypatch.setattr(builders, "load_module", lambda cfg: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(tasks, "load_module", lambda cfg: pytest.fail("the model was loaded"))
+    base = SHORT[:-1] if any(arg.startswith("search.space=") for arg in args) else SHORT
+    cfg = compose_run([*base, *args, f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+        tasks.search(cfg, parse_settings(cfg))
+    assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
+
+
+def test_a_pattern_matching_no_layer_is_refused_before_generation(tmp_path):
+    cfg = compose_run([*SHORT[:-1], "search.space={blocks.7.*: {adc: {bits: [6]}}}", f"paths.output_dir={tmp_path}"])
+    from jit import tasks
+
+    with pytest.raises(ConfigError, match=r"search.space\[.blocks.7.\*.\]: matches no layer of quant.targets"):
+        tasks.search(cfg, parse_settings(cfg))
+    assert not (tmp_path / "trials").exists()
+
+
+def test_calibration_is_shared_across_noise_but_not_across_adc_bits():
+    from jit.evaluation.calibration import CalibrationConfig
+    from jit.quant import build_quant_config
+
+    quant = build_quant_config({"scheme": "hybrid", "mode": "static", "targets": ["blocks.*"]})
+    section = {"n_trials": 1, "objectives": ["fid", "energy"],
+               "space": {"blocks.0.*": {"adc": {"bits": [6, 8], "noise_sigma_lsb": [0.0, 8.0]}}}}
+    settings = parse_search(section, quant)
+    assert [c.name for c in settings.choices] == ["blocks.0.*|adc.bits", "blocks.0.*|adc.noise_sigma_lsb"]
+    names, calibration = ["blocks.0.w", "blocks.1.w"], CalibrationConfig()
+
+    def key(bits, noise):
+        layers = assignment(settings, {"blocks.0.*|adc.bits": bits, "blocks.0.*|adc.noise_sigma_lsb": noise})
+        assert layers == {"blocks.0.*": {"adc": {"bits": bits, "noise_sigma_lsb": noise}}}
+        plain = {**quant.to_dict(), "layers": layers}
+        return calibration_key(build_quant_config(plain), names, calibration)
+
+    assert key(6, 0.0) == key(6, 8.0) != key(8, 0.0)
+    assert study_name("ab" * 32) == "search-abababababababab"
+
+
+def test_a_repeated_assignment_takes_the_numbers_of_its_twin(tmp_path):
+    out = tmp_path / "one"
+    only = [*SHORT[:-1], "quant.mode=dynamic", "search.space={blocks.0.*: {adc: {bits: [6]}}}"]
+    proc = run([*only, "search.n_trials=2", f"hydra.run.dir={out}"], tmp_path)
+    assert "trial 1 (2/2) repeats trial 0's assignment: its results reused" in proc.stdout + proc.stderr
+    trials = study_of(out).get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 2 and trials[1].values == trials[0].values and trials[1].user_attrs["same_as"] == 0
+    assert not (out / "trials" / "0001").exists()
+    with open(out / "pareto.csv", newline="") as f:
+        assert [row["trial"] for row in csv.DictReader(f)] == ["0"]
