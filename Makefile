@@ -19,9 +19,8 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/python run.py $(ARGS)
 
-# One pytest worker per core (pytest-xdist; an idle worker takes tests queued for a busy one);
-# PYTEST_ARGS="-n 0" runs them in one process.
-PYTEST_ARGS ?= -n auto --dist worksteal
+# One pytest worker per core (pytest-xdist); PYTEST_ARGS="-n 0" runs them in one process.
+PYTEST_ARGS ?= -n auto
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
