@@ -173,6 +173,16 @@ def numbers_depend_on(cfg: DictConfig, settings: RunSettings, section: str) -> d
     return parts
 
 
+def one_process_trainer(cfg: DictConfig):
+    """The trainer of a task that keeps its state in one process (sensitivity, search),
+    refused before the model loads when the run would span several."""
+    trainer = build_trainer(cfg, [], build_callbacks(cfg, training=False))
+    if trainer.world_size > 1:
+        raise ConfigError(f"trainer: task={cfg.task} runs in one process (got {trainer.world_size}); use "
+                          "trainer=cpu or trainer.devices=1")
+    return trainer
+
+
 def sensitivity(cfg: DictConfig, settings: RunSettings) -> dict:
     from jit.config import to_plain
     from jit.sensitivity import (
@@ -195,14 +205,11 @@ def sensitivity(cfg: DictConfig, settings: RunSettings) -> dict:
     # Everything a unit's numbers depend on; a CSV of another configuration is refused.
     digest = config_digest(numbers_depend_on(cfg, settings, "sensitivity"))
     done = read_done(run_dir / CSV_NAME, digest)
+    trainer = one_process_trainer(cfg)
     module, _ = load_module(cfg)
     dm = instantiate(cfg.data)
     check_before_generation(settings, module, dm, check_fid=sens.fid_images > 0)
     run_folder.start()
-    trainer = build_trainer(cfg, [], build_callbacks(cfg, training=False))
-    if trainer.world_size > 1:
-        raise ConfigError(f"trainer: task=sensitivity runs in one process (got {trainer.world_size}); use "
-                          "trainer=cpu or trainer.devices=1")
     run = SensitivityRun(settings=sens, quant=qcfg, fid=settings.fid, hardware=settings.hardware,
                          calibration=settings.calibration, run_dir=run_dir, digest=digest, done=done)
     summary = run_in_test_loop(trainer, module, lambda trainer, module: run_sensitivity(trainer, module, dm, run))
@@ -236,15 +243,12 @@ def search(cfg: DictConfig, settings: RunSettings) -> dict:
     parts["layer_stats_images"] = int(cfg.eval.layer_stats_images)
     digest = config_digest(parts)
     check_database(run_dir / DB_NAME, digest)
+    trainer = one_process_trainer(cfg)
     module, source = load_module(cfg)
     dm = instantiate(cfg.data)
     check_before_generation(settings, module, dm, check_fid=True)
     check_patterns(search_settings, target_names(module.denoiser.net, settings.quant.targets))
     run_folder.start()
-    trainer = build_trainer(cfg, [], build_callbacks(cfg, training=False))
-    if trainer.world_size > 1:
-        raise ConfigError(f"trainer: task=search runs in one process (got {trainer.world_size}); use "
-                          "trainer=cpu or trainer.devices=1")
     run = SearchRun(settings=search_settings, quant=settings.quant, fid=settings.fid, hardware=settings.hardware,
                     calibration=settings.calibration, run_dir=run_dir, checkpoint=source,
                     layer_stats_images=int(cfg.eval.layer_stats_images), digest=digest, seed=int(cfg.seed))

@@ -91,6 +91,7 @@ def test_proxy_equals_the_hand_computed_mse_and_a_rerun_skips_done_units(tmp_pat
     (["sensitivity.proxy_images=0"], "sensitivity.proxy_images: must be >= 1, got 0"),
     (["task=eval", "sensitivity.unit=block"], "sensitivity.unit: applies to task=sensitivity only"),
     (["quant=fp"], "quant: task=sensitivity puts units on the hardware of quant; quant.scheme=fp"),
+    (["trainer=ddp_cpu"], "trainer: task=sensitivity runs in one process (got 2)"),
 ])
 def test_bad_sensitivity_input_is_refused_before_the_model_loads(args, message, tmp_path, monkeypatch):
     from jit import builders, tasks
