@@ -1,7 +1,6 @@
 """Building the pieces a task composes from the run config: the module (from an official
 or Lightning checkpoint), loggers, callbacks (fine-tuning's included), the trainer, the
-checkpoint to resume (and the check that resuming changes no training setting), and
-running a function on every process inside Lightning's test loop."""
+checkpoint to resume (and the check that resuming changes no training setting)."""
 
 from __future__ import annotations
 
@@ -87,8 +86,8 @@ def build_callbacks(cfg: DictConfig, training: bool) -> list:
 
 
 def build_trainer(cfg: DictConfig, loggers: list, callbacks: list) -> L.Trainer:
-    # Without a progress-bar callback (eval) Lightning would add its default bar, which
-    # shows only the one-step dummy test loop the evaluation runs in.
+    # Without a progress-bar callback (eval) Lightning would add its default bar, a second
+    # line beside the passes' own progress (images, rate, time left).
     progress_bar = any(isinstance(c, ProgressBar) for c in callbacks)
     return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                        enable_progress_bar=progress_bar, _convert_="all")
@@ -154,36 +153,6 @@ def load_module(cfg: DictConfig) -> tuple[JiTModule, str]:
     module.eval_weights = plain["eval_weights"]
     module.sampler = dict(plain["sampler"])
     return module, path
-
-
-class RunAtTestStart(L.Callback):
-    """Runs `fn(trainer, module)` once `trainer.test` has set up every process and device."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.result = None
-
-    def on_test_start(self, trainer, pl_module) -> None:
-        from jit.interrupt import stop_on_signals
-
-        def stop_other_processes(signum):
-            if trainer.strategy.launcher is not None:
-                trainer.strategy.launcher.kill(signum)
-
-        # Lightning's handler, installed by trainer.test, only notes a SIGTERM for its loop,
-        # which waits for this hook: without ours an evaluation would run on to its end.
-        with stop_on_signals(stop_other_processes):
-            self.result = self.fn(trainer, pl_module)
-
-
-def run_in_test_loop(trainer: L.Trainer, module: JiTModule, fn):
-    """Execute `fn` under `trainer.test`: one process per device (DDP, SLURM, torchrun) or inline."""
-    from torch.utils.data import DataLoader
-
-    hook = RunAtTestStart(fn)
-    trainer.callbacks.append(hook)
-    trainer.test(module, dataloaders=DataLoader([0]), verbose=False)
-    return hook.result
 
 
 def finalize_loggers(trainer, status: str = "success") -> None:

@@ -33,9 +33,10 @@ from jit.checkpoint import (
     safe_load,
 )
 from jit.checks import check_data_fits_model, check_sampler_options, module_arguments
-from jit.datamodules import to_model_range
+from jit.datamodules import from_model_range, to_model_range
 from jit.ema import EMA, WEIGHTS, WeightSwap
 from jit.models import Denoiser, build_jit
+from jit.models.denoiser import NonFiniteSampleError
 from jit.quant import sample_context
 from jit.train import (
     NonFiniteLossError,
@@ -107,6 +108,7 @@ class JiTModule(L.LightningModule):
         self._val_stack: contextlib.ExitStack | None = None
         self._last_batch_end: float | None = None
         self._rng_states_to_restore: dict | None = None
+        self.test_sampler: dict = {}  # sampler overrides of the running test pass
 
     # ------------------------------------------------------------------ weights
     def _init_from_official(self, path, init_weights: str) -> None:
@@ -233,8 +235,19 @@ class JiTModule(L.LightningModule):
 
     # --------------------------------------------------------------------- test
     def test_step(self, batch, batch_idx):
-        """Nothing per batch: evaluation (calibration, FID) runs in callbacks at test start,
-        inside the processes `trainer.test` launches, so it shards across devices and nodes."""
+        """The images of one chunk of the sample plan (jit/evaluation/plan.py), in [0, 255],
+        keyed by global index; the pass's callbacks (jit/callbacks/evaluation.py) set the
+        sampler and weights and score or record the images. None for a chunk the sampler
+        repeated only to even out the ranks."""
+        index = batch["index"].cpu()
+        if self.trainer.test_dataloaders.dataset.is_padding(index, self.global_rank, self.trainer.world_size):
+            return None
+        try:  # the global index is the sample id of the thermal noise too
+            with sample_context(self.denoiser.net, index):
+                x = self.generate(batch["label"], noise=batch["noise"], **self.test_sampler)
+        except NonFiniteSampleError as err:
+            raise err.for_images(index) from None
+        return {"index": index, "images": from_model_range(x)}
 
     # --------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:

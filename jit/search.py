@@ -282,7 +282,8 @@ def objective_values(results: dict) -> dict[str, float]:
 def evaluate_trial(trainer, module, datamodule, run: SearchRun, qcfg, run_dir: Path, fid=None) -> dict:
     """One ordinary evaluation of `qcfg` (no float baseline) in `run_dir`; the backbone
     is float again afterwards."""
-    from jit.evaluation.pipeline import EvaluationSettings, evaluate_float_then_quantized
+    from jit.evaluation.pipeline import EvaluationSettings
+    from jit.passes import evaluate_float_then_quantized
     from jit.quant import restore_float
 
     evaluation = EvaluationSettings(

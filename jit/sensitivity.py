@@ -47,6 +47,7 @@ import torch
 from jit.atomic import atomic_path, atomic_write_json
 from jit.config import ConfigError
 from jit.console import PhaseProgress, announce
+from jit.passes import evaluate_fid
 
 UNITS = ("layer", "block")
 CSV_NAME = "sensitivity.csv"
@@ -257,7 +258,6 @@ class SensitivityRun:
 def run_sensitivity(trainer, module, datamodule, run: SensitivityRun) -> dict:
     """Every unit in turn (skipping those in `run.done`); returns the summary."""
     from jit.evaluation.calibration import run_calibration
-    from jit.evaluation.fid import FIDEvaluation
     from jit.hardware import adc_bits_of, count_targets_and_macs, estimate
     from jit.quant import artefact as art
     from jit.quant import collect_stats, enable_stats, layer_configs, quantize_model, restore_float
@@ -296,8 +296,8 @@ def run_sensitivity(trainer, module, datamodule, run: SensitivityRun) -> dict:
                 fid_float = float(earlier["fid_float"])
             else:
                 announce(f"sensitivity: FID of the float model over {fid_cfg.num_images} images")
-                results = FIDEvaluation(fid_cfg, run_dir=run.run_dir / UNITS_DIR / "float",
-                                        extra={"quant": {"scheme": "fp"}}).run(trainer, module, datamodule)
+                results = evaluate_fid(trainer, module, fid_cfg, run.run_dir / UNITS_DIR / "float",
+                                       {"quant": {"scheme": "fp"}}, datamodule)
                 fid_float = next(iter(results["metrics"].values()))
         artefact = art.load(qcfg.calibration_file) if qcfg.mode == "static" and qcfg.calibration_file else None
         for k, unit in enumerate(todo):
@@ -324,9 +324,9 @@ def run_sensitivity(trainer, module, datamodule, run: SensitivityRun) -> dict:
                 energy, _ = estimate(run.hardware, qcfg.scheme, adc_bits_of(qcfg), dense, targets, stats, n)
                 fid = None
                 if fid_cfg is not None:
-                    results = FIDEvaluation(fid_cfg, run_dir=unit_dir,
-                                            extra={"quant": qcfg.to_dict(), "sensitivity_unit": unit,
-                                                   "sensitivity_layers": layers}).run(trainer, module, datamodule)
+                    results = evaluate_fid(trainer, module, fid_cfg, unit_dir,
+                                           {"quant": qcfg.to_dict(), "sensitivity_unit": unit,
+                                            "sensitivity_layers": layers}, datamodule)
                     fid = next(iter(results["metrics"].values()))
             finally:
                 restore_float(denoiser.net)

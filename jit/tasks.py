@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
@@ -33,12 +34,14 @@ from jit.builders import (
     load_module,
     module_kwargs,
     resume_settings,
-    run_in_test_loop,
 )
 from jit.checkpoint import save_official_checkpoint
 from jit.checks import check_before_generation
 from jit.config import ConfigError, Task, validate
+from jit.evaluation.pipeline import EvaluationSettings
 from jit.module import JiTModule
+from jit.passes import attach, check_pass_launcher, evaluate_float_then_quantized
+from jit.passes import calibrate as calibrate_in_pass
 from jit.settings import RunSettings, parse_settings
 
 # What a training stopped by SIGTERM exits with, after saving last.ckpt: 128 + 15, as a shell
@@ -113,21 +116,23 @@ def export(cfg: DictConfig, run: RunSettings) -> dict:
     return {"checkpoint": out}
 
 
-def evaluate(cfg: DictConfig, settings: RunSettings) -> dict:
-    from jit.evaluation.pipeline import EvaluationSettings, evaluate_float_then_quantized
-
-    module, source = load_module(cfg)
-    run = EvaluationSettings(
+def evaluation_settings(cfg: DictConfig, settings: RunSettings, checkpoint: str) -> EvaluationSettings:
+    return EvaluationSettings(
         quant=settings.quant, fid=settings.fid, hardware=settings.hardware,
-        calibration=settings.calibration, run_dir=Path(cfg.paths.output_dir), checkpoint=source,
+        calibration=settings.calibration, run_dir=Path(cfg.paths.output_dir), checkpoint=checkpoint,
         compare_fp=bool(cfg.compare_fp), layer_stats_images=int(cfg.eval.layer_stats_images),
         compile_backbone=bool(cfg.model.compile))
+
+
+def evaluate(cfg: DictConfig, settings: RunSettings) -> dict:
+    module, source = load_module(cfg)
+    run = evaluation_settings(cfg, settings, source)
     dm = instantiate(cfg.data)
     check_before_generation(settings, module, dm, check_fid=True)
-    run_folder.start()
     trainer = build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg, training=False))
-    results = run_in_test_loop(trainer, module, lambda trainer, module: evaluate_float_then_quantized(
-        trainer, module, dm, run))
+    check_pass_launcher(trainer)
+    run_folder.start()
+    results = evaluate_float_then_quantized(trainer, module, dm, run)
     finalize_loggers(trainer)
     if trainer.is_global_zero:
         print(f"run directory: {run.run_dir}\nresults: {run.run_dir / 'results.json'}")
@@ -135,23 +140,26 @@ def evaluate(cfg: DictConfig, settings: RunSettings) -> dict:
 
 
 def calibrate(cfg: DictConfig, settings: RunSettings) -> dict:
-    from jit.evaluation.pipeline import prepare_quantized
-
     qcfg = settings.quant
     if not qcfg.quantizes or qcfg.mode != "static":
         raise ConfigError(f"quant: task=calibrate needs a quantized scheme in static mode "
                           f"(got quant.scheme={qcfg.scheme}, quant.mode={qcfg.mode})")
-    run_dir = Path(cfg.paths.output_dir)
-    module, _ = load_module(cfg)
+    if int(cfg.eval.layer_stats_images) < 1:
+        raise ConfigError("eval.layer_stats_images: task=calibrate calibrates at the start of the statistics pass "
+                          "(layer_stats.csv over the first N FID images) and needs N >= 1, got "
+                          f"{cfg.eval.layer_stats_images}")
+    module, source = load_module(cfg)
+    run = evaluation_settings(cfg, settings, source)
     dm = instantiate(cfg.data)
     check_before_generation(settings, module, dm, check_fid=False)
-    run_folder.start()
     # Under the trainer, as eval: its precision (bf16 autocast with bf16-mixed) and devices.
     trainer = build_trainer(cfg, [], build_callbacks(cfg, training=False))
-    info = run_in_test_loop(trainer, module, lambda trainer, module: prepare_quantized(
-        module, qcfg, settings.calibration, dm, run_dir, trainer))
+    check_pass_launcher(trainer)
+    run_folder.start()
+    info = calibrate_in_pass(trainer, module, dm, run)
     if trainer.is_global_zero:
-        print(f"calibration artefact: {info['calibration']['file']}")
+        print(f"calibration artefact: {info['calibration']['file']}\n"
+              f"layer statistics: {run.run_dir / 'layer_stats.csv'}")
     return info
 
 
@@ -212,7 +220,9 @@ def sensitivity(cfg: DictConfig, settings: RunSettings) -> dict:
     run_folder.start()
     run = SensitivityRun(settings=sens, quant=qcfg, fid=settings.fid, hardware=settings.hardware,
                          calibration=settings.calibration, run_dir=run_dir, digest=digest, done=done)
-    summary = run_in_test_loop(trainer, module, lambda trainer, module: run_sensitivity(trainer, module, dm, run))
+    attach(trainer, module)
+    with torch.no_grad():
+        summary = run_sensitivity(trainer, module, dm, run)
     print_summary(summary, run_dir / CSV_NAME)
     print(f"run directory: {run_dir}\nsensitivity: {run_dir / CSV_NAME}")
     return summary
@@ -252,7 +262,7 @@ def search(cfg: DictConfig, settings: RunSettings) -> dict:
     run = SearchRun(settings=search_settings, quant=settings.quant, fid=settings.fid, hardware=settings.hardware,
                     calibration=settings.calibration, run_dir=run_dir, checkpoint=source,
                     layer_stats_images=int(cfg.eval.layer_stats_images), digest=digest, seed=int(cfg.seed))
-    summary = run_in_test_loop(trainer, module, lambda trainer, module: run_search(trainer, module, dm, run))
+    summary = run_search(trainer, module, dm, run)
     print_summary(summary)
     print(f"run directory: {run_dir}\nPareto front: {run_dir / 'pareto.csv'}")
     return summary

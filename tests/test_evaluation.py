@@ -1,7 +1,8 @@
-"""FIDEvaluation: deterministic sharded generation, bad input before generation, results.json."""
+"""FID passes: deterministic sharded generation, bad input before generation, results.json."""
 
 import json
 import os
+import signal
 import socket
 from unittest.mock import MagicMock
 
@@ -16,17 +17,18 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from jit.datamodules import DigitsDataModule
 from jit.evaluation import (
     EvaluationConfigError,
-    FIDEvaluation,
     balanced_labels,
     index_chunks,
     initial_noise,
     shard_indices,
 )
 from jit.evaluation.fid import write_json_atomic
+from jit.interrupt import RunInterrupted
 from jit.metrics.digits_cnn import DigitsCNN
 from jit.metrics.features import FeatureExtractorError
 from jit.metrics.reference import ReferenceStatsError
 from jit.module import JiTModule
+from jit.passes import evaluate_fid
 
 SAMPLER = {"steps": 2, "method": "heun", "cfg_scale": 1.5, "interval": (0.1, 1.0), "schedule": "linear"}
 
@@ -49,7 +51,7 @@ class TinyModule(JiTModule):
     def generate(self, labels, noise=None, **overrides):
         self.calls += 1
         if self.fail_after is not None and self.calls > self.fail_after:
-            raise KeyboardInterrupt("simulated interruption")
+            raise RunInterrupted(signal.SIGINT)  # what a stop signal raises (jit/interrupt.py)
         return super().generate(labels, noise=noise, **overrides)
 
 
@@ -118,13 +120,18 @@ def test_noise_depends_only_on_seed_and_index():
 
 # ------------------------------------------------------------------ determinism across world sizes
 def _ddp_worker(rank, world, port, weights, ref, run_dir):
+    """One process of a 2-process Lightning DDP run, started as torchrun would (the
+    environment names the rank): Lightning's sampler shards the plan's chunks."""
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
     try:
-        FIDEvaluation(cfg(weights, ref, chunk_size=4), run_dir=run_dir).run(None, TinyModule())
+        evaluate_fid(trainer, TinyModule(), cfg(weights, ref, chunk_size=4), run_dir)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _free_port():
@@ -135,8 +142,9 @@ def _free_port():
 
 def test_same_images_and_score_for_any_world_size(setup):
     tmp, weights, ref = setup
-    # 10 images in chunks of 4 (rank 0: [0, 4) and [8, 10); rank 1: [4, 8))
-    one = FIDEvaluation(cfg(weights, ref, chunk_size=4), run_dir=tmp / "one").run(None, TinyModule())
+    # 10 images in chunks of 4 (rank 0: [0, 4) and [8, 10); rank 1: [4, 8) and a repeat of
+    # [0, 4) that Lightning's sampler adds to even out the ranks, and that is not scored)
+    one = evaluate_fid(None, TinyModule(), cfg(weights, ref, chunk_size=4), tmp / "one")
     mp.spawn(_ddp_worker, args=(2, _free_port(), weights, ref, tmp / "ddp"), nprocs=2, join=True)
     arrays = {name: np.load(tmp / name / "samples.npz")["arr_0"] for name in ("one", "ddp")}
     assert arrays["one"].shape == (10, 16, 16, 3) and arrays["one"].dtype == np.uint8
@@ -161,8 +169,8 @@ def test_results_json_grid_and_logger(setup):
     module = TinyModule()
     extra = {"calibration": {"source": "digits/calibration", "num_images": 64}, "layer_stats": {"n_layers": 3},
              "quant": {"mode": "hybrid", "weights": {"bits": 8}, "activations": {"bits": 11}}}
-    out = FIDEvaluation(cfg(weights, ref, eval_weights="ema2", sampler={"steps": 1}, save_images=True),
-                        run_dir=tmp / "run", extra=extra).run(trainer, module)
+    out = evaluate_fid(trainer, module, cfg(weights, ref, eval_weights="ema2", sampler={"steps": 1},
+                                            save_images=True), tmp / "run", extra)
     logger.save()
     saved = json.loads((tmp / "run" / "results.json").read_text())
     assert set(saved["metrics"]) == {"fid_digits", "cond_accuracy"} and "fid" not in saved["metrics"]
@@ -188,8 +196,7 @@ def test_digits_end_to_end_with_cached_reference_and_tensorboard(tmp_path):
     settings = {"extractor": "digits-cnn", "num_images": 20, "chunk_size": 10, "progress": False,
                 "reference": {"split": "reference", "cache_dir": str(tmp_path / "cache")}}
     extra = {"quant": {"scheme": "hybrid", "adc": {"bits": 11, "noise_sigma_lsb": 2.0}}}
-    out = FIDEvaluation(settings, run_dir=tmp_path / "run", extra=extra).run(
-        trainer, TinyModule(num_classes=10), dm)
+    out = evaluate_fid(trainer, TinyModule(num_classes=10), settings, tmp_path / "run", extra, dm)
     assert (tmp_path / "cache" / "digits_reference_16px_digits-cnn.npz").is_file()
     assert np.isfinite(out["metrics"]["fid_digits"]) and "computed from" in out["reference"]
     assert out["quant"] == {"scheme": "hybrid", "adc.bits": 11, "adc.noise_sigma_lsb": 2.0}
@@ -216,9 +223,9 @@ def test_inception_metrics_names(setup, monkeypatch):
     monkeypatch.setattr("jit.evaluation.fid.create_feature_space", lambda *a, **k: space)
     ref = tmp / "ref8.npz"
     np.savez(ref, mu=np.zeros(8), sigma=np.eye(8))
-    out = FIDEvaluation({"extractor": "inception-v3-compat", "num_images": 10, "chunk_size": 5, "isc_splits": 2,
-                         "reference": {"stats_file": str(ref)}, "progress": False},
-                        run_dir=tmp / "inc").run(None, TinyModule())
+    out = evaluate_fid(None, TinyModule(), {"extractor": "inception-v3-compat", "num_images": 10, "chunk_size": 5,
+                                            "isc_splits": 2, "reference": {"stats_file": str(ref)}, "progress": False},
+                       tmp / "inc")
     assert set(out["metrics"]) == {"fid", "inception_score", "inception_score_std"}
 
 
@@ -256,7 +263,7 @@ def test_bad_input_fails_before_generation(setup, monkeypatch, case, error, mess
         settings["label_strategy"] = "random"
     module = TinyModule()
     with pytest.raises(error, match=message):
-        FIDEvaluation(settings, run_dir=tmp / "run").run(None, module)
+        evaluate_fid(None, module, settings, tmp / "run")
     assert module.calls == 0
     assert not (tmp / "run" / "results.json").exists()
 
@@ -279,8 +286,8 @@ def test_results_json_atomic_on_failed_write(tmp_path):
 def test_interrupted_evaluation_leaves_no_results(setup):
     tmp, weights, ref = setup
     module = TinyModule(fail_after=1)
-    with pytest.raises(KeyboardInterrupt):
-        FIDEvaluation(cfg(weights, ref), run_dir=tmp / "run").run(None, module)
+    with pytest.raises(RunInterrupted):
+        evaluate_fid(None, module, cfg(weights, ref), tmp / "run")
     assert module.calls == 2
     assert sorted(p.name for p in (tmp / "run").iterdir()) == []  # no results, no npz shard
 
@@ -292,7 +299,7 @@ def test_runs_with_jit_module(setup):
     tmp, weights, ref = setup
     module = JiTModule(net={"name": "JiT-T/4", "input_size": 16, "num_classes": 4},
                        sampler={"steps": 1, "method": "euler"}, eval_weights="ema2")
-    out = FIDEvaluation(cfg(weights, ref, export_npz=False), run_dir=tmp / "run").run(None, module)
+    out = evaluate_fid(None, module, cfg(weights, ref, export_npz=False), tmp / "run")
     assert out["weights"] == "ema2" and out["sampler"]["steps"] == 1 and out["num_images"] == 10
 
 
@@ -335,8 +342,8 @@ def test_compiled_generation_of_a_calibrated_model_is_one_graph(setup):
                        layers=layers), module.denoiser.net)
     settings = cfg(weights, ref, num_images=8, chunk_size=4, export_npz=False)
     counters.clear()
-    compiled = FIDEvaluation(settings, run_dir=tmp / "compiled", compile_backbone=True).run(None, module)
+    compiled = evaluate_fid(None, module, settings, tmp / "compiled", compile_backbone=True)
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1
-    eager = FIDEvaluation(settings, run_dir=tmp / "eager").run(None, module)
+    eager = evaluate_fid(None, module, settings, tmp / "eager")
     assert abs(compiled["metrics"]["fid_digits"] - eager["metrics"]["fid_digits"]) < 5

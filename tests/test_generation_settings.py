@@ -173,25 +173,26 @@ def fid_settings(tmp_path, **extra):
 def test_labels_come_from_the_model_not_the_data(tmp_path):
     from types import SimpleNamespace
 
-    from jit.evaluation.fid import FIDEvaluation
+    from jit.passes import evaluate_fid
 
     stats = tmp_path / "stats.npz"
     np.savez(stats, mu=np.zeros(64), sigma=np.eye(64))
     module = RecordingModule(num_classes=10)
     four_class_data = SimpleNamespace(num_classes=4)  # not read: the statistics come from the file
-    FIDEvaluation(fid_settings(tmp_path, reference={"stats_file": str(stats)}), run_dir=tmp_path / "run").run(
-        None, module, four_class_data)
+    evaluate_fid(None, module, fid_settings(tmp_path, reference={"stats_file": str(stats)}), tmp_path / "run",
+                 datamodule=four_class_data)
     assert sorted(set(torch.cat(module.labels).tolist())) == list(range(10))
 
 
 def test_class_count_of_model_and_reference_data_must_agree(tmp_path):
     from jit.datamodules import DigitsDataModule
-    from jit.evaluation import EvaluationConfigError, FIDEvaluation
+    from jit.evaluation import EvaluationConfigError
+    from jit.passes import evaluate_fid
 
     module = RecordingModule(num_classes=4)
     settings = fid_settings(tmp_path, reference={"split": "reference", "cache_dir": str(tmp_path / "cache")})
     with pytest.raises(EvaluationConfigError, match=r"model.net.num_classes=4 .* \(data=digits\) has 10"):
-        FIDEvaluation(settings, run_dir=tmp_path / "run").run(None, module, DigitsDataModule(img_size=16, batch_size=64))
+        evaluate_fid(None, module, settings, tmp_path / "run", datamodule=DigitsDataModule(img_size=16, batch_size=64))
     assert not module.labels
 
 

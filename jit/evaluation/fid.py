@@ -1,14 +1,17 @@
-"""FID evaluation: deterministic sharded generation streamed into a feature extractor.
+"""FID evaluation, the maths without the loop: what a pass of generated chunks is scored by.
 
 Image i (global index) gets label labels[i] and initial noise drawn from a generator
 seeded with seed * 1_000_003 + i, and i is its sample id for the quantized layers'
-thermal noise (jit.quant.sample_context). Generation and feature extraction run in fixed
-chunks of the global index (`fid.chunk_size` images per forward, rank r of W taking
-chunks r, r + W, ...: jit/sample_plan.py), so every run layout computes the same forwards and
-the generated images do not depend on the number of processes. Images never leave memory
-unless PNGs or an npz are asked for; each image's features are kept with its global
-index, and the statistics are reduced once, in index order, after all ranks' rows are
-gathered (jit.metrics.fid), so the score does not depend on the layout either.
+thermal noise (jit.quant.sample_context). `FIDConfig.sample_plan` turns the settings into
+the test dataset of Lightning's loop (jit/evaluation/plan.py): one item per fixed chunk of
+the global index (`fid.chunk_size` images per forward, rank r of W taking chunks r, r + W,
+...), so every run layout computes the same forwards and the generated images do not
+depend on the number of processes. `FIDEvaluation` is driven by the loop's callback
+(jit/callbacks/evaluation.py): `prepare` before the first chunk, `start`, `add` per
+generated chunk, `finish`, `reduce`, `report`. Images never leave memory unless PNGs or an
+npz are asked for; each image's features are kept with its global index, and the
+statistics are reduced once, in index order, after all ranks' rows are gathered
+(jit.metrics.fid), so the score does not depend on the layout either.
 
 Everything that can fail on bad input (config values, extractor name, Inception weights,
 reference statistics and their shape) is checked before the first image is generated.
@@ -16,7 +19,6 @@ reference statistics and their shape) is checked before the first image is gener
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,14 +32,12 @@ from PIL import Image
 from jit import __version__
 from jit.atomic import atomic_path
 from jit.config import FLOAT32_MAX, Weights, choices
-from jit.console import PhaseProgress, announce
-from jit.datamodules import from_model_range
+from jit.console import announce
 from jit.evaluation.plan import (
     LABEL_STRATEGIES,
     EvaluationConfigError,
+    SamplePlan,
     balanced_labels,
-    index_chunks,
-    initial_noise,
     rank_world,
 )
 from jit.evaluation.report import (
@@ -50,10 +50,7 @@ from jit.evaluation.report import (
 from jit.metrics.features import INCEPTION, FeatureSpace, create_feature_space
 from jit.metrics.fid import GaussianStats, InceptionScoreStats, all_reduce_sum, frechet_distance
 from jit.metrics.reference import reference_stats, stats_digest
-from jit.models.compile import compiled_forward
-from jit.models.denoiser import NonFiniteSampleError
 from jit.provenance import provenance
-from jit.quant import sample_context
 from jit.sample_plan import DEFAULT_CHUNK_SIZE
 
 WEIGHT_CHOICES = choices(Weights)
@@ -144,6 +141,14 @@ class FIDConfig:
         FID images, the per-layer statistics pass and the MAC count share."""
         return balanced_labels(self.num_images, num_classes, self.label_strategy)
 
+    def sample_plan(self, denoiser, num_images: int | None = None, sharded: bool = True) -> SamplePlan:
+        """The test dataset of a generation pass over the first `num_images` (default: all)
+        images of this plan; `sharded=False`: every rank generates all of them."""
+        n = self.num_images if num_images is None else min(int(num_images), self.num_images)
+        return SamplePlan(self.labels(int(denoiser.num_classes)), n, self.chunk_size, self.seed,
+                          (denoiser.in_channels, denoiser.img_size, denoiser.img_size), denoiser.noise_scale,
+                          sharded=sharded)
+
 
 def check_data_classes(model_classes: int, datamodule) -> None:
     """Labels come from the model; reference data of another class count would make FID
@@ -206,40 +211,31 @@ class Generated:
     correct: torch.Tensor  # images the extractor classified as their label (non-Inception logits)
     grid_tiles: list[tuple[int, int, int, np.ndarray]]  # (index, row, column, HWC image)
     seconds: float
+    export: NpzExport | None = None  # open while chunks arrive
+    grid_slots: dict = field(default_factory=dict)  # global index -> (row, column) of the grid
 
 
 class FIDEvaluation:
-    """Generate `fid.num_images` images and report FID (and IS or cond_accuracy).
+    """Score `fid.num_images` generated images: FID (and IS or cond_accuracy), results.json.
 
-    `run(trainer, module, datamodule)` (the `task=eval` pipeline runs it on every process;
-    `trainer` may be None) is `prepare` (everything that can fail on bad input), `generate`
-    (streamed, sharded), `reduce` (over ranks) and `report` (results.json, logger). The
-    module is a JiTModule: `denoiser`, `generate`, `sampler`, `eval_weights`,
-    `eval_weights_context`, `hparams`, `device`. `extra` (quantization config, calibration
-    provenance, per-layer statistics summary) is written into results.json as given.
-    Metrics and the sample grid are logged under `log_prefix` (`eval`; the float baseline
-    of a quantized run uses `eval_fp`).
+    `prepare` (everything that can fail on bad input), `start`, `add` (one generated chunk),
+    `finish`, `reduce` (over ranks) and `report` (results.json, logger). The module is a
+    JiTModule: `denoiser`, `sampler`, `eval_weights`, `hparams`, `device`. `extra`
+    (quantization config, calibration provenance, per-layer statistics summary) is written
+    into results.json as given. Metrics and the sample grid are logged under `log_prefix`
+    (`eval`; the float baseline of a quantized run uses `eval_fp`).
     """
 
     def __init__(self, cfg=None, run_dir=None, extra: dict | None = None, device=None,
-                 log_prefix: str = "eval", compile_backbone: bool = False):
+                 log_prefix: str = "eval"):
         self.cfg = FIDConfig.from_any(cfg)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.extra = dict(extra or {})
         self.device = device
         self.log_prefix = log_prefix
-        self.compile_backbone = compile_backbone
         self.results: dict | None = None
 
-    def run(self, trainer, module, datamodule=None) -> dict:
-        start = time.perf_counter()
-        plan = self.prepare(trainer, module, datamodule)
-        generated = self.generate(module, plan)
-        metrics, tiles = self.reduce(plan, generated)
-        self.results = self.report(trainer, module, plan, generated, metrics, tiles, start)
-        return self.results
-
-    def _label(self) -> str:
+    def label(self) -> str:
         """What this evaluation scores, for progress lines: the quantization scheme."""
         quant = self.extra.get("quant") or {}
         return str(quant.get("scheme", "fp")) if isinstance(quant, Mapping) else "fp"
@@ -251,7 +247,7 @@ class FIDEvaluation:
         cfg, denoiser = self.cfg, module.denoiser
         rank, world = rank_world()
         device = torch.device(self.device) if self.device is not None else module.device
-        announce(f"FID ({self._label()}): loading the feature extractor {cfg.extractor} and the reference statistics")
+        announce(f"FID ({self.label()}): loading the feature extractor {cfg.extractor} and the reference statistics")
         extractor_weights = cfg.inception_weights if cfg.extractor == INCEPTION else cfg.extractor_weights
         space = create_feature_space(cfg.extractor, extractor_weights, device=device,
                                      probe_size=denoiser.img_size)
@@ -273,79 +269,57 @@ class FIDEvaluation:
                        reference=reference, reference_source=reference_source, labels=cfg.labels(num_classes),
                        sampler={**module.sampler, **cfg.sampler}, weights=cfg.eval_weights or module.eval_weights)
 
-    # ---------------------------------------------------------------- generate
-    def generate(self, module, plan: FIDPlan) -> Generated:
-        """This rank's chunks of the global index: generated, scored into running statistics,
-        and (where asked) kept as PNGs, npz rows and sample-grid tiles."""
-        cfg, space, labels, world = self.cfg, plan.space, plan.labels, plan.world
-        denoiser, net = module.denoiser, module.denoiser.net
+    # ------------------------------------------------------------------- score
+    def start(self, plan: FIDPlan) -> Generated:
+        """Empty running statistics (and the npz shard, PNG folder) for this rank's chunks."""
+        cfg, space = self.cfg, plan.space
         inception = (InceptionScoreStats(cfg.num_images, space.extractor.fc.out_features, cfg.isc_splits)
                      if plan.uses_inception_score else None)
-        out = Generated(stats=GaussianStats(space.feature_dim), inception=inception,
-                        correct=torch.zeros(1, dtype=torch.float64), grid_tiles=[], seconds=0.0)
-        grid_slots = sample_grid_slots(labels, plan.num_classes, cfg.grid["samples_per_class"],
-                                       cfg.grid["max_classes"])
-        png_dir = plan.run_dir / "samples"
         if cfg.save_images:
-            png_dir.mkdir(parents=True, exist_ok=True)
+            (plan.run_dir / "samples").mkdir(parents=True, exist_ok=True)
         _, h, w = plan.image_shape
-        export = NpzExport(plan.run_dir, cfg.num_images, (h, w, 3), plan.rank, world,
+        export = NpzExport(plan.run_dir, cfg.num_images, (h, w, 3), plan.rank, plan.world,
                            cfg.chunk_size) if cfg.export_npz else None
-        label = f"FID generation ({self._label()})"
-        announce(f"{label}: {cfg.num_images} images in chunks of {cfg.chunk_size} on {world} process(es), "
-                 f"{plan.sampler.get('method')} sampler with {plan.sampler.get('steps')} steps")
-        progress = PhaseProgress(label, cfg.num_images, "images", enabled=plan.rank == 0 and cfg.progress)
-        start = time.perf_counter()
-        try:
-            if self.compile_backbone:
-                # Graphs of earlier evaluations in this process (the float baseline, earlier
-                # jobs of a sweep) guard on modules that are gone; they would count against
-                # Dynamo's limit of 8 graphs per code object, past which it runs eagerly.
-                torch._dynamo.reset()
-            with module.eval_weights_context(plan.weights), progress, torch.no_grad(), \
-                    compiled_forward(net, self.compile_backbone):
-                done_here = 0  # images of this rank so far
-                for idx in index_chunks(cfg.num_images, cfg.chunk_size, plan.rank, world):
-                    noise = initial_noise(cfg.seed, idx, plan.image_shape, denoiser.noise_scale).to(plan.device)
-                    in_flight, done_before = len(idx) * world, min(cfg.num_images, done_here * world)
+        return Generated(stats=GaussianStats(space.feature_dim), inception=inception,
+                         correct=torch.zeros(1, dtype=torch.float64), grid_tiles=[], seconds=0.0,
+                         export=export, grid_slots=sample_grid_slots(
+                             plan.labels, plan.num_classes, cfg.grid["samples_per_class"], cfg.grid["max_classes"]))
 
-                    def advance(steps_done, steps, n=in_flight, base=done_before):
-                        progress.update(min(cfg.num_images, base + n * steps_done / steps))
+    def add(self, plan: FIDPlan, generated: Generated, index: torch.Tensor, images: torch.Tensor) -> None:
+        """One chunk's images (uint8 NCHW, global indices `index`) scored into the running
+        statistics, and kept as PNGs, npz rows and sample-grid tiles where asked."""
+        space, labels = plan.space, plan.labels
+        if images.shape[1] == 1:  # grey models: the extractors take RGB
+            images = images.expand(-1, 3, -1, -1)
+        features, logits = space(images.to(plan.device))
+        check_finite_features(features, logits, index, space.name)
+        generated.stats.update(features, index)
+        if generated.inception is not None:
+            generated.inception.update(logits, index)
+        elif logits is not None:
+            generated.correct += (logits.argmax(1).cpu() == labels[index]).sum()
+        nhwc = images.permute(0, 2, 3, 1).cpu().numpy()
+        if generated.export is not None:
+            generated.export.add(nhwc)
+        for row, i in enumerate(index.tolist()):
+            if i in generated.grid_slots:
+                generated.grid_tiles.append((i, *generated.grid_slots[i], nhwc[row]))
+            if self.cfg.save_images:
+                Image.fromarray(nhwc[row]).save(plan.run_dir / "samples" / f"{i:06d}_class{int(labels[i])}.png")
 
-                    try:  # the global index is the sample id of the thermal noise too
-                        with sample_context(net, idx):
-                            x = module.generate(labels[idx].to(plan.device), noise=noise, step_callback=advance,
-                                                **plan.sampler)
-                    except NonFiniteSampleError as err:
-                        raise err.for_images(idx) from None
-                    images = from_model_range(x)
-                    if images.shape[1] == 1:  # grey models: the extractors take RGB
-                        images = images.expand(-1, 3, -1, -1)
-                    features, logits = space(images)
-                    check_finite_features(features, logits, idx, space.name)
-                    out.stats.update(features, idx)
-                    if out.inception is not None:
-                        out.inception.update(logits, idx)
-                    elif logits is not None:
-                        out.correct += (logits.argmax(1) == labels[idx]).sum()
-                    nhwc = images.permute(0, 2, 3, 1).cpu().numpy()
-                    if export is not None:
-                        export.add(nhwc)
-                    for row, index in enumerate(idx.tolist()):
-                        if index in grid_slots:
-                            out.grid_tiles.append((index, *grid_slots[index], nhwc[row]))
-                        if cfg.save_images:
-                            Image.fromarray(nhwc[row]).save(png_dir / f"{index:06d}_class{int(labels[index])}.png")
-                    done_here += len(idx)
-                    progress.update(min(cfg.num_images, done_here * world))
-            out.seconds = time.perf_counter() - start
-            if export is not None:
-                export.finish(plan.run_dir / "samples.npz")
-                export = None
-        finally:
-            if export is not None:  # interrupted
-                export.abort()
-        return out
+    def finish(self, plan: FIDPlan, generated: Generated, seconds: float) -> None:
+        """Every chunk is in: the npz written (all ranks' shards, in index order)."""
+        generated.seconds = seconds
+        if generated.export is not None:
+            export, generated.export = generated.export, None
+            export.finish(plan.run_dir / "samples.npz")
+
+    @staticmethod
+    def abort(generated: Generated | None) -> None:
+        """The pass failed or was stopped: no partial npz is left behind."""
+        if generated is not None and generated.export is not None:
+            generated.export.abort()
+            generated.export = None
 
     # ------------------------------------------------------------------ reduce
     def reduce(self, plan: FIDPlan, generated: Generated) -> tuple[dict, list]:
@@ -370,12 +344,11 @@ class FIDEvaluation:
 
     # ------------------------------------------------------------------ report
     def report(self, trainer, module, plan: FIDPlan, generated: Generated, metrics: dict, tiles: list,
-               start: float) -> dict:
+               wall_seconds: float) -> dict:
         """results.json with the provenance two results must share to be compared, the
         sample grid and the logged metrics (rank 0 writes)."""
         cfg, denoiser, space = self.cfg, module.denoiser, plan.space
-        wall = time.perf_counter() - start
-        results = {
+        results = self.results = {
             "metrics": metrics,
             "num_images": cfg.num_images,
             # Provenance: what two results must share to be compared.
@@ -398,7 +371,7 @@ class FIDEvaluation:
             **self.extra,
             # Flat keys ("weights.bits") so sweeps can tabulate runs.
             "quant": flatten(self.extra.get("quant") or {}),
-            "wall_time_s": wall,
+            "wall_time_s": wall_seconds,
             "generation_time_s": generated.seconds,
             "images_per_s": cfg.num_images / generated.seconds,
         }

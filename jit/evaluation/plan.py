@@ -12,8 +12,11 @@ about the run.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from jit.sample_plan import (  # noqa: F401  (the evaluation's plan, in one import)
     LABEL_STRATEGIES,
@@ -43,3 +46,48 @@ def rank_world() -> tuple[int, int]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+class SamplePlan(Dataset):
+    """The images an evaluation pass generates, as the dataset of Lightning's test loop.
+
+    Item k is chunk k of the global index, [kC, min((k+1)C, N)): its indices, their labels
+    and their initial noise (keyed by index, jit/sample_plan.py). One item is one forward
+    of every sampling step, so the batch the loop hands `test_step` is exactly a chunk.
+    Lightning shards the items over ranks with a DistributedSampler without shuffling:
+    rank r of W gets chunks r, r + W, ..., as `index_chunks` plans, plus, when W does not
+    divide the chunk count, a copy of a chunk from the front so every rank runs as many
+    batches. `is_padding` tells those copies apart: their owner is another rank.
+    `sharded=False`: every rank goes through every chunk (work whose result each rank
+    needs whole, such as the per-layer statistics).
+    """
+
+    def __init__(self, labels: torch.Tensor, num_images: int, chunk_size: int, seed: int,
+                 image_shape: tuple[int, int, int], noise_scale: float, sharded: bool = True):
+        if num_images > len(labels):
+            raise ValueError(f"the plan has labels for {len(labels)} images, not {num_images}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
+        self.labels, self.num_images, self.chunk_size = labels, int(num_images), int(chunk_size)
+        self.seed, self.image_shape, self.noise_scale = int(seed), tuple(image_shape), float(noise_scale)
+        self.sharded = sharded
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_images / self.chunk_size)
+
+    def __getitem__(self, chunk: int) -> dict[str, torch.Tensor]:
+        if not 0 <= chunk < len(self):
+            raise IndexError(f"chunk {chunk} of a plan with {len(self)} chunks")
+        index = torch.arange(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, self.num_images))
+        return {"index": index, "label": self.labels[index],
+                "noise": initial_noise(self.seed, index, self.image_shape, self.noise_scale)}
+
+    def loader(self) -> DataLoader:
+        """One chunk per batch, in chunk order (`batch_size=None`: the items are batches).
+        Unsharded, the loader brings its own one-replica sampler, which Lightning keeps."""
+        sampler = None if self.sharded else DistributedSampler(self, num_replicas=1, rank=0, shuffle=False)
+        return DataLoader(self, batch_size=None, shuffle=False, sampler=sampler)
+
+    def is_padding(self, index: torch.Tensor, rank: int, world_size: int) -> bool:
+        """True for a chunk the sampler handed `rank` only to even out the ranks' batches."""
+        return self.sharded and int(index[0]) // self.chunk_size % world_size != rank

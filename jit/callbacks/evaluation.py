@@ -1,0 +1,175 @@
+"""Lightning callbacks of an evaluation pass: thin adapters between the test loop and the
+Lightning-free maths of jit/evaluation/ and jit/quant/.
+
+A pass is one `trainer.test` over a sample plan (jit/evaluation/plan.py): `JiTModule.test_step`
+generates each chunk of the global image index, and the callbacks of the pass decide what
+happens around it and with the images (jit/passes.py composes them):
+
+    CalibrationCallback   before the first chunk: counts the float model's MACs of one image,
+                          quantizes the backbone and calibrates it (or applies an artefact)
+    GenerationPass        the pass's sampler, weights (raw, ema1, ema2), compiled backbone
+                          and progress line
+    LayerStatsCallback    per-layer statistics of the quantized layers over the pass
+    FIDCallback           features of every chunk, FID/IS at the end of the epoch, results.json
+
+Callbacks run their hooks in list order: the calibration callback comes first, so the
+layers exist before statistics are switched on and before the weights are swapped in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from jit.console import PhaseProgress, announce
+from jit.evaluation.fid import FIDEvaluation
+from jit.evaluation.pipeline import prepare_quantized
+from jit.hardware import count_targets_and_macs
+from jit.models.compile import compiled_forward
+from jit.quant import collect_stats, enable_stats, reset_stats
+
+
+class GenerationPass(L.Callback):
+    """What `test_step` generates with during this pass: `sampler` overrides of the
+    module's sampler, the `weights` swapped in, the backbone compiled (`compile_backbone`),
+    and a progress line named `label` over the plan's images."""
+
+    def __init__(self, num_images: int, sampler: dict, weights: str, label: str, compile_backbone: bool = False,
+                 progress: bool = True):
+        self.num_images, self.sampler, self.weights, self.label = num_images, dict(sampler), weights, label
+        self.compile_backbone, self.progress_enabled = compile_backbone, progress
+        self._stack: contextlib.ExitStack | None = None
+        self._progress: PhaseProgress | None = None
+        self._done = 0  # images of this rank so far
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        world = trainer.world_size
+        plan = trainer.test_dataloaders.dataset
+        settings = {**pl_module.sampler, **self.sampler}
+        announce(f"{self.label}: {self.num_images} images in chunks of {plan.chunk_size} on "
+                 f"{world if plan.sharded else 1} process(es), {settings.get('method')} sampler with "
+                 f"{settings.get('steps')} steps")
+        if self.compile_backbone:
+            # Graphs of earlier passes in this process (the float baseline, earlier jobs of a
+            # sweep) guard on modules that are gone; they would count against Dynamo's limit
+            # of 8 graphs per code object, past which it runs eagerly.
+            torch._dynamo.reset()
+        stack = self._stack = contextlib.ExitStack()
+        stack.enter_context(pl_module.eval_weights_context(self.weights))
+        stack.enter_context(compiled_forward(pl_module.denoiser.net, self.compile_backbone))
+        self._progress = stack.enter_context(PhaseProgress(
+            self.label, self.num_images, "images", enabled=trainer.is_global_zero and self.progress_enabled))
+        self._done = 0
+        self._world = world if plan.sharded else 1
+        pl_module.test_sampler = dict(self.sampler)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        n, progress, base = self.num_images, self._progress, min(self.num_images, self._done * self._world)
+        in_flight = len(batch["index"]) * self._world
+
+        def advance(steps_done, steps):
+            progress.update(min(n, base + in_flight * steps_done / steps))
+
+        pl_module.test_sampler = {**self.sampler, "step_callback": advance}
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if outputs is not None:
+            self._done += len(outputs["index"])
+        self._progress.update(min(self.num_images, self._done * self._world))
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._close(pl_module)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._close(pl_module)
+
+    def _close(self, pl_module) -> None:
+        pl_module.test_sampler = {}
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()
+
+
+class FIDCallback(L.Callback):
+    """Scores the pass's images with `evaluation` (jit/evaluation/fid.py) and writes its
+    results.json at the end of the epoch. `extra`, when given, is called then and its
+    entries join results.json: what other callbacks of the pass found out (calibration,
+    energy). The results stay in `results`."""
+
+    def __init__(self, evaluation: FIDEvaluation, datamodule=None, extra: Callable[[], dict] | None = None):
+        self.evaluation, self.datamodule, self.extra = evaluation, datamodule, extra
+        self.results: dict | None = None
+        self._plan = self._generated = None
+        self._started = self._first_batch = 0.0
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._started = time.perf_counter()
+        self._plan = self.evaluation.prepare(trainer, pl_module, self.datamodule)
+        self._generated = self.evaluation.start(self._plan)
+        self._first_batch = None
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._first_batch is None:
+            self._first_batch = time.perf_counter()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if outputs is not None:
+            self.evaluation.add(self._plan, self._generated, outputs["index"], outputs["images"])
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        now = time.perf_counter()
+        plan, generated, evaluation = self._plan, self._generated, self.evaluation
+        evaluation.finish(plan, generated, now - (self._first_batch or now))
+        metrics, tiles = evaluation.reduce(plan, generated)
+        if self.extra is not None:
+            evaluation.extra.update(self.extra())
+        self.results = evaluation.report(trainer, pl_module, plan, generated, metrics, tiles,
+                                         time.perf_counter() - self._started)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        FIDEvaluation.abort(self._generated)
+
+
+class LayerStatsCallback(L.Callback):
+    """Per-layer statistics (jit/quant/stats.py) of the quantized layers over the pass's
+    images: switched on at the start, read into `rows` at the end of the epoch."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        enable_stats(pl_module.denoiser.net, True)
+        reset_stats(pl_module.denoiser.net)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self.rows = collect_stats(pl_module.denoiser.net)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        enable_stats(pl_module.denoiser.net, False)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        enable_stats(pl_module.denoiser.net, False)
+
+
+class CalibrationCallback(L.Callback):
+    """Puts the model on the hardware of `quant` at the start of the pass, on every process
+    and on its device: the float model's MACs of one image first (`fid` image 0, for the
+    energy estimate), then `quantize_model` and static calibration with `calibration` or
+    the artefact quant.calibration_file (jit/evaluation/pipeline.py, prepare_quantized).
+    Afterwards: `dense_macs`, `targets`, `provenance` (what results.json records)."""
+
+    def __init__(self, quant, calibration, fid, run_dir: Path, datamodule=None):
+        self.quant, self.calibration, self.fid, self.run_dir = quant, calibration, fid, Path(run_dir)
+        self.datamodule = datamodule
+        self.dense_macs = self.targets = self.provenance = None
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        num_classes = int(pl_module.denoiser.num_classes)
+        self.dense_macs, self.targets = count_targets_and_macs(pl_module, self.quant, self.fid, num_classes)
+        self.provenance = prepare_quantized(pl_module, self.quant, self.calibration, self.datamodule,
+                                            self.run_dir, trainer)
