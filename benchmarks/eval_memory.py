@@ -33,8 +33,8 @@ def one_run(num_images: int, batch_size: int, workdir: Path) -> dict:
     import torch
 
     from jit.datamodules import DigitsDataModule
-    from jit.evaluation import FIDEvaluation
     from jit.module import JiTModule
+    from jit.passes import evaluate_fid
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -48,8 +48,7 @@ def one_run(num_images: int, batch_size: int, workdir: Path) -> dict:
     dm = DigitsDataModule(img_size=32, batch_size=200)
     cfg = {"extractor": "digits-cnn", "num_images": num_images, "chunk_size": batch_size, "progress": False,
            "reference": {"split": "reference", "cache_dir": str(workdir / "cache")}}
-    evaluation = FIDEvaluation(cfg, run_dir=workdir / f"run_{num_images}")
-    results = evaluation.run(None, module, dm)
+    results = evaluate_fid(None, module, cfg, workdir / f"run_{num_images}", datamodule=dm)
     return {"num_images": num_images, "batch_size": batch_size, "peak_rss_mb": round(rss_mb("VmHWM"), 1),
             "final_rss_mb": round(rss_mb("VmRSS"), 1), "images_per_s": round(results["images_per_s"], 1),
             "fid_digits": results["metrics"]["fid_digits"]}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,9 +15,17 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig
 
-from jit.checkpoint import CheckpointError, safe_load
+from jit.checkpoint import (
+    WEIGHT_KEYS,
+    CheckpointError,
+    lightning_weights,
+    load_into,
+    load_jit_checkpoint,
+    safe_load,
+)
 from jit.config import ASSETS, ConfigError, to_plain
-from jit.module import JiTModule, load_for_evaluation
+from jit.ema import WEIGHTS
+from jit.module import JiTModule
 
 if TYPE_CHECKING:
     from jit.settings import RunSettings
@@ -113,6 +122,32 @@ def module_kwargs(cfg: DictConfig) -> dict:
     plain = to_plain(cfg)
     return {"net": plain["model"]["net"], "denoiser": plain["model"]["denoiser"], "optim": plain["optim"],
             "ema": plain["ema"], "sampler": plain["sampler"], "eval_weights": plain["eval_weights"]}
+
+
+def load_for_evaluation(path, kind: str, which: str, module_kwargs: Mapping | None = None,
+                        ckpt: Mapping | None = None) -> JiTModule:
+    """A JiTModule holding only the `which` weights (raw | ema1 | ema2) of a checkpoint.
+
+    Evaluation needs one set of weights; a module with the raw weights and both EMAs holds
+    three copies of the parameters. The file is memory-mapped and only the chosen tensors
+    are read. `kind` is "lightning" (a .ckpt of JiTModule; its hyper-parameters build the
+    module) or "official" (a checkpoint-last.pth; `module_kwargs` build the module).
+    `ckpt`: the file's contents if the caller has read them (`safe_load`, memory-mapped).
+    """
+    if kind == "official":
+        module = JiTModule(**{**(module_kwargs or {}), "hold_only": which})
+        key = WEIGHT_KEYS[WEIGHTS.index(which)]  # raw -> model, ema1 -> model_ema1, ...
+        state, _ = load_jit_checkpoint(path, key, ckpt)
+        load_into(module.denoiser, state, source=f"{path}[{key!r}]")
+        module.init_source = str(path)
+        return module
+    if ckpt is None:
+        ckpt = safe_load(path, mmap=True)
+    state = lightning_weights(ckpt, None if which == "raw" else WEIGHTS.index(which) - 1, str(path))
+    module = JiTModule(**{**ckpt.get("hyper_parameters", {}), "init_checkpoint": None, "hold_only": which})
+    load_into(module.denoiser, state, source=f"{path} ({which} weights)")
+    module.init_source = ckpt.get("init_checkpoint")
+    return module
 
 
 def load_module(cfg: DictConfig) -> tuple[JiTModule, str]:

@@ -15,26 +15,22 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from jit.checkpoint import (
-    WEIGHT_KEYS,
     CheckpointError,
     check_lightning_checkpoint,
-    lightning_weights,
     load_into,
     load_jit_checkpoint,
     official_ema_weights,
     official_state,
-    safe_load,
 )
 from jit.checks import check_data_fits_model, check_sampler_options, module_arguments
 from jit.datamodules import from_model_range, to_model_range
-from jit.ema import EMA, WEIGHTS, WeightSwap
+from jit.ema import EMA, WeightSwap
 from jit.models import Denoiser, build_jit
 from jit.models.denoiser import NonFiniteSampleError
 from jit.quant import sample_context
@@ -50,7 +46,7 @@ from jit.train import (
     train_sample_ids,
 )
 
-__all__ = ["JiTModule", "NonFiniteLossError", "load_for_evaluation"]
+__all__ = ["JiTModule", "NonFiniteLossError"]
 
 
 class JiTModule(L.LightningModule):
@@ -72,7 +68,7 @@ class JiTModule(L.LightningModule):
                its `init_weights` entry (default model_ema1, the weights one evaluates; use
                "model" to continue the official run exactly); ema1/ema2 start from its
                model_ema1/model_ema2 (or from the initial weights when absent).
-    hold_only: raw | ema1 | ema2 for an evaluation-only module (see `load_for_evaluation`):
+    hold_only: raw | ema1 | ema2 for an evaluation-only module (see jit/builders.py, `load_for_evaluation`):
                the denoiser holds those weights and no EMA copies exist, so the module keeps
                one copy of the parameters; other weights cannot be selected, and it cannot train.
     """
@@ -285,29 +281,3 @@ class JiTModule(L.LightningModule):
         self.ema.load_state_dict(checkpoint["ema"])
         self.init_source = checkpoint.get("init_checkpoint", self.init_source)
         self._rng_states_to_restore = checkpoint.get("rng_states")
-
-
-def load_for_evaluation(path, kind: str, which: str, module_kwargs: Mapping | None = None,
-                        ckpt: Mapping | None = None) -> JiTModule:
-    """A JiTModule holding only the `which` weights (raw | ema1 | ema2) of a checkpoint.
-
-    Evaluation needs one set of weights; a module with the raw weights and both EMAs holds
-    three copies of the parameters. The file is memory-mapped and only the chosen tensors
-    are read. `kind` is "lightning" (a .ckpt of JiTModule; its hyper-parameters build the
-    module) or "official" (a checkpoint-last.pth; `module_kwargs` build the module).
-    `ckpt`: the file's contents if the caller has read them (`safe_load`, memory-mapped).
-    """
-    if kind == "official":
-        module = JiTModule(**{**(module_kwargs or {}), "hold_only": which})
-        key = WEIGHT_KEYS[WEIGHTS.index(which)]  # raw -> model, ema1 -> model_ema1, ...
-        state, _ = load_jit_checkpoint(path, key, ckpt)
-        load_into(module.denoiser, state, source=f"{path}[{key!r}]")
-        module.init_source = str(path)
-        return module
-    if ckpt is None:
-        ckpt = safe_load(path, mmap=True)
-    state = lightning_weights(ckpt, None if which == "raw" else WEIGHTS.index(which) - 1, str(path))
-    module = JiTModule(**{**ckpt.get("hyper_parameters", {}), "init_checkpoint": None, "hold_only": which})
-    load_into(module.denoiser, state, source=f"{path} ({which} weights)")
-    module.init_source = ckpt.get("init_checkpoint")
-    return module
