@@ -234,9 +234,9 @@ class JiTModule(L.LightningModule):
         """The images of one chunk of the sample plan (jit/evaluation/plan.py), in [0, 255],
         keyed by global index; the pass's callbacks (jit/callbacks/evaluation.py) set the
         sampler and weights and score or record the images. None for a chunk the sampler
-        repeated only to even out the ranks."""
+        repeated only to even out the ranks, or one an interrupted run already scored."""
         index = batch["index"].cpu()
-        if self.trainer.test_dataloaders.dataset.is_padding(index, self.global_rank, self.trainer.world_size):
+        if self.trainer.test_dataloaders.dataset.skips(index, self.global_rank, self.trainer.world_size):
             return None
         try:  # the global index is the sample id of the thermal noise too
             with sample_context(self.denoiser.net, index):

@@ -12,11 +12,14 @@ same model on every rank:
     LayerStatsCallback)  ->  energy estimate  ->  quantized FID pass (FIDCallback)
 
 Without statistics (`eval.layer_stats_images=0`) the calibration callback joins the
-quantized FID pass.
+quantized FID pass. Both FID passes store their scored chunks in the run folder until the
+evaluation has succeeded: the same command rerun in the same folder after an interruption
+continues from the first missing chunk (jit/evaluation/chunks.py).
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 
 import lightning as L
@@ -31,6 +34,7 @@ from jit.callbacks.evaluation import (
 )
 from jit.checkpoint import sha256_file
 from jit.config import ConfigError
+from jit.evaluation.chunks import STORE_DIR
 from jit.evaluation.fid import FIDConfig, FIDEvaluation
 from jit.evaluation.pipeline import EvaluationSettings, per_layer_differences
 from jit.evaluation.plan import SamplePlan
@@ -86,15 +90,17 @@ def generation_pass(trainer: L.Trainer, module, plan: SamplePlan, callbacks: lis
 
 def evaluate_fid(trainer: L.Trainer | None, module, fid, run_dir=None, extra: dict | None = None,
                  datamodule=None, log_prefix: str = "eval", compile_backbone: bool = False,
-                 callbacks: list | None = None, more: Callable[[], dict] | None = None) -> dict:
+                 callbacks: list | None = None, more: Callable[[], dict] | None = None,
+                 keep_chunks: bool = False) -> dict:
     """FID (and IS or cond_accuracy) of `fid.num_images` images of the module as it is:
     one pass; returns results.json's contents. `trainer` None: `evaluation_trainer()`.
     `callbacks` run before the generation (a CalibrationCallback); `more()` adds to
-    results.json what they found."""
+    results.json what they found. Chunks an interrupted call stored in `run_dir` are
+    reused; `keep_chunks`: the store stays after success (the caller removes it)."""
     trainer = trainer if trainer is not None else evaluation_trainer()
     fid = FIDConfig.from_any(fid)
     evaluation = FIDEvaluation(fid, run_dir=run_dir, extra=extra, log_prefix=log_prefix)
-    scorer = FIDCallback(evaluation, datamodule, more)
+    scorer = FIDCallback(evaluation, datamodule, more, keep_chunks)
     generation_pass(trainer, module, fid.sample_plan(module.denoiser), [*(callbacks or []), scorer],
                     sampler=fid.sampler, weights=fid.eval_weights or module.eval_weights,
                     label=f"FID generation ({evaluation.label()})", compile_backbone=compile_backbone,
@@ -127,7 +133,7 @@ def evaluate_float_then_quantized(trainer: L.Trainer, module, datamodule, run: E
     if run.compare_fp and qcfg.quantizes:
         rank_zero_info("evaluating the float model (baseline)")
         baseline = evaluate_fid(trainer, module, fid, run.run_dir / "baseline_fp", {**common, "quant": {"scheme": "fp"}},
-                                datamodule, "eval_fp", run.compile_backbone)["metrics"]
+                                datamodule, "eval_fp", run.compile_backbone, keep_chunks=True)["metrics"]
     hardware = CalibrationCallback(qcfg, run.calibration, fid, run.run_dir, datamodule)
     stats_images = min(run.layer_stats_images, fid.num_images) if qcfg.quantizes else 0
     layer_stats: list[dict] = []
@@ -150,8 +156,11 @@ def evaluate_float_then_quantized(trainer: L.Trainer, module, datamodule, run: E
 
     results = evaluate_fid(trainer, module, fid, run.run_dir, {**common, "quant": qcfg.to_dict()}, datamodule,
                            compile_backbone=run.compile_backbone, callbacks=[] if stats_images else [hardware],
-                           more=quantized_extra)
+                           more=quantized_extra, keep_chunks=True)
     if trainer.is_global_zero:
+        # Both evaluations are done: an interrupted rerun has nothing left to continue.
+        for folder in (run.run_dir, run.run_dir / "baseline_fp"):
+            shutil.rmtree(folder / STORE_DIR, ignore_errors=True)
         log_energy(trainer, energy)
         print_summary(results, baseline)
     return results

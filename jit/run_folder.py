@@ -16,8 +16,10 @@ Every run of `run.py` goes through it, in three steps:
 A training resumed in its own folder (`ckpt_path=last`, or a checkpoint inside the
 folder) continues the earlier run there: nothing is refused or moved; so does a
 `task=sensitivity` run in a folder holding its sensitivity.csv (without overwrite=true),
-which skips the units measured there with the same configuration, and a `task=search`
-run in a folder holding its search.db, which continues the study.
+which skips the units measured there with the same configuration, a `task=search`
+run in a folder holding its search.db, which continues the study, and a `task=eval` run
+in the folder of an interrupted evaluation (its `.fid_chunks/`), which continues from the
+first chunk not scored yet.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ RUN_ARTEFACTS = (
     ".hydra", ".pl_hydra_*", FAILED, "failed.json", "results.json", "layer_stats.csv", "calibration.pt",
     "coverage.csv", "sample_grid.png", "samples.npz", "samples", ".samples.rank*.u8", "baseline_fp",
     "checkpoints", "checkpoint-last.pth", "finetune_comparison.json", "compare", "csv", "tensorboard", "wandb",
-    "sensitivity.csv", "sensitivity.json", "sensitivity.png", "units",
+    ".fid_chunks", "sensitivity.csv", "sensitivity.json", "sensitivity.png", "units",
     "search.db", "search.json", "pareto.csv", "pareto.png", "trials", "calibration_cache", "presets",
     # a sweep's folder
     ".sweep_id", "multirun.yaml", "summary.csv", "summary.md", "summary_*.png",
@@ -322,11 +324,18 @@ def continues_search(cfg: DictConfig, folder: Path) -> bool:
             and (folder / "search.db").is_file())
 
 
+def continues_evaluation(cfg: DictConfig, folder: Path) -> bool:
+    """An evaluation rerun in the folder of an interrupted one continues it: its scored
+    chunks are there (jit/evaluation/chunks.py); overwrite=true starts afresh."""
+    return (str(cfg.get("task")) == "eval" and not cfg.get("overwrite", False)
+            and any((where / ".fid_chunks").is_dir() for where in (folder, folder / "baseline_fp")))
+
+
 def open_for(cfg: DictConfig, folder: Path, ignore: set[Path] = frozenset(), sweep_job: bool = False) -> RunFolder:
     """The guard of a run of `cfg` in `folder`. `sweep_job`: a job folder of a sweep,
     whose folder the sweep's guard has cleared."""
     continuing = (sweep_job or continues_training(cfg, folder) or continues_sensitivity(cfg, folder)
-                  or continues_search(cfg, folder))
+                  or continues_search(cfg, folder) or continues_evaluation(cfg, folder))
     return open_run(folder, overwrite=bool(cfg.get("overwrite", False)), inputs=config_inputs(cfg),
                     continuing=continuing, ignore=ignore)
 

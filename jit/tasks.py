@@ -39,6 +39,7 @@ from jit.checkpoint import save_official_checkpoint
 from jit.checks import check_before_generation
 from jit.config import ConfigError, Task, validate
 from jit.evaluation.pipeline import EvaluationSettings
+from jit.interrupt import RunInterrupted
 from jit.module import JiTModule
 from jit.passes import attach, check_pass_launcher, evaluate_float_then_quantized
 from jit.passes import calibrate as calibrate_in_pass
@@ -132,7 +133,13 @@ def evaluate(cfg: DictConfig, settings: RunSettings) -> dict:
     trainer = build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg, training=False))
     check_pass_launcher(trainer)
     run_folder.start()
-    results = evaluate_float_then_quantized(trainer, module, dm, run)
+    try:
+        results = evaluate_float_then_quantized(trainer, module, dm, run)
+    except RunInterrupted as stop:
+        if trainer.is_global_zero:
+            print(f"evaluation {stop} (exit code {stop.exit_code}); the scored chunks are kept in the run folder: "
+                  f"continue with the same overrides plus hydra.run.dir={run.run_dir}", file=sys.stderr)
+        raise
     finalize_loggers(trainer)
     if trainer.is_global_zero:
         print(f"run directory: {run.run_dir}\nresults: {run.run_dir / 'results.json'}")

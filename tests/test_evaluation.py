@@ -145,6 +145,9 @@ def test_same_images_and_score_for_any_world_size(setup):
     # 10 images in chunks of 4 (rank 0: [0, 4) and [8, 10); rank 1: [4, 8) and a repeat of
     # [0, 4) that Lightning's sampler adds to even out the ranks, and that is not scored)
     one = evaluate_fid(None, TinyModule(), cfg(weights, ref, chunk_size=4), tmp / "one")
+    # The 2-process run continues a 1-process run interrupted after its first chunk.
+    with pytest.raises(RunInterrupted):
+        evaluate_fid(None, TinyModule(fail_after=1), cfg(weights, ref, chunk_size=4), tmp / "ddp")
     mp.spawn(_ddp_worker, args=(2, _free_port(), weights, ref, tmp / "ddp"), nprocs=2, join=True)
     arrays = {name: np.load(tmp / name / "samples.npz")["arr_0"] for name in ("one", "ddp")}
     assert arrays["one"].shape == (10, 16, 16, 3) and arrays["one"].dtype == np.uint8
@@ -283,13 +286,31 @@ def test_results_json_atomic_on_failed_write(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
-def test_interrupted_evaluation_leaves_no_results(setup):
+def test_interrupted_evaluation_leaves_no_results_and_continues_to_the_same_score(setup):
     tmp, weights, ref = setup
-    module = TinyModule(fail_after=1)
+    settings = cfg(weights, ref, num_images=14)  # chunks of 4: [0, 4) [4, 8) [8, 12) [12, 14)
+    module = TinyModule(fail_after=2)
     with pytest.raises(RunInterrupted):
-        evaluate_fid(None, module, cfg(weights, ref), tmp / "run")
-    assert module.calls == 2
-    assert sorted(p.name for p in (tmp / "run").iterdir()) == []  # no results, no npz shard
+        evaluate_fid(None, module, settings, tmp / "run")
+    assert module.calls == 3
+    # No results, no npz shard; the two scored chunks are kept.
+    assert sorted(p.name for p in (tmp / "run").iterdir()) == [".fid_chunks"]
+    [store] = (tmp / "run" / ".fid_chunks").iterdir()
+    assert sorted(p.name for p in store.iterdir()) == ["chunk_0000000.pt", "chunk_0000001.pt"]
+    again = TinyModule()  # the same weights (seed 0): the same evaluation
+    resumed = evaluate_fid(None, again, settings, tmp / "run")
+    assert again.calls == 2  # only the chunks not scored yet
+    whole = evaluate_fid(None, TinyModule(), settings, tmp / "whole")
+    assert resumed["metrics"] == whole["metrics"]  # bitwise
+    for name in ("samples.npz", "sample_grid.png"):
+        assert (tmp / "run" / name).read_bytes() == (tmp / "whole" / name).read_bytes()
+    assert not (tmp / "run" / ".fid_chunks").exists()  # removed once results.json is written
+    # Other weights are another evaluation: nothing stored is reused.
+    with pytest.raises(RunInterrupted):
+        evaluate_fid(None, TinyModule(fail_after=1), settings, tmp / "other")
+    changed = TinyModule(seed=1)
+    evaluate_fid(None, changed, settings, tmp / "other")
+    assert changed.calls == 4
 
 
 def test_runs_with_jit_module(setup):

@@ -769,6 +769,38 @@ def test_a_stop_signal_ends_an_evaluation_within_a_batch(tmp_path, signum, code)
     assert not (out / "results.json").exists() and not (out / LOCK).exists()
 
 
+def test_an_evaluation_stopped_by_sigterm_continues_in_its_folder_to_the_same_numbers(trained_tiny, tmp_path):
+    """SIGTERM once the quantized pass has scored its second chunk (the run signals itself,
+    so the point is exact): exit 143, every scored chunk kept; the same command in the same
+    folder generates only what is missing and writes the uninterrupted run's numbers."""
+    fault = ("import os, signal\n"
+             "from jit.evaluation import chunks\n"
+             "save = chunks.ChunkStore.save\n"
+             "def save_then_stop(self, chunk, record):\n"
+             "    save(self, chunk, record)\n"
+             "    if 'baseline_fp' not in str(self.folder) and chunk == 1:\n"
+             "        os.kill(os.getpid(), signal.SIGTERM)\n"
+             "chunks.ChunkStore.save = save_then_stop\n")
+    args = [f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL, "fid.num_images=20",
+            "fid.chunk_size=4", "quant.adc.noise_sigma_lsb=2.0"]
+    out = tmp_path / "out"
+    stopped = run_with_fault(fault, [*args, f"hydra.run.dir={out}"], tmp_path)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert f"continue with the same overrides plus hydra.run.dir={out}" in stopped.stderr
+    assert (out / FAILED).is_file() and not (out / "results.json").exists()
+    assert len(list(out.glob(".fid_chunks/*/chunk_*.pt"))) == 2
+    assert len(list(out.glob("baseline_fp/.fid_chunks/*/chunk_*.pt"))) == 5  # the float baseline, whole
+    resumed = run([*args, f"hydra.run.dir={out}"], tmp_path)
+    log = resumed.stdout + resumed.stderr
+    assert "5 of 5 chunks already scored" in log and "2 of 5 chunks already scored" in log
+    whole = tmp_path / "whole"
+    run([*args, f"hydra.run.dir={whole}"], tmp_path)
+    ours, theirs = (json.loads((folder / "results.json").read_text()) for folder in (out, whole))
+    assert ours["metrics"] == theirs["metrics"] and ours["baseline_fp"] == theirs["baseline_fp"]  # bitwise
+    assert ours["energy"] == theirs["energy"]
+    assert not list(out.rglob(".fid_chunks")) and not (out / FAILED).exists()
+
+
 # ------------------------------------------------------------------ packaging
 def test_package_metadata_builds_without_deprecation_warnings(monkeypatch):
     """`pip install -e .` reads pyproject.toml this way; the license is an SPDX expression."""

@@ -27,6 +27,7 @@ import lightning as L
 import torch
 
 from jit.console import PhaseProgress, announce
+from jit.evaluation.chunks import ChunkStore
 from jit.evaluation.fid import FIDEvaluation
 from jit.evaluation.pipeline import prepare_quantized
 from jit.hardware import count_targets_and_macs
@@ -99,11 +100,17 @@ class FIDCallback(L.Callback):
     """Scores the pass's images with `evaluation` (jit/evaluation/fid.py) and writes its
     results.json at the end of the epoch. `extra`, when given, is called then and its
     entries join results.json: what other callbacks of the pass found out (calibration,
-    energy). The results stay in `results`."""
+    energy). The results stay in `results`.
 
-    def __init__(self, evaluation: FIDEvaluation, datamodule=None, extra: Callable[[], dict] | None = None):
-        self.evaluation, self.datamodule, self.extra = evaluation, datamodule, extra
+    Each scored chunk is stored in the run folder as it completes (jit/evaluation/chunks.py);
+    a chunk stored by an interrupted run of the same evaluation is loaded instead of
+    generated. `keep_chunks=False` removes the store once results.json is written."""
+
+    def __init__(self, evaluation: FIDEvaluation, datamodule=None, extra: Callable[[], dict] | None = None,
+                 keep_chunks: bool = False):
+        self.evaluation, self.datamodule, self.extra, self.keep_chunks = evaluation, datamodule, extra, keep_chunks
         self.results: dict | None = None
+        self.store: ChunkStore | None = None
         self._plan = self._generated = None
         self._started = self._first_batch = 0.0
 
@@ -112,14 +119,26 @@ class FIDCallback(L.Callback):
         self._plan = self.evaluation.prepare(trainer, pl_module, self.datamodule)
         self._generated = self.evaluation.start(self._plan)
         self._first_batch = None
+        self.store = ChunkStore(self._plan.run_dir, self.evaluation.digest(self._plan, pl_module))
+        plan = trainer.test_dataloaders.dataset
+        plan.done = self.store.done()
+        if plan.done:
+            announce(f"FID ({self.evaluation.label()}): {len(plan.done)} of {len(plan)} chunks already scored "
+                     f"in {self.store.folder}: continuing from there")
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         if self._first_batch is None:
             self._first_batch = time.perf_counter()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        plan = trainer.test_dataloaders.dataset
+        index = batch["index"].cpu()
+        chunk = plan.chunk_of(index)
         if outputs is not None:
-            self.evaluation.add(self._plan, self._generated, outputs["index"], outputs["images"])
+            record = self.evaluation.add(self._plan, self._generated, outputs["index"], outputs["images"])
+            self.store.save(chunk, record)
+        elif chunk in plan.done and not plan.is_padding(index, trainer.global_rank, trainer.world_size):
+            self.evaluation.keep(self._plan, self._generated, self.store.load(chunk))
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         now = time.perf_counter()
@@ -130,6 +149,13 @@ class FIDCallback(L.Callback):
             evaluation.extra.update(self.extra())
         self.results = evaluation.report(trainer, pl_module, plan, generated, metrics, tiles,
                                          time.perf_counter() - self._started)
+        if not self.keep_chunks:
+            trainer.strategy.barrier()  # every rank has read its stored chunks
+            if trainer.is_global_zero:
+                self.store.remove()
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        trainer.test_dataloaders.dataset.done = set()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         FIDEvaluation.abort(self._generated)

@@ -20,7 +20,7 @@ reference statistics and their shape) is checked before the first image is gener
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from jit import __version__
 from jit.atomic import atomic_path
 from jit.config import FLOAT32_MAX, Weights, choices
 from jit.console import announce
+from jit.evaluation.chunks import ChunkRecord, model_digest, settings_digest
 from jit.evaluation.plan import (
     LABEL_STRATEGIES,
     EvaluationConfigError,
@@ -285,27 +286,46 @@ class FIDEvaluation:
                          export=export, grid_slots=sample_grid_slots(
                              plan.labels, plan.num_classes, cfg.grid["samples_per_class"], cfg.grid["max_classes"]))
 
-    def add(self, plan: FIDPlan, generated: Generated, index: torch.Tensor, images: torch.Tensor) -> None:
+    def add(self, plan: FIDPlan, generated: Generated, index: torch.Tensor, images: torch.Tensor) -> ChunkRecord:
         """One chunk's images (uint8 NCHW, global indices `index`) scored into the running
-        statistics, and kept as PNGs, npz rows and sample-grid tiles where asked."""
-        space, labels = plan.space, plan.labels
+        statistics and kept as PNGs, npz rows and sample-grid tiles where asked; returns
+        what the chunk store keeps of it (jit/evaluation/chunks.py)."""
+        space = plan.space
         if images.shape[1] == 1:  # grey models: the extractors take RGB
             images = images.expand(-1, 3, -1, -1)
         features, logits = space(images.to(plan.device))
         check_finite_features(features, logits, index, space.name)
-        generated.stats.update(features, index)
-        if generated.inception is not None:
-            generated.inception.update(logits, index)
-        elif logits is not None:
-            generated.correct += (logits.argmax(1).cpu() == labels[index]).sum()
         nhwc = images.permute(0, 2, 3, 1).cpu().numpy()
+        tiles = [(i, *generated.grid_slots[i], nhwc[row]) for row, i in enumerate(index.tolist())
+                 if i in generated.grid_slots]
+        record = ChunkRecord(index, features.cpu(), logits.cpu() if logits is not None else None, tiles,
+                             nhwc if self.cfg.export_npz else None)
+        self.keep(plan, generated, record)
+        if self.cfg.save_images:
+            for row, i in enumerate(index.tolist()):
+                Image.fromarray(nhwc[row]).save(plan.run_dir / "samples" / f"{i:06d}_class{int(plan.labels[i])}.png")
+        return record
+
+    def keep(self, plan: FIDPlan, generated: Generated, record: ChunkRecord) -> None:
+        """A scored chunk, fresh or stored by an earlier run, into this rank's statistics."""
+        generated.stats.update(record.features, record.index)
+        if generated.inception is not None:
+            generated.inception.update(record.logits, record.index)
+        elif record.logits is not None:
+            generated.correct += (record.logits.argmax(1) == plan.labels[record.index]).sum()
         if generated.export is not None:
-            generated.export.add(nhwc)
-        for row, i in enumerate(index.tolist()):
-            if i in generated.grid_slots:
-                generated.grid_tiles.append((i, *generated.grid_slots[i], nhwc[row]))
-            if self.cfg.save_images:
-                Image.fromarray(nhwc[row]).save(plan.run_dir / "samples" / f"{i:06d}_class{int(labels[i])}.png")
+            generated.export.add(record.images)
+        generated.grid_tiles.extend(record.tiles)
+
+    def digest(self, plan: FIDPlan, module) -> str:
+        """What the scored features depend on: the key of this evaluation's stored chunks."""
+        fid = asdict(self.cfg)
+        fid["reference"] = {k: v for k, v in fid["reference"].items() if k != "cache_dir"}
+        fid.pop("progress")
+        settings = {"fid": fid, "sampler": plan.sampler, "weights": plan.weights, "extractor": plan.space.name,
+                    "extractor_weights_sha256": plan.space.weights_sha256, "image_shape": plan.image_shape,
+                    "quant": self.extra.get("quant"), "device": self.extra.get("device")}
+        return settings_digest(settings, model_digest(module.denoiser))
 
     def finish(self, plan: FIDPlan, generated: Generated, seconds: float) -> None:
         """Every chunk is in: the npz written (all ranks' shards, in index order)."""

@@ -59,7 +59,8 @@ class SamplePlan(Dataset):
     divide the chunk count, a copy of a chunk from the front so every rank runs as many
     batches. `is_padding` tells those copies apart: their owner is another rank.
     `sharded=False`: every rank goes through every chunk (work whose result each rank
-    needs whole, such as the per-layer statistics).
+    needs whole, such as the per-layer statistics). `done`: chunks not to generate again,
+    their results stored by an interrupted run (set by the FID callback).
     """
 
     def __init__(self, labels: torch.Tensor, num_images: int, chunk_size: int, seed: int,
@@ -71,6 +72,7 @@ class SamplePlan(Dataset):
         self.labels, self.num_images, self.chunk_size = labels, int(num_images), int(chunk_size)
         self.seed, self.image_shape, self.noise_scale = int(seed), tuple(image_shape), float(noise_scale)
         self.sharded = sharded
+        self.done: set[int] = set()  # chunks an earlier run scored (jit/evaluation/chunks.py)
 
     def __len__(self) -> int:
         return math.ceil(self.num_images / self.chunk_size)
@@ -88,6 +90,13 @@ class SamplePlan(Dataset):
         sampler = None if self.sharded else DistributedSampler(self, num_replicas=1, rank=0, shuffle=False)
         return DataLoader(self, batch_size=None, shuffle=False, sampler=sampler)
 
+    def chunk_of(self, index: torch.Tensor) -> int:
+        return int(index[0]) // self.chunk_size
+
     def is_padding(self, index: torch.Tensor, rank: int, world_size: int) -> bool:
         """True for a chunk the sampler handed `rank` only to even out the ranks' batches."""
-        return self.sharded and int(index[0]) // self.chunk_size % world_size != rank
+        return self.sharded and self.chunk_of(index) % world_size != rank
+
+    def skips(self, index: torch.Tensor, rank: int, world_size: int) -> bool:
+        """Nothing to generate: a padding repeat, or a chunk whose results are stored."""
+        return self.is_padding(index, rank, world_size) or self.chunk_of(index) in self.done
