@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Mapping
 
 import lightning as L
 import torch
@@ -235,12 +236,17 @@ class JiTModule(L.LightningModule):
         keyed by global index; the pass's callbacks (jit/callbacks/evaluation.py) set the
         sampler and weights and score or record the images. None for a chunk the sampler
         repeated only to even out the ranks, or one an interrupted run already scored."""
-        index = batch["index"].cpu()
-        if self.trainer.test_dataloaders.dataset.skips(index, self.global_rank, self.trainer.world_size):
+        if self.trainer.test_dataloaders.dataset.skips(batch["index"], self.global_rank, self.trainer.world_size):
             return None
+        return self.generate_chunk(batch, **self.test_sampler)
+
+    def generate_chunk(self, batch: Mapping, **sampler_overrides) -> dict:
+        """{"index", "images"}: the images of one item of a sample plan, uint8 in [0, 255],
+        from its labels and initial noise, with the current weights."""
+        index = batch["index"].cpu()
         try:  # the global index is the sample id of the thermal noise too
             with sample_context(self.denoiser.net, index):
-                x = self.generate(batch["label"], noise=batch["noise"], **self.test_sampler)
+                x = self.generate(batch["label"], noise=batch["noise"].to(self.device), **sampler_overrides)
         except NonFiniteSampleError as err:
             raise err.for_images(index) from None
         return {"index": index, "images": from_model_range(x)}

@@ -47,7 +47,8 @@ def trained_tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     out = tmp / "run"
     run(["experiment=digits_train", "model=jit_t4", "model.net.input_size=16", "data.batch_size=16",
-         "trainer.max_steps=4", "trainer.log_every_n_steps=1", f"hydra.run.dir={out}"], tmp)
+         "trainer.max_steps=4", "trainer.log_every_n_steps=1", "callbacks.fid.every_n_steps=2",
+         "fid.num_images=8", "fid.chunk_size=4", "+fid.sampler.steps=2", f"hydra.run.dir={out}"], tmp)
     return out
 
 
@@ -199,11 +200,26 @@ def test_training_progress_bar_names_the_step_limit():
     assert bar._get_train_description(1) == "Epoch 1/2"
 
 
-def test_tiny_train_writes_checkpoints(trained_tiny):
+def test_tiny_train_writes_checkpoints_and_tracks_fid_without_changing_the_training(trained_tiny, tmp_path):
     assert (trained_tiny / "checkpoint-last.pth").exists()
     assert (trained_tiny / "checkpoints" / "last.ckpt").exists()
     rows = list(csv.DictReader(open(trained_tiny / "csv" / "metrics.csv")))
     assert any(r.get("train/loss") for r in rows)
+    # callbacks.fid.every_n_steps=2 over 4 steps: FID at steps 2 and 4, logged at those steps
+    assert sorted(r["step"] for r in rows if r.get("train_fid/fid_digits")) == ["2", "4"]
+    for step in (2, 4):
+        scored = json.loads((trained_tiny / "fid_during_training" / f"step{step:07d}" / "results.json").read_text())
+        assert scored["num_images"] == 8 and scored["weights"] == "ema1" and scored["chunk_size"] == 4
+    # The same training without the FID: the same weights, bit for bit (the callback draws
+    # from a fork of the random state).
+    plain = tmp_path / "plain"
+    run(["experiment=digits_train", "model=jit_t4", "model.net.input_size=16", "data.batch_size=16",
+         "trainer.max_steps=4", "trainer.log_every_n_steps=1", f"hydra.run.dir={plain}"], tmp_path)
+    from jit.checkpoint import safe_load
+
+    ours, theirs = (safe_load(folder / "checkpoint-last.pth") for folder in (trained_tiny, plain))
+    for key in ("model", "model_ema1", "model_ema2"):
+        assert all(torch.equal(ours[key][name], theirs[key][name]) for name in ours[key]), key
 
 
 def test_tiny_eval_writes_results_grid_and_coverage(trained_tiny, tmp_path):

@@ -12,6 +12,9 @@ happens around it and with the images (jit/passes.py composes them):
     LayerStatsCallback    per-layer statistics of the quantized layers over the pass
     FIDCallback           features of every chunk, FID/IS at the end of the epoch, results.json
 
+and one of training: `FIDEveryNSteps` scores the same sample plan every N optimizer steps
+(`callbacks.fid.every_n_steps`), generating with `JiTModule.generate_chunk` as `test_step` does.
+
 Callbacks run their hooks in list order: the calibration callback comes first, so the
 layers exist before statistics are switched on and before the weights are swapped in.
 """
@@ -28,7 +31,7 @@ import torch
 
 from jit.console import PhaseProgress, announce
 from jit.evaluation.chunks import ChunkStore
-from jit.evaluation.fid import FIDEvaluation
+from jit.evaluation.fid import FIDConfig, FIDEvaluation
 from jit.evaluation.pipeline import prepare_quantized
 from jit.hardware import count_targets_and_macs
 from jit.models.compile import compiled_forward
@@ -199,3 +202,52 @@ class CalibrationCallback(L.Callback):
         self.dense_macs, self.targets = count_targets_and_macs(pl_module, self.quant, self.fid, num_classes)
         self.provenance = prepare_quantized(pl_module, self.quant, self.calibration, self.datamodule,
                                             self.run_dir, trainer)
+
+
+class FIDEveryNSteps(L.Callback):
+    """FID while training or fine-tuning: every `every_n_steps` optimizer steps (None: never)
+    the weights `fid.eval_weights` (default: the module's) generate the `fid` sample plan,
+    each rank its chunks, and the score is logged as `train_fid/<metric>` at that step, its
+    results.json in `<run_dir>/step<step>/`. The reference statistics come from the
+    trainer's datamodule (or fid.reference.stats_file) and are cached as in evaluation."""
+
+    def __init__(self, fid, every_n_steps: int | None, run_dir):
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
+                                          or every_n_steps < 1):
+            raise ValueError(f"callbacks.fid.every_n_steps must be an integer >= 1 or null, got {every_n_steps!r}")
+        self.fid = FIDConfig.from_any(fid)
+        self.every_n_steps, self.run_dir = every_n_steps, Path(run_dir)
+        self._scored_step: int | None = None
+        self.results: dict[int, dict] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps is None or step == 0 or step % self.every_n_steps or step == self._scored_step:
+            return  # gradient accumulation: several batches end at the same optimizer step
+        self._scored_step = step
+        # Whatever the evaluation draws (a data loader's seed for the reference statistics)
+        # comes from a fork: the training goes on with the random state it had.
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self._score(trainer, pl_module, step)
+
+    def _score(self, trainer, pl_module, step: int) -> None:
+        evaluation = FIDEvaluation(self.fid, run_dir=self.run_dir / f"step{step:07d}", log_prefix="train_fid")
+        plan = evaluation.prepare(trainer, pl_module, trainer.datamodule)
+        generated = evaluation.start(plan)
+        sample_plan = self.fid.sample_plan(pl_module.denoiser)
+        rank, world = trainer.global_rank, trainer.world_size
+        announce(f"FID at step {step}: {self.fid.num_images} images with the {plan.weights} weights")
+        started = time.perf_counter()
+        try:
+            with pl_module.eval_weights_context(plan.weights), torch.no_grad():
+                for chunk in range(rank, len(sample_plan), world):
+                    images = pl_module.generate_chunk(sample_plan[chunk], **self.fid.sampler)
+                    evaluation.add(plan, generated, images["index"], images["images"])
+        except BaseException:
+            FIDEvaluation.abort(generated)
+            raise
+        evaluation.finish(plan, generated, time.perf_counter() - started)
+        metrics, tiles = evaluation.reduce(plan, generated)
+        self.results[step] = evaluation.report(trainer, pl_module, plan, generated, metrics, tiles,
+                                               time.perf_counter() - started)
