@@ -193,7 +193,7 @@ def test_presets_compose_and_validate(preset, tmp_path):
     ("~hardware.digital", "hardware.digital: missing"),
     ("hardware.analog.tile_rows=2.5", "hardware.analog.tile_rows: must be an integer >= 1"),
     ("hardware.rest_precision=int4", "hardware.rest_precision='int4'; allowed: int8, fp16, fp32"),
-    ("+hardware.analog.leakage_pJ=1", "hardware.analog.leakage_pJ: unknown field"),
+    ("+hardware.analog.leakage_pJ=1", "hardware.analog.leakage_pJ is not a known field"),
 ])
 def test_bad_hardware_values_name_the_key(override, message, tmp_path):
     from test_run import compose_run

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from jit.quant import artefact as art
 from jit.quant import build_quant_config, quantized_layers, sample_context
 from jit.quant.calibration import COVERAGE_COLUMNS, SOURCES, CalibrationError, calibrate
 from jit.quant.calibrators import METHODS
+from jit.quant.validate import check_known
 
 ARTEFACT_NAME = "calibration.pt"
 COVERAGE_NAME = "coverage.csv"
@@ -89,10 +89,7 @@ class CalibrationConfig:
 
             cfg = OmegaConf.to_container(cfg, resolve=True)
         cfg = dict(cfg or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise CalibrationError(f"unknown calibration key(s) {unknown}; known: {sorted(known)}")
+        check_known(cls, cfg, "calibration", CalibrationError)
         method = cfg.get("method", cls.method)
         if "percentile" in cfg and method != "percentile":
             raise CalibrationError(f"calibration.percentile applies to calibration.method=percentile only, "

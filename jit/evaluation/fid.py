@@ -20,7 +20,7 @@ reference statistics and their shape) is checked before the first image is gener
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ from jit.metrics.features import INCEPTION, FeatureSpace, create_feature_space
 from jit.metrics.fid import GaussianStats, InceptionScoreStats, all_reduce_sum, frechet_distance
 from jit.metrics.reference import reference_stats, stats_digest
 from jit.provenance import provenance
+from jit.quant.validate import check_known
 from jit.sample_plan import DEFAULT_CHUNK_SIZE
 
 WEIGHT_CHOICES = choices(Weights)
@@ -88,14 +89,11 @@ class FIDConfig:
             cfg = {}
         if isinstance(cfg, DictConfig):  # plain containers, so results.json gets lists, not ListConfig
             cfg = OmegaConf.to_container(cfg, resolve=True)
-        known = {f.name for f in fields(cls)}
         if "batch_size" in cfg:
             raise EvaluationConfigError(
                 "fid.batch_size was replaced by fid.chunk_size: every forward covers one fixed "
                 "chunk of the global image index, so the images do not depend on the run layout")
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise EvaluationConfigError(f"unknown fid settings {unknown}; known: {sorted(known)}")
+        check_known(cls, cfg, "fid", EvaluationConfigError)
         out = cls(**cfg)
         out.reference = {**cls().reference, **dict(out.reference or {})}
         out.grid = {**cls().grid, **dict(out.grid or {})}

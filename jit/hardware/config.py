@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from jit.quant.validate import check_known
+
 KINDS = ("aimc", "digital")
 # How the layers outside quant.targets (attention, embeddings, final layer, ...) are costed.
 REST_PRECISIONS = ("int8", "fp16", "fp32")
@@ -96,9 +98,7 @@ def _section(cls, node: Any, key: str):
     if not isinstance(node, Mapping):
         raise HardwareConfigError(f"{key}: missing (a section with {[f.name for f in fields(cls)]})")
     known = [f.name for f in fields(cls)]
-    unknown = sorted(set(node) - set(known))
-    if unknown:
-        raise HardwareConfigError(f"{key}.{unknown[0]}: unknown field; known: {', '.join(known)}")
+    check_known(cls, node, key, HardwareConfigError)
     values = {}
     for name in known:
         if node.get(name) is None:
@@ -119,10 +119,7 @@ def build_hardware_config(node: Any) -> HardwareConfig:
         node = dict(node.items())
     if not isinstance(node, Mapping):
         raise HardwareConfigError("hardware: missing; choose a preset with hardware=<name> (configs/hardware/)")
-    known = {f.name for f in fields(HardwareConfig)}
-    unknown = sorted(set(node) - known)
-    if unknown:
-        raise HardwareConfigError(f"hardware.{unknown[0]}: unknown field; known: {', '.join(sorted(known))}")
+    check_known(HardwareConfig, node, "hardware", HardwareConfigError)
     for name in ("name", "kind", "node_nm", "rest_precision"):
         if node.get(name) is None:
             raise HardwareConfigError(f"hardware.{name}: missing")

@@ -51,12 +51,13 @@ def check_coeffs(name: str, value: Any, length: int) -> tuple[float, ...]:
     return tuple(check_number(name, v) for v in value)
 
 
-def check_known(cls: type, cfg: Mapping, prefix: str) -> None:
-    """Every key of `cfg` is a field of the dataclass `cls`; else an error naming the key."""
+def check_known(cls: type, cfg: Mapping, prefix: str, error: type[Exception] = ValueError) -> None:
+    """Every key of `cfg` is a field of the dataclass `cls`; else `error` naming the key:
+    the one unknown-key check of every config section parsed into a dataclass."""
     known = {f.name for f in dataclasses.fields(cls)}
     for key in cfg:
         if key not in known:
-            raise ValueError(f"{prefix}.{key} is not a known field (known: {', '.join(sorted(known))})")
+            raise error(f"{prefix}.{key} is not a known field (known: {', '.join(sorted(known))})")
 
 
 def to_plain(cfg: Any) -> Any:
