@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from jit.models.denoiser import SAMPLING_METHODS, TIME_SCHEDULES
+from jit.sample_plan import DEFAULT_CHUNK_SIZE
 
 
 class ConfigError(ValueError):
@@ -165,6 +166,58 @@ class FinetuneSchema:
     compare: list[Any] = field(default_factory=list)
 
 
+@dataclass
+class CalibrationSchema:
+    """The `calibration` group (configs/calibration/): every preset states only what it
+    changes. Allowed values are checked by jit/evaluation/calibration.py (CalibrationConfig)."""
+
+    method: str = "kl"  # kl | mse | percentile | minmax
+    num_images: int = 256  # images (data) or generated samples (sampling) calibrated on
+    batch_size: int = 32
+    # data: the calibration split noised at random t as in training; sampling: the model's
+    # own CFG sampling trajectories (no dataset needed).
+    source: str = "data"
+    # Histogram bins over [0, 2^ceil(log2 max|x|)], a power of two; null: 128 per level of
+    # each quantizer (131072 for INT11); doubling it moves the clip < 5%.
+    num_bins: Optional[int] = None
+    percentile: float = 99.99  # method=percentile: the percentile of |x| clipped at
+    seed: int = 0
+    save_weights: bool = False  # also store the INT weights and their steps in the artefact
+    # false: calibrate the design (ideal devices and converters, the seed's procedure);
+    # true: through the programmed arrays at device.t_inference_s and their converters
+    # (hardware-in-the-loop calibration of one chip).
+    on_device: bool = False
+
+
+@dataclass
+class FIDSchema:
+    """The `fid` group (configs/fid/): every preset states only what it changes. Allowed
+    values are checked by jit/evaluation/fid.py (FIDConfig)."""
+
+    extractor: str = "inception-v3-compat"  # or digits-cnn (reported as fid_digits)
+    num_images: int = 50_000
+    # Images per forward, a constant of the experiment: ranks take whole chunks of the
+    # global index, and results depend on it (in the last bits of float kernels) and on
+    # nothing else about the run layout.
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    label_strategy: str = "repeat"  # repeat | spread (only matters when num_images % classes != 0)
+    seed: int = 0  # image i starts from noise seeded by (seed, i)
+    # stats_file: an npz with mu/sigma; else computed once from the datamodule `split` and
+    # cached in cache_dir (null: not cached).
+    reference: dict[str, Any] = field(default_factory=lambda: {"stats_file": None, "split": "reference",
+                                                                 "cache_dir": None})
+    inception_weights: Optional[str] = None  # local weights file for offline machines; null: torch hub cache
+    extractor_weights: Optional[str] = None  # weights of a non-Inception extractor; null: the shipped ones
+    eval_weights: Optional[str] = None  # raw | ema1 | ema2; null: the run's eval_weights
+    save_images: bool = False  # also write every sample as PNG under <run>/samples
+    export_npz: bool = False  # also write <run>/samples.npz (arr_0, NHWC uint8) for external evaluators
+    sampler: dict[str, Any] = field(default_factory=dict)  # overrides of the run's sampler, e.g. {steps: 25}
+    # Rows of sample_grid.png: classes spread evenly over the label range.
+    grid: dict[str, Any] = field(default_factory=lambda: {"samples_per_class": 8, "max_classes": 16})
+    isc_splits: int = 10
+    progress: bool = True
+
+
 class SensitivityUnit(_Choice):
     layer = "layer"
     block = "block"
@@ -231,11 +284,11 @@ class RunSchema:
     sensitivity: SensitivitySchema = field(default_factory=SensitivitySchema)
     search: SearchSchema = field(default_factory=SearchSchema)
     paths: PathsSchema = field(default_factory=PathsSchema)
+    calibration: CalibrationSchema = field(default_factory=CalibrationSchema)
+    fid: FIDSchema = field(default_factory=FIDSchema)
     # Groups whose keys depend on the chosen option; their builders validate them.
     data: Any = MISSING
     quant: Any = MISSING
-    calibration: Any = MISSING
-    fid: Any = MISSING
     hardware: Any = MISSING
     # The analog arrays' memory devices (configs/device/); jit.quant.DeviceConfig checks them.
     device: Any = field(default_factory=dict)

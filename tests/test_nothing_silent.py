@@ -210,7 +210,7 @@ def test_an_unsafe_calibration_file_is_refused_as_unsafe_in_one_line(kind, messa
       "but the extractor is digits-cnn")),
     (["fid=inception_10k", "fid.extractor_weights=/nonexistent/w.pt"],
      "fid.extractor_weights=/nonexistent/w.pt is not read by fid.extractor=inception-v3-compat"),
-    (["calibration=percentile", "calibration.method=kl"],
+    (["calibration=kl", "calibration.percentile=99.9"],
      "calibration.percentile applies to calibration.method=percentile only"),
     (["quant.allow_foreign_calibration=true"],
      "quant.allow_foreign_calibration=true applies to a quant.calibration_file, and none is given"),
@@ -284,7 +284,7 @@ def test_every_phase_announces_itself_and_reports_progress_without_a_terminal(ti
                   r"calibration: kl search for the activation clips of 8 layers",
                   r"calibration \(ADC inputs\): pass 2 over 8 images",
                   r"calibration: kl search for the ADC clips of 8 layers",
-                  r"layer statistics: sampling the first 4 FID images",
+                  r"layer statistics: 4 images in chunks of 10",
                   r"FID generation \(hybrid\): 20 images in chunks of 10"):
         assert re.search(phase, console), (phase, console)
     # count, rate and time left while generating; one closing line

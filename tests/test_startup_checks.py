@@ -93,7 +93,7 @@ def test_non_finite_settings_one_line_error(override, key, tmp_path):
     ("sampler.interval=[0.1,nan]", "sampler.interval[1]"),
     ("ema.decay1=nan", "ema.decay1"),
     ("model.denoiser.t_eps=-inf", "model.denoiser.t_eps"),
-    ("+calibration.percentile=nan", "calibration.percentile"),
+    ("calibration.percentile=nan", "calibration.percentile"),
     ("quant.act.percentile=inf", "quant.act.percentile"),
     ("+fid.sampler.cfg_scale=inf", "fid.sampler.cfg_scale"),
     ("+trainer.gradient_clip_val=inf", "trainer.gradient_clip_val"),

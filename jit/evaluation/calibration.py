@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from jit.atomic import atomic_path
+from jit.config import CalibrationSchema
 from jit.console import PhaseProgress, announce
 from jit.datamodules import to_model_range
 from jit.models.denoiser import NonFiniteSampleError
@@ -40,22 +41,9 @@ ARTEFACT_NAME = "calibration.pt"
 COVERAGE_NAME = "coverage.csv"
 
 
-@dataclass(frozen=True)
-class CalibrationConfig:
-    """The `calibration` config group (configs/calibration/*.yaml)."""
-
-    method: str = "kl"
-    num_images: int = 256
-    batch_size: int = 32
-    source: str = "data"
-    num_bins: int | None = None  # None: calibrators.default_bins per quantizer
-    percentile: float = 99.99
-    seed: int = 0
-    save_weights: bool = False
-    # false: calibrate the design (ideal devices and converters, the seed's procedure);
-    # true: through the programmed arrays at device.t_inference_s and their converters
-    # (hardware-in-the-loop calibration of one chip).
-    on_device: bool = False
+@dataclass
+class CalibrationConfig(CalibrationSchema):
+    """The validated `calibration` group (fields and defaults: jit.config.CalibrationSchema)."""
 
     def __post_init__(self) -> None:
         def fail(key, allowed, value):
@@ -91,7 +79,7 @@ class CalibrationConfig:
         cfg = dict(cfg or {})
         check_known(cls, cfg, "calibration", CalibrationError)
         method = cfg.get("method", cls.method)
-        if "percentile" in cfg and method != "percentile":
+        if cfg.get("percentile", cls.percentile) != cls.percentile and method != "percentile":
             raise CalibrationError(f"calibration.percentile applies to calibration.method=percentile only, "
                                    f"but the method is {method} (drop it, or use calibration=percentile)")
         return cls(**cfg)

@@ -31,7 +31,7 @@ from PIL import Image
 
 from jit import __version__
 from jit.atomic import atomic_path
-from jit.config import FLOAT32_MAX, Weights, choices
+from jit.config import FLOAT32_MAX, FIDSchema, Weights, choices
 from jit.console import announce
 from jit.evaluation.chunks import ChunkRecord, model_digest, settings_digest
 from jit.evaluation.plan import (
@@ -60,26 +60,8 @@ WEIGHT_CHOICES = choices(Weights)
 
 # ------------------------------------------------------------------------------ config
 @dataclass
-class FIDConfig:
-    """The `fid` config group (configs/fid/*.yaml)."""
-
-    extractor: str = INCEPTION
-    num_images: int = 50_000
-    # Images per forward, a constant of the experiment: results depend on it (in the last
-    # bits of float kernels) and on nothing else about the run layout.
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    label_strategy: str = "repeat"
-    seed: int = 0
-    reference: dict = field(default_factory=lambda: {"stats_file": None, "split": "reference", "cache_dir": None})
-    inception_weights: str | None = None
-    extractor_weights: str | None = None  # weights for a non-Inception extractor (e.g. digits-cnn)
-    eval_weights: str | None = None  # raw | ema1 | ema2; None: the module's choice, else ema1
-    save_images: bool = False
-    export_npz: bool = False
-    sampler: dict = field(default_factory=dict)  # overrides of the module's sampler settings
-    grid: dict = field(default_factory=lambda: {"samples_per_class": 8, "max_classes": 16})
-    isc_splits: int = 10
-    progress: bool = True
+class FIDConfig(FIDSchema):
+    """The validated `fid` group (fields and defaults: jit.config.FIDSchema)."""
 
     @classmethod
     def from_any(cls, cfg) -> FIDConfig:
