@@ -15,6 +15,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig
 
+from jit.callbacks.hardware_aware import HardwareInTheLoop, TrainablePatterns
+from jit.callbacks.progress import PlainTrainingProgress, TrainingProgressBar
 from jit.checkpoint import (
     WEIGHT_KEYS,
     CheckpointError,
@@ -23,9 +25,14 @@ from jit.checkpoint import (
     load_jit_checkpoint,
     safe_load,
 )
+from jit.checks import check_checkpoint_settings
 from jit.config import ASSETS, ConfigError, to_plain
+from jit.console import stdout_is_terminal
+from jit.datamodules import DigitsDataModule
 from jit.ema import WEIGHTS
 from jit.module import JiTModule
+from jit.quant import build_quant_config
+from jit.settings import training_quant_config
 
 if TYPE_CHECKING:
     from jit.settings import RunSettings
@@ -34,7 +41,6 @@ SHIPPED_DIGITS_MODEL = ASSETS / "digits_jit.pth"
 
 
 def quant_config(cfg: DictConfig):
-    from jit.quant import build_quant_config
 
     return build_quant_config(cfg.quant, device=cfg.get("device"))
 
@@ -83,8 +89,6 @@ def build_callbacks(cfg: DictConfig, training: bool) -> list:
 
     if not training:
         return []
-    from jit.callbacks.progress import PlainTrainingProgress, TrainingProgressBar
-    from jit.console import stdout_is_terminal
 
     callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
     if not stdout_is_terminal():  # a rich bar would show nothing until the end
@@ -152,13 +156,11 @@ def load_for_evaluation(path, kind: str, which: str, module_kwargs: Mapping | No
 
 def load_module(cfg: DictConfig) -> tuple[JiTModule, str]:
     """The module to evaluate/calibrate, with weights from ckpt_path or the shipped digits model."""
-    from jit.checks import check_checkpoint_settings  # checks need quant_config from here
 
     path = cfg.ckpt_path
     if path is None:
         from hydra.utils import get_class
 
-        from jit.datamodules import DigitsDataModule
 
         data_class = get_class(cfg.data._target_) if cfg.data.get("_target_") else None
         if cfg.model.net.name != "JiT-S/4" or not (
@@ -220,8 +222,6 @@ def latest_checkpoint(folder: Path) -> str:
 
 def finetune_callbacks(cfg: DictConfig, run: RunSettings) -> list:
     """The hardware in the training loop (finetune.hardware_aware), or freezing alone."""
-    from jit.callbacks.hardware_aware import HardwareInTheLoop, TrainablePatterns
-    from jit.settings import training_quant_config
 
     settings = run.finetune
     if not settings.hardware_aware:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
+from jit.checkpoint import generation_settings
 from jit.config import (
     ConfigError,
     DenoiserSchema,
@@ -24,6 +25,10 @@ from jit.config import (
     choices,
     schema_defaults,
 )
+from jit.evaluation.fid import check_data_classes
+from jit.metrics.features import INCEPTION, create_feature_space
+from jit.metrics.reference import ReferenceStatsError, load_reference_stats
+from jit.quant import artefact, layer_configs
 
 if TYPE_CHECKING:
     from jit.models import Denoiser
@@ -112,7 +117,6 @@ def check_checkpoint_settings(cfg: DictConfig, path: str, ckpt=None) -> None:
     must be the config's: sampling a 512-px model with noise_scale 1.0 runs fine and gives a
     wrong FID. `model.override_checkpoint_args=true` keeps the config's values. `ckpt`: the
     file's contents if already read."""
-    from jit.checkpoint import generation_settings
 
     trained = generation_settings(path, ckpt=ckpt)
     differ = {}
@@ -155,9 +159,6 @@ def uses_data_for_calibration(run: RunSettings) -> bool:
 def check_reference(fid_cfg, module, dm) -> None:
     """The feature extractor loads (weights present and safe) and the reference statistics
     fit it: a stats file is read, a data split is listed and its class count checked."""
-    from jit.evaluation.fid import check_data_classes
-    from jit.metrics.features import INCEPTION, create_feature_space
-    from jit.metrics.reference import ReferenceStatsError, load_reference_stats
 
     weights = fid_cfg.inception_weights if fid_cfg.extractor == INCEPTION else fid_cfg.extractor_weights
     space = create_feature_space(fid_cfg.extractor, weights, probe_size=module.denoiser.img_size)
@@ -178,8 +179,6 @@ def check_before_generation(run: RunSettings, module, dm, check_fid: bool) -> No
     per-layer statistics or the whole generation: calibration data and file, quantization
     targets, and with `check_fid` the feature extractor, reference statistics and the data's
     class count against the model's. Raises with the key or file named."""
-    from jit.evaluation.fid import check_data_classes
-    from jit.quant import artefact, layer_configs
 
     qcfg = run.quant
     if uses_data_for_calibration(run):

@@ -31,6 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from jit.builders import checkpoint_kind
 from jit.checks import check_before_generation, check_checkpoint_settings
 from jit.config import ConfigError, to_plain
+from jit.evaluation.fid import write_json_atomic
+from jit.quant import build_quant_config
 from jit.settings import FinetuneSettings, RunSettings, merged, parse_settings
 
 __all__ = ["check_comparison", "compare_after_training", "comparison_table", "point_label"]
@@ -60,7 +62,6 @@ def _comparison_run(cfg: DictConfig, qcfg, tag: str, index: int, checkpoint: str
 
 
 def _points(cfg: DictConfig, settings: FinetuneSettings) -> list:
-    from jit.quant import build_quant_config
 
     return [build_quant_config(merged(to_plain(cfg.quant), override), device=cfg.get("device"))
             for override in settings.compare]
@@ -115,7 +116,6 @@ def compare_after_training(cfg: DictConfig, settings: FinetuneSettings, start: s
     summary = {"start_checkpoint": start, "trained_checkpoint": trained, "metric": metric, "points": rows}
     from lightning.pytorch.utilities import rank_zero_only
 
-    from jit.evaluation.fid import write_json_atomic
 
     if rank_zero_only.rank == 0:
         write_json_atomic(summary, run_dir / "finetune_comparison.json")

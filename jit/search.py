@@ -47,7 +47,12 @@ from pathlib import Path
 from jit.atomic import atomic_path, atomic_write_json
 from jit.config import ConfigError
 from jit.console import announce
-from jit.sensitivity import read_json_or_empty
+from jit.evaluation.calibration import ARTEFACT_NAME
+from jit.evaluation.pipeline import EvaluationSettings
+from jit.passes import evaluate_float_then_quantized
+from jit.quant import build_quant_config, restore_float, target_names
+from jit.sensitivity import config_digest, read_json_or_empty
+from jit.settings import merged
 
 OBJECTIVES = ("fid", "energy")
 DB_NAME = "search.db"
@@ -110,7 +115,6 @@ def nested(field: str, value) -> dict:
 def parse_search(section: Mapping, quant) -> SearchSettings:
     """The `search` section checked against the run's QuantConfig: every choice of every
     field is built into a quant.layers override and validated as quant validates it."""
-    from jit.quant import build_quant_config
 
     n_trials = section.get("n_trials")
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
@@ -156,7 +160,6 @@ def parse_search(section: Mapping, quant) -> SearchSettings:
 
 def assignment(settings: SearchSettings, params: Mapping) -> dict[str, dict]:
     """A trial's picks as quant.layers overrides, {pattern: {adc: {bits: 8}, ...}}."""
-    from jit.settings import merged
 
     layers: dict[str, dict] = {}
     for choice in settings.choices:
@@ -166,7 +169,6 @@ def assignment(settings: SearchSettings, params: Mapping) -> dict[str, dict]:
 
 def trial_quant(quant, layers: Mapping):
     """The run's QuantConfig with the trial's overrides after its own quant.layers."""
-    from jit.quant import build_quant_config
 
     plain = quant.to_dict()
     plain["layers"] = {**plain["layers"], **layers}
@@ -175,7 +177,6 @@ def trial_quant(quant, layers: Mapping):
 
 def calibration_key(qcfg, names: list[str], calibration) -> str:
     """What a static calibration of `qcfg` depends on (see the module doc), as a digest."""
-    from jit.sensitivity import config_digest
 
     layers = {}
     for name in names:
@@ -282,9 +283,6 @@ def objective_values(results: dict) -> dict[str, float]:
 def evaluate_trial(trainer, module, datamodule, run: SearchRun, qcfg, run_dir: Path, fid=None) -> dict:
     """One ordinary evaluation of `qcfg` (no float baseline) in `run_dir`; the backbone
     is float again afterwards."""
-    from jit.evaluation.pipeline import EvaluationSettings
-    from jit.passes import evaluate_float_then_quantized
-    from jit.quant import restore_float
 
     evaluation = EvaluationSettings(
         quant=qcfg, fid=fid or run.fid, hardware=run.hardware, calibration=run.calibration, run_dir=run_dir,
@@ -297,8 +295,6 @@ def evaluate_trial(trainer, module, datamodule, run: SearchRun, qcfg, run_dir: P
 
 def run_search(trainer, module, datamodule, run: SearchRun) -> dict:
     """Trials until `n_trials` are complete, then the front's table, plot and presets."""
-    from jit.evaluation.calibration import ARTEFACT_NAME
-    from jit.quant import target_names
 
     settings = run.settings
     study = open_study(run.run_dir / DB_NAME, run.digest, settings, run.seed)

@@ -47,7 +47,19 @@ import torch
 from jit.atomic import atomic_path, atomic_write_json
 from jit.config import ConfigError
 from jit.console import PhaseProgress, announce
+from jit.evaluation.calibration import run_calibration
+from jit.hardware import adc_bits_of, count_targets_and_macs, estimate
 from jit.passes import evaluate_fid
+from jit.quant import artefact as art
+from jit.quant import (
+    collect_stats,
+    enable_stats,
+    layer_configs,
+    quantize_model,
+    restore_float,
+    sample_context,
+)
+from jit.sample_plan import balanced_labels, index_chunks, initial_noise
 
 UNITS = ("layer", "block")
 CSV_NAME = "sensitivity.csv"
@@ -118,7 +130,6 @@ def proxy_mse(generate: Callable, denoiser, float_net, labels: torch.Tensor, noi
     `float_net` at every network call of the float model's sampling of each chunk of
     image indices (see the module doc). `generate(labels, noise=..., **sampler)` samples
     with `denoiser`; `noise_of(indices)` gives the chunk's initial noise."""
-    from jit.quant import sample_context
 
     quant_net = denoiser.net
     total = torch.zeros((), dtype=torch.float64)
@@ -257,11 +268,6 @@ class SensitivityRun:
 
 def run_sensitivity(trainer, module, datamodule, run: SensitivityRun) -> dict:
     """Every unit in turn (skipping those in `run.done`); returns the summary."""
-    from jit.evaluation.calibration import run_calibration
-    from jit.hardware import adc_bits_of, count_targets_and_macs, estimate
-    from jit.quant import artefact as art
-    from jit.quant import collect_stats, enable_stats, layer_configs, quantize_model, restore_float
-    from jit.sample_plan import balanced_labels, index_chunks, initial_noise
 
     qcfg, settings, denoiser = run.quant, run.settings, module.denoiser
     num_classes = denoiser.num_classes

@@ -21,17 +21,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 from jit.config import ConfigError, to_plain
-
-if TYPE_CHECKING:  # the modules below import torch and Lightning: loaded when parsing
-    from jit.evaluation.calibration import CalibrationConfig
-    from jit.evaluation.fid import FIDConfig
-    from jit.hardware import HardwareConfig
-    from jit.quant import QuantConfig
+from jit.evaluation.calibration import CalibrationConfig
+from jit.evaluation.fid import FIDConfig
+from jit.hardware import HardwareConfig, build_hardware_config
+from jit.quant import QuantConfig, build_quant_config
+from jit.quant import device as device_model
 
 
 @dataclass(frozen=True)
@@ -45,10 +43,6 @@ class RunSettings:
 
 def parse_settings(cfg: DictConfig) -> RunSettings:
     """Every section a task computes with, validated, in one pass."""
-    from jit.evaluation.calibration import CalibrationConfig
-    from jit.evaluation.fid import FIDConfig
-    from jit.hardware import build_hardware_config
-    from jit.quant import build_quant_config
 
     quant = build_quant_config(cfg.quant, device=cfg.get("device"))
     if quant.allow_foreign_calibration and quant.calibration_file is None:
@@ -104,7 +98,6 @@ def settings_from(cfg: DictConfig, quant) -> FinetuneSettings:
         raise ConfigError("finetune.recalibrate_every_n_steps: only used with static ranges while training "
                           f"(finetune.ranges=static, or quant.mode=static); the ranges are {ranges}")
     if ft["compare"]:
-        from jit.quant import build_quant_config
 
         for i, point in enumerate(ft["compare"]):  # checked now, not after hours of training
             try:
@@ -128,8 +121,6 @@ def settings_from(cfg: DictConfig, quant) -> FinetuneSettings:
 
 def training_quant_config(quant, settings: FinetuneSettings):
     """The hardware the training forward runs: `quant` with the training noise and ranges."""
-    from jit.quant import build_quant_config
-    from jit.quant import device as device_model
 
     plain = build_quant_config(quant).to_dict()
     if settings.ranges is not None:

@@ -36,9 +36,10 @@ from pathlib import Path
 import yaml
 from hydra.experimental.callback import Callback
 
-from jit.atomic import atomic_path, atomic_write_text
+from jit.atomic import OutputWriteError, atomic_path, atomic_write_text, write_error
 from jit.evaluation.report import energy_change
 from jit.hardware.report import log_scale_if_wide, plot_fid_vs_energy, sweep_columns
+from jit.run_folder import FAILED, LOCK, _alive, _read_owner
 
 # Preferred plot axes: x = time since programming, else ADC resolution; one line per
 # noise level, else per drift compensation.
@@ -117,7 +118,6 @@ def sweep_jobs(sweep_dir: Path) -> list[list[str]] | None:
 def job_status(job: Path, sweep_id: str | None) -> str:
     """ok, failed: <error>, interrupted, running or not started: from the job folder's
     results, its FAILED marker and its lock (jit/run_folder.py)."""
-    from jit.run_folder import FAILED, LOCK, _alive, _read_owner
 
     if not (job / ".hydra").is_dir() or (sweep_id is not None and _sweep_id(job) != sweep_id):
         return "not started"
@@ -318,7 +318,6 @@ class SweepSummary(Callback):
         try:
             summarize(Path(config.hydra.sweep.dir))
         except OSError as err:
-            from jit.atomic import OutputWriteError, write_error
 
             mapped = write_error(err, err.filename or config.hydra.sweep.dir)
             if not isinstance(mapped, OutputWriteError):
@@ -345,7 +344,6 @@ class SweepSummary(Callback):
 
 
 def _one_line(err: BaseException) -> str:
-    from jit.atomic import write_error
 
     if isinstance(err, OSError):
         err = write_error(err, err.filename or "the sweep folder")

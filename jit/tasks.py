@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
 from jit import run_folder
+from jit.atomic import check_writable, remove_stale_temporaries
 from jit.builders import (
     RecordResumeSettings,
     build_callbacks,
@@ -35,15 +36,42 @@ from jit.builders import (
     module_kwargs,
     resume_settings,
 )
-from jit.checkpoint import save_official_checkpoint
+from jit.checkpoint import safe_load, save_official_checkpoint, sha256_file
 from jit.checks import check_before_generation
-from jit.config import ConfigError, Task, validate
+from jit.config import ConfigError, Task, to_plain, validate
+from jit.console import configure_progress
 from jit.evaluation.pipeline import EvaluationSettings
+from jit.finetune import check_comparison, compare_after_training
 from jit.interrupt import RunInterrupted
+from jit.models.compile import compile_available
 from jit.module import JiTModule
 from jit.passes import attach, check_pass_launcher, evaluate_float_then_quantized
 from jit.passes import calibrate as calibrate_in_pass
+from jit.quant import target_names
+from jit.search import (
+    DB_NAME,
+    SearchRun,
+    check_database,
+    check_patterns,
+    parse_search,
+    run_search,
+)
+from jit.search import (
+    print_summary as print_search_summary,
+)
+from jit.sensitivity import (
+    CSV_NAME,
+    SensitivityRun,
+    SensitivitySettings,
+    config_digest,
+    read_done,
+    run_sensitivity,
+)
+from jit.sensitivity import (
+    print_summary as print_sensitivity_summary,
+)
 from jit.settings import RunSettings, parse_settings
+from jit.train import export_official
 
 # What a training stopped by SIGTERM exits with, after saving last.ckpt: 128 + 15, as a shell
 # reports a process that SIGTERM ended. Not 0 (finished) nor 1/2 (failed, or bad input).
@@ -53,9 +81,6 @@ EXIT_INTERRUPTED = 128 + 15
 def train(cfg: DictConfig, run: RunSettings) -> dict:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from jit.atomic import remove_stale_temporaries
-    from jit.checkpoint import safe_load
-    from jit.finetune import check_comparison, compare_after_training
 
     settings = run.finetune
     ckpt_path = latest_checkpoint(checkpoint_dir(cfg)) if cfg.ckpt_path == "last" else cfg.ckpt_path
@@ -102,7 +127,6 @@ def train(cfg: DictConfig, run: RunSettings) -> dict:
 
 
 def export(cfg: DictConfig, run: RunSettings) -> dict:
-    from jit.train import export_official
 
     if checkpoint_kind(cfg.ckpt_path) != "lightning":
         raise ConfigError(f"ckpt_path: task=export converts a Lightning .ckpt; {cfg.ckpt_path} is not one")
@@ -174,8 +198,6 @@ def numbers_depend_on(cfg: DictConfig, settings: RunSettings, section: str) -> d
     """What the measured numbers of a sensitivity or search run depend on (their digest
     guards resumed results): the model and its weights, sampler, hardware, quant,
     calibration, the FID settings (not where files go) and the task's own `section`."""
-    from jit.checkpoint import sha256_file
-    from jit.config import to_plain
 
     plain = to_plain(cfg)
     checkpoint = cfg.ckpt_path
@@ -199,16 +221,6 @@ def one_process_trainer(cfg: DictConfig):
 
 
 def sensitivity(cfg: DictConfig, settings: RunSettings) -> dict:
-    from jit.config import to_plain
-    from jit.sensitivity import (
-        CSV_NAME,
-        SensitivityRun,
-        SensitivitySettings,
-        config_digest,
-        print_summary,
-        read_done,
-        run_sensitivity,
-    )
 
     qcfg = settings.quant
     if not qcfg.quantizes:
@@ -230,24 +242,12 @@ def sensitivity(cfg: DictConfig, settings: RunSettings) -> dict:
     attach(trainer, module)
     with torch.no_grad():
         summary = run_sensitivity(trainer, module, dm, run)
-    print_summary(summary, run_dir / CSV_NAME)
+    print_sensitivity_summary(summary, run_dir / CSV_NAME)
     print(f"run directory: {run_dir}\nsensitivity: {run_dir / CSV_NAME}")
     return summary
 
 
 def search(cfg: DictConfig, settings: RunSettings) -> dict:
-    from jit.config import to_plain
-    from jit.quant import target_names
-    from jit.search import (
-        DB_NAME,
-        SearchRun,
-        check_database,
-        check_patterns,
-        parse_search,
-        print_summary,
-        run_search,
-    )
-    from jit.sensitivity import config_digest
 
     search_settings = parse_search(to_plain(cfg)["search"], settings.quant)
     if int(cfg.eval.layer_stats_images) < 1 and "energy" in search_settings.objectives:
@@ -270,14 +270,13 @@ def search(cfg: DictConfig, settings: RunSettings) -> dict:
                     calibration=settings.calibration, run_dir=run_dir, checkpoint=source,
                     layer_stats_images=int(cfg.eval.layer_stats_images), digest=digest, seed=int(cfg.seed))
     summary = run_search(trainer, module, dm, run)
-    print_summary(summary)
+    print_search_summary(summary)
     print(f"run directory: {run_dir}\nPareto front: {run_dir / 'pareto.csv'}")
     return summary
 
 
 def check_output_folders(cfg: DictConfig) -> None:
     """Before any work: the output folder (and for eval the cache folder) is writable."""
-    from jit.atomic import check_writable
 
     check_writable(Path(cfg.paths.output_dir))
     if cfg.task in (Task.eval, Task.sensitivity, Task.search):
@@ -289,12 +288,10 @@ TASKS = {Task.train: train, Task.eval: evaluate, Task.calibrate: calibrate, Task
 
 
 def dispatch(cfg: DictConfig):
-    from jit.console import configure_progress
 
     validate(cfg)
     configure_progress(cfg.progress_interval_s)
     if cfg.model.compile:
-        from jit.models.compile import compile_available
 
         reason = compile_available()
         if reason is not None:

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from jit.config import ConfigError
+from jit.evaluation.calibration import run_calibration
 from jit.quant import artefact as art
 from jit.quant import quantize_model, quantized_layers
 
@@ -118,7 +119,6 @@ class HardwareInTheLoop(TrainablePatterns):
             self._calibrate(trainer, pl_module)
 
     def _calibrate(self, trainer, pl_module) -> None:
-        from jit.evaluation.calibration import run_calibration
 
         denoiser = pl_module.denoiser
         was_training = denoiser.training

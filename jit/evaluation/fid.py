@@ -53,7 +53,6 @@ from jit.metrics.fid import GaussianStats, InceptionScoreStats, all_reduce_sum, 
 from jit.metrics.reference import reference_stats, stats_digest
 from jit.provenance import provenance
 from jit.quant.validate import check_known
-from jit.sample_plan import DEFAULT_CHUNK_SIZE
 
 WEIGHT_CHOICES = choices(Weights)
 

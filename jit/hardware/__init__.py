@@ -8,6 +8,8 @@ per-layer columns of layer_stats.csv.
 
 from __future__ import annotations
 
+from jit.quant import target_names
+
 from .config import HardwareConfig, HardwareConfigError, build_hardware_config
 from .cost import PARTS, adc_bits_of, estimate, not_estimated
 from .counting import DenseCounts, count_dense_macs, dense_macs_per_image
@@ -19,7 +21,6 @@ __all__ = ["PARTS", "DenseCounts", "HardwareConfig", "HardwareConfigError", "bui
 
 def count_targets_and_macs(module, qcfg, fid_cfg, num_classes: int) -> tuple[DenseCounts, list[str]]:
     """(dense MACs of one image, names of the quant.targets layers), on the float model."""
-    from jit.quant import target_names
 
     targets = target_names(module.denoiser.net, qcfg.targets)
     return dense_macs_per_image(module, fid_cfg, num_classes), targets

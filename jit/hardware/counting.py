@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from jit.models.denoiser import NonFiniteSampleError
+from jit.models.layers import Attention
+from jit.sample_plan import initial_noise
+
 
 @dataclass
 class DenseCounts:
@@ -35,7 +39,6 @@ class DenseCounts:
 
 
 def _is_attention(module: nn.Module) -> bool:
-    from jit.models.layers import Attention
 
     return isinstance(module, Attention)
 
@@ -78,8 +81,6 @@ def count_dense_macs(net: nn.Module, run) -> DenseCounts:
 def dense_macs_per_image(module, fid_cfg, num_classes: int) -> DenseCounts:
     """One image of the FID set (index 0: its label and initial noise) generated with the
     evaluation's sampler and weights, counted."""
-    from jit.models.denoiser import NonFiniteSampleError
-    from jit.sample_plan import initial_noise
 
     denoiser = module.denoiser
     device = next(denoiser.parameters()).device

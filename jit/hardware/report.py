@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from jit.atomic import atomic_path
+
 # results.json `energy` numbers that become sweep summary columns, in this order.
 SWEEP_COLUMNS = ("energy_per_image_uJ", "energy_adc_uJ", "energy_analog_array_uJ", "energy_dac_uJ",
                  "energy_digital_msb_uJ", "energy_digital_rest_uJ", "saving_vs_digital_int8",
@@ -156,7 +158,6 @@ def plot_fid_vs_energy(rows: list[dict], swept: list[str], out_dir: Path) -> Pat
         return None
     import matplotlib.pyplot as plt
 
-    from jit.atomic import atomic_path
 
     path = out_dir / PLOT_NAME
     with atomic_path(path) as tmp:
