@@ -17,12 +17,21 @@ runs with thermal noise off, the ADCs bypassed and ideal devices, so it does not
 on noise or converter errors; the thresholds do depend on each layer's scheme, bit widths
 (the ADC clips are chosen for the ADC's levels) and split. Each distinct calibration is
 kept in `calibration_cache/<digest>.pt` and applied to the later trials that need it.
+Its first pass, the activation clips, runs with the ADCs bypassed, so it does not depend
+on any ADC setting: a trial whose assignment differs from a calibrated one only in ADC
+bits (every layer's activation clips depend on the layers before it, so the whole
+model's settings without its ADCs are compared) takes those clips from
+`calibration_cache/act_<digest>.pt` and runs only the ADC pass
+(jit/quant/calibration.py); its artefact is bit for bit that of a full calibration.
 
 The study lives in `search.db` (SQLite), named after a digest of the search space and
 everything the trials' numbers depend on. A rerun in the same folder continues it until
 `search.n_trials` trials are COMPLETE: a trial a crash left RUNNING is marked FAIL and
-its assignment evaluated again, so no trial counts twice. A `search.db` holding a study
-of another search space or configuration is refused.
+its assignment evaluated again, so no trial counts twice. The sampler that picks the
+k-th complete trial is seeded with (`seed`, k) and sees only the complete trials, so a
+study interrupted and continued any number of times holds the trials, and the front, of
+one run straight through. A `search.db` holding a study of another search space or
+configuration is refused.
 
 With `search.front_fid_images=N` each front point is evaluated again with FID over N
 images (`front/`), the trials' reduced `fid.num_images` having only ranked them.
@@ -60,10 +69,14 @@ PRESETS_DIR = "presets"
 FRONT_DIR = "front"
 COLUMNS = ("pareto_k", "trial", "fid", "energy_per_image_uJ", "fid_front", "front_fid_images", "assignment",
            "preset")
+ACT_CACHE_PREFIX = "act_"
 # Settings calibration runs without (noise off, ADC bypassed, ideal devices): trials that
 # differ only in these share one calibration.
 _NOT_CALIBRATED = {"adc": ("noise_sigma_lsb", "samples", "bypass", "dnl_sigma_lsb", "inl_max_lsb",
                            "offset_sigma_lsb", "gain_sigma")}
+# The activation pass also runs without the ADCs' resolution: trials that differ only in
+# these share its clips (the ADC pass runs for each).
+_NOT_IN_ACTIVATION_PASS = {"adc": ("bits", *_NOT_CALIBRATED["adc"])}
 
 
 @dataclass(frozen=True)
@@ -173,8 +186,9 @@ def trial_quant(quant, layers: Mapping):
     return build_quant_config(plain)
 
 
-def calibration_key(qcfg, names: list[str], calibration) -> str:
-    """What a static calibration of `qcfg` depends on (see the module doc), as a digest."""
+def calibration_key(qcfg, names: list[str], calibration, ignored: Mapping = _NOT_CALIBRATED) -> str:
+    """What a static calibration of `qcfg` depends on (see the module doc), as a digest;
+    `ignored`: {section: keys} it does not depend on."""
     from jit.sensitivity import config_digest
 
     layers = {}
@@ -183,13 +197,19 @@ def calibration_key(qcfg, names: list[str], calibration) -> str:
         if plain["scheme"] == "fp":  # a float layer has no thresholds
             layers[name] = "fp"
             continue
-        for section, keys in _NOT_CALIBRATED.items():
+        for section, keys in ignored.items():
             plain[section] = {k: v for k, v in plain[section].items() if k not in keys}
         if not calibration.on_device:
             plain.pop("device")
         plain.pop("layers")
         layers[name] = plain
     return config_digest({"layers": layers, "calibration": dataclasses.asdict(calibration)})
+
+
+def activation_key(qcfg, names: list[str], calibration) -> str:
+    """What the activation clips of a static calibration of `qcfg` depend on, as a digest:
+    every layer's settings but its ADC's (the pass runs with the ADCs bypassed)."""
+    return calibration_key(qcfg, names, calibration, _NOT_IN_ACTIVATION_PASS)
 
 
 def check_patterns(settings: SearchSettings, names: list[str]) -> None:
@@ -234,9 +254,7 @@ def open_study(path: Path, digest: str, settings: SearchSettings, seed: int):
     storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
     study = optuna.create_study(storage=storage, study_name=study_name(digest), load_if_exists=True,
                                 directions=["minimize"] * len(settings.objectives),
-                                sampler=optuna.samplers.NSGAIISampler(seed=seed))
-    # A continued study draws on from where it stopped instead of replaying its first picks.
-    study.sampler = optuna.samplers.NSGAIISampler(seed=seed + len(study.get_trials(deepcopy=False)))
+                                sampler=trial_sampler(seed, 0))
     study.set_user_attr("config_sha256", digest)
     study.set_user_attr("objectives", list(settings.objectives))
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -246,6 +264,17 @@ def open_study(path: Path, digest: str, settings: SearchSettings, seed: int):
         if len(trial.params) == len(settings.choices):
             study.enqueue_trial(trial.params, skip_if_exists=False)
     return study
+
+
+def trial_sampler(seed: int, complete: int):
+    """The sampler that picks the trial after `complete` complete ones: NSGA-II seeded
+    with (seed, complete). Its draws depend on the study's complete trials only (failed ones
+    are no parents and start no generation), not on how many processes ran the study."""
+    import optuna
+
+    from jit.quant.noise import noise_key
+
+    return optuna.samplers.NSGAIISampler(seed=noise_key(seed, complete) % 2**32)  # numpy takes 32-bit seeds
 
 
 def complete_trials(study) -> list:
@@ -295,6 +324,28 @@ def evaluate_trial(trainer, module, datamodule, run: SearchRun, qcfg, run_dir: P
         restore_float(module.denoiser.net)
 
 
+def calibrate_adc_pass(trainer, module, datamodule, run: SearchRun, qcfg, trial_dir: Path, clips_from: Path) -> Path:
+    """The static calibration of `qcfg` with the activation clips of the artefact
+    `clips_from` (made for the same settings but ADCs): only the ADC pass runs, on the
+    trainer's device as the trial's own calibration would. Writes calibration.pt and
+    coverage.csv into `trial_dir`; the backbone is float again afterwards."""
+    from jit.evaluation.calibration import run_calibration
+    from jit.passes import attach
+    from jit.quant import artefact as art
+    from jit.quant import quantize_model, restore_float
+
+    act_clips = {name: entry["act_clip"] for name, entry in art.load(clips_from)["layers"].items()}
+    attach(trainer, module)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    quantize_model(module.denoiser.net, qcfg)
+    try:
+        outcome = run_calibration(module, qcfg, run.calibration, trial_dir, datamodule=datamodule,
+                                  sampler=module.sampler, eval_weights=module.eval_weights, act_clips=act_clips)
+    finally:
+        restore_float(module.denoiser.net)
+    return outcome.artefact_path
+
+
 def run_search(trainer, module, datamodule, run: SearchRun) -> dict:
     """Trials until `n_trials` are complete, then the front's table, plot and presets."""
     from jit.evaluation.calibration import ARTEFACT_NAME
@@ -308,6 +359,7 @@ def run_search(trainer, module, datamodule, run: SearchRun) -> dict:
     names = target_names(module.denoiser.net, run.quant.targets)
     cache = run.run_dir / CACHE_DIR
     while done < settings.n_trials:
+        study.sampler = trial_sampler(run.seed, done)
         trial = study.ask()
         params = {c.name: trial.suggest_categorical(c.name, list(c.values)) for c in settings.choices}
         layers = assignment(settings, params)
@@ -323,19 +375,26 @@ def run_search(trainer, module, datamodule, run: SearchRun) -> dict:
             continue
         qcfg = trial_quant(run.quant, layers)
         trial_dir = run.run_dir / TRIALS_DIR / f"{trial.number:04d}"
-        cached = None
+        cached = act_cached = None
+        reused = ""
         if qcfg.mode == "static" and qcfg.calibration_file is None:
             cached = cache / f"{calibration_key(qcfg, names, run.calibration)[:16]}.pt"
-            if cached.is_file():
-                qcfg = dataclasses.replace(qcfg, calibration_file=str(cached))
-        announce(f"search: trial {trial.number} ({done + 1}/{settings.n_trials}): {json.dumps(layers)}"
-                 + (" (calibration reused)" if qcfg.calibration_file == str(cached) else ""))
+            act_cached = cache / f"{ACT_CACHE_PREFIX}{activation_key(qcfg, names, run.calibration)[:16]}.pt"
+            reused = (" (calibration reused)" if cached.is_file() else
+                      " (activation clips reused: the ADC pass only)" if act_cached.is_file() else "")
+        announce(f"search: trial {trial.number} ({done + 1}/{settings.n_trials}): {json.dumps(layers)}{reused}")
+        if cached is not None and cached.is_file():
+            qcfg = dataclasses.replace(qcfg, calibration_file=str(cached))
+        elif act_cached is not None and act_cached.is_file():
+            artefact = calibrate_adc_pass(trainer, module, datamodule, run, qcfg, trial_dir, act_cached)
+            qcfg = dataclasses.replace(qcfg, calibration_file=str(artefact))
         results = evaluate_trial(trainer, module, datamodule, run, qcfg, trial_dir)
         # A crash before `tell` leaves the trial RUNNING: the next run re-evaluates it.
-        if cached is not None and not cached.is_file() and (trial_dir / ARTEFACT_NAME).is_file():
-            cache.mkdir(parents=True, exist_ok=True)
-            with atomic_path(cached) as tmp:
-                shutil.copyfile(trial_dir / ARTEFACT_NAME, tmp)
+        for kept in (cached, act_cached):
+            if kept is not None and not kept.is_file() and (trial_dir / ARTEFACT_NAME).is_file():
+                cache.mkdir(parents=True, exist_ok=True)
+                with atomic_path(kept) as tmp:
+                    shutil.copyfile(trial_dir / ARTEFACT_NAME, tmp)
         values = objective_values(results)
         trial.set_user_attr("fid", values["fid"])
         trial.set_user_attr("energy_per_image_uJ", values["energy"])
