@@ -218,3 +218,30 @@ def test_a_repeated_assignment_takes_the_numbers_of_its_twin(tmp_path):
     assert not (out / "trials" / "0001").exists()
     with open(out / "pareto.csv", newline="") as f:
         assert [row["trial"] for row in csv.DictReader(f)] == ["0"]
+
+
+def test_the_b16_imagenet_search_composes_validates_and_covers_every_ffn_layer_once(tmp_path):
+    import fnmatch
+
+    import torch
+
+    from jit.config import to_plain
+    from jit.models import build_jit
+    from jit.quant import target_names
+    from jit.search import check_patterns
+
+    cfg = compose_run(["experiment=jit_b16_in256_search", "data.root=/data/imagenet",
+                       "ckpt_path=/ckpt/jit-b-16/checkpoint-last.pth", f"paths.output_dir={tmp_path}"])
+    validate(cfg)
+    settings = parse_settings(cfg)
+    search = parse_search(to_plain(cfg)["search"], settings.quant)
+    assert cfg.task == "search" and cfg.eval_weights == "ema1" and cfg.trainer.accelerator == "gpu"
+    assert (cfg.sampler.method, cfg.sampler.steps, cfg.sampler.cfg_scale) == ("heun", 50, 3.0)  # as jit_b16_in256_eval
+    assert settings.quant.mode == "static" and settings.fid.num_images == 10_000 and search.front_fid_images == 50_000
+    with torch.device("meta"):
+        net = build_jit(cfg.model.net.name, **{k: v for k, v in cfg.model.net.items() if k != "name"})
+    names = target_names(net, settings.quant.targets)
+    check_patterns(search, names)
+    units = list(dict.fromkeys(choice.pattern for choice in search.choices))
+    assert len(names) == 24 and len(units) == 6
+    assert all(sum(fnmatch.fnmatchcase(name, unit) for unit in units) == 1 for name in names)
