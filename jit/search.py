@@ -4,8 +4,8 @@
 quant.layers) to the `quant` fields to search, each leaf a list of choices, e.g.
 `{"blocks.0.*": {adc: {bits: [6, 8, 10]}, scheme: [hybrid, fp]}}` (docs/exploration.md).
 
-Each trial picks one value per leaf (Optuna's NSGA-II sampler, seeded with the run's
-`seed` plus the number of trials the study holds), appends those picks to `quant.layers` (after the group's own patterns) and runs
+Each trial picks one value per leaf (Optuna's NSGA-II sampler, seeded below), appends
+those picks to `quant.layers` (after the group's own patterns) and runs
 an ordinary quantized evaluation of that config (jit/evaluation/pipeline.py) in
 `trials/<number>/`: calibration, per-layer statistics, energy estimate, FID over
 `fid.num_images`. A pick that repeats a complete trial's assignment takes its numbers
@@ -28,7 +28,7 @@ The study lives in `search.db` (SQLite), named after a digest of the search spac
 everything the trials' numbers depend on. A rerun in the same folder continues it until
 `search.n_trials` trials are COMPLETE: a trial a crash left RUNNING is marked FAIL and
 its assignment evaluated again, so no trial counts twice. The sampler that picks the
-k-th complete trial is seeded with (`seed`, k) and sees only the complete trials, so a
+trial after k complete ones is seeded with (`seed`, k) and sees only the complete trials, so a
 study interrupted and continued any number of times holds the trials, and the front, of
 one run straight through. A `search.db` holding a study of another search space or
 configuration is refused.

@@ -64,7 +64,7 @@ def front_of(out) -> list[tuple]:
         return [(row["fid"], row["energy_per_image_uJ"], row["assignment"]) for row in csv.DictReader(f)]
 
 
-def test_search_resumes_after_a_crash_refuses_another_study_and_writes_presets(tmp_path):
+def test_search_killed_mid_trial_resumes_to_the_run_straight_through_refuses_another_study_writes_presets(tmp_path):
     out = tmp_path / "search"
     proc = run([*SHORT, "search.n_trials=2", f"hydra.run.dir={out}"], tmp_path)
     study = study_of(out)
