@@ -156,7 +156,6 @@ def load_for_evaluation(path, kind: str, which: str, module_kwargs: Mapping | No
 
 def load_module(cfg: DictConfig) -> tuple[JiTModule, str]:
     """The module to evaluate/calibrate, with weights from ckpt_path or the shipped digits model."""
-
     path = cfg.ckpt_path
     if path is None:
         from hydra.utils import get_class
@@ -222,7 +221,6 @@ def latest_checkpoint(folder: Path) -> str:
 
 def finetune_callbacks(cfg: DictConfig, run: RunSettings) -> list:
     """The hardware in the training loop (finetune.hardware_aware), or freezing alone."""
-
     settings = run.finetune
     if not settings.hardware_aware:
         return [] if settings.trainable == ("*",) else [TrainablePatterns(settings.trainable)]

@@ -117,7 +117,6 @@ def check_checkpoint_settings(cfg: DictConfig, path: str, ckpt=None) -> None:
     must be the config's: sampling a 512-px model with noise_scale 1.0 runs fine and gives a
     wrong FID. `model.override_checkpoint_args=true` keeps the config's values. `ckpt`: the
     file's contents if already read."""
-
     trained = generation_settings(path, ckpt=ckpt)
     differ = {}
     for key, value in trained.items():
@@ -159,7 +158,6 @@ def uses_data_for_calibration(run: RunSettings) -> bool:
 def check_reference(fid_cfg, module, dm) -> None:
     """The feature extractor loads (weights present and safe) and the reference statistics
     fit it: a stats file is read, a data split is listed and its class count checked."""
-
     weights = fid_cfg.inception_weights if fid_cfg.extractor == INCEPTION else fid_cfg.extractor_weights
     space = create_feature_space(fid_cfg.extractor, weights, probe_size=module.denoiser.img_size)
     stats_file = fid_cfg.reference.get("stats_file")
@@ -179,7 +177,6 @@ def check_before_generation(run: RunSettings, module, dm, check_fid: bool) -> No
     per-layer statistics or the whole generation: calibration data and file, quantization
     targets, and with `check_fid` the feature extractor, reference statistics and the data's
     class count against the model's. Raises with the key or file named."""
-
     qcfg = run.quant
     if uses_data_for_calibration(run):
         check_data_classes(module.denoiser.num_classes, dm)

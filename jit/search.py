@@ -4,8 +4,8 @@
 quant.layers) to the `quant` fields to search, each leaf a list of choices, e.g.
 `{"blocks.0.*": {adc: {bits: [6, 8, 10]}, scheme: [hybrid, fp]}}` (docs/exploration.md).
 
-Each trial picks one value per leaf (Optuna's NSGA-II sampler, seeded with the run's
-`seed` plus the number of trials the study holds), appends those picks to `quant.layers` (after the group's own patterns) and runs
+Each trial picks one value per leaf (Optuna's NSGA-II sampler, seeded below), appends
+those picks to `quant.layers` (after the group's own patterns) and runs
 an ordinary quantized evaluation of that config (jit/evaluation/pipeline.py) in
 `trials/<number>/`: calibration, per-layer statistics, energy estimate, FID over
 `fid.num_images`. A pick that repeats a complete trial's assignment takes its numbers
@@ -17,12 +17,21 @@ runs with thermal noise off, the ADCs bypassed and ideal devices, so it does not
 on noise or converter errors; the thresholds do depend on each layer's scheme, bit widths
 (the ADC clips are chosen for the ADC's levels) and split. Each distinct calibration is
 kept in `calibration_cache/<digest>.pt` and applied to the later trials that need it.
+Its first pass, the activation clips, runs with the ADCs bypassed, so it does not depend
+on any ADC setting: a trial whose assignment differs from a calibrated one only in ADC
+bits (every layer's activation clips depend on the layers before it, so the whole
+model's settings without its ADCs are compared) takes those clips from
+`calibration_cache/act_<digest>.pt` and runs only the ADC pass
+(jit/quant/calibration.py); its artefact is bit for bit that of a full calibration.
 
 The study lives in `search.db` (SQLite), named after a digest of the search space and
 everything the trials' numbers depend on. A rerun in the same folder continues it until
 `search.n_trials` trials are COMPLETE: a trial a crash left RUNNING is marked FAIL and
-its assignment evaluated again, so no trial counts twice. A `search.db` holding a study
-of another search space or configuration is refused.
+its assignment evaluated again, so no trial counts twice. The sampler that picks the
+trial after k complete ones is seeded with (`seed`, k) and sees only the complete trials, so a
+study interrupted and continued any number of times holds the trials, and the front, of
+one run straight through. A `search.db` holding a study of another search space or
+configuration is refused.
 
 With `search.front_fid_images=N` each front point is evaluated again with FID over N
 images (`front/`), the trials' reduced `fid.num_images` having only ranked them.
@@ -47,10 +56,13 @@ from pathlib import Path
 from jit.atomic import atomic_path, atomic_write_json
 from jit.config import ConfigError
 from jit.console import announce
-from jit.evaluation.calibration import ARTEFACT_NAME
+from jit.evaluation.calibration import ARTEFACT_NAME, run_calibration
 from jit.evaluation.pipeline import EvaluationSettings
-from jit.passes import evaluate_float_then_quantized
-from jit.quant import build_quant_config, restore_float, target_names
+from jit.passes import attach, evaluate_float_then_quantized
+from jit.quant import artefact as art
+from jit.quant import build_quant_config, quantize_model, restore_float, target_names
+from jit.quant.noise import noise_key
+from jit.search_report import plot_front, write_preset
 from jit.sensitivity import config_digest, read_json_or_empty
 from jit.settings import merged
 
@@ -65,10 +77,14 @@ PRESETS_DIR = "presets"
 FRONT_DIR = "front"
 COLUMNS = ("pareto_k", "trial", "fid", "energy_per_image_uJ", "fid_front", "front_fid_images", "assignment",
            "preset")
+ACT_CACHE_PREFIX = "act_"
 # Settings calibration runs without (noise off, ADC bypassed, ideal devices): trials that
 # differ only in these share one calibration.
 _NOT_CALIBRATED = {"adc": ("noise_sigma_lsb", "samples", "bypass", "dnl_sigma_lsb", "inl_max_lsb",
                            "offset_sigma_lsb", "gain_sigma")}
+# The activation pass also runs without the ADCs' resolution: trials that differ only in
+# these share its clips (the ADC pass runs for each).
+_NOT_IN_ACTIVATION_PASS = {"adc": ("bits", *_NOT_CALIBRATED["adc"])}
 
 
 @dataclass(frozen=True)
@@ -115,7 +131,6 @@ def nested(field: str, value) -> dict:
 def parse_search(section: Mapping, quant) -> SearchSettings:
     """The `search` section checked against the run's QuantConfig: every choice of every
     field is built into a quant.layers override and validated as quant validates it."""
-
     n_trials = section.get("n_trials")
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise ConfigError(f"search.n_trials: must be an integer >= 1, got {n_trials!r}")
@@ -160,7 +175,6 @@ def parse_search(section: Mapping, quant) -> SearchSettings:
 
 def assignment(settings: SearchSettings, params: Mapping) -> dict[str, dict]:
     """A trial's picks as quant.layers overrides, {pattern: {adc: {bits: 8}, ...}}."""
-
     layers: dict[str, dict] = {}
     for choice in settings.choices:
         layers[choice.pattern] = merged(layers.get(choice.pattern, {}), nested(choice.field, params[choice.name]))
@@ -169,28 +183,33 @@ def assignment(settings: SearchSettings, params: Mapping) -> dict[str, dict]:
 
 def trial_quant(quant, layers: Mapping):
     """The run's QuantConfig with the trial's overrides after its own quant.layers."""
-
     plain = quant.to_dict()
     plain["layers"] = {**plain["layers"], **layers}
     return build_quant_config(plain)
 
 
-def calibration_key(qcfg, names: list[str], calibration) -> str:
-    """What a static calibration of `qcfg` depends on (see the module doc), as a digest."""
-
+def calibration_key(qcfg, names: list[str], calibration, ignored: Mapping = _NOT_CALIBRATED) -> str:
+    """What a static calibration of `qcfg` depends on (see the module doc), as a digest;
+    `ignored`: {section: keys} it does not depend on."""
     layers = {}
     for name in names:
         plain = qcfg.layer_config(name).to_dict()
         if plain["scheme"] == "fp":  # a float layer has no thresholds
             layers[name] = "fp"
             continue
-        for section, keys in _NOT_CALIBRATED.items():
+        for section, keys in ignored.items():
             plain[section] = {k: v for k, v in plain[section].items() if k not in keys}
         if not calibration.on_device:
             plain.pop("device")
         plain.pop("layers")
         layers[name] = plain
     return config_digest({"layers": layers, "calibration": dataclasses.asdict(calibration)})
+
+
+def activation_key(qcfg, names: list[str], calibration) -> str:
+    """What the activation clips of a static calibration of `qcfg` depend on, as a digest:
+    every layer's settings but its ADC's (the pass runs with the ADCs bypassed)."""
+    return calibration_key(qcfg, names, calibration, _NOT_IN_ACTIVATION_PASS)
 
 
 def check_patterns(settings: SearchSettings, names: list[str]) -> None:
@@ -235,9 +254,7 @@ def open_study(path: Path, digest: str, settings: SearchSettings, seed: int):
     storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
     study = optuna.create_study(storage=storage, study_name=study_name(digest), load_if_exists=True,
                                 directions=["minimize"] * len(settings.objectives),
-                                sampler=optuna.samplers.NSGAIISampler(seed=seed))
-    # A continued study draws on from where it stopped instead of replaying its first picks.
-    study.sampler = optuna.samplers.NSGAIISampler(seed=seed + len(study.get_trials(deepcopy=False)))
+                                sampler=trial_sampler(seed, 0))
     study.set_user_attr("config_sha256", digest)
     study.set_user_attr("objectives", list(settings.objectives))
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -247,6 +264,16 @@ def open_study(path: Path, digest: str, settings: SearchSettings, seed: int):
         if len(trial.params) == len(settings.choices):
             study.enqueue_trial(trial.params, skip_if_exists=False)
     return study
+
+
+def trial_sampler(seed: int, complete: int):
+    """The sampler that picks the trial after `complete` complete ones: NSGA-II seeded
+    with (seed, complete). Its draws depend on the study's complete trials only (failed ones
+    are no parents and start no generation), not on how many processes ran the study."""
+    import optuna
+
+
+    return optuna.samplers.NSGAIISampler(seed=noise_key(seed, complete) % 2**32)  # numpy takes 32-bit seeds
 
 
 def complete_trials(study) -> list:
@@ -283,7 +310,6 @@ def objective_values(results: dict) -> dict[str, float]:
 def evaluate_trial(trainer, module, datamodule, run: SearchRun, qcfg, run_dir: Path, fid=None) -> dict:
     """One ordinary evaluation of `qcfg` (no float baseline) in `run_dir`; the backbone
     is float again afterwards."""
-
     evaluation = EvaluationSettings(
         quant=qcfg, fid=fid or run.fid, hardware=run.hardware, calibration=run.calibration, run_dir=run_dir,
         checkpoint=run.checkpoint, compare_fp=False, layer_stats_images=run.layer_stats_images)
@@ -293,9 +319,25 @@ def evaluate_trial(trainer, module, datamodule, run: SearchRun, qcfg, run_dir: P
         restore_float(module.denoiser.net)
 
 
+def calibrate_adc_pass(trainer, module, datamodule, run: SearchRun, qcfg, trial_dir: Path, clips_from: Path) -> Path:
+    """The static calibration of `qcfg` with the activation clips of the artefact
+    `clips_from` (made for the same settings but ADCs): only the ADC pass runs, on the
+    trainer's device as the trial's own calibration would. Writes calibration.pt and
+    coverage.csv into `trial_dir`; the backbone is float again afterwards."""
+    act_clips = {name: entry["act_clip"] for name, entry in art.load(clips_from)["layers"].items()}
+    attach(trainer, module)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    quantize_model(module.denoiser.net, qcfg)
+    try:
+        outcome = run_calibration(module, qcfg, run.calibration, trial_dir, datamodule=datamodule,
+                                  sampler=module.sampler, eval_weights=module.eval_weights, act_clips=act_clips)
+    finally:
+        restore_float(module.denoiser.net)
+    return outcome.artefact_path
+
+
 def run_search(trainer, module, datamodule, run: SearchRun) -> dict:
     """Trials until `n_trials` are complete, then the front's table, plot and presets."""
-
     settings = run.settings
     study = open_study(run.run_dir / DB_NAME, run.digest, settings, run.seed)
     done = len(complete_trials(study))
@@ -304,6 +346,7 @@ def run_search(trainer, module, datamodule, run: SearchRun) -> dict:
     names = target_names(module.denoiser.net, run.quant.targets)
     cache = run.run_dir / CACHE_DIR
     while done < settings.n_trials:
+        study.sampler = trial_sampler(run.seed, done)
         trial = study.ask()
         params = {c.name: trial.suggest_categorical(c.name, list(c.values)) for c in settings.choices}
         layers = assignment(settings, params)
@@ -319,19 +362,26 @@ def run_search(trainer, module, datamodule, run: SearchRun) -> dict:
             continue
         qcfg = trial_quant(run.quant, layers)
         trial_dir = run.run_dir / TRIALS_DIR / f"{trial.number:04d}"
-        cached = None
+        cached = act_cached = None
+        reused = ""
         if qcfg.mode == "static" and qcfg.calibration_file is None:
             cached = cache / f"{calibration_key(qcfg, names, run.calibration)[:16]}.pt"
-            if cached.is_file():
-                qcfg = dataclasses.replace(qcfg, calibration_file=str(cached))
-        announce(f"search: trial {trial.number} ({done + 1}/{settings.n_trials}): {json.dumps(layers)}"
-                 + (" (calibration reused)" if qcfg.calibration_file == str(cached) else ""))
+            act_cached = cache / f"{ACT_CACHE_PREFIX}{activation_key(qcfg, names, run.calibration)[:16]}.pt"
+            reused = (" (calibration reused)" if cached.is_file() else
+                      " (activation clips reused: the ADC pass only)" if act_cached.is_file() else "")
+        announce(f"search: trial {trial.number} ({done + 1}/{settings.n_trials}): {json.dumps(layers)}{reused}")
+        if cached is not None and cached.is_file():
+            qcfg = dataclasses.replace(qcfg, calibration_file=str(cached))
+        elif act_cached is not None and act_cached.is_file():
+            artefact = calibrate_adc_pass(trainer, module, datamodule, run, qcfg, trial_dir, act_cached)
+            qcfg = dataclasses.replace(qcfg, calibration_file=str(artefact))
         results = evaluate_trial(trainer, module, datamodule, run, qcfg, trial_dir)
         # A crash before `tell` leaves the trial RUNNING: the next run re-evaluates it.
-        if cached is not None and not cached.is_file() and (trial_dir / ARTEFACT_NAME).is_file():
-            cache.mkdir(parents=True, exist_ok=True)
-            with atomic_path(cached) as tmp:
-                shutil.copyfile(trial_dir / ARTEFACT_NAME, tmp)
+        for kept in (cached, act_cached):
+            if kept is not None and not kept.is_file() and (trial_dir / ARTEFACT_NAME).is_file():
+                cache.mkdir(parents=True, exist_ok=True)
+                with atomic_path(kept) as tmp:
+                    shutil.copyfile(trial_dir / ARTEFACT_NAME, tmp)
         values = objective_values(results)
         trial.set_user_attr("fid", values["fid"])
         trial.set_user_attr("energy_per_image_uJ", values["energy"])
@@ -395,51 +445,3 @@ def write_outputs(study, run: SearchRun, front: list, front_fid: dict[int, float
                "plot": str(run.run_dir / PLOT_NAME)}
     atomic_write_json(run.run_dir / SUMMARY_NAME, summary, indent=2)
     return summary
-
-
-def write_preset(path: Path, qcfg, trial) -> Path:
-    """The trial's quant group as a config-group file (the run's `device` group applies)."""
-    from omegaconf import OmegaConf
-
-    plain = qcfg.to_dict()
-    plain.pop("device")
-    plain["calibration_file"] = None  # calibrated by the run that uses the preset
-    header = (f"# Pareto point of task=search: trial {trial.number}, FID {trial.user_attrs['fid']:.6g}, "
-              f"{trial.user_attrs['energy_per_image_uJ']:.6g} uJ/image.\n"
-              f"# python run.py --config-dir {path.parent.parent} quant={path.stem}\n")
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(header + OmegaConf.to_yaml(OmegaConf.create(plain)))
-    return path
-
-
-def plot_front(trials: list, front: list, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.scatter([t.user_attrs["energy_per_image_uJ"] for t in trials], [t.user_attrs["fid"] for t in trials],
-               color="0.6", s=18, label="trials")
-    xs = [t.user_attrs["energy_per_image_uJ"] for t in front]
-    ys = [t.user_attrs["fid"] for t in front]
-    ax.plot(xs, ys, "o-", color="tab:red", label="Pareto front", drawstyle="steps-post")
-    for k, (x, y) in enumerate(zip(xs, ys)):
-        ax.annotate(f"pareto_{k}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("energy per image (uJ)")
-    ax.set_ylabel("FID")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
-
-
-def print_summary(summary: dict) -> None:
-    print(f"search: {summary['complete_trials']} complete trials, Pareto front ({', '.join(summary['objectives'])}):")
-    for row in summary["pareto"]:
-        front = (f" (FID {row['fid_front']:.4g} over {row['front_fid_images']} images)"
-                 if row["fid_front"] is not None else "")
-        print(f"  pareto_{row['pareto_k']}: trial {row['trial']}  FID {row['fid']:.4g}{front}  "
-              f"{row['energy_per_image_uJ']:.4g} uJ/image  {row['assignment']}")

@@ -130,7 +130,6 @@ def proxy_mse(generate: Callable, denoiser, float_net, labels: torch.Tensor, noi
     `float_net` at every network call of the float model's sampling of each chunk of
     image indices (see the module doc). `generate(labels, noise=..., **sampler)` samples
     with `denoiser`; `noise_of(indices)` gives the chunk's initial noise."""
-
     quant_net = denoiser.net
     total = torch.zeros((), dtype=torch.float64)
     count = 0
@@ -268,7 +267,6 @@ class SensitivityRun:
 
 def run_sensitivity(trainer, module, datamodule, run: SensitivityRun) -> dict:
     """Every unit in turn (skipping those in `run.done`); returns the summary."""
-
     qcfg, settings, denoiser = run.quant, run.settings, module.denoiser
     num_classes = denoiser.num_classes
     configs = layer_configs(denoiser.net, qcfg)

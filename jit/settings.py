@@ -43,7 +43,6 @@ class RunSettings:
 
 def parse_settings(cfg: DictConfig) -> RunSettings:
     """Every section a task computes with, validated, in one pass."""
-
     quant = build_quant_config(cfg.quant, device=cfg.get("device"))
     if quant.allow_foreign_calibration and quant.calibration_file is None:
         raise ConfigError("quant.allow_foreign_calibration=true applies to a quant.calibration_file, and "
@@ -121,7 +120,6 @@ def settings_from(cfg: DictConfig, quant) -> FinetuneSettings:
 
 def training_quant_config(quant, settings: FinetuneSettings):
     """The hardware the training forward runs: `quant` with the training noise and ranges."""
-
     plain = build_quant_config(quant).to_dict()
     if settings.ranges is not None:
         plain["mode"] = settings.ranges

@@ -118,7 +118,6 @@ def sweep_jobs(sweep_dir: Path) -> list[list[str]] | None:
 def job_status(job: Path, sweep_id: str | None) -> str:
     """ok, failed: <error>, interrupted, running or not started: from the job folder's
     results, its FAILED marker and its lock (jit/run_folder.py)."""
-
     if not (job / ".hydra").is_dir() or (sweep_id is not None and _sweep_id(job) != sweep_id):
         return "not started"
     if (job / FAILED).is_file():

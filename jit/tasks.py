@@ -57,7 +57,6 @@ from jit.search import (
     run_search,
 )
 from jit.search import (
-    print_summary as print_search_summary,
 )
 from jit.sensitivity import (
     CSV_NAME,
@@ -70,6 +69,7 @@ from jit.sensitivity import (
 from jit.sensitivity import (
     print_summary as print_sensitivity_summary,
 )
+from jit.search_report import print_summary as print_search_summary
 from jit.settings import RunSettings, parse_settings
 from jit.train import export_official
 
@@ -198,7 +198,6 @@ def numbers_depend_on(cfg: DictConfig, settings: RunSettings, section: str) -> d
     """What the measured numbers of a sensitivity or search run depend on (their digest
     guards resumed results): the model and its weights, sampler, hardware, quant,
     calibration, the FID settings (not where files go) and the task's own `section`."""
-
     plain = to_plain(cfg)
     checkpoint = cfg.ckpt_path
     parts = {key: plain.get(key) for key in ("model", "sampler", "eval_weights", section, "hardware", "seed")}
@@ -277,7 +276,6 @@ def search(cfg: DictConfig, settings: RunSettings) -> dict:
 
 def check_output_folders(cfg: DictConfig) -> None:
     """Before any work: the output folder (and for eval the cache folder) is writable."""
-
     check_writable(Path(cfg.paths.output_dir))
     if cfg.task in (Task.eval, Task.sensitivity, Task.search):
         check_writable(Path(cfg.paths.cache_dir).expanduser())

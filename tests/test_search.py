@@ -1,20 +1,24 @@
 """task=search: trials evaluate distinct per-layer assignments, the study resumes from its
-SQLite file after a crash without counting a trial twice, another study is refused, the
-front's presets compose, and bad input is one line before the model loads."""
+SQLite file after the process is killed mid-trial, without counting a trial twice and with
+the trials and front of a run straight through, another study is refused, the front's
+presets compose, and bad input is one line before the model loads."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 
 import optuna
 import pytest
 from optuna.trial import TrialState
-from test_run import compose_run, run
+from test_run import compose_run, run, run_with_fault
 
 from jit.config import ConfigError, validate
 from jit.evaluation.fid import flatten
-from jit.search import assignment, calibration_key, parse_search, study_name
+from jit.run_folder import LOCK
+from jit.search import activation_key, assignment, calibration_key, parse_search, study_name
 from jit.settings import parse_settings
 
 SPACE = "{blocks.0.*: {adc: {bits: [6, 8]}, scheme: [hybrid, fp]}, blocks.1.*: {adc: {bits: [6, 10]}}}"
@@ -26,13 +30,41 @@ SHORT = ["task=search", "quant.mode=static", "quant.targets=[blocks.0.mlp.w12,bl
          f"search.space={SPACE}"]
 
 
+# SIGKILL in the middle of trial 1: in its FID pass, its calibration and statistics done.
+KILL_IN_TRIAL_1 = """
+import os, signal
+import jit.search
+from jit.evaluation.fid import FIDEvaluation
+
+evaluating = []
+evaluate_trial, add = jit.search.evaluate_trial, FIDEvaluation.add
+
+def evaluate_and_note(trainer, module, datamodule, run, qcfg, run_dir, fid=None):
+    evaluating.append(run_dir.name)
+    return evaluate_trial(trainer, module, datamodule, run, qcfg, run_dir, fid)
+
+def add_or_die(self, *args):
+    if evaluating[-1:] == ["0001"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return add(self, *args)
+
+jit.search.evaluate_trial, FIDEvaluation.add = evaluate_and_note, add_or_die
+"""
+
+
 def study_of(out):
     storage = f"sqlite:///{out / 'search.db'}"
     (name,) = optuna.get_all_study_names(storage)
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def test_search_resumes_after_a_crash_refuses_another_study_and_writes_presets(tmp_path):
+def front_of(out) -> list[tuple]:
+    """pareto.csv without what names the run (trial numbers, preset paths)."""
+    with open(out / "pareto.csv", newline="") as f:
+        return [(row["fid"], row["energy_per_image_uJ"], row["assignment"]) for row in csv.DictReader(f)]
+
+
+def test_search_killed_mid_trial_resumes_to_the_run_straight_through_refuses_another_study_writes_presets(tmp_path):
     out = tmp_path / "search"
     proc = run([*SHORT, "search.n_trials=2", f"hydra.run.dir={out}"], tmp_path)
     study = study_of(out)
@@ -47,28 +79,47 @@ def test_search_resumes_after_a_crash_refuses_another_study_and_writes_presets(t
         assert results["metrics"]["fid_digits"] == pytest.approx(trial.user_attrs["fid"])
         assert results["energy"]["energy_per_image_uJ"] == pytest.approx(trial.user_attrs["energy_per_image_uJ"])
         assert list(trial.values) == [trial.user_attrs["fid"], trial.user_attrs["energy_per_image_uJ"]]
-    evaluated = proc.stdout.count("search: trial ") + proc.stderr.count("search: trial ")
-    reused = (proc.stdout + proc.stderr).count("(calibration reused)")
-    assert len(list((out / "calibration_cache").glob("*.pt"))) == 2 - reused and evaluated > 0
+    text = proc.stdout + proc.stderr
+    reused = text.count("(calibration reused)")
+    assert len([p for p in (out / "calibration_cache").glob("*.pt") if not p.name.startswith("act_")]) == 2 - reused
     with open(out / "pareto.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {int(r["trial"]) for r in rows} == {t.number for t in study.best_trials}
     assert (out / "pareto.png").stat().st_size > 0
 
-    # A crash mid-trial: a trial left RUNNING with its assignment picked.
-    crashed = study.ask()
-    params = {name: crashed.suggest_categorical(name, list(dist.choices))
-              for name, dist in done[0].distributions.items()}
+    # A rerun with more trials continues the study.
     proc = run([*SHORT, "search.n_trials=3", "search.front_fid_images=6", f"hydra.run.dir={out}"], tmp_path)
     text = proc.stdout + proc.stderr
-    assert "2 trial(s) already complete" in text
-    assert f"trial {crashed.number} was left running by an interrupted run: marked failed" in text
+    assert "2 trial(s) already complete" in text and "left running" not in text
     trials = study_of(out).get_trials()
-    assert trials[crashed.number].state == TrialState.FAIL
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 3 and [t.number for t in complete[:2]] == [t.number for t in done]
-    assert complete[2].params == params  # the crashed trial's assignment, evaluated once more
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 and trials[:2] == done
     assert text.count("(3/3)") == 1 and "(1/3)" not in text and "(2/3)" not in text
+
+    # The same search killed (SIGKILL) in the middle of trial 1, then run again in its folder.
+    killed = tmp_path / "killed"
+    proc = run_with_fault(KILL_IN_TRIAL_1, [*SHORT, "search.n_trials=3", f"hydra.run.dir={killed}"], tmp_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [t.state for t in study_of(killed).get_trials()] == [TrialState.COMPLETE, TrialState.RUNNING]
+    assert (killed / "trials" / "0001" / "layer_stats.csv").is_file()
+    assert not (killed / "trials" / "0001" / "results.json").exists()
+    dead = json.loads((killed / LOCK).read_text())["pid"]  # the killed run's lock stays behind
+    with pytest.raises(ProcessLookupError):
+        os.kill(dead, 0)
+    proc = run([*SHORT, "search.n_trials=3", f"hydra.run.dir={killed}"], tmp_path)  # the stale lock is taken over
+    text = proc.stdout + proc.stderr
+    assert "1 trial(s) already complete" in text
+    assert "trial 1 was left running by an interrupted run: marked failed" in text
+    assert text.count("(2/3)") == 1 and text.count("(3/3)") == 1 and "(1/3)" not in text
+    resumed = study_of(killed).get_trials()
+    assert [t.state for t in resumed] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE,
+                                          TrialState.COMPLETE]
+    assert resumed[2].params == resumed[1].params  # the killed trial's assignment, evaluated once more
+    assert (killed / "trials" / "0002" / "results.json").is_file() and not (killed / LOCK).exists()
+    # ... to the trials and the front of the run straight through, bit for bit
+    complete = [t for t in resumed if t.state == TrialState.COMPLETE]
+    assert [(t.params, t.values, t.user_attrs["layers"]) for t in complete] == [
+        (t.params, t.values, t.user_attrs["layers"]) for t in trials]
+    assert front_of(killed) == front_of(out)
 
     # The front's presets run as they are: `--config-dir <run dir>/presets quant=pareto_<k>`.
     with open(out / "pareto.csv", newline="") as f:
@@ -130,7 +181,7 @@ def test_a_pattern_matching_no_layer_is_refused_before_generation(tmp_path):
     assert not (tmp_path / "trials").exists()
 
 
-def test_calibration_is_shared_across_noise_but_not_across_adc_bits():
+def test_calibration_is_shared_across_noise_and_activation_clips_across_adc_bits():
     from jit.evaluation.calibration import CalibrationConfig
     from jit.quant import build_quant_config
 
@@ -141,13 +192,19 @@ def test_calibration_is_shared_across_noise_but_not_across_adc_bits():
     assert [c.name for c in settings.choices] == ["blocks.0.*|adc.bits", "blocks.0.*|adc.noise_sigma_lsb"]
     names, calibration = ["blocks.0.w", "blocks.1.w"], CalibrationConfig()
 
-    def key(bits, noise):
+    def keys(bits, noise, first=None):
         layers = assignment(settings, {"blocks.0.*|adc.bits": bits, "blocks.0.*|adc.noise_sigma_lsb": noise})
         assert layers == {"blocks.0.*": {"adc": {"bits": bits, "noise_sigma_lsb": noise}}}
-        plain = {**quant.to_dict(), "layers": layers}
-        return calibration_key(build_quant_config(plain), names, calibration)
+        if first is not None:  # another setting of the first layer
+            layers["blocks.0.*"].update(first)
+        qcfg = build_quant_config({**quant.to_dict(), "layers": layers})
+        return calibration_key(qcfg, names, calibration), activation_key(qcfg, names, calibration)
 
-    assert key(6, 0.0) == key(6, 8.0) != key(8, 0.0)
+    assert keys(6, 0.0) == keys(6, 8.0)
+    assert keys(6, 0.0)[0] != keys(8, 0.0)[0] and keys(6, 0.0)[1] == keys(8, 0.0)[1]
+    # the first layer's activations or scheme change what every later layer sees
+    for first in ({"act": {"bits": 12}}, {"scheme": "fp"}, {"split": {"lsb_bits": 8}}):
+        assert keys(6, 0.0, first)[1] != keys(6, 0.0)[1], first
     assert study_name("ab" * 32) == "search-abababababababab"
 
 
@@ -161,3 +218,30 @@ def test_a_repeated_assignment_takes_the_numbers_of_its_twin(tmp_path):
     assert not (out / "trials" / "0001").exists()
     with open(out / "pareto.csv", newline="") as f:
         assert [row["trial"] for row in csv.DictReader(f)] == ["0"]
+
+
+def test_the_b16_imagenet_search_composes_validates_and_covers_every_ffn_layer_once(tmp_path):
+    import fnmatch
+
+    import torch
+
+    from jit.config import to_plain
+    from jit.models import build_jit
+    from jit.quant import target_names
+    from jit.search import check_patterns
+
+    cfg = compose_run(["experiment=jit_b16_in256_search", "data.root=/data/imagenet",
+                       "ckpt_path=/ckpt/jit-b-16/checkpoint-last.pth", f"paths.output_dir={tmp_path}"])
+    validate(cfg)
+    settings = parse_settings(cfg)
+    search = parse_search(to_plain(cfg)["search"], settings.quant)
+    assert cfg.task == "search" and cfg.eval_weights == "ema1" and cfg.trainer.accelerator == "gpu"
+    assert (cfg.sampler.method, cfg.sampler.steps, cfg.sampler.cfg_scale) == ("heun", 50, 3.0)  # as jit_b16_in256_eval
+    assert settings.quant.mode == "static" and settings.fid.num_images == 10_000 and search.front_fid_images == 50_000
+    with torch.device("meta"):
+        net = build_jit(cfg.model.net.name, **{k: v for k, v in cfg.model.net.items() if k != "name"})
+    names = target_names(net, settings.quant.targets)
+    check_patterns(search, names)
+    units = list(dict.fromkeys(choice.pattern for choice in search.choices))
+    assert len(names) == 24 and len(units) == 6
+    assert all(sum(fnmatch.fnmatchcase(name, unit) for unit in units) == 1 for name in names)

@@ -194,11 +194,11 @@ class _WithProgress:
 
     PASSES = ("activations", "ADC inputs")
 
-    def __init__(self, batches: list, images_per_batch, enabled: bool):
+    def __init__(self, batches: list, images_per_batch, enabled: bool, first_pass: int = 0):
         self.batches = batches
         self.sizes = [images_per_batch(b) for b in batches]
         self.enabled = enabled
-        self.passes = 0
+        self.passes = first_pass  # 1: the activation clips are given, the ADC pass comes first
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -220,12 +220,15 @@ def _batch_size(batch) -> int:
 
 
 def run_calibration(module, quant, calibration, run_dir, datamodule=None, sampler=None,
-                    eval_weights: str | None = None) -> CalibrationOutcome | None:
+                    eval_weights: str | None = None, act_clips: Mapping[str, float] | None = None
+                    ) -> CalibrationOutcome | None:
     """Calibrate (or apply `quant.calibration_file`) for static mode; None if dynamic.
 
     module: a JiTModule, or a Denoiser (anything with `.net` or a `.denoiser.net`).
     The artefact's layer names are relative to the backbone (`denoiser.net`), like the
     seed's files (`blocks.{i}.mlp.w12`).
+    act_clips: the activation clips of a calibration that differs from this one in ADC
+    settings at most (jit/quant/calibration.py): only the ADC pass runs.
     """
     qcfg = build_quant_config(quant)
     if qcfg.mode != "static":
@@ -255,14 +258,17 @@ def run_calibration(module, quant, calibration, run_dir, datamodule=None, sample
                                     sampler if sampler is not None else getattr(module, "sampler", {}) or {},
                                     precision)
     announce(f"calibration: {cfg.method} ranges of {len(quantized_layers(net))} layers from {cfg.num_images} "
-             f"{'images of the calibration split' if cfg.source == 'data' else 'sampling trajectories'}")
-    batches = _WithProgress(list(batches), _batch_size, enabled=_global_rank() == 0)
+             f"{'images of the calibration split' if cfg.source == 'data' else 'sampling trajectories'}"
+             + (" (activation clips given: the ADC pass only)" if act_clips is not None else ""))
+    batches = _WithProgress(list(batches), _batch_size, enabled=_global_rank() == 0,
+                            first_pass=0 if act_clips is None else 1)
     coverage: list[dict] = []
     with _eval_weights(module, eval_weights):
         artefact = calibrate(net, batches, method=cfg.method, num_bins=cfg.num_bins,
                              percentile=cfg.percentile, seed=cfg.seed, forward=forward,
                              source=cfg.source, save_weights=cfg.save_weights,
-                             coverage=coverage, announce=announce, on_device=cfg.on_device)
+                             coverage=coverage, announce=announce, on_device=cfg.on_device,
+                             act_clips=act_clips)
     # Written only once calibration has fully succeeded (and atomically). Every rank
     # calibrated on the same inputs with the same seed, so one copy on disk is enough.
     path = Path(run_dir) / ARTEFACT_NAME

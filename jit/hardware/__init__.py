@@ -21,7 +21,6 @@ __all__ = ["PARTS", "DenseCounts", "HardwareConfig", "HardwareConfigError", "bui
 
 def count_targets_and_macs(module, qcfg, fid_cfg, num_classes: int) -> tuple[DenseCounts, list[str]]:
     """(dense MACs of one image, names of the quant.targets layers), on the float model."""
-
     targets = target_names(module.denoiser.net, qcfg.targets)
     return dense_macs_per_image(module, fid_cfg, num_classes), targets
 

@@ -81,7 +81,6 @@ def count_dense_macs(net: nn.Module, run) -> DenseCounts:
 def dense_macs_per_image(module, fid_cfg, num_classes: int) -> DenseCounts:
     """One image of the FID set (index 0: its label and initial noise) generated with the
     evaluation's sampler and weights, counted."""
-
     denoiser = module.denoiser
     device = next(denoiser.parameters()).device
     shape = (denoiser.in_channels, denoiser.img_size, denoiser.img_size)

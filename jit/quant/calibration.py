@@ -9,6 +9,11 @@ what is measured:
    path's pre-ADC accumulation -> ADC clip per path. The accumulations depend on the
    activation codes, so they are measured with the very act clips static mode will use.
 
+Pass 1 runs with the ADCs bypassed, so the activation clips do not depend on any ADC
+setting (bits, noise, converter errors): `act_clips` taken from a calibration of the same
+model, inputs and settings that differs only there skip it, and the artefact is bit for
+bit the one a full calibration gives (task=search reuses them across ADC choices).
+
 Every layer's mode, thresholds, observer, statistics and noise settings are restored
 afterwards; the model is left as it was and the result is returned as an artefact dict
 (see artefact.py) for `artefact.save` / `apply`.
@@ -23,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -203,16 +208,38 @@ def export_weights(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.to(dtype), step.reshape(-1) if step.dim() else step
 
 
+def _check_images(images: int) -> int:
+    if images == 0:
+        raise CalibrationError("calibration saw zero images: the calibration input is "
+                               "empty (check calibration.num_images / the split)")
+    return images
+
+
+def _given_act_clips(act_clips: Mapping[str, float], layers: dict[str, QuantLinear]) -> dict[str, float]:
+    """`act_clips` checked against the model: one finite, non-negative clip per quantized layer."""
+    missing, extra = sorted(set(layers) - set(act_clips)), sorted(set(act_clips) - set(layers))
+    if missing or extra:
+        raise CalibrationError(f"act_clips: must name every quantized layer and no other (missing: "
+                               f"{missing[:4]}, not quantized: {extra[:4]})")
+    clips = {}
+    for name in layers:
+        clip = act_clips[name]
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 <= clip < math.inf:
+            raise CalibrationError(f"act_clips[{name!r}]: must be a finite number >= 0, got {clip!r}")
+        clips[name] = float(clip)
+    return clips
+
+
 # ---------------------------------------------------------------------- calibrate ----
 def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
               num_bins: int | None = None, percentile: float = 99.99, seed: int = 0,
               forward: Callable[[Any, torch.Generator], Any] | None = None,
               source: str = "data", save_weights: bool = False,
               coverage: list | None = None, announce: Callable[[str], None] | None = None,
-              on_device: bool = False) -> dict:
+              on_device: bool = False, act_clips: Mapping[str, float] | None = None) -> dict:
     """Thresholds for every quantized layer of `model`, as an artefact dict.
 
-    batches: a re-iterable (list, DataLoader) of inputs; it is read twice.
+    batches: a re-iterable (list, DataLoader) of inputs; it is read twice (once with `act_clips`).
     forward(batch, generator): runs one batch through the model (default `model(*batch)`);
         use `generator` for any randomness so calibration is reproducible.
     method: kl | percentile | minmax | mse (calibrators.py), for activations and ADCs.
@@ -222,6 +249,9 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
     announce(message): told when each clip search starts (progress of long calibrations).
     on_device: calibrate through the programmed arrays and real converters (quant.device,
         quant.adc errors) instead of ideal ones; noise is off either way.
+    act_clips: {layer name: activation clip} of every quantized layer, from a calibration
+        whose settings differ from these in ADC settings at most (see the module doc):
+        the activation pass is skipped and the batches are read once.
     Layer names are relative to `model`; pass the module the artefact will be applied to.
     """
     if method not in METHODS:
@@ -238,6 +268,9 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
     if num_bins is not None:
         AbsHistogram(num_bins)  # validates num_bins before any work
         _check_bins(method, num_bins, layers)
+    given = act_clips is not None
+    if given:
+        act_clips = _given_act_clips(act_clips, layers)
     forward = forward or _default_forward(model)
     hists: dict[tuple[str, str], AbsHistogram] = {}
     was_training = model.training
@@ -245,28 +278,29 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
     try:
         devices = contextlib.nullcontext() if on_device else ideal_devices(model)
         with _restored(layers), devices, noise_disabled(model), adc_bypassed(model):
-            _observe(layers, hists, lambda kind: kind == "act", num_bins)
-            _set_mode(layers, "dynamic")
-            images = _run(forward, batches, seed)
-            if images == 0:
-                raise CalibrationError("calibration saw zero images: the calibration input is "
-                                       "empty (check calibration.num_images / the split)")
-            act_clips = {}
-            if announce is not None:
-                announce(f"calibration: {method} search for the activation clips of {len(layers)} layers")
-            for name, layer in layers.items():
-                if (name, "act") not in hists:
-                    raise CalibrationError(f"layer {name} was never called during calibration")
-                act_clips[name] = _clip(method, hists[(name, "act")], layer.cfg.act.bits,
-                                        percentile, f"layer {name} (act)")
+            if not given:
+                _observe(layers, hists, lambda kind: kind == "act", num_bins)
+                _set_mode(layers, "dynamic")
+                images = _check_images(_run(forward, batches, seed))
+                act_clips = {}
+                if announce is not None:
+                    announce(f"calibration: {method} search for the activation clips of {len(layers)} layers")
+                for name, layer in layers.items():
+                    if (name, "act") not in hists:
+                        raise CalibrationError(f"layer {name} was never called during calibration")
+                    act_clips[name] = _clip(method, hists[(name, "act")], layer.cfg.act.bits,
+                                            percentile, f"layer {name} (act)")
             adc_clips: dict[str, dict[str, float]] = {name: {} for name in layers}
-            if coverage is not None or any(layer.adc_paths for layer in layers.values()):
+            # With given clips this pass also counts the images, so it always runs.
+            if given or coverage is not None or any(layer.adc_paths for layer in layers.values()):
                 _observe(layers, hists, lambda kind: kind.startswith("adc."), num_bins)
                 _set_mode(layers, "static")
                 for name, layer in layers.items():
                     layer.set_static(act_clips[name])
                 enable_stats(model)
-                _run(forward, batches, seed)
+                read = _run(forward, batches, seed)
+                if given:
+                    images = _check_images(read)
                 if announce is not None:
                     announce(f"calibration: {method} search for the ADC clips of {len(layers)} layers")
                 for name, layer in layers.items():
