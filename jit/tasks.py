@@ -56,8 +56,7 @@ from jit.search import (
     parse_search,
     run_search,
 )
-from jit.search import (
-)
+from jit.search_report import print_summary as print_search_summary
 from jit.sensitivity import (
     CSV_NAME,
     SensitivityRun,
@@ -66,10 +65,7 @@ from jit.sensitivity import (
     read_done,
     run_sensitivity,
 )
-from jit.sensitivity import (
-    print_summary as print_sensitivity_summary,
-)
-from jit.search_report import print_summary as print_search_summary
+from jit.sensitivity import print_summary as print_sensitivity_summary
 from jit.settings import RunSettings, parse_settings
 from jit.train import export_official
 
