@@ -245,3 +245,17 @@ def test_the_b16_imagenet_search_composes_validates_and_covers_every_ffn_layer_o
     units = list(dict.fromkeys(choice.pattern for choice in search.choices))
     assert len(names) == 24 and len(units) == 6
     assert all(sum(fnmatch.fnmatchcase(name, unit) for unit in units) == 1 for name in names)
+
+
+def test_a_trial_that_keeps_every_layer_digital_costs_the_digital_baseline(tmp_path):
+    """The sampler may draw `fp` for every unit: nothing to calibrate, the statistics pass
+    finds no analog layer, and the trial's energy is the digital INT8 baseline's."""
+    out = tmp_path / "all_fp"
+    args = [a for a in SHORT if not a.startswith("search.space=")]
+    run([*args, "search.space={blocks.0.*: {scheme: [fp]}, blocks.1.*: {scheme: [fp]}}", "search.n_trials=1",
+         f"hydra.run.dir={out}"], tmp_path)
+    results = json.loads((out / "trials" / "0000" / "results.json").read_text())
+    assert results["calibration"] is None and results["quantized_layers"] == 0
+    energy = results["energy"]
+    assert energy["energy_per_image_uJ"] == energy["digital_int8_energy_per_image_uJ"] > 0
+    assert not (out / "trials" / "0000" / "calibration.pt").exists()

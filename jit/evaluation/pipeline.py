@@ -58,6 +58,8 @@ def prepare_quantized(module, qcfg: QuantConfig, calibration: CalibrationConfig,
         return {"calibration": None}
     replaced = quantize_model(module.denoiser.net, qcfg)
     rank_zero_info(f"quantized {len(replaced)} layers ({qcfg.scheme}, {qcfg.mode})")
+    if not replaced:  # quant.layers keeps every targeted layer digital: nothing to calibrate
+        return {"calibration": None, "quantized_layers": 0}
     outcome = run_calibration(module, qcfg, calibration, run_dir, datamodule=dm,
                               sampler=module.sampler, eval_weights=module.eval_weights)
     if outcome is None:
