@@ -1,11 +1,27 @@
 """The INT8-kernel path of the quantized layers (jit/quant/intmm.py): base-128 digits,
 exact products, and layer outputs identical to the float32 path in every scheme."""
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from jit.quant import BitSerialLinear, HybridLinear, W8A8Linear, build_quant_config, intmm, plan
+from jit.quant import (
+    BitSerialLinear,
+    HybridLinear,
+    W8A8Linear,
+    build_device_config,
+    build_quant_config,
+    intmm,
+    plan,
+    sample_context,
+)
+
+PCM = build_device_config(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" /
+                                         "device" / "pcm.yaml"))
 
 needs_kernel = pytest.mark.skipif(plan.any_exact_int8_backend() is None,
                                   reason="no exact INT8 kernel on this build/CPU")
@@ -136,6 +152,42 @@ def test_layer_output_is_the_same_on_every_kernel(monkeypatch, backend, cls, cfg
             outputs.append(torch.cat([layer(x), layer(x[:1])]))  # noise advances per call
         int8 = layer._weight_cache[1].int8  # the kernel really ran
         assert (int8.backend if int8 is not None else None) == (backend if kernel else None)
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("backend", intmm.BACKENDS)
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_programmed_arrays_leave_the_digital_product_on_the_int8_kernel(monkeypatch, backend,
+                                                                         mode):
+    """Programmed PCM arrays (drift, read noise) compute with read-back weights, so the
+    analog product stays on float32; the hybrid's exact digital MSB product still takes
+    the INT8 kernel, with the same output as all on float32."""
+    monkeypatch.setattr(plan, "any_exact_int8_backend", lambda: exact(backend))
+    dev = dataclasses.replace(PCM, t_inference_s=86400.0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 70, 150, generator=gen) / torch.rand(3, 70, 150, generator=gen).add_(0.05)
+    calls = []
+    original = intmm.int8_linear
+
+    def counted(digits, weights, rows, out):
+        calls.append(len(digits))
+        original(digits, weights, rows, out)
+
+    outputs = []
+    for kernel in (False, True):
+        torch.manual_seed(0)
+        cfg = build_quant_config({"scheme": "hybrid", "mode": mode,
+                                  "adc": {"noise_sigma_lsb": 2.0}}, device=dev)
+        layer = HybridLinear.from_linear(nn.Linear(150, 200), cfg, "blocks.3.mlp.w3")
+        layer.int8_matmul = kernel
+        if mode == "static":
+            layer.set_static(act_clip=8.0, adc_clip={"lsb": 3e3})
+        monkeypatch.setattr("jit.quant.engine.int8_linear", counted)
+        with torch.no_grad(), sample_context(layer, range(3)):
+            outputs.append(layer(x))
+        int8 = layer._weight_cache[1].int8
+        assert (int8.backend if int8 is not None else None) == (backend if kernel else None)
+    assert calls and set(calls) == {1}  # the one-digit MSB slice alone, not the 9-bit LSB
     assert torch.equal(outputs[0], outputs[1])
 
 

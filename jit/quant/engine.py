@@ -84,6 +84,10 @@ class Slicing(NamedTuple):
     split_block: Callable[[torch.Tensor, torch.Tensor], None] | None
     ranges: list[tuple[int, int]]
     sparse_digital: bool
+    # Per slice (x_int, MSB): whether an analog array reads it. A programmed array
+    # computes with read-back weights, not codes, so only digital slices may then take
+    # the INT8 kernel.
+    analog: tuple[bool, bool] = (True, True)
 
 
 class ReadNoise(NamedTuple):
@@ -123,46 +127,52 @@ def add_scaled_(out: torch.Tensor, src: torch.Tensor, alpha: RowScale) -> None:
 
 # ----- DAC input ------------------------------------------------------------------------
 def quantize_dac_input(x2: torch.Tensor, clip: RowScale, step: RowScale, slicing: Slicing,
-                       as_digits: bool, stats=None
+                       as_digits: tuple[bool, bool], stats=None
                        ) -> tuple[Codes, Codes | None, torch.Tensor | None]:
     """(x_int sliced, MSB slice or None, input columns holding MSB codes or None): the
     activation quantizer and the split, fused per row block.
 
     `clip`/`step`: host numbers (static mode: ATen's scalar fast path, no device read) or
     device tensors, 0-d or per row [rows, 1]. `clip` is the activation clip of the stats
-    (same value). With `as_digits` the slices come as INT8 digits, written block by block
-    from small float buffers, and no column set is computed."""
+    (same value). `as_digits` says per slice (x_int, MSB) whether it comes as INT8
+    digits, written block by block from a small float buffer; the column set is computed
+    only for a float MSB slice."""
     has_msb = slicing.split_block is not None
-    if as_digits:
-        x_int, msb = (new_digits(x2.shape, *r, x2.device)
-                      for r in (slicing.ranges + [(0, 0)])[:2])
-        msb = msb if has_msb else None
-    else:
-        x_int = torch.empty_like(x2)
-        msb = torch.empty_like(x2) if has_msb else None
+    codes_digits, msb_digits = as_digits[0], as_digits[1] and has_msb
+    ranges = slicing.ranges + [(0, 0)]
     tokens = x2.shape[0]
     blocks = row_blocks(tokens, x2.shape[1], x2.device)
-    if as_digits:
-        codes_buffer = x2.new_empty((min(blocks[0].stop, tokens), x2.shape[1]))
-        msb_buffer = torch.empty_like(codes_buffer) if has_msb else None
+    buffer_shape = (min(blocks[0].stop, tokens), x2.shape[1])
+    if codes_digits:
+        x_int = new_digits(x2.shape, *ranges[0], x2.device)
+        codes_buffer = x2.new_empty(buffer_shape)
+    else:
+        x_int = torch.empty_like(x2)
+    msb = None
+    if msb_digits:
+        msb = new_digits(x2.shape, *ranges[1], x2.device)
+        msb_buffer = x2.new_empty(buffer_shape)
+    elif has_msb:
+        msb = torch.empty_like(x2)
     for block in blocks:
         rows = slice(block.start, min(block.stop, tokens))
         n = rows.stop - rows.start
-        codes_out = codes_buffer[:n] if as_digits else x_int[rows]
+        codes_out = codes_buffer[:n] if codes_digits else x_int[rows]
         high = rows_of(clip, rows)
         codes = torch.clamp(x2[rows], -high, high, out=codes_out)
         round_(codes.div_(rows_of(step, rows)))  # |codes| <= qmax (1 + 2^-23): exact
         if stats is not None:
             stats.observe_activations(x2[rows], high, codes)
         if has_msb:
-            msb_out = msb_buffer[:n] if as_digits else msb[rows]
+            msb_out = msb_buffer[:n] if msb_digits else msb[rows]
             slicing.split_block(codes, msb_out)
-        if as_digits:
-            write_digits(codes, x_int, rows, max(-slicing.ranges[0][0], slicing.ranges[0][1]))
-            if has_msb:
-                write_digits(msb_out, msb, rows, max(-slicing.ranges[1][0], slicing.ranges[1][1]))
+            if msb_digits:
+                write_digits(msb_out, msb, rows, max(-ranges[1][0], ranges[1][1]))
+        if codes_digits:
+            write_digits(codes, x_int, rows, max(-ranges[0][0], ranges[0][1]))
     columns = None
-    if slicing.sparse_digital and blockwise(x2.device) and has_msb and not as_digits and tokens:
+    if (slicing.sparse_digital and blockwise(x2.device) and has_msb and not msb_digits
+            and tokens):
         # Narrowed only to at most half of the columns; when the first block alone has MSB
         # codes in more, the full scan cannot find fewer.
         first = msb[:min(blocks[0].stop, tokens)]
@@ -269,8 +279,11 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
                 buf[segment].normal_(0.0, 1.0 if per_element else noise_sigma_codes,
                                      generator=generator)
             if per_element:
-                buf.mul_(read_noise_std_codes(read_noise.variance[rows], noise_sigma_codes,
-                                              step[rows] if per_row else step, read_noise.reads))
+                # The variance of these rows is used once: the std replaces it in place.
+                variance = read_noise.variance[rows]
+                buf.mul_(read_noise_std_codes(variance, noise_sigma_codes,
+                                              step[rows] if per_row else step, read_noise.reads,
+                                              out=variance))
             if per_row:
                 chunk.add_(buf)
             else:

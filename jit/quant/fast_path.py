@@ -51,7 +51,7 @@ def simulate(layer: nn.Module, x: torch.Tensor
     act_step = step_of(act_clip, cfg.act.bits)
     weights = arrays.weight_codes(layer, x2.device, dtype)
     slicing = layer.slicing()
-    backend = _int8_kernel(layer, x2, slicing)
+    backend, as_digits = _int8_kernel(layer, x2, slicing)
     if backend is not None and (weights.int8 is None or weights.int8.backend != backend):
         weights = weights._replace(int8=Int8Weights(weights.codes_t, backend))
         arrays.replace_cached(layer, weights)
@@ -63,7 +63,7 @@ def simulate(layer: nn.Module, x: torch.Tensor
     else:
         clip, step = act_clip, act_step
     x_int, msb, columns = engine.quantize_dac_input(
-        x2, clip, step, slicing, backend is not None, layer.stats)
+        x2, clip, step, slicing, as_digits, layer.stats)
     split = layer._paths(x_int, msb)
     del x_int, msb
     if layer.stats is not None and split.msb is not None:
@@ -137,15 +137,28 @@ def _adc_step(layer: nn.Module, path: str, acc: torch.Tensor, group: int | None
     return reference.dynamic_adc_step(acc, bits, group, layer.dynamic_step_eps)
 
 
-def _int8_kernel(layer: nn.Module, x2: torch.Tensor, slicing: Slicing) -> str | None:
-    """The INT8 kernel this call multiplies its digits on (plan.use_int8), or None: the
-    result is the same; statistics keep the float codes they count."""
-    if layer.stats is not None or not layer.cfg.device.ideal:
-        return None  # programmed arrays and read noise compute on float codes
-    inner = min(layer.cfg.adc.tile_rows or layer.in_features, layer.in_features)
-    backends = {use_int8(low, high, inner, layer.cfg.weight.bits, x2.device, x2.dtype,
-                         layer.int8_matmul) for low, high in slicing.ranges}
-    return backends.pop() if len(backends) == 1 else None
+def _int8_kernel(layer: nn.Module, x2: torch.Tensor, slicing: Slicing
+                 ) -> tuple[str | None, tuple[bool, bool]]:
+    """The INT8 kernel this call multiplies integer codes on (plan.use_int8), and per slice
+    (x_int, MSB) whether its product takes it; (None, (False, False)): all on float32.
+    The result is the same either way; statistics keep the float codes they count."""
+    if layer.stats is not None:
+        return None, (False, False)
+    cfg = layer.cfg
+    tile = min(cfg.adc.tile_rows or layer.in_features, layer.in_features)
+    chosen = []
+    for (low, high), analog in zip(slicing.ranges, slicing.analog):
+        if analog and not cfg.device.ideal:
+            chosen.append(None)  # programmed arrays and read noise compute on float codes
+            continue
+        inner = tile if analog else layer.in_features
+        chosen.append(use_int8(low, high, inner, cfg.weight.bits, x2.device, x2.dtype,
+                               layer.int8_matmul))
+    backends = {backend for backend in chosen if backend is not None}
+    if len(backends) != 1:
+        return None, (False, False)
+    chosen += [None] * (2 - len(chosen))
+    return backends.pop(), (chosen[0] is not None, chosen[1] is not None)
 
 
 def _array_call(layer: nn.Module, batch: int, per_sample: int, group: int | None,

@@ -321,9 +321,10 @@ class QuantLinear(nn.Linear):
 
     def slicing(self) -> Slicing:
         """How this scheme slices activation codes (engine.Slicing). Default: no split,
-        the full activation range."""
+        the full activation range, read by the analog arrays if the scheme has any."""
         code_max = qmax(self.cfg.act.bits)
-        return Slicing(None, [(-code_max - 1, code_max)], sparse_digital=False)
+        return Slicing(None, [(-code_max - 1, code_max)], sparse_digital=False,
+                       analog=(bool(self.adc_paths), False))
 
     def _paths(self, x_int: Codes, msb: Codes | None) -> Split:
         """The analog and digital paths over the sliced codes."""
@@ -345,7 +346,8 @@ class HybridLinear(QuantLinear):
         lsb_max = 2 ** (s.lsb_bits - 1) - 1
         msb_max = max(0, -(-(qmax(self.cfg.act.bits) - lsb_max) // s.radix))
         return Slicing(lambda x_int, msb: center_out_split_(x_int, s.lsb_bits, s.radix, out=msb),
-                       [(-lsb_max - 1, lsb_max), (-msb_max, msb_max)], sparse_digital=True)
+                       [(-lsb_max - 1, lsb_max), (-msb_max, msb_max)], sparse_digital=True,
+                       analog=(True, False))
 
     def _paths(self, x_int: Codes, msb: Codes | None) -> Split:
         analog = AnalogPath("lsb", 0, x_int, 1.0, self.cfg.adc.samples, True)

@@ -255,11 +255,16 @@ def read_noise_variance(codes: torch.Tensor, variance_t: torch.Tensor) -> torch.
 
 
 def read_noise_std_codes(device_variance: torch.Tensor, thermal_sigma: float,
-                         step: torch.Tensor | float, reads: int) -> torch.Tensor:
+                         step: torch.Tensor | float, reads: int, out: torch.Tensor | None = None
+                         ) -> torch.Tensor:
     """Std (ADC steps) of the noise at the ADC input: the thermal sigma (already
     / sqrt(K)) and the devices' read noise `read_noise_variance`, averaged over K reads and
-    referred to the ADC input (/ s_adc^2)."""
-    return torch.sqrt(device_variance / (reads * step * step) + thermal_sigma * thermal_sigma)
+    referred to the ADC input (/ s_adc^2). With `out` (which may be `device_variance`
+    itself) the same operations run in place there, without temporaries."""
+    if out is None:
+        return torch.sqrt(device_variance / (reads * step * step) + thermal_sigma * thermal_sigma)
+    torch.div(device_variance, reads * step * step, out=out)
+    return out.add_(thermal_sigma * thermal_sigma).sqrt_()
 
 
 class ArrayDevices(NamedTuple):
