@@ -68,14 +68,17 @@ def check_pass_launcher(trainer: L.Trainer) -> None:
                           "use DDPStrategy (trainer=ddp, trainer=ddp_cpu) or one device")
 
 
-def generation_pass(trainer: L.Trainer, module, plan: SamplePlan, callbacks: list, *, sampler: dict,
-                    weights: str, label: str, compile_backbone: bool = False, progress: bool = True) -> None:
+def generation_pass(trainer: L.Trainer, module, plan: SamplePlan, before: list, after: list, *,
+                    sampler: dict, weights: str, label: str, compile_backbone: bool = False,
+                    progress: bool = True) -> None:
     """One `trainer.test` over `plan`, `test_step` generating each chunk with `sampler` and
-    `weights`, `callbacks` (in order, before the generation settings) around it. A stop
+    `weights`. Hooks run in list order: `before` (a CalibrationCallback: it quantizes the
+    layers the weight swap then fills), the generation settings (the weights swapped in),
+    then `after` (what consumes the images, and digests the weights they come from). A stop
     signal ends the pass at once (jit/interrupt.py); Lightning then stops the other ranks."""
     generation = GenerationPass(plan.num_images, sampler, weights, label, compile_backbone, progress)
     kept = list(trainer.callbacks)
-    trainer.callbacks = kept + list(callbacks) + [generation]
+    trainer.callbacks = [*kept, *before, generation, *after]
 
     def stop_other_processes(signum):
         if trainer.strategy.launcher is not None:
@@ -101,7 +104,7 @@ def evaluate_fid(trainer: L.Trainer | None, module, fid, run_dir=None, extra: di
     fid = FIDConfig.from_any(fid)
     evaluation = FIDEvaluation(fid, run_dir=run_dir, extra=extra, log_prefix=log_prefix)
     scorer = FIDCallback(evaluation, datamodule, more, keep_chunks)
-    generation_pass(trainer, module, fid.sample_plan(module.denoiser), [*(callbacks or []), scorer],
+    generation_pass(trainer, module, fid.sample_plan(module.denoiser), list(callbacks or []), [scorer],
                     sampler=fid.sampler, weights=fid.eval_weights or module.eval_weights,
                     label=f"FID generation ({evaluation.label()})", compile_backbone=compile_backbone,
                     progress=fid.progress)
@@ -116,7 +119,7 @@ def statistics_pass(trainer: L.Trainer, module, fid: FIDConfig, num_images: int,
     stats = LayerStatsCallback()
     announce_n = min(num_images, fid.num_images)
     generation_pass(trainer, module, fid.sample_plan(module.denoiser, announce_n, sharded=False),
-                    [*(callbacks or []), stats], sampler=fid.sampler, weights=module.eval_weights,
+                    list(callbacks or []), [stats], sampler=fid.sampler, weights=module.eval_weights,
                     label="layer statistics", progress=fid.progress)
     return stats.rows
 

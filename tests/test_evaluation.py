@@ -305,12 +305,19 @@ def test_interrupted_evaluation_leaves_no_results_and_continues_to_the_same_scor
     for name in ("samples.npz", "sample_grid.png"):
         assert (tmp / "run" / name).read_bytes() == (tmp / "whole" / name).read_bytes()
     assert not (tmp / "run" / ".fid_chunks").exists()  # removed once results.json is written
-    # Other weights are another evaluation: nothing stored is reused.
+    # Other weights are another evaluation: nothing stored is reused. Also when only the
+    # evaluated EMA differs (the store's digest is taken with those weights swapped in).
     with pytest.raises(RunInterrupted):
         evaluate_fid(None, TinyModule(fail_after=1), settings, tmp / "other")
     changed = TinyModule(seed=1)
     evaluate_fid(None, changed, settings, tmp / "other")
     assert changed.calls == 4
+    with pytest.raises(RunInterrupted):
+        evaluate_fid(None, TinyModule(fail_after=1), settings, tmp / "ema")
+    other_ema = TinyModule()  # the same raw weights; ema1, the weights evaluated, moved
+    other_ema.ema.load_dict(0, {name: value + 0.01 for name, value in other_ema.ema.as_dict(0).items()})
+    evaluate_fid(None, other_ema, settings, tmp / "ema")
+    assert other_ema.calls == 4
 
 
 def test_runs_with_jit_module(setup):

@@ -16,7 +16,8 @@ and one of training: `FIDEveryNSteps` scores the same sample plan every N optimi
 (`callbacks.fid.every_n_steps`), generating with `JiTModule.generate_chunk` as `test_step` does.
 
 Callbacks run their hooks in list order: the calibration callback comes first, so the
-layers exist before statistics are switched on and before the weights are swapped in.
+quantized layers exist before the weights are swapped in; the generation settings next;
+the FID and statistics callbacks last, so they see (and digest) the weights being scored.
 """
 
 from __future__ import annotations
