@@ -117,8 +117,7 @@ def statistics_pass(trainer: L.Trainer, module, fid: FIDConfig, num_images: int,
     noise, sample ids and chunks; every rank generates them all), with the module's
     weights and the FID sampler; `callbacks` run before it (a CalibrationCallback)."""
     stats = LayerStatsCallback()
-    announce_n = min(num_images, fid.num_images)
-    generation_pass(trainer, module, fid.sample_plan(module.denoiser, announce_n, sharded=False),
+    generation_pass(trainer, module, fid.sample_plan(module.denoiser, num_images, sharded=False),
                     list(callbacks or []), [stats], sampler=fid.sampler, weights=module.eval_weights,
                     label="layer statistics", progress=fid.progress)
     return stats.rows

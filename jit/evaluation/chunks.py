@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from jit.atomic import atomic_path
+from jit.metrics.features import weights_digest
 
 STORE_DIR = ".fid_chunks"
 
@@ -57,18 +58,9 @@ class ChunkRecord:
 
 
 def model_digest(module: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer (name, dtype, shape, values) and every
+    """sha256 over every parameter and buffer (jit.metrics.features.weights_digest) and every
     quantized layer's config and static thresholds (plain attributes, not buffers)."""
-    digest = hashlib.sha256()
-
-    def add_tensor(name: str, tensor: torch.Tensor) -> None:
-        value = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-
-    for name, tensor in sorted(module.state_dict().items()):
-        if isinstance(tensor, torch.Tensor):
-            add_tensor(name, tensor)
+    digest = hashlib.sha256(weights_digest(module).encode())
     for name, layer in module.named_modules():
         if hasattr(layer, "static") and hasattr(layer, "cfg"):
             static = layer.static
@@ -76,9 +68,9 @@ def model_digest(module: torch.nn.Module) -> str:
             if static is not None:
                 digest.update(f"{static.act_clip!r}|{static.act_bits}|{sorted(static.adc_clips.items())!r}|"
                               f"{static.adc_bits}|".encode())
-                for part in ("weight_int", "weight_scale"):
-                    if getattr(static, part) is not None:
-                        add_tensor(f"{name}.{part}", getattr(static, part))
+                for part in (static.weight_int, static.weight_scale):
+                    if part is not None:
+                        digest.update(part.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
