@@ -108,21 +108,28 @@ def median_ms(fn, runs: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def paired_ms(fn, reference, runs: int) -> tuple[float, float]:
-    """(median ms of fn, median of fn's time over the reference's) with the two called
-    alternately, so that both see the same machine state: on a shared or throttled
-    machine the speed drifts over seconds, which separate series would put into the ratio."""
+def paired_times(fn, reference, runs: int) -> tuple[list[float], list[float]]:
+    """Seconds of each of `runs` calls of fn and of the reference, called alternately so
+    that both see the same machine state: on a shared or throttled machine the speed drifts
+    over seconds, which separate series would put into a ratio. One untimed warm-up pair."""
     fn(), reference()
-    times, ratios = [], []
+    fn_s, reference_s = [], []
     for _ in range(runs):
         start = time.perf_counter()
         reference()
         middle = time.perf_counter()
         fn()
         end = time.perf_counter()
-        times.append(end - middle)
-        ratios.append((end - middle) / (middle - start))
-    return 1e3 * statistics.median(times), statistics.median(ratios)
+        fn_s.append(end - middle)
+        reference_s.append(middle - start)
+    return fn_s, reference_s
+
+
+def paired_ms(fn, reference, runs: int) -> tuple[float, float]:
+    """(median ms of fn, median of fn's time over the reference's) of `paired_times`."""
+    fn_s, reference_s = paired_times(fn, reference, runs)
+    ratios = [a / b for a, b in zip(fn_s, reference_s)]
+    return 1e3 * statistics.median(fn_s), statistics.median(ratios)
 
 
 def build(linear: nn.Linear, overrides: dict, mode: str, x: torch.Tensor,

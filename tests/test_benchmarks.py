@@ -55,6 +55,7 @@ SMOKE_RUNS = {
     "kl_search": (["-m", "benchmarks.kl_search", "--tiny"], "| hybrid W8A11 | 4 (act + 1"),
     "feature_extraction": (["-m", "benchmarks.feature_extraction", "--tiny"],
                            "| inception-v3-compat | 256 px |"),
+    "end_to_end": (["-m", "benchmarks.end_to_end", "--tiny"], "| hybrid W8A11 static |"),
     "eval_memory": (["benchmarks/eval_memory.py", "--sizes", "8", "--batch-size", "4"],
                     '"num_images": 8'),
 }

@@ -178,7 +178,7 @@ def test_read_noise_has_the_models_variance():
     act_step = float(x.abs().max()) / 1023
     codes = reference.center_out_split(torch.round(x.double().reshape(-1, 128) / act_step), 9,
                                        256)[0]  # the analog LSB slice
-    expected_var = codes.square() @ weights.read_variance_t * (act_step * float(weights.step)) ** 2
+    expected_var = codes.square() @ weights.read_variance_t.double() * (act_step * float(weights.step)) ** 2
     z = (noisy - exact).reshape(-1, 256) / expected_var.sqrt()
     assert abs(float(z.var()) - 1) < 0.03, float(z.var())
     # The model's spread: q(g) sqrt(ln((t + t_read) / (2 t_read))) |G| per device.

@@ -61,8 +61,9 @@ def _programmed(layer: nn.Module, weights: WeightCodes, dtype: torch.dtype) -> W
     if layer.programming_draw is not None:
         key = noise_key(key, layer.programming_draw)
     arrays = device_model.program(weights.codes_t.t(), qmax(layer.cfg.weight.bits), cfg, key)
+    # Kept in the dtype of its product (reference.read_noise_variance), converted once.
     variance = None if arrays.read_variance is None else (
-        arrays.read_variance.t().to(dtype).contiguous())
+        arrays.read_variance.t().to(reference.READ_VARIANCE_DTYPE).contiguous())
     return weights._replace(analog_t=arrays.read_back.t().to(dtype).contiguous(),
                             read_variance_t=variance, compensation=arrays.compensation)
 

@@ -247,11 +247,21 @@ def adc_transfer(v: torch.Tensor, errors: ConverterErrors, bits: int) -> torch.T
     return (below - (qmax(bits) + 1)).to(v.dtype)
 
 
+# The read-noise variance is a second product as large as the array's own; its operands
+# in bfloat16 (float32 accumulation) halve its cost on CPUs and GPUs with bf16 units. It only
+# sets the std of a Gaussian: <= 0.4% relative error on the variance (8 significant bits of
+# x^2, of each device's variance and of the sum), <= 0.2% on the std, far inside the spread
+# of the fitted read-noise model itself.
+READ_VARIANCE_DTYPE = torch.bfloat16
+
+
 def read_noise_variance(codes: torch.Tensor, variance_t: torch.Tensor) -> torch.Tensor:
-    """Variance ([rows, cols], accumulation units^2) that the devices' read noise adds to
-    one read of a = codes @ W: independent per-device errors add sum_i x_i^2 var_i,j to
-    a_j (`variance_t`: per weight and read, [in, out])."""
-    return codes.square() @ variance_t
+    """Variance ([rows, cols], accumulation units^2, codes' dtype) that the devices' read
+    noise adds to one read of a = codes @ W: independent per-device errors add
+    sum_i x_i^2 var_i,j to a_j (`variance_t`: per weight and read, [in, out]), computed in
+    READ_VARIANCE_DTYPE."""
+    squares = codes.square().to(READ_VARIANCE_DTYPE)
+    return (squares @ variance_t.to(READ_VARIANCE_DTYPE)).to(codes.dtype)
 
 
 def read_noise_std_codes(device_variance: torch.Tensor, thermal_sigma: float,
