@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from entry_point import run_entry_point
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -29,9 +30,10 @@ TINY_EVAL = [
 
 
 def run(args, tmp_path, env=None, check=True):
-    cmd = [sys.executable, str(ROOT / "run.py"), *args, f"paths.cache_dir={tmp_path / 'cache'}"]
+    """`python run.py *args` in tmp_path (tests/entry_point.py: a fork of a process that has
+    imported run.py's modules, or a new interpreter where the environment needs one)."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=full_env, timeout=600)
+    proc = run_entry_point([*args, f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path, full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"run.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -589,11 +591,8 @@ QUICK_EVAL = ["fid.num_images=10", "fid.chunk_size=10", "sampler.steps=2", "samp
 def run_with_fault(fault: str, args, tmp_path, check=False):
     """`python run.py *args` with `fault` (Python source) run first in the same process: a
     failure the machine would cause (a full disk, a folder made read-only) at a chosen point."""
-    argv = ["run.py", *args, f"paths.cache_dir={tmp_path / 'cache'}"]
-    script = (f"{fault}\nimport runpy, sys\nsys.argv = {argv!r}\n"
-              f"runpy.run_path({str(ROOT / 'run.py')!r}, run_name='__main__')\n")
-    proc = subprocess.run([sys.executable, "-c", script], check=False, cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "WANDB_MODE": "offline"}, timeout=600)
+    proc = run_entry_point([*args, f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path,
+                           {**os.environ, "WANDB_MODE": "offline"}, prelude=fault)
     if check and proc.returncode != 0:
         raise AssertionError(f"run.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
