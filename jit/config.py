@@ -291,11 +291,14 @@ class RunSchema:
     quant: QuantSchema = field(default_factory=QuantSchema)  # jit/quant/schema.py
     device: DeviceSchema = field(default_factory=DeviceSchema)  # jit/quant/schema.py
     hardware: HardwareSchema = field(default_factory=HardwareSchema)  # jit/hardware/config.py
-    # Groups whose keys depend on the chosen option; their builders validate them.
-    data: Any = MISSING
-    trainer: Any = MISSING
-    logger: Any = field(default_factory=dict)
-    callbacks: Any = field(default_factory=dict)
+    # Instantiation targets: the keys are the keyword arguments of the `_target_` class (a
+    # datamodule of jit/datamodules/, lightning.Trainer), differ per option and default in the
+    # class; a closed schema would refuse each class's own keys. The class checks them.
+    data: dict[str, Any] = MISSING
+    trainer: dict[str, Any] = MISSING
+    # name -> one instantiation node (its class's keyword arguments), or null to leave it out
+    logger: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    callbacks: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
 
 ASSETS = Path(__file__).parent / "assets"

@@ -4,13 +4,19 @@ value; an unknown key fails naming it."""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from typing import Any
+
 import pytest
 import yaml
 from test_run import CONFIGS, compose_run
 
+from jit.config import RunSchema
 from jit.hardware import HardwareConfigError, build_hardware_config
 from jit.quant import DeviceConfig, build_device_config, build_quant_config
 from jit.quant.config import SCHEME_DEFAULTS, SCHEME_DEPENDENT
+from jit.quant.schema import SECTION_SCHEMAS, DeviceSchema, QuantSchema
 
 # Every quant preset as it was written out in full before the schema typed the group
 # (configs/quant/*.yaml at 4d13047): the composed presets must give these settings.
@@ -147,3 +153,17 @@ def test_a_wrong_type_fails_at_composition_naming_the_key(tmp_path):
             compose_run([override, f"paths.output_dir={tmp_path}"])
         assert f"full_key: {key}" in str(info.value.__cause__)
 
+
+def test_every_group_of_the_run_schema_is_typed():
+    """No group is `Any`: the settings groups are schema dataclasses, the instantiation
+    targets (keys per `_target_` class) mappings; inside `quant` only the free-form
+    `layers` (keys are patterns) is `Any`, as jit/quant/schema.py says why."""
+    hints = typing.get_type_hints(RunSchema)
+    assert [name for name, hint in hints.items() if hint is Any] == []
+    for name in ("data", "trainer", "logger", "callbacks"):
+        assert typing.get_origin(hints[name]) is dict, name
+    for name in ("model", "sampler", "quant", "device", "hardware", "calibration", "fid", "finetune"):
+        assert dataclasses.is_dataclass(hints[name]), name
+    for section in (QuantSchema, *SECTION_SCHEMAS.values(), DeviceSchema):
+        untyped = [name for name, hint in typing.get_type_hints(section).items() if hint is Any]
+        assert untyped == (["layers"] if section is QuantSchema else []), section

@@ -14,7 +14,8 @@
 plus the memory devices the analog arrays are built from (`DeviceConfig`, the run's
 top-level `device` group, carried as `QuantConfig.device`; `build_device_config`).
 
-and fills every missing field with the *scheme's* default (`SCHEME_DEFAULTS`), so
+and fills every missing field with its default: the run schema's (jit/quant/schema.py)
+where every scheme shares it, else (missing or null) the *scheme's* (`SCHEME_DEFAULTS`), so
 `{"scheme": "bitserial"}` is the seed's W8A12 bit-serial layer and `{"scheme": "hybrid"}`
 the docs/design.md hybrid W8A11. Every field is checked once, here; errors name the field
 (`quant.adc.bits`) and the allowed range.
