@@ -13,12 +13,14 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from jit.hardware.config import HardwareSchema
 from jit.models.denoiser import SAMPLING_METHODS, TIME_SCHEDULES
+from jit.quant.schema import DeviceSchema, QuantSchema
 from jit.sample_plan import DEFAULT_CHUNK_SIZE
 
 
@@ -126,7 +128,7 @@ class EMASchema:
 
 @dataclass
 class ExportSchema:
-    out_path: Optional[str] = None
+    out_path: str | None = None
 
 
 @dataclass
@@ -155,10 +157,10 @@ class FinetuneSchema:
     # true: the training forward runs the simulated hardware of `quant` (STE backward).
     hardware_aware: bool = False
     # Thermal noise while training, in ADC LSB; null: quant.adc.noise_sigma_lsb.
-    noise_sigma_lsb: Optional[float] = None
+    noise_sigma_lsb: float | None = None
     # Activation/ADC ranges while training; null: quant.mode. static calibrates (calibration.*)
     # from the weights at the start and again every recalibrate_every_n_steps.
-    ranges: Optional[Ranges] = None
+    ranges: Ranges | None = None
     recalibrate_every_n_steps: int = 0  # 0: calibrate once, at the start
     # After training: evaluate the start checkpoint and the trained weights with the same
     # seeds at `quant` merged with each of these overrides (e.g. {adc: {bits: 4}}); the first
@@ -179,7 +181,7 @@ class CalibrationSchema:
     source: str = "data"
     # Histogram bins over [0, 2^ceil(log2 max|x|)], a power of two; null: 128 per level of
     # each quantizer (131072 for INT11); doubling it moves the clip < 5%.
-    num_bins: Optional[int] = None
+    num_bins: int | None = None
     percentile: float = 99.99  # method=percentile: the percentile of |x| clipped at
     seed: int = 0
     save_weights: bool = False  # also store the INT weights and their steps in the artefact
@@ -206,9 +208,9 @@ class FIDSchema:
     # cached in cache_dir (null: not cached).
     reference: dict[str, Any] = field(default_factory=lambda: {"stats_file": None, "split": "reference",
                                                                  "cache_dir": None})
-    inception_weights: Optional[str] = None  # local weights file for offline machines; null: torch hub cache
-    extractor_weights: Optional[str] = None  # weights of a non-Inception extractor; null: the shipped ones
-    eval_weights: Optional[str] = None  # raw | ema1 | ema2; null: the run's eval_weights
+    inception_weights: str | None = None  # local weights file for offline machines; null: torch hub cache
+    extractor_weights: str | None = None  # weights of a non-Inception extractor; null: the shipped ones
+    eval_weights: str | None = None  # raw | ema1 | ema2; null: the run's eval_weights
     save_images: bool = False  # also write every sample as PNG under <run>/samples
     export_npz: bool = False  # also write <run>/samples.npz (arr_0, NHWC uint8) for external evaluators
     sampler: dict[str, Any] = field(default_factory=dict)  # overrides of the run's sampler, e.g. {steps: 25}
@@ -264,7 +266,7 @@ class RunSchema:
     seed: int = 0
     # A Lightning .ckpt (resume, eval) or an official checkpoint-last.pth (eval, fine-tune);
     # None: the shipped digits model.
-    ckpt_path: Optional[str] = None
+    ckpt_path: str | None = None
     eval_weights: Weights = Weights.ema1
     compare_fp: bool = True  # eval: also evaluate the float model with the same seeds
     # Where stdout is not a terminal (SLURM, nohup, CI): seconds between the plain progress
@@ -286,15 +288,17 @@ class RunSchema:
     paths: PathsSchema = field(default_factory=PathsSchema)
     calibration: CalibrationSchema = field(default_factory=CalibrationSchema)
     fid: FIDSchema = field(default_factory=FIDSchema)
-    # Groups whose keys depend on the chosen option; their builders validate them.
-    data: Any = MISSING
-    quant: Any = MISSING
-    hardware: Any = MISSING
-    # The analog arrays' memory devices (configs/device/); jit.quant.DeviceConfig checks them.
-    device: Any = field(default_factory=dict)
-    trainer: Any = MISSING
-    logger: Any = field(default_factory=dict)
-    callbacks: Any = field(default_factory=dict)
+    quant: QuantSchema = field(default_factory=QuantSchema)  # jit/quant/schema.py
+    device: DeviceSchema = field(default_factory=DeviceSchema)  # jit/quant/schema.py
+    hardware: HardwareSchema = field(default_factory=HardwareSchema)  # jit/hardware/config.py
+    # Instantiation targets: the keys are the keyword arguments of the `_target_` class (a
+    # datamodule of jit/datamodules/, lightning.Trainer), differ per option and default in the
+    # class; a closed schema would refuse each class's own keys. The class checks them.
+    data: dict[str, Any] = MISSING
+    trainer: dict[str, Any] = MISSING
+    # name -> one instantiation node (its class's keyword arguments), or null to leave it out
+    logger: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    callbacks: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
 
 ASSETS = Path(__file__).parent / "assets"

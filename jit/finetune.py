@@ -33,6 +33,7 @@ from jit.checks import check_before_generation, check_checkpoint_settings
 from jit.config import ConfigError, to_plain
 from jit.evaluation.fid import write_json_atomic
 from jit.quant import build_quant_config
+from jit.quant.schema import QuantSchema
 from jit.settings import FinetuneSettings, RunSettings, merged, parse_settings
 
 __all__ = ["check_comparison", "compare_after_training", "comparison_table", "point_label"]
@@ -56,7 +57,9 @@ def _comparison_run(cfg: DictConfig, qcfg, tag: str, index: int, checkpoint: str
         "finetune": {"hardware_aware": False, "noise_sigma_lsb": None, "ranges": None,
                      "recalibrate_every_n_steps": 0, "compare": []},
     })
-    sub.quant = OmegaConf.create(qcfg.to_dict())
+    point = qcfg.to_dict()
+    point.pop("device")  # the run's `device` group, which `sub` keeps, built it (`_points`)
+    sub.quant = OmegaConf.merge(OmegaConf.structured(QuantSchema), point)  # the whole group replaced
     sub.logger = OmegaConf.create({})  # merging {} would keep the run's loggers
     return sub
 

@@ -189,9 +189,9 @@ def test_presets_compose_and_validate(preset, tmp_path):
     ("hardware.analog.array_mac_fJ=-1", "hardware.analog.array_mac_fJ: must be >= 0, got -1"),
     ("hardware.digital.int8_mac_pJ=-0.5", "hardware.digital.int8_mac_pJ: must be >= 0"),
     ("hardware.analog.read_ns=0", "hardware.analog.read_ns: must be > 0"),
-    ("~hardware.analog.read_ns", "hardware.analog.read_ns: missing"),
-    ("~hardware.digital", "hardware.digital: missing"),
-    ("hardware.analog.tile_rows=2.5", "hardware.analog.tile_rows: must be an integer >= 1"),
+    ("hardware.analog.read_ns=???", "hardware.analog.read_ns: missing"),
+    ("hardware.digital.clock_MHz=???", "hardware.digital.clock_MHz: missing"),
+    ("hardware.analog.tile_rows=0", "hardware.analog.tile_rows: must be an integer >= 1"),
     ("hardware.rest_precision=int4", "hardware.rest_precision='int4'; allowed: int8, fp16, fp32"),
     ("+hardware.analog.leakage_pJ=1", "hardware.analog.leakage_pJ is not a known field"),
 ])

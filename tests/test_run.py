@@ -175,6 +175,8 @@ def test_bad_input_deletes_only_what_the_run_created(tmp_path):
      r"error: device.stuck_at_max_fraction must be at most 1 - device.stuck_at_zero_fraction"),
     (["device=pcm", "quant=fp"], r"error: device=pcm: quant.scheme=fp has no analog array"),
     (["device.t_inference=1"], r"device.t_inference"),
+    (["quant.adc.bitz=3"], r"Could not override 'quant.adc.bitz'[\s\S]*Key 'bitz' not in 'AdcSchema'"),
+    (["hardware.analog.leakage_pJ=1"], r"Could not override 'hardware.analog.leakage_pJ'"),
     (["quant.adc.dnl_sigma_lsb=-0.5"], r"error: quant.adc.dnl_sigma_lsb must be a number >= 0"),
     (["data=imagenet", "data.root=/data/imagenet", "model=jit_b16", "fid=inception_10k"], r"ckpt_path"),
 ])

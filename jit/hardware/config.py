@@ -1,18 +1,22 @@
 """The `hardware` config group (configs/hardware/): per-operation costs of one design point.
 
-Every field carries its unit in its name (`_pJ`, `_fJ`, `_ns`, `_MHz`, `_mm2`). Values are
-checked once, here: a missing, unknown, negative or non-finite field is an error naming
-its `hardware.*` key, raised before any model work.
+Every field carries its unit in its name (`_pJ`, `_fJ`, `_ns`, `_MHz`, `_mm2`). The run
+schema types the group with `HardwareSchema` (below): no field has a default, since every
+value is a fact of the design point its preset describes (with its source there). Values
+are checked once, here: a missing, unknown, negative or non-finite field is an error
+naming its `hardware.*` key, raised before any model work.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from jit.quant.validate import check_known
+from omegaconf import MISSING
+
+from jit.quant.validate import check_known, to_plain
 
 KINDS = ("aimc", "digital")
 # How the layers outside quant.targets (attention, embeddings, final layer, ...) are costed.
@@ -80,6 +84,46 @@ class HardwareConfig:
         return out
 
 
+@dataclass
+class DigitalSchema:
+    """`hardware.digital`: configs/hardware_digital_int8_40nm.yaml, shared by the presets."""
+
+    int8_mac_pJ: float = MISSING
+    fp16_mac_pJ: float = MISSING
+    fp32_mac_pJ: float = MISSING
+    add32_pJ: float = MISSING
+    mac_units: int = MISSING
+    clock_MHz: float = MISSING
+
+
+@dataclass
+class AnalogSchema:
+    """`hardware.analog`: the analog arrays of an aimc preset."""
+
+    array_mac_fJ: float = MISSING
+    dac_conversion_fJ: float = MISSING
+    adc_walden_fom_fJ_per_step: float = MISSING
+    adc_floor_fJ: float = MISSING
+    adc_conversion_ns_per_bit: float = MISSING
+    read_ns: float = MISSING
+    tile_rows: int = MISSING
+    tile_cols: int = MISSING
+    adcs_per_tile: int = MISSING
+    tile_area_mm2: float = MISSING
+
+
+@dataclass
+class HardwareSchema:
+    """The `hardware` group in the run schema (jit/config.py); the fields of HardwareConfig."""
+
+    name: str = MISSING
+    kind: str = MISSING  # aimc | digital
+    node_nm: float = MISSING
+    rest_precision: str = MISSING  # int8 | fp16 | fp32: the layers outside quant.targets
+    digital: DigitalSchema = field(default_factory=DigitalSchema)
+    analog: AnalogSchema | None = None  # kind=aimc only
+
+
 # Fields whose value counts things (must be whole numbers >= 1); the rest are costs or times.
 _COUNTS = {"mac_units", "tile_rows", "tile_cols", "adcs_per_tile"}
 # Times, sizes and rates must be > 0; energies may be 0 (a part left out on purpose).
@@ -101,7 +145,7 @@ def _section(cls, node: Any, key: str):
     check_known(cls, node, key, HardwareConfigError)
     values = {}
     for name in known:
-        if node.get(name) is None:
+        if node.get(name) in (None, MISSING):
             raise HardwareConfigError(f"{key}.{name}: missing")
         value = node[name]
         if name in _COUNTS:
@@ -115,13 +159,12 @@ def _section(cls, node: Any, key: str):
 
 def build_hardware_config(node: Any) -> HardwareConfig:
     """A validated HardwareConfig from the `hardware` node (DictConfig or mapping)."""
-    if node is not None and not isinstance(node, Mapping) and hasattr(node, "items"):
-        node = dict(node.items())
+    node = to_plain(node)  # a field no preset gave stays MISSING ("???")
     if not isinstance(node, Mapping):
         raise HardwareConfigError("hardware: missing; choose a preset with hardware=<name> (configs/hardware/)")
     check_known(HardwareConfig, node, "hardware", HardwareConfigError)
     for name in ("name", "kind", "node_nm", "rest_precision"):
-        if node.get(name) is None:
+        if node.get(name) in (None, MISSING):
             raise HardwareConfigError(f"hardware.{name}: missing")
     if node["kind"] not in KINDS:
         raise HardwareConfigError(f"hardware.kind={node['kind']!r}; allowed: {', '.join(KINDS)}")
@@ -129,7 +172,7 @@ def build_hardware_config(node: Any) -> HardwareConfig:
         raise HardwareConfigError(f"hardware.rest_precision={node['rest_precision']!r}; "
                                   f"allowed: {', '.join(REST_PRECISIONS)}")
     analog = None
-    if node["kind"] == "aimc" or node.get("analog") is not None:
+    if node["kind"] == "aimc" or node.get("analog") not in (None, MISSING):
         analog = _section(AnalogCosts, node.get("analog"), "hardware.analog")
     return HardwareConfig(name=str(node["name"]), kind=node["kind"],
                           node_nm=_number("hardware.node_nm", node["node_nm"], True),

@@ -14,7 +14,8 @@
 plus the memory devices the analog arrays are built from (`DeviceConfig`, the run's
 top-level `device` group, carried as `QuantConfig.device`; `build_device_config`).
 
-and fills every missing field with the *scheme's* default (`SCHEME_DEFAULTS`), so
+and fills every missing field with its default: the run schema's (jit/quant/schema.py)
+where every scheme shares it, else (missing or null) the *scheme's* (`SCHEME_DEFAULTS`), so
 `{"scheme": "bitserial"}` is the seed's W8A12 bit-serial layer and `{"scheme": "hybrid"}`
 the docs/design.md hybrid W8A11. Every field is checked once, here; errors name the field
 (`quant.adc.bits`) and the allowed range.
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .device_config import DeviceConfig, build_device_config
+from .schema import DEFAULT_TARGETS, SECTION_SCHEMAS, AdcSchema, QuantSchema, WeightSchema
 from .validate import (
     check_choice,
     check_int,
@@ -58,7 +60,6 @@ MODES = ("dynamic", "static")
 # seed's behaviour, which makes results depend on the batch size).
 DYNAMIC_SCOPES = ("token", "sample", "batch")
 GRANULARITIES = ("tensor", "channel")
-DEFAULT_TARGETS = ("blocks.*.mlp.w12", "blocks.*.mlp.w3")
 BITS_RANGE = (2, 16)
 # A gain shift moves the LSB slice up inside the DAC range; beyond 8 it would leave any
 # realistic converter.
@@ -70,9 +71,9 @@ class WeightConfig:
     """Symmetric INT-`bits` weights; `clip_pct` = percentile of |W| used as the clip
     (None: max|W|), per tensor or per output channel."""
 
-    bits: int = 8
-    clip_pct: float | None = None
-    granularity: str = "tensor"
+    bits: int = WeightSchema.bits
+    clip_pct: float | None = WeightSchema.clip_pct
+    granularity: str = WeightSchema.granularity
 
     def __post_init__(self) -> None:
         check_int("weight.bits", self.bits, *BITS_RANGE)
@@ -123,15 +124,15 @@ class AdcConfig:
     `offset_sigma_lsb` and `gain_sigma` (relative) give each column an offset and a gain
     error. All 0: the ideal converter, bit for bit."""
 
-    bits: int = 10
-    bypass: bool = False
-    noise_sigma_lsb: float = 2.0
-    samples: int = 1
-    tile_rows: int | None = None
-    dnl_sigma_lsb: float = 0.0
-    inl_max_lsb: float = 0.0
-    offset_sigma_lsb: float = 0.0
-    gain_sigma: float = 0.0
+    bits: int = AdcSchema.bits
+    bypass: bool = AdcSchema.bypass
+    noise_sigma_lsb: float = AdcSchema.noise_sigma_lsb
+    samples: int = 1  # the hybrid's; the scheme's default (SCHEME_DEFAULTS)
+    tile_rows: int | None = AdcSchema.tile_rows
+    dnl_sigma_lsb: float = AdcSchema.dnl_sigma_lsb
+    inl_max_lsb: float = AdcSchema.inl_max_lsb
+    offset_sigma_lsb: float = AdcSchema.offset_sigma_lsb
+    gain_sigma: float = AdcSchema.gain_sigma
 
     def __post_init__(self) -> None:
         check_int("adc.bits", self.bits, *BITS_RANGE)
@@ -154,8 +155,14 @@ class AdcConfig:
 
 
 SECTIONS = {"weight": WeightConfig, "act": ActConfig, "split": SplitConfig, "adc": AdcConfig}
+# The fields whose default the scheme decides: null in the schema (jit/quant/schema.py,
+# "the scheme's"), the hybrid's value in the dataclasses above.
+SCHEME_DEPENDENT = {name: frozenset(f.name for f in dataclasses.fields(SECTION_SCHEMAS[name])
+                                    if f.default is None and getattr(cls, f.name) is not None)
+                    for name, cls in SECTIONS.items()}
 
-# Only what differs from the dataclass defaults above (which are the hybrid W8A11).
+# The scheme-dependent defaults: only what differs from the dataclass defaults above
+# (which are the hybrid W8A11).
 SCHEME_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "hybrid": {},
     # The seed's implemented code path: 7+5 split of INT12, 2 MSB reads, DAC gain 4.
@@ -182,14 +189,14 @@ def _scheme_defaults(scheme: str, section: str, given: Mapping[str, Any]) -> dic
 class QuantConfig:
     """The whole `quant` config. See the module docstring for field semantics."""
 
-    scheme: str = "hybrid"
-    mode: str = "dynamic"
-    dynamic_scope: str = "sample"
+    scheme: str = QuantSchema.scheme
+    mode: str = QuantSchema.mode
+    dynamic_scope: str = QuantSchema.dynamic_scope
     targets: tuple[str, ...] = DEFAULT_TARGETS
-    seed: int = 0
-    calibration_file: str | None = None
+    seed: int = QuantSchema.seed
+    calibration_file: str | None = QuantSchema.calibration_file
     # Apply a calibration_file made on other weights (jit/quant/artefact.py: weight digests).
-    allow_foreign_calibration: bool = False
+    allow_foreign_calibration: bool = QuantSchema.allow_foreign_calibration
     weight: WeightConfig | None = None
     act: ActConfig | None = None
     split: SplitConfig | None = None
@@ -354,6 +361,8 @@ def _section_values(name: str, given: Any, scheme: str) -> dict[str, Any]:
     if not isinstance(given, Mapping):
         fail(name, "a mapping", given)
     check_known(cls, given, f"quant.{name}")
+    # null in a scheme-dependent field (the schema's default): the scheme's value
+    given = {k: v for k, v in given.items() if v is not None or k not in SCHEME_DEPENDENT[name]}
     return {**_scheme_defaults(scheme, name, given), **given}
 
 
@@ -373,7 +382,7 @@ def build_quant_config(cfg: Any = None, device: Any = None) -> QuantConfig:
     if not isinstance(cfg, Mapping):
         raise TypeError(f"quant config must be a mapping or QuantConfig, got {type(cfg).__name__}")
     check_known(QuantConfig, cfg, "quant")
-    scheme = cfg.get("scheme", "hybrid")
+    scheme = cfg.get("scheme", QuantSchema.scheme)
     check_choice("scheme", scheme, SCHEMES)
     values = {k: v for k, v in cfg.items() if k not in SECTIONS}
     if "targets" in values and not isinstance(values["targets"], str):

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .schema import DeviceSchema
 from .validate import (
     check_choice,
     check_coeffs,
@@ -21,13 +22,16 @@ from .validate import (
 )
 
 DRIFT_COMPENSATIONS = ("none", "global")
+# The coefficient lists' defaults (jit/quant/schema.py), as the tuples DeviceConfig holds.
+_DEFAULT_COEFFS = {f.name: tuple(f.default_factory()) for f in dataclasses.fields(DeviceSchema)
+                   if f.default_factory is not dataclasses.MISSING}
 
 
 @dataclass(frozen=True)
 class DeviceConfig:
     """The memory devices of the analog arrays (configs/device/, docs/design.md "Device
-    non-idealities"; formulas in jit/quant/device.py). Defaults: ideal devices, whose
-    read-back weight is the INT code exactly.
+    non-idealities"; formulas in jit/quant/device.py). Defaults (jit/quant/schema.py,
+    DeviceSchema): ideal devices, whose read-back weight is the INT code exactly.
 
     Model (conductances in uS, g_rel = g / g_max_uS):
     - programming: g_prog = max(0, g + programming_noise_scale * sigma_prog(g) N(0, 1)),
@@ -42,22 +46,22 @@ class DeviceConfig:
     - drift_compensation global: analog outputs times sum|W(programmed)| / sum|W(t)|.
     """
 
-    preset: str = "ideal"
-    g_max_uS: float = 25.0
-    programming_noise_uS: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    drift_t0_s: float = 20.0
-    drift_nu_mean: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
-    drift_nu_std: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
-    read_noise_q: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    read_time_s: float = 250e-9
-    t_inference_s: float = 0.0
-    drift_compensation: str = "none"
-    programming_noise_scale: float = 1.0
-    read_noise_scale: float = 1.0
-    drift_scale: float = 1.0
-    stuck_at_zero_fraction: float = 0.0
-    stuck_at_max_fraction: float = 0.0
-    seed: int = 0
+    preset: str = DeviceSchema.preset
+    g_max_uS: float = DeviceSchema.g_max_uS
+    programming_noise_uS: tuple[float, float, float] = _DEFAULT_COEFFS["programming_noise_uS"]
+    drift_t0_s: float = DeviceSchema.drift_t0_s
+    drift_nu_mean: tuple[float, float, float, float] = _DEFAULT_COEFFS["drift_nu_mean"]
+    drift_nu_std: tuple[float, float, float, float] = _DEFAULT_COEFFS["drift_nu_std"]
+    read_noise_q: tuple[float, float, float] = _DEFAULT_COEFFS["read_noise_q"]
+    read_time_s: float = DeviceSchema.read_time_s
+    t_inference_s: float = DeviceSchema.t_inference_s
+    drift_compensation: str = DeviceSchema.drift_compensation
+    programming_noise_scale: float = DeviceSchema.programming_noise_scale
+    read_noise_scale: float = DeviceSchema.read_noise_scale
+    drift_scale: float = DeviceSchema.drift_scale
+    stuck_at_zero_fraction: float = DeviceSchema.stuck_at_zero_fraction
+    stuck_at_max_fraction: float = DeviceSchema.stuck_at_max_fraction
+    seed: int = DeviceSchema.seed
 
     def __post_init__(self) -> None:
         if not isinstance(self.preset, str) or not self.preset:
