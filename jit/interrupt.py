@@ -31,15 +31,21 @@ def stop_on_signals(on_stop: Callable[[int], None] | None = None) -> Iterator[No
     """Within the block, SIGTERM and SIGINT raise RunInterrupted where the program is (a
     running torch operation finishes first), after `on_stop(signum)`; a second signal is
     ignored while the run winds down. A signal the process inherited as ignored (nohup)
-    stays ignored. Only in the main thread, where Python delivers signals."""
+    stays ignored. Only in the main thread, where Python delivers signals.
+
+    Python drops an exception raised inside a finaliser (`__del__`, run by the garbage
+    collector wherever the program is) with an "Exception ignored" message, so a signal
+    that lands there would be lost: the block then raises RunInterrupted when it ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    received: list[int] = []
 
     def stop(signum, frame):
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_IGN)
+        received.append(signum)
         if on_stop is not None:
             on_stop(signum)
         raise RunInterrupted(signum)
@@ -53,3 +59,5 @@ def stop_on_signals(on_stop: Callable[[int], None] | None = None) -> Iterator[No
         for s, handler in previous.items():
             if handler is not None:
                 signal.signal(s, handler)
+    if received:  # the block ended normally: its RunInterrupted was dropped on the way
+        raise RunInterrupted(received[0])

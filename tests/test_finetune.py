@@ -269,11 +269,11 @@ def test_a_failure_after_training_keeps_the_run_folder_and_marks_it_failed(tmp_p
     from test_run import run_with_fault
 
     out = tmp_path / "out"
-    fault = ("import jit.finetune\n"
+    fault = ("import jit.tasks\n"  # where the task looks the comparison up
              "from jit.config import ConfigError\n"
              "def compare(*args, **kwargs):\n"
              "    raise ConfigError('finetune.compare: a comparison failing after training')\n"
-             "jit.finetune.compare_after_training = compare")
+             "jit.tasks.compare_after_training = compare")
     proc = run_with_fault(fault, ["experiment=digits_hwa", "trainer.max_steps=2", "calibration.num_images=16",
                                   "calibration.batch_size=16", "finetune.compare=[{}]", f"hydra.run.dir={out}"],
                           tmp_path)
