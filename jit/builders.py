@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig
 
@@ -158,9 +158,6 @@ def load_module(cfg: DictConfig) -> tuple[JiTModule, str]:
     """The module to evaluate/calibrate, with weights from ckpt_path or the shipped digits model."""
     path = cfg.ckpt_path
     if path is None:
-        from hydra.utils import get_class
-
-
         data_class = get_class(cfg.data._target_) if cfg.data.get("_target_") else None
         if cfg.model.net.name != "JiT-S/4" or not (
                 isinstance(data_class, type) and issubclass(data_class, DigitsDataModule)):

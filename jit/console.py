@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
+import time
 import warnings
 
 # Lightning messages that carry nothing about this run: product tips, and lines that only
@@ -58,8 +60,6 @@ def configure_progress(interval_s: float) -> None:
 
 
 def stdout_is_terminal() -> bool:
-    import sys
-
     return sys.stdout.isatty()
 
 
@@ -95,8 +95,6 @@ class PhaseProgress:
         self._task = None
 
     def __enter__(self):
-        import time
-
         self._start = self._last_line = time.monotonic()
         self._last_count = self.completed
         if self.enabled and self.terminal:
@@ -119,8 +117,6 @@ class PhaseProgress:
         return (self.completed - self.initial) / max(now - self._start, 1e-9)
 
     def update(self, completed: float) -> None:
-        import time
-
         self.completed = min(float(completed), self.total)
         if not self.enabled:
             return
@@ -140,8 +136,6 @@ class PhaseProgress:
         self.update(self.completed + amount)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        import time
-
         if self._bar is not None:
             self._bar.__exit__(exc_type, exc, tb)
         elif self.enabled and exc_type is None:

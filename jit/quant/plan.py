@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import intmm
+
 # Elements per row block of the CPU plan (512 KiB in float32). Each op still spreads over
 # the cores (ATen's parallel grain size is 32768 elements). The size was chosen against
 # cache-sized blocks and whole-tensor ops with benchmarks.quant_linear
@@ -109,11 +111,9 @@ INT8_BACKEND_BY_CPU_FLAG = (("amx_int8", "onednn"), ("avx512_vnni", "int_mm"))
 @functools.cache
 def int8_backend() -> str | None:
     """The INT8 kernel this CPU runs faster than float32, if it is exact here."""
-    from .intmm import kernel_is_exact
-
     flags = cpu_flags()
     for flag, backend in INT8_BACKEND_BY_CPU_FLAG:
-        if flag in flags and kernel_is_exact(backend):
+        if flag in flags and intmm.kernel_is_exact(backend):
             return backend
     return None
 
@@ -121,9 +121,7 @@ def int8_backend() -> str | None:
 @functools.cache
 def any_exact_int8_backend() -> str | None:
     """The chosen backend, else any exact one (for int8_matmul=True on other CPUs)."""
-    from .intmm import BACKENDS, kernel_is_exact
-
-    return int8_backend() or next((b for b in BACKENDS if kernel_is_exact(b)), None)
+    return int8_backend() or next((b for b in intmm.BACKENDS if intmm.kernel_is_exact(b)), None)
 
 
 def use_int8(low: int, high: int, inner: int, weight_bits: int, device: torch.device,
