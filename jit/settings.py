@@ -97,7 +97,6 @@ def settings_from(cfg: DictConfig, quant) -> FinetuneSettings:
         raise ConfigError("finetune.recalibrate_every_n_steps: only used with static ranges while training "
                           f"(finetune.ranges=static, or quant.mode=static); the ranges are {ranges}")
     if ft["compare"]:
-
         for i, point in enumerate(ft["compare"]):  # checked now, not after hours of training
             try:
                 build_quant_config(merged(plain["quant"], point))

@@ -282,11 +282,9 @@ TASKS = {Task.train: train, Task.eval: evaluate, Task.calibrate: calibrate, Task
 
 
 def dispatch(cfg: DictConfig):
-
     validate(cfg)
     configure_progress(cfg.progress_interval_s)
     if cfg.model.compile:
-
         reason = compile_available()
         if reason is not None:
             raise ConfigError(f"model.compile=true: {reason}; run with model.compile=false")
