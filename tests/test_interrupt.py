@@ -21,6 +21,18 @@ class SignalsWhileFinalised:
         sum(range(1000))  # Python runs the handler here, inside the finaliser
 
 
+@pytest.fixture(autouse=True)
+def _handled_signals():
+    """The interpreter's own handlers: a pytest-xdist worker starts with SIGINT ignored,
+    and stop_on_signals rightly leaves an ignored signal ignored (nohup)."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_raised_away_inside_a_finaliser_still_ends_the_block(signum, code, monkeypatch):
     dropped, reached = [], []
@@ -33,7 +45,7 @@ def test_a_signal_raised_away_inside_a_finaliser_still_ends_the_block(signum, co
     assert reached == ["the rest of the block"]
     assert dropped == [RunInterrupted]  # Python dropped the handler's exception
     assert stopped.value.exit_code == code
-    assert signal.getsignal(signum) is not None and signal.getsignal(signum) != signal.SIG_IGN
+    assert signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler)  # restored
 
 
 def test_a_signal_in_the_block_raises_where_the_program_is():
