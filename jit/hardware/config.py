@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, get_type_hints
 
 from omegaconf import MISSING
 
@@ -84,32 +84,20 @@ class HardwareConfig:
         return out
 
 
-@dataclass
-class DigitalSchema:
-    """`hardware.digital`: configs/hardware_digital_int8_40nm.yaml, shared by the presets."""
-
-    int8_mac_pJ: float = MISSING
-    fp16_mac_pJ: float = MISSING
-    fp32_mac_pJ: float = MISSING
-    add32_pJ: float = MISSING
-    mac_units: int = MISSING
-    clock_MHz: float = MISSING
+def _open_schema(costs: type, name: str, doc: str) -> type:
+    """A copy of a frozen costs dataclass for the run schema: the same fields and types,
+    none with a default, and open, so that command-line overrides can set them."""
+    types = get_type_hints(costs)
+    schema = make_dataclass(name, [(f.name, types[f.name], field(default=MISSING))
+                                   for f in fields(costs)])
+    schema.__doc__ = doc
+    return schema
 
 
-@dataclass
-class AnalogSchema:
-    """`hardware.analog`: the analog arrays of an aimc preset."""
-
-    array_mac_fJ: float = MISSING
-    dac_conversion_fJ: float = MISSING
-    adc_walden_fom_fJ_per_step: float = MISSING
-    adc_floor_fJ: float = MISSING
-    adc_conversion_ns_per_bit: float = MISSING
-    read_ns: float = MISSING
-    tile_rows: int = MISSING
-    tile_cols: int = MISSING
-    adcs_per_tile: int = MISSING
-    tile_area_mm2: float = MISSING
+DigitalSchema = _open_schema(DigitalCosts, "DigitalSchema", "`hardware.digital`: "
+                             "configs/hardware_digital_int8_40nm.yaml, shared by the presets.")
+AnalogSchema = _open_schema(AnalogCosts, "AnalogSchema",
+                            "`hardware.analog`: the analog arrays of an aimc preset.")
 
 
 @dataclass
