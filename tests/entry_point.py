@@ -41,7 +41,8 @@ def _fork_server() -> multiprocessing.context.BaseContext:
 
 
 def _needs_fresh_process(env: dict[str, str]) -> bool:
-    if os.environ.get("JIT_AIMC_TEST_FRESH_PROCESS") == "1":
+    if (os.environ.get("JIT_AIMC_TEST_FRESH_PROCESS") == "1"
+            or "forkserver" not in multiprocessing.get_all_start_methods()):  # e.g. Windows
         return True
     return any(key.startswith(START_UP_PREFIXES) and os.environ.get(key) != value
                for key, value in env.items())
