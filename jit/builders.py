@@ -41,12 +41,12 @@ SHIPPED_DIGITS_MODEL = ASSETS / "digits_jit.pth"
 
 
 def quant_config(cfg: DictConfig):
-
     return build_quant_config(cfg.quant, device=cfg.get("device"))
 
 
 def flat_hparams(cfg: DictConfig) -> dict:
-    """Flat `section.key` hyper-parameters: quantization fields at top level for dashboards."""
+    """Flat `section.key` hyper-parameters: quantization fields at top level for dashboards,
+    resolved (the config leaves scheme-dependent quant fields null: the scheme's default)."""
     out = {}
 
     def walk(prefix, node):
@@ -60,6 +60,8 @@ def flat_hparams(cfg: DictConfig) -> dict:
             out[prefix] = node
 
     plain = to_plain(cfg)
+    if "quant" in plain:
+        plain["quant"] = {k: v for k, v in quant_config(cfg).to_dict().items() if k != "device"}
     for section in ("task", "seed", "ckpt_path", "eval_weights", "model", "quant", "calibration", "sampler", "fid",
                     "eval", "hardware", "device"):
         if section in plain:

@@ -167,3 +167,19 @@ def test_every_group_of_the_run_schema_is_typed():
     for section in (QuantSchema, *SECTION_SCHEMAS.values(), DeviceSchema):
         untyped = [name for name, hint in typing.get_type_hints(section).items() if hint is Any]
         assert untyped == (["layers"] if section is QuantSchema else []), section
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ("hybrid_w8a11", {"quant.act.bits": 11, "quant.act.percentile": 99.8, "quant.split.radix": 256,
+                      "quant.adc.samples": 1}),
+    ("bitserial_w8a10", {"quant.act.bits": 10, "quant.act.percentile": 99.5, "quant.split.radix": 16,
+                         "quant.adc.samples": 2}),
+])
+def test_logged_hyperparameters_are_the_resolved_settings(preset, expected, tmp_path):
+    """Dashboards filter on quant.act.bits and friends: the loggers get the scheme's values,
+    not the schema's nulls."""
+    from jit.builders import flat_hparams
+
+    hparams = flat_hparams(compose_run([f"quant={preset}", f"paths.output_dir={tmp_path}"]))
+    assert {key: hparams[key] for key in expected} == expected
+    assert hparams["device.preset"] == "ideal" and "quant.device.preset" not in hparams
