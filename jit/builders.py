@@ -31,7 +31,7 @@ from jit.console import stdout_is_terminal
 from jit.datamodules import DigitsDataModule
 from jit.ema import WEIGHTS
 from jit.module import JiTModule
-from jit.quant import build_quant_config
+from jit.quant import QuantConfig
 from jit.settings import training_quant_config
 
 if TYPE_CHECKING:
@@ -40,13 +40,10 @@ if TYPE_CHECKING:
 SHIPPED_DIGITS_MODEL = ASSETS / "digits_jit.pth"
 
 
-def quant_config(cfg: DictConfig):
-    return build_quant_config(cfg.quant, device=cfg.get("device"))
-
-
-def flat_hparams(cfg: DictConfig) -> dict:
+def flat_hparams(cfg: DictConfig, quant: QuantConfig) -> dict:
     """Flat `section.key` hyper-parameters: quantization fields at top level for dashboards,
-    resolved (the config leaves scheme-dependent quant fields null: the scheme's default)."""
+    those of `quant` (the run's parsed settings), since the config leaves scheme-dependent
+    fields null (the scheme's default)."""
     out = {}
 
     def walk(prefix, node):
@@ -60,8 +57,7 @@ def flat_hparams(cfg: DictConfig) -> dict:
             out[prefix] = node
 
     plain = to_plain(cfg)
-    if "quant" in plain:
-        plain["quant"] = {k: v for k, v in quant_config(cfg).to_dict().items() if k != "device"}
+    plain["quant"] = {k: v for k, v in quant.to_dict().items() if k != "device"}
     for section in ("task", "seed", "ckpt_path", "eval_weights", "model", "quant", "calibration", "sampler", "fid",
                     "eval", "hardware", "device"):
         if section in plain:
@@ -70,12 +66,12 @@ def flat_hparams(cfg: DictConfig) -> dict:
     return out
 
 
-def build_loggers(cfg: DictConfig) -> list:
+def build_loggers(cfg: DictConfig, quant: QuantConfig) -> list:
     loggers = []
     for node in (cfg.logger or {}).values():
         if node is not None:
             loggers.append(instantiate(node))
-    hparams = flat_hparams(cfg)
+    hparams = flat_hparams(cfg, quant)
     for logger in loggers:
         logger.log_hyperparams(hparams)
     return loggers

@@ -94,7 +94,7 @@ def train(cfg: DictConfig, run: RunSettings) -> dict:
         check_comparison(cfg, settings, module, dm, start)
     callbacks = (build_callbacks(cfg, training=True) + finetune_callbacks(cfg, run)
                  + [RecordResumeSettings(resume_settings(cfg))])
-    trainer = build_trainer(cfg, build_loggers(cfg), callbacks)
+    trainer = build_trainer(cfg, build_loggers(cfg, run.quant), callbacks)
     run_folder.start()
     if trainer.is_global_zero:  # before anything of this run writes there
         for folder in (Path(cfg.paths.output_dir), checkpoint_dir(cfg)):
@@ -150,7 +150,7 @@ def evaluate(cfg: DictConfig, settings: RunSettings) -> dict:
     run = evaluation_settings(cfg, settings, source)
     dm = instantiate(cfg.data)
     check_before_generation(settings, module, dm, check_fid=True)
-    trainer = build_trainer(cfg, build_loggers(cfg), build_callbacks(cfg, training=False))
+    trainer = build_trainer(cfg, build_loggers(cfg, settings.quant), build_callbacks(cfg, training=False))
     check_pass_launcher(trainer)
     run_folder.start()
     try:

@@ -179,7 +179,9 @@ def test_logged_hyperparameters_are_the_resolved_settings(preset, expected, tmp_
     """Dashboards filter on quant.act.bits and friends: the loggers get the scheme's values,
     not the schema's nulls."""
     from jit.builders import flat_hparams
+    from jit.settings import parse_settings
 
-    hparams = flat_hparams(compose_run([f"quant={preset}", f"paths.output_dir={tmp_path}"]))
+    cfg = compose_run([f"quant={preset}", f"paths.output_dir={tmp_path}"])
+    hparams = flat_hparams(cfg, parse_settings(cfg).quant)
     assert {key: hparams[key] for key in expected} == expected
     assert hparams["device.preset"] == "ideal" and "quant.device.preset" not in hparams
