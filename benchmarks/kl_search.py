@@ -129,7 +129,7 @@ def digits_convergence() -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from jit.builders import load_module, quant_config
+    from jit.builders import load_module
     from jit.config import register_schemas, to_plain
     from jit.evaluation.calibration import (
         CalibrationConfig,
@@ -137,7 +137,7 @@ def digits_convergence() -> None:
         _data_forward,
         _eval_weights,
     )
-    from jit.quant import quantize_model
+    from jit.quant import build_quant_config, quantize_model
     from jit.quant.calibration import calibrate
     from jit.quant.layers import quantized_layers
     from jit.quant.surgery import adc_bypassed, noise_disabled
@@ -150,7 +150,7 @@ def digits_convergence() -> None:
             overrides.append(f"calibration.num_images={SIZES.calibration_images}")
         cfg = compose("run", overrides=overrides)
     module, _ = load_module(cfg)
-    quantize_model(module.denoiser.net, quant_config(cfg))
+    quantize_model(module.denoiser.net, build_quant_config(cfg.quant, device=cfg.get("device")))
     calib = CalibrationConfig.from_any(to_plain(cfg.calibration))
     batches = _calibration_batches(instantiate(cfg.data), calib)
     forward = _data_forward(module.denoiser, "cpu")
