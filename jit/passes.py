@@ -8,13 +8,16 @@ what it generates with and consume the images. On every process the same sequenc
 passes runs, so the tasks' code between passes (quantizing, the energy estimate) sees the
 same model on every rank:
 
-    float baseline (FIDCallback)  ->  statistics pass (CalibrationCallback,
-    LayerStatsCallback)  ->  energy estimate  ->  quantized FID pass (FIDCallback)
+    float baseline (FIDCallback)  ->  quantized FID pass (CalibrationCallback,
+    LayerStatsCallback, FIDCallback)  ->  energy estimate, results.json
 
-Without statistics (`eval.layer_stats_images=0`) the calibration callback joins the
-quantized FID pass. Both FID passes store their scored chunks in the run folder until the
-evaluation has succeeded: the same command rerun in the same folder after an interruption
-continues from the first missing chunk (jit/evaluation/chunks.py).
+The per-layer statistics of the first `eval.layer_stats_images` images ride along the
+quantized FID pass: they are observed inside the forwards that generate those images for
+FID (the chunks holding them run with statistics on, for their first images only), so
+no image is generated twice. Both FID passes store their scored chunks (and the
+statistics of their forwards) in the run folder until the evaluation has succeeded: the
+same command rerun in the same folder after an interruption continues from the first
+missing chunk (jit/evaluation/chunks.py).
 """
 
 from __future__ import annotations
@@ -94,17 +97,19 @@ def generation_pass(trainer: L.Trainer, module, plan: SamplePlan, before: list, 
 def evaluate_fid(trainer: L.Trainer | None, module, fid, run_dir=None, extra: dict | None = None,
                  datamodule=None, log_prefix: str = "eval", compile_backbone: bool = False,
                  callbacks: list | None = None, more: Callable[[], dict] | None = None,
-                 keep_chunks: bool = False) -> dict:
+                 keep_chunks: bool = False, layer_stats: LayerStatsCallback | None = None) -> dict:
     """FID (and IS or cond_accuracy) of `fid.num_images` images of the module as it is:
     one pass; returns results.json's contents. `trainer` None: `evaluation_trainer()`.
-    `callbacks` run before the generation (a CalibrationCallback); `more()` adds to
-    results.json what they found. Chunks an interrupted call stored in `run_dir` are
-    reused; `keep_chunks`: the store stays after success (the caller removes it)."""
+    `callbacks` run before the generation (a CalibrationCallback); `layer_stats` observes
+    the per-layer statistics of the pass's first images; `more()` adds to results.json
+    what they found. Chunks an interrupted call stored in `run_dir` are reused;
+    `keep_chunks`: the store stays after success (the caller removes it)."""
     trainer = trainer if trainer is not None else evaluation_trainer()
     fid = FIDConfig.from_any(fid)
     evaluation = FIDEvaluation(fid, run_dir=run_dir, extra=extra, log_prefix=log_prefix)
-    scorer = FIDCallback(evaluation, datamodule, more, keep_chunks)
-    generation_pass(trainer, module, fid.sample_plan(module.denoiser), list(callbacks or []), [scorer],
+    scorer = FIDCallback(evaluation, datamodule, more, keep_chunks, layer_stats)
+    after = [scorer] if layer_stats is None else [layer_stats, scorer]
+    generation_pass(trainer, module, fid.sample_plan(module.denoiser), list(callbacks or []), after,
                     sampler=fid.sampler, weights=fid.eval_weights or module.eval_weights,
                     label=f"FID generation ({evaluation.label()})", compile_backbone=compile_backbone,
                     progress=fid.progress)
@@ -113,13 +118,16 @@ def evaluate_fid(trainer: L.Trainer | None, module, fid, run_dir=None, extra: di
 
 def statistics_pass(trainer: L.Trainer, module, fid: FIDConfig, num_images: int,
                     callbacks: list | None = None) -> list[dict]:
-    """Per-layer statistics over the first `num_images` FID images (same labels, initial
-    noise, sample ids and chunks; every rank generates them all), with the module's
-    weights and the FID sampler; `callbacks` run before it (a CalibrationCallback)."""
-    stats = LayerStatsCallback()
-    generation_pass(trainer, module, fid.sample_plan(module.denoiser, num_images, sharded=False),
-                    list(callbacks or []), [stats], sampler=fid.sampler, weights=module.eval_weights,
-                    label="layer statistics", progress=fid.progress)
+    """Per-layer statistics of the first `num_images` FID images without an FID pass, as
+    an FID pass observes them: the whole chunks holding them are generated (same labels,
+    initial noise, sample ids and forwards; every rank generates them all), with the
+    module's weights and the FID sampler; `callbacks` run before it (a
+    CalibrationCallback)."""
+    stats = LayerStatsCallback(num_images)
+    chunks = -(-num_images // fid.chunk_size)
+    plan = fid.sample_plan(module.denoiser, min(chunks * fid.chunk_size, fid.num_images), sharded=False)
+    generation_pass(trainer, module, plan, list(callbacks or []), [stats], sampler=fid.sampler,
+                    weights=module.eval_weights, label="layer statistics", progress=fid.progress)
     return stats.rows
 
 
@@ -138,15 +146,12 @@ def evaluate_float_then_quantized(trainer: L.Trainer, module, datamodule, run: E
                                 datamodule, "eval_fp", run.compile_backbone, keep_chunks=True)["metrics"]
     hardware = CalibrationCallback(qcfg, run.calibration, fid, run.run_dir, datamodule)
     stats_images = min(run.layer_stats_images, fid.num_images) if qcfg.quantizes else 0
-    layer_stats: list[dict] = []
+    stats = LayerStatsCallback(stats_images) if stats_images else None
     energy: dict = {}
-    if stats_images:
-        layer_stats = statistics_pass(trainer, module, fid, stats_images, [hardware])
-        energy = energy_estimate(trainer, run, hardware, layer_stats, stats_images)
 
-    def quantized_extra() -> dict:  # called once the quantized pass has calibrated, at its end
-        if not energy:
-            energy.update(energy_estimate(trainer, run, hardware, layer_stats, stats_images))
+    def quantized_extra() -> dict:  # called at the end of the quantized pass, on every rank
+        layer_stats = stats.rows if stats is not None else []
+        energy.update(energy_estimate(trainer, run, hardware, layer_stats, stats_images))
         extra = {"device": qcfg.device.to_dict(), **hardware.provenance, "baseline_fp": baseline,
                  "energy": energy}
         if qcfg.layers:
@@ -157,8 +162,8 @@ def evaluate_float_then_quantized(trainer: L.Trainer, module, datamodule, run: E
         return extra
 
     results = evaluate_fid(trainer, module, fid, run.run_dir, {**common, "quant": qcfg.to_dict()}, datamodule,
-                           compile_backbone=run.compile_backbone, callbacks=[] if stats_images else [hardware],
-                           more=quantized_extra, keep_chunks=True)
+                           compile_backbone=run.compile_backbone, callbacks=[hardware], more=quantized_extra,
+                           keep_chunks=True, layer_stats=stats)
     if trainer.is_global_zero:
         # Both evaluations are done: an interrupted rerun has nothing left to continue.
         for folder in (run.run_dir, run.run_dir / "baseline_fp"):

@@ -442,6 +442,28 @@ def test_calibrate_task_writes_only_the_artefact(trained_tiny, tmp_path):
     assert (out / "coverage.csv").exists() and not (out / "results.json").exists()
 
 
+def test_layer_statistics_ride_along_the_fid_pass_and_equal_a_statistics_pass(trained_tiny, tmp_path):
+    """eval generates the first eval.layer_stats_images images once, observing them inside
+    the FID pass (13 images: chunk 0 whole, chunk 1 up to its fourth image); task=calibrate,
+    which has no FID pass, generates those chunks itself. Both write the same
+    layer_stats.csv, and the energy estimate is computed from it."""
+    args = [f"ckpt_path={trained_tiny / 'checkpoint-last.pth'}", *TINY_EVAL, "eval.layer_stats_images=13",
+            "quant.adc.noise_sigma_lsb=2.0"]
+    evaluated = run([*args, "compare_fp=false", f"hydra.run.dir={tmp_path / 'eval'}"], tmp_path)
+    log = evaluated.stdout + evaluated.stderr
+    assert "layer statistics:" not in log and log.count("FID generation (hybrid): 20 images") == 1, log
+    run([*args, "task=calibrate", f"hydra.run.dir={tmp_path / 'calibrate'}"], tmp_path)
+    ours, theirs = (tmp_path / "eval" / "layer_stats.csv", tmp_path / "calibrate" / "layer_stats.csv")
+    assert ours.read_text() == theirs.read_text()
+    rows = list(csv.DictReader(open(ours)))
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    # Calls observed: 2 chunks x 3 network calls (2 Euler steps, the second one guided);
+    # every operation count covers 13 images.
+    assert results["layer_stats_images"] == 13 and int(rows[0]["calls"]) == 2 * 3
+    assert int(rows[0]["dense_macs"]) % (13 * 3) == 0 and int(rows[0]["adc_conversions_lsb"]) % (13 * 3) == 0
+    assert results["energy"]["energy_per_image_uJ"] > 0
+
+
 def test_calibrate_task_runs_under_the_trainer_precision(trained_tiny, tmp_path):
     """task=calibrate samples in the trainer's precision, as eval does: under bf16-mixed
     the float blocks around the quantized layers run in bf16, so the thresholds move."""
@@ -815,6 +837,8 @@ def test_an_evaluation_stopped_by_sigterm_continues_in_its_folder_to_the_same_nu
     ours, theirs = (json.loads((folder / "results.json").read_text()) for folder in (out, whole))
     assert ours["metrics"] == theirs["metrics"] and ours["baseline_fp"] == theirs["baseline_fp"]  # bitwise
     assert ours["energy"] == theirs["energy"]
+    # The statistics of the chunks scored before the stop come from the store.
+    assert (out / "layer_stats.csv").read_text() == (whole / "layer_stats.csv").read_text()
     assert not list(out.rglob(".fid_chunks")) and not (out / FAILED).exists()
 
 
@@ -835,7 +859,7 @@ def test_package_metadata_builds_without_deprecation_warnings(monkeypatch):
 
 # ------------------------------------------------------------ reproducible simulation
 def _generated(trained_tiny, tmp_path, name, *overrides):
-    """(images as exported, fid_digits) of an eval run with thermal noise on.
+    """(images as exported, fid_digits, layer_stats.csv) of an eval run with thermal noise on.
 
     One intra-op thread per process in every layout: CPU float kernels split their sums by
     thread, so the thread count per process is part of the layout (Lightning's DDP would
@@ -848,7 +872,9 @@ def _generated(trained_tiny, tmp_path, name, *overrides):
 
     with np.load(out / "samples.npz", allow_pickle=False) as npz:
         images = npz["arr_0"]
-    return images, json.loads((out / "results.json").read_text())["metrics"]["fid_digits"]
+    stats = out / "layer_stats.csv"
+    return (images, json.loads((out / "results.json").read_text())["metrics"]["fid_digits"],
+            stats.read_text() if stats.exists() else None)
 
 
 @pytest.mark.slow
@@ -856,10 +882,13 @@ def _generated(trained_tiny, tmp_path, name, *overrides):
 def test_generated_images_do_not_depend_on_the_process_count(trained_tiny, tmp_path, mode):
     # 14 images in chunks of 4: rank 0 takes chunks 0 and 2, rank 1 chunks 1 and 3 (the
     # last one short), so the export interleaves chunks of unequal size.
-    one = _generated(trained_tiny, tmp_path, "one", f"quant.mode={mode}", "fid.chunk_size=4")
+    one = _generated(trained_tiny, tmp_path, "one", f"quant.mode={mode}", "fid.chunk_size=4",
+                     "eval.layer_stats_images=10")
     two = _generated(trained_tiny, tmp_path, "two", f"quant.mode={mode}", "fid.chunk_size=4",
-                     "trainer=ddp_cpu")
+                     "trainer=ddp_cpu", "eval.layer_stats_images=10")
     assert (one[0] == two[0]).all() and one[1] == two[1]  # bitwise
+    # The statistics of images 0-9 ride along chunks 0-2, spread over both ranks.
+    assert one[2] is not None and one[2] == two[2]
 
 
 @pytest.mark.slow

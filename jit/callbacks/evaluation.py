@@ -36,7 +36,7 @@ from jit.evaluation.fid import FIDConfig, FIDEvaluation
 from jit.evaluation.pipeline import prepare_quantized
 from jit.hardware import count_targets_and_macs
 from jit.models.compile import compiled_forward
-from jit.quant import collect_stats, enable_stats, reset_stats
+from jit.quant import collect_stats, enable_stats, merge_stats, snapshot_stats
 
 
 class GenerationPass(L.Callback):
@@ -106,13 +106,16 @@ class FIDCallback(L.Callback):
     entries join results.json: what other callbacks of the pass found out (calibration,
     energy). The results stay in `results`.
 
-    Each scored chunk is stored in the run folder as it completes (jit/evaluation/chunks.py);
-    a chunk stored by an interrupted run of the same evaluation is loaded instead of
-    generated. `keep_chunks=False` removes the store once results.json is written."""
+    Each scored chunk is stored in the run folder as it completes (jit/evaluation/chunks.py),
+    with the per-layer statistics `layer_stats` (a LayerStatsCallback of the same pass,
+    earlier in the callback list) read from its forwards; a chunk stored by an interrupted
+    run of the same evaluation is loaded instead of generated, its statistics handed back.
+    `keep_chunks=False` removes the store once results.json is written."""
 
     def __init__(self, evaluation: FIDEvaluation, datamodule=None, extra: Callable[[], dict] | None = None,
-                 keep_chunks: bool = False):
+                 keep_chunks: bool = False, layer_stats: LayerStatsCallback | None = None):
         self.evaluation, self.datamodule, self.extra, self.keep_chunks = evaluation, datamodule, extra, keep_chunks
+        self.layer_stats = layer_stats
         self.results: dict | None = None
         self.store: ChunkStore | None = None
         self._plan = self._generated = None
@@ -123,7 +126,8 @@ class FIDCallback(L.Callback):
         self._plan = self.evaluation.prepare(trainer, pl_module, self.datamodule)
         self._generated = self.evaluation.start(self._plan)
         self._first_batch = None
-        self.store = ChunkStore(self._plan.run_dir, self.evaluation.digest(self._plan, pl_module))
+        observed = None if self.layer_stats is None else self.layer_stats.num_images or "all"
+        self.store = ChunkStore(self._plan.run_dir, self.evaluation.digest(self._plan, pl_module, observed))
         plan = trainer.test_dataloaders.dataset
         plan.done = self.store.done()
         if plan.done:
@@ -140,9 +144,14 @@ class FIDCallback(L.Callback):
         chunk = plan.chunk_of(index)
         if outputs is not None:
             record = self.evaluation.add(self._plan, self._generated, outputs["index"], outputs["images"])
+            if self.layer_stats is not None:
+                record.layer_stats = self.layer_stats.chunks.get(chunk)
             self.store.save(chunk, record)
         elif chunk in plan.done and not plan.is_padding(index, trainer.global_rank, trainer.world_size):
-            self.evaluation.keep(self._plan, self._generated, self.store.load(chunk))
+            record = self.store.load(chunk)
+            self.evaluation.keep(self._plan, self._generated, record)
+            if self.layer_stats is not None and record.layer_stats:
+                self.layer_stats.chunks[chunk] = record.layer_stats
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         now = time.perf_counter()
@@ -167,17 +176,41 @@ class FIDCallback(L.Callback):
 
 class LayerStatsCallback(L.Callback):
     """Per-layer statistics (jit/quant/stats.py) of the quantized layers over the pass's
-    images: switched on at the start, read into `rows` at the end of the epoch."""
+    first `num_images` images (None: all of them), observed inside the pass's own
+    forwards: a chunk holding images from `num_images` on is observed up to there; past
+    it, statistics are off.
 
-    def __init__(self):
+    The counters are read per chunk (`chunks`, which the FID callback stores with its
+    chunk and restores on a rerun) and added up in chunk order at the end of the epoch,
+    over every rank's chunks, into `rows`: the same numbers at any process count and
+    after an interruption."""
+
+    def __init__(self, num_images: int | None = None):
+        self.num_images = num_images
         self.rows: list[dict] = []
+        self.chunks: dict[int, dict] = {}  # chunk -> snapshot_stats of its forwards
 
     def on_test_start(self, trainer, pl_module) -> None:
-        enable_stats(pl_module.denoiser.net, True)
-        reset_stats(pl_module.denoiser.net)
+        self.chunks = {}
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        observed = self.num_images is None or int(batch["index"][0]) < self.num_images
+        enable_stats(pl_module.denoiser.net, observed, self.num_images)  # fresh counters
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if outputs is None:
+            return
+        snapshot = snapshot_stats(pl_module.denoiser.net)
+        if snapshot:
+            self.chunks[trainer.test_dataloaders.dataset.chunk_of(batch["index"])] = snapshot
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self.rows = collect_stats(pl_module.denoiser.net)
+        chunks = self.chunks
+        if trainer.test_dataloaders.dataset.sharded and trainer.world_size > 1:
+            gathered = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, chunks)
+            chunks = {chunk: part for rank_chunks in gathered for chunk, part in rank_chunks.items()}
+        self.rows = collect_stats(pl_module.denoiser.net, merge_stats(chunks[k] for k in sorted(chunks)))
 
     def on_test_end(self, trainer, pl_module) -> None:
         enable_stats(pl_module.denoiser.net, False)

@@ -3,11 +3,13 @@ continues where it stopped.
 
 Every chunk of the global image index a rank scores is written, as it completes, to
 `<run dir>/.fid_chunks/<digest>/chunk_<k>.pt`: the chunk's global indices, features,
-logits, sample-grid tiles and, where the pass exports them, its images. The digest covers
+logits, sample-grid tiles, the per-layer statistics counters of its forwards where the
+pass observes them and, where the pass exports them, its images. The digest covers
 everything the features depend on (the FID settings that shape the images and their
 score, the sampler, the weights' choice, the quantization and device configs, and every
-parameter and buffer of the model being scored, calibrated thresholds included), so a
-chunk is reused only by the very evaluation that wrote it. A rerun of the same command in
+parameter and buffer of the model being scored, calibrated thresholds included) and which
+images the statistics observe, so a chunk is reused only by the very evaluation that
+wrote it. A rerun of the same command in
 the same folder loads the stored chunks in place of generating them; the statistics are
 keyed by index (jit/metrics/fid.py), so the score is bitwise the uninterrupted run's,
 whatever the process count of either run. The store goes once the run has succeeded.
@@ -41,20 +43,24 @@ class ChunkRecord:
     logits: torch.Tensor | None
     tiles: list[tuple[int, int, int, np.ndarray]]  # (index, grid row, grid column, HWC uint8)
     images: np.ndarray | None  # NHWC uint8, kept only where the pass exports images
+    # Per-layer statistics counters of the chunk's forwards (jit.quant.snapshot_stats),
+    # where the pass observes them: plain numbers, strings and dicts.
+    layer_stats: dict | None = None
 
     def to_dict(self) -> dict:
         tiles = [(i, r, c) for i, r, c, _ in self.tiles]
         return {"index": self.index, "features": self.features, "logits": self.logits,
                 "tile_slots": torch.tensor(tiles, dtype=torch.long).reshape(-1, 3),
                 "tile_images": torch.from_numpy(np.stack([t[3] for t in self.tiles])) if self.tiles else None,
-                "images": torch.from_numpy(self.images) if self.images is not None else None}
+                "images": torch.from_numpy(self.images) if self.images is not None else None,
+                "layer_stats": self.layer_stats}
 
     @classmethod
     def from_dict(cls, data: dict) -> ChunkRecord:
         slots, tile_images = data["tile_slots"].tolist(), data["tile_images"]
         tiles = [(i, r, c, tile_images[k].numpy()) for k, (i, r, c) in enumerate(slots)]
         images = data["images"].numpy() if data["images"] is not None else None
-        return cls(data["index"], data["features"], data["logits"], tiles, images)
+        return cls(data["index"], data["features"], data["logits"], tiles, images, data.get("layer_stats"))
 
 
 def model_digest(module: torch.nn.Module) -> str:

@@ -296,14 +296,17 @@ class FIDEvaluation:
             generated.export.add(record.images)
         generated.grid_tiles.extend(record.tiles)
 
-    def digest(self, plan: FIDPlan, module) -> str:
-        """What the scored features depend on: the key of this evaluation's stored chunks."""
+    def digest(self, plan: FIDPlan, module, layer_stats=None) -> str:
+        """What the scored features depend on, and which images the per-layer statistics
+        stored beside them observe (`layer_stats`): the key of this evaluation's stored
+        chunks."""
         fid = asdict(self.cfg)
         fid["reference"] = {k: v for k, v in fid["reference"].items() if k != "cache_dir"}
         fid.pop("progress")
         settings = {"fid": fid, "sampler": plan.sampler, "weights": plan.weights, "extractor": plan.space.name,
                     "extractor_weights_sha256": plan.space.weights_sha256, "image_shape": plan.image_shape,
-                    "quant": self.extra.get("quant"), "device": self.extra.get("device")}
+                    "quant": self.extra.get("quant"), "device": self.extra.get("device"),
+                    "layer_stats": layer_stats}
         return settings_digest(settings, model_digest(module.denoiser))
 
     def finish(self, plan: FIDPlan, generated: Generated, seconds: float) -> None:

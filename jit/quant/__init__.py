@@ -24,7 +24,7 @@ from .layers import (
 )
 from .noise import SAMPLE_ID_BOUND, sample_context
 from .quantizers import percentile_abs, stable_seed
-from .stats import collect_stats, enable_stats, reset_stats
+from .stats import collect_stats, enable_stats, merge_stats, reset_stats, snapshot_stats
 from .surgery import (
                       adc_bypassed,
                       layer_configs,
@@ -54,6 +54,7 @@ __all__ = [
                      "collect_stats",
                      "enable_stats",
                      "layer_configs",
+                     "merge_stats",
                      "noise_disabled",
                      "percentile_abs",
                      "quantize_model",
@@ -62,6 +63,7 @@ __all__ = [
                      "reset_stats",
                      "restore_float",
                      "sample_context",
+                     "snapshot_stats",
                      "stable_seed",
                      "target_names",
 ]

@@ -72,7 +72,6 @@ class Split(NamedTuple):
     analog: list[AnalogPath]
     digital: Codes | None  # exact digital path input (codes) or None
     digital_gain: float
-    msb: Codes | None  # for statistics: the MSB slice (zero = LSB path alone)
 
 
 class Slicing(NamedTuple):
@@ -136,9 +135,11 @@ def quantize_dac_input(x2: torch.Tensor, clip: RowScale, step: RowScale, slicing
     device tensors, 0-d or per row [rows, 1]. `clip` is the activation clip of the stats
     (same value). `as_digits` says per slice (x_int, MSB) whether it comes as INT8
     digits, written block by block from a small float buffer; the column set is computed
-    only for a float MSB slice."""
+    only for a float MSB slice. `stats` observes each block's codes while they are float:
+    the activations, the MSB slice and the digital path's input."""
     has_msb = slicing.split_block is not None
     codes_digits, msb_digits = as_digits[0], as_digits[1] and has_msb
+    with_analog = any(slicing.analog[:1 + has_msb])
     ranges = slicing.ranges + [(0, 0)]
     tokens = x2.shape[0]
     blocks = row_blocks(tokens, x2.shape[1], x2.device)
@@ -162,12 +163,18 @@ def quantize_dac_input(x2: torch.Tensor, clip: RowScale, step: RowScale, slicing
         codes = torch.clamp(x2[rows], -high, high, out=codes_out)
         round_(codes.div_(rows_of(step, rows)))  # |codes| <= qmax (1 + 2^-23): exact
         if stats is not None:
-            stats.observe_activations(x2[rows], high, codes)
+            stats.observe_activations(x2[rows], high, codes, rows.start)
         if has_msb:
             msb_out = msb_buffer[:n] if msb_digits else msb[rows]
             slicing.split_block(codes, msb_out)
+            if stats is not None:
+                stats.observe_msb(msb_out, rows.start)
+                if not slicing.analog[1]:
+                    stats.observe_digital(msb_out, with_analog, rows.start)
             if msb_digits:
                 write_digits(msb_out, msb, rows, max(-ranges[1][0], ranges[1][1]))
+        elif stats is not None and not slicing.analog[0]:
+            stats.observe_digital(codes, with_analog, rows.start)
         if codes_digits:
             write_digits(codes, x_int, rows, max(-ranges[0][0], ranges[0][1]))
     columns = None
@@ -238,7 +245,7 @@ def _add_product(codes: Codes, weights: WeightCodes, rows: slice, out: torch.Ten
 # ----- ADC ------------------------------------------------------------------------------
 def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
                  noise_sigma_codes: float = 0.0, noise: SampleNoise | None = None,
-                 count_saturated: bool = False, errors: ConverterErrors | None = None,
+                 count_saturated: int = 0, errors: ConverterErrors | None = None,
                  read_noise: ReadNoise | None = None) -> int | torch.Tensor:
     """In place on a 2-D accumulation: acc -> clamp(round(acc/step + e), -2^(n-1), 2^(n-1)-1)
     with e ~ N(0, noise_sigma_codes^2), or with `read_noise` one std per element: the thermal
@@ -251,8 +258,8 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
     code domain, per sample from `noise` (`plan.noise_blocks`), into one block-sized
     buffer, and each block is added, rounded and clamped while it is in cache. `step` is
     a Python number (one step for the whole tile) or a [rows, 1] tensor (one per row: the
-    dynamic sample and token scopes). Returns the number of codes that saturated when
-    `count_saturated` (a 0-d device tensor: no host sync), else 0.
+    dynamic sample and token scopes). Returns the number of codes that saturated in the
+    first `count_saturated` rows (a 0-d device tensor: no host sync), or 0.
     """
     code_max = qmax(bits)
     per_element = read_noise is not None
@@ -290,15 +297,17 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
                 torch.add(buf, chunk, alpha=1.0 / step, out=chunk)
         elif not per_row:
             chunk.div_(step)  # exact division: rounding ties as in the seed
+        counted = min(chunk.shape[0], count_saturated - rows.start)
         if errors is not None:
-            if count_saturated:
-                seen = converter_input(chunk, errors, bits)
+            if counted > 0:
+                seen = converter_input(chunk[:counted], errors, bits)
                 saturated.append((seen > code_max + 0.5).sum() + (seen < -code_max - 1.5).sum())
             chunk.copy_(adc_transfer(chunk, errors, bits))
         else:
             round_(chunk)
-            if count_saturated:
-                saturated.append((chunk > code_max).sum() + (chunk < -code_max - 1).sum())
+            if counted > 0:
+                saturated.append((chunk[:counted] > code_max).sum()
+                                 + (chunk[:counted] < -code_max - 1).sum())
         chunk.clamp_(-code_max - 1, code_max)
     return torch.stack(saturated).sum() if saturated else 0
 
@@ -319,8 +328,7 @@ def accumulate(split: Split, weights: WeightCodes, tokens: int, call: ArrayCall,
     out = weights.codes_t.new_empty((tokens, call.out_features))
     scratch, unit = None, None
     if stats is not None:
-        stats.observe_paths(split.analog, split.digital, tokens, weights.codes_t.shape[0],
-                            call.out_features, len(tiles))
+        stats.observe_paths(split.analog, weights.codes_t.shape[0], call.out_features, len(tiles))
     # After one conversion `out` holds ADC codes, which fit in int16: they wait there
     # (half the memory of a second float accumulation) while `out` takes the next path's
     # accumulation. The paths are popped so that each slice's codes are freed once its
@@ -330,8 +338,6 @@ def accumulate(split: Split, weights: WeightCodes, tokens: int, call: ArrayCall,
     gain_factor = weights.compensation
     while split.analog:
         path = split.analog.pop(0)
-        if stats is not None:
-            stats.analog_macs += path.codes.numel() * call.out_features * path.reads
         sigma = adc.noise_sigma_lsb / math.sqrt(path.reads) if path.noisy else 0.0
         gain = path.gain if gain_factor == 1.0 else path.gain * gain_factor
         for tile_index, rows in enumerate(tiles):
@@ -363,11 +369,11 @@ def accumulate(split: Split, weights: WeightCodes, tokens: int, call: ArrayCall,
                     draw = call.noise._replace(keys=[noise_key(key, path.index, tile_index)
                                                      for key in call.noise.keys])
                 saturated = adc_convert_(acc, step, adc.bits, sigma if draw else 0.0, draw,
-                                         stats is not None,
+                                         stats.rows if stats is not None else 0,
                                          (call.converters or {}).get((path.index, tile_index)),
                                          read_noise)
                 if stats is not None:
-                    stats.observe_adc(acc.numel(), saturated)
+                    stats.observe_adc(stats.rows * acc.shape[1], saturated)
             if unit is None:
                 unit = step * gain
                 out_is_codes = not adc.bypass
@@ -384,7 +390,7 @@ def accumulate(split: Split, weights: WeightCodes, tokens: int, call: ArrayCall,
         del path
     if split.digital is None:
         return out, unit
-    return digital_mvm(split.digital, split.digital_gain, weights, out, unit, columns, stats)
+    return digital_mvm(split.digital, split.digital_gain, weights, out, unit, columns)
 
 
 def analog_mvm(codes: Codes, weights: WeightCodes, rows: slice, acc: torch.Tensor) -> None:
@@ -393,12 +399,10 @@ def analog_mvm(codes: Codes, weights: WeightCodes, rows: slice, acc: torch.Tenso
 
 
 def digital_mvm(digital: Codes, gain: float, weights: WeightCodes, out: torch.Tensor,
-                unit: RowScale | None, columns: torch.Tensor | None = None, stats=None
+                unit: RowScale | None, columns: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, RowScale]:
     """Adds the exact digital path, gain * (digital @ W_int), to `out` (in units of `unit`;
     None: `out` holds nothing yet). Returns (out, its unit)."""
-    if stats is not None:
-        stats.digital_macs = stats.digital_macs + torch.count_nonzero(digital) * out.shape[1]
     if columns is not None and unit is not None:
         index = columns.nonzero().squeeze(1)
         if index.numel() == 0:

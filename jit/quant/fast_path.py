@@ -44,7 +44,8 @@ def simulate(layer: nn.Module, x: torch.Tensor
     batch = x.shape[0] if x.dim() > 1 else 1
     per_sample = x2.shape[0] // batch if batch else 0
     group = _scope_rows(layer, x2.shape[0], per_sample)
-    call = _array_call(layer, batch, per_sample, group, x2.device, dtype)
+    stats = _observed_stats(layer, x2.shape[0], batch)
+    call = _array_call(layer, batch, per_sample, group, x2.device, dtype, stats)
     if layer.observer is not None:
         layer.observer(layer.layer_name, "act", x)
     act_clip = _act_clip(layer, x2, group)
@@ -62,23 +63,32 @@ def simulate(layer: nn.Module, x: torch.Tensor
         clip, step = static.clip_value, static.step_value
     else:
         clip, step = act_clip, act_step
-    x_int, msb, columns = engine.quantize_dac_input(
-        x2, clip, step, slicing, as_digits, layer.stats)
+    x_int, msb, columns = engine.quantize_dac_input(x2, clip, step, slicing, as_digits, stats)
+    # Nothing here may keep a slice alive: accumulate frees each one after its product.
     split = layer._paths(x_int, msb)
     del x_int, msb
-    if layer.stats is not None and split.msb is not None:
-        layer.stats.observe_msb(split.msb)
-    # Nothing here may keep a slice alive: accumulate frees each one after its product.
-    split = split._replace(msb=None)
     y, unit = engine.accumulate(split, weights, x2.shape[0], call, columns)
     del split
     bias = None if layer.bias is None else layer.bias.detach().to(dtype)
     engine.reconstruct_(y, act_step, weights.step, unit, bias)
-    if layer.stats is not None:
-        layer.stats.calls += 1
-        layer.stats.observe_output(x2, layer.weight.detach().to(dtype), bias, y)
+    if stats is not None:
+        stats.calls += 1
+        stats.observe_output(x2, layer.weight.detach().to(dtype), bias, y)
     y = y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
     return y, act_clip, weights
+
+
+def _observed_stats(layer: nn.Module, rows: int, batch: int):
+    """The layer's statistics if this call has rows to observe (stats.LayerStats.begin_call),
+    else None: the call then runs as with statistics off."""
+    stats = layer.stats
+    if stats is None:
+        return None
+    context = layer._sample_context
+    sample_ids = context.sample_ids if context is not None else None
+    if not stats.begin_call(rows, batch, sample_ids, layer.out_features, layer.layer_name):
+        return None
+    return stats
 
 
 def _scope_rows(layer: nn.Module, tokens: int, per_sample: int) -> int | None:
@@ -141,9 +151,7 @@ def _int8_kernel(layer: nn.Module, x2: torch.Tensor, slicing: Slicing
                  ) -> tuple[str | None, tuple[bool, bool]]:
     """The INT8 kernel this call multiplies integer codes on (plan.use_int8), and per slice
     (x_int, MSB) whether its product takes it; (None, (False, False)): all on float32.
-    The result is the same either way; statistics keep the float codes they count."""
-    if layer.stats is not None:
-        return None, (False, False)
+    The result is the same either way."""
     cfg = layer.cfg
     tile = min(cfg.adc.tile_rows or layer.in_features, layer.in_features)
     chosen = []
@@ -162,9 +170,10 @@ def _int8_kernel(layer: nn.Module, x2: torch.Tensor, slicing: Slicing
 
 
 def _array_call(layer: nn.Module, batch: int, per_sample: int, group: int | None,
-                device: torch.device, dtype: torch.dtype) -> ArrayCall:
-    """What the engine's array stages need for this call: tiles, ADC steps, hooks and each
-    sample's noise key (`call_key` checks the batch against the context)."""
+                device: torch.device, dtype: torch.dtype, stats=None) -> ArrayCall:
+    """What the engine's array stages need for this call: tiles, ADC steps, hooks, the
+    statistics observing it and each sample's noise key (`call_key` checks the batch
+    against the context)."""
     call_key, sample_ids = layer.call_key(batch)
     noise = None
     if layer.reads_noisy() and per_sample:
@@ -175,7 +184,7 @@ def _array_call(layer: nn.Module, batch: int, per_sample: int, group: int | None
         layer.out_features, layer.tiles(), layer.cfg.adc,
         lambda path, acc: _adc_step(layer, path, acc, group),
         None if observer is None else lambda kind, acc: observer(name, kind, acc),
-        layer.stats, noise, arrays.converters(layer, device, dtype))
+        stats, noise, arrays.converters(layer, device, dtype))
 
 
 class StraightThrough(torch.autograd.Function):

@@ -351,7 +351,7 @@ class HybridLinear(QuantLinear):
 
     def _paths(self, x_int: Codes, msb: Codes | None) -> Split:
         analog = AnalogPath("lsb", 0, x_int, 1.0, self.cfg.adc.samples, True)
-        return Split([analog], msb, float(self.cfg.split.radix), msb)
+        return Split([analog], msb, float(self.cfg.split.radix))
 
 
 class BitSerialLinear(QuantLinear):
@@ -376,7 +376,7 @@ class BitSerialLinear(QuantLinear):
         s = self.cfg.split
         analog = [AnalogPath("msb", 0, msb, float(2**s.lsb_bits), self.cfg.adc.samples, True),
                   AnalogPath("lsb", 1, x_int, 2.0**-s.lsb_gain_shift, 1, False)]
-        return Split(analog, None, 1.0, msb)
+        return Split(analog, None, 1.0)
 
     def adc_clips_from_output_step(self, output_step: float,
                                    act_clip: float | None = None) -> dict[str, float]:
@@ -402,7 +402,7 @@ class W8A8Linear(QuantLinear):
     scheme = "w8a8"
 
     def _paths(self, x_int: Codes, msb: Codes | None) -> Split:
-        return Split([], x_int, 1.0, None)
+        return Split([], x_int, 1.0)
 
 
 LAYER_CLASSES: dict[str, type[QuantLinear]] = {

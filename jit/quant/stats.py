@@ -6,11 +6,20 @@ Python numbers; counters of values (clipped activations, MSB codes, saturated
 conversions, energies) accumulate as 0-d tensors on the layer's device, so collecting
 costs no host sync per call; `collect_stats` reads them once and turns them into one row
 per layer.
+
+Statistics may be limited to the samples whose id (jit.quant.sample_context) lies below
+`sample_limit`: an evaluation observes its first N images inside the very forwards that
+generate them for FID, whatever else the batch holds. The rows of one call are then
+observed up to `rows` (the samples below the limit lead every batch of a sample plan);
+a call with no such sample is not observed at all, and runs as with statistics off.
+`snapshot_stats` reads the counters as plain numbers (one chunk's part, kept with the
+chunk) and `merge_stats` adds such parts up, in a fixed order.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -23,6 +32,8 @@ from .layers import quantized_layers
 # A counter: a Python number, or a 0-d device tensor while values are being added.
 Count = int | torch.Tensor
 Energy = float | torch.Tensor
+# Fields that say how a layer is observed, not what it saw: never added up.
+_SETTINGS = ("sample_limit", "rows", "out_features")
 
 
 @dataclass
@@ -48,42 +59,84 @@ class LayerStats:
     array_reads: dict = field(default_factory=dict)  # {path: input vectors x reads}
     path_conversions: dict = field(default_factory=dict)  # {path: ADC conversions}
     digital_accumulations: Count = 0  # adds that merge partial results of one output
+    # Observe only samples with id < sample_limit (None: every row of every call).
+    sample_limit: int | None = None
+    rows: int = 0  # leading rows of the current call that are observed (begin_call)
+    out_features: int = 0  # of the layer of the current call
 
-    def observe_paths(self, analog: list, digital: torch.Tensor | None, tokens: int,
-                      in_features: int, out_features: int, tiles: int) -> None:
-        """Count one call's operations. Each analog path converts every output of every
-        tile once per read; each input code is driven once per read. An output's partial
-        results (tiles x reads per path, plus the digital MSB result of a token that has
-        one) are merged by adds; a digital-only layer (W8A8) accumulates inside its MACs."""
+    def begin_call(self, rows: int, batch: int, sample_ids: Sequence[int] | None,
+                   out_features: int, layer_name: str = "") -> bool:
+        """Set the observed rows of a call of `rows` rows and `batch` samples with
+        `sample_ids` (None outside a sample_context); False when none is observed."""
+        self.out_features = out_features
+        if self.sample_limit is None:
+            self.rows = rows
+            return True
+        if sample_ids is None:
+            raise RuntimeError(f"layer '{layer_name}': statistics of the samples below id "
+                               f"{self.sample_limit} need the sample ids of a "
+                               "jit.quant.sample_context around the call")
+        below = sum(1 for sample in sample_ids if sample < self.sample_limit)
+        if any(sample < self.sample_limit for sample in sample_ids[below:]):
+            raise ValueError(f"layer '{layer_name}': the samples below id {self.sample_limit} "
+                             "must lead the batch to be observed, got ids "
+                             f"{list(sample_ids)[:8]}...")
+        self.rows = below * (rows // batch) if batch else 0
+        return below > 0
+
+    def _observed(self, values: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The observed rows of `values`, whose first row is row `start` of the call."""
+        return values[:max(0, min(values.shape[0], self.rows - start))]
+
+    def observe_paths(self, analog: list, in_features: int, out_features: int,
+                      tiles: int) -> None:
+        """Count one call's operations on its observed rows. Each analog path converts
+        every output of every tile once per read; each input code is driven once per
+        read. An output's partial results (tiles x reads per path, plus the digital MSB
+        result of a token that has one, `observe_digital`) are merged by adds; a
+        digital-only layer (W8A8) accumulates inside its MACs."""
+        tokens = self.rows
         self.dense_macs += tokens * in_features * out_features
         self.tiles = tiles
         partials = 0
         for path in analog:
-            vectors = path.codes.shape[0]
-            self.array_reads[path.name] = self.array_reads.get(path.name, 0) + vectors * path.reads
-            conversions = vectors * out_features * tiles * path.reads
+            self.array_reads[path.name] = self.array_reads.get(path.name, 0) + tokens * path.reads
+            conversions = tokens * out_features * tiles * path.reads
             self.path_conversions[path.name] = self.path_conversions.get(path.name, 0) + conversions
-            self.dac_conversions += path.codes.numel() * path.reads
+            self.dac_conversions += tokens * in_features * path.reads
+            self.analog_macs += tokens * in_features * out_features * path.reads
             partials += conversions
-        if analog and digital is not None:
-            partials = partials + digital.ne(0).any(1).sum() * out_features
         if analog:
             self.digital_accumulations += partials - tokens * out_features
 
-    def observe_activations(self, x: torch.Tensor, clip: torch.Tensor,
-                            x_int: torch.Tensor) -> None:
-        """Clip rate and coverage of x_int by [-128, 127]."""
+    def observe_activations(self, x: torch.Tensor, clip: torch.Tensor | float,
+                            x_int: torch.Tensor, start: int = 0) -> None:
+        """Clip rate and coverage of x_int by [-128, 127], on a block of rows starting
+        at row `start` (`clip`: a number, 0-d, or per row)."""
+        x, x_int = self._observed(x, start), self._observed(x_int, start)
+        if isinstance(clip, torch.Tensor) and clip.dim() == 2:
+            clip = self._observed(clip, start)
         self.act_values += x.numel()
         self.act_clipped = self.act_clipped + (x.abs() > clip).sum()
         self.in_int8_range = self.in_int8_range + ((x_int >= -128) & (x_int <= 127)).sum()
 
-    def observe_msb(self, msb: torch.Tensor) -> None:
+    def observe_msb(self, msb: torch.Tensor, start: int = 0) -> None:
         """MSB density; a code lies in the LSB slice's range exactly when its MSB is 0
         (center-out split: [Lmin, Lmax]; bit-serial: [0, 2^lb - 1])."""
+        msb = self._observed(msb, start)
         self.has_split = True
         nonzero = torch.count_nonzero(msb)
         self.msb_nonzero = self.msb_nonzero + nonzero
         self.in_lsb_range = self.in_lsb_range + (msb.numel() - nonzero)
+
+    def observe_digital(self, digital: torch.Tensor, with_analog: bool, start: int = 0) -> None:
+        """The exact digital path's MACs (its non-zero codes); beside analog paths, the
+        outputs whose token has a digital partial result to add."""
+        digital = self._observed(digital, start)
+        self.digital_macs = self.digital_macs + torch.count_nonzero(digital) * self.out_features
+        if with_analog:
+            self.digital_accumulations = (self.digital_accumulations
+                                          + digital.ne(0).any(1).sum() * self.out_features)
 
     def observe_adc(self, conversions: int, saturated: Count) -> None:
         self.has_adc = True
@@ -93,19 +146,39 @@ class LayerStats:
     def observe_output(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        y: torch.Tensor) -> None:
         """Signal and error energy against the float layer on the same input."""
+        x, y = self._observed(x), self._observed(y)
         y_float = F.linear(x.to(weight.dtype), weight, bias).double()
         self.signal_energy = self.signal_energy + y_float.square().sum()
         self.error_energy = self.error_energy + (y.double() - y_float).square().sum()
 
-    def read(self) -> LayerStats:
-        """A copy with every device counter read into a Python number (the host syncs)."""
+    def counters(self) -> dict:
+        """Every counter as a plain number (the device ones read: a host sync)."""
         values = {}
         for f in fields(self):
+            if f.name in _SETTINGS:
+                continue
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
                 value = value.item()
-            values[f.name] = value
-        return LayerStats(**values)
+            values[f.name] = dict(value) if isinstance(value, dict) else value
+        return values
+
+    def add(self, counters: dict) -> None:
+        """Add another part's `counters` (snapshot_stats) to these."""
+        for name, value in counters.items():
+            mine = getattr(self, name)
+            if name in ("has_split", "has_adc"):
+                setattr(self, name, mine or value)
+            elif name == "tiles":
+                self.tiles = value
+            elif isinstance(value, dict):
+                setattr(self, name, {k: mine.get(k, 0) + value.get(k, 0) for k in {**mine, **value}})
+            else:
+                setattr(self, name, mine + value)
+
+    def read(self) -> LayerStats:
+        """A copy with every device counter read into a Python number (the host syncs)."""
+        return LayerStats(**self.counters(), sample_limit=self.sample_limit)
 
     def row(self, name: str, scheme: str) -> dict:
         """The statistics of one layer (reads the device counters once)."""
@@ -141,20 +214,40 @@ class LayerStats:
         }
 
 
-def enable_stats(model: nn.Module, enabled: bool = True) -> None:
-    """Start (fresh counters) or stop collecting statistics in every quantized layer."""
+def enable_stats(model: nn.Module, enabled: bool = True, sample_limit: int | None = None) -> None:
+    """Start (fresh counters) or stop collecting statistics in every quantized layer;
+    `sample_limit`: observe only the samples whose id lies below it."""
+    if sample_limit is not None and (isinstance(sample_limit, bool) or sample_limit < 1):
+        raise ValueError(f"sample_limit must be a positive integer or None, got {sample_limit!r}")
     for layer in quantized_layers(model).values():
-        layer.stats = LayerStats() if enabled else None
+        layer.stats = LayerStats(sample_limit=sample_limit) if enabled else None
 
 
 def reset_stats(model: nn.Module) -> None:
     """Zero the counters of layers that are collecting."""
     for layer in quantized_layers(model).values():
         if layer.stats is not None:
-            layer.stats = LayerStats()
+            layer.stats = LayerStats(sample_limit=layer.stats.sample_limit)
 
 
-def collect_stats(model: nn.Module) -> list[dict]:
+def snapshot_stats(model: nn.Module) -> dict[str, dict]:
+    """{layer name: counters as plain numbers} of every collecting layer that observed a
+    call: a part that `merge_stats` adds up (one host sync per layer)."""
+    return {name: layer.stats.counters() for name, layer in quantized_layers(model).items()
+            if layer.stats is not None and layer.stats.calls}
+
+
+def merge_stats(parts: Iterable[dict[str, dict]]) -> dict[str, LayerStats]:
+    """The layers' counters summed over `parts` (snapshot_stats), in the order given: float
+    energies are summed in that order, so a fixed order gives the same bits anywhere."""
+    merged: dict[str, LayerStats] = {}
+    for part in parts:
+        for name, counters in part.items():
+            merged.setdefault(name, LayerStats()).add(counters)
+    return merged
+
+
+def collect_stats(model: nn.Module, merged: dict[str, LayerStats] | None = None) -> list[dict]:
     """One row per collecting layer: msb_density, lsb_range_coverage, int8_range_coverage,
     act_clip_rate, adc_saturation_rate (None where a scheme has no such part), the layer's
     own bit widths and ADC noise (`layer_settings`), sqnr_db
@@ -162,11 +255,13 @@ def collect_stats(model: nn.Module) -> list[dict]:
     reads counted each), the operation counts of `LayerStats.observe_paths` (dense_macs,
     dac_conversions, adc_conversions_<path>, array_reads_<path>, tiles,
     digital_accumulations), calls, and the arrays' weight_snr_db and weight_drift_factor
-    (`weight_statistics`)."""
+    (`weight_statistics`). `merged` (merge_stats): those counters instead of the layers'
+    own (a layer without any is left out)."""
     rows = []
     for name, layer in quantized_layers(model).items():
-        if layer.stats is not None:
-            rows.append({**layer.stats.row(name, layer.scheme), **layer_settings(layer),
+        stats = layer.stats if merged is None else merged.get(name)
+        if stats is not None:
+            rows.append({**stats.row(name, layer.scheme), **layer_settings(layer),
                          **weight_statistics(layer)})
     return rows
 
