@@ -139,7 +139,7 @@ class PathsSchema:
 
 @dataclass
 class EvalSchema:
-    layer_stats_images: int = 50  # per-layer statistics pass over the first N FID images; 0 = off
+    layer_stats_images: int = 50  # per-layer statistics of the first N FID images; 0 = off
 
 
 @dataclass

@@ -14,7 +14,9 @@ same model on every rank:
 The per-layer statistics of the first `eval.layer_stats_images` images ride along the
 quantized FID pass: they are observed inside the forwards that generate those images for
 FID (the chunks holding them run with statistics on, for their first images only), so
-no image is generated twice. Both FID passes store their scored chunks (and the
+no image is generated twice. A compiled backbone (`model.compile=true`) observes nothing:
+there the statistics get an eager pass of their own before the FID pass, as
+`task=calibrate` does. Both FID passes store their scored chunks (and the
 statistics of their forwards) in the run folder until the evaluation has succeeded: the
 same command rerun in the same folder after an interruption continues from the first
 missing chunk (jit/evaluation/chunks.py).
@@ -147,10 +149,17 @@ def evaluate_float_then_quantized(trainer: L.Trainer, module, datamodule, run: E
     hardware = CalibrationCallback(qcfg, run.calibration, fid, run.run_dir, datamodule)
     stats_images = min(run.layer_stats_images, fid.num_images) if qcfg.quantizes else 0
     stats = LayerStatsCallback(stats_images) if stats_images else None
+    before = [hardware]
+    separate_stats: list[dict] | None = None
+    if stats is not None and run.compile_backbone:
+        # Compiled layers run reference.py, which observes nothing and draws its noise from
+        # another generator than the eager layers: riding along would give the observed
+        # chunks other noise than the rest. The statistics get an eager pass of their own.
+        separate_stats, stats, before = statistics_pass(trainer, module, fid, stats_images, before), None, []
     energy: dict = {}
 
     def quantized_extra() -> dict:  # called at the end of the quantized pass, on every rank
-        layer_stats = stats.rows if stats is not None else []
+        layer_stats = stats.rows if stats is not None else separate_stats or []
         energy.update(energy_estimate(trainer, run, hardware, layer_stats, stats_images))
         extra = {"device": qcfg.device.to_dict(), **hardware.provenance, "baseline_fp": baseline,
                  "energy": energy}
@@ -162,7 +171,7 @@ def evaluate_float_then_quantized(trainer: L.Trainer, module, datamodule, run: E
         return extra
 
     results = evaluate_fid(trainer, module, fid, run.run_dir, {**common, "quant": qcfg.to_dict()}, datamodule,
-                           compile_backbone=run.compile_backbone, callbacks=[hardware], more=quantized_extra,
+                           compile_backbone=run.compile_backbone, callbacks=before, more=quantized_extra,
                            keep_chunks=True, layer_stats=stats)
     if trainer.is_global_zero:
         # Both evaluations are done: an interrupted rerun has nothing left to continue.

@@ -246,8 +246,8 @@ def search(cfg: DictConfig, settings: RunSettings) -> dict:
 
     search_settings = parse_search(to_plain(cfg)["search"], settings.quant)
     if int(cfg.eval.layer_stats_images) < 1 and "energy" in search_settings.objectives:
-        raise ConfigError("eval.layer_stats_images: the energy objective needs the statistics pass (>= 1 image), "
-                          "got 0")
+        raise ConfigError("eval.layer_stats_images: the energy objective needs the per-layer statistics "
+                          "(>= 1 image), got 0")
     run_dir = Path(cfg.paths.output_dir)
     # Left out: a rerun with more trials, or a re-evaluation of the front, continues the same study.
     parts = numbers_depend_on(cfg, settings, "search")

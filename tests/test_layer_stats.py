@@ -126,3 +126,38 @@ def test_a_stored_chunk_keeps_its_statistics(tmp_path):
     assert loaded.layer_stats == part and isinstance(counters["act_clipped"], int)
     (merged,) = merge_stats([loaded.layer_stats]).values()
     assert merged.row("x", "bitserial") == LayerStats(**counters).row("x", "bitserial")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_statistics_ride_along_unless_the_backbone_is_compiled(monkeypatch, tmp_path, compiled):
+    """Eager: one quantized FID pass, calibrating at its start and observing the first
+    images. Compiled (traced layers observe nothing and draw other noise): an eager
+    statistics pass calibrates first, and the FID pass only scores."""
+    from jit import passes
+    from jit.callbacks.evaluation import CalibrationCallback, LayerStatsCallback
+    from jit.evaluation import FIDConfig
+    from jit.evaluation.pipeline import EvaluationSettings
+    from jit.quant import build_quant_config
+    from jit.settings import CalibrationConfig
+
+    calls = []
+    monkeypatch.setattr(passes, "statistics_pass",
+                        lambda trainer, module, fid, n, callbacks: calls.append(("stats", n, callbacks)) or [])
+    monkeypatch.setattr(passes, "evaluate_fid", lambda *args, **kwargs: calls.append(("fid", kwargs)) or {
+        "metrics": {"fid_digits": 1.0}})
+    monkeypatch.setattr(passes, "print_summary", lambda *args: None)
+    checkpoint = tmp_path / "weights.pth"
+    checkpoint.write_bytes(b"0")
+    run = EvaluationSettings(quant=build_quant_config({"scheme": "hybrid"}), fid=FIDConfig.from_any({"num_images": 20}),
+                             hardware=None, calibration=CalibrationConfig(), run_dir=tmp_path,
+                             checkpoint=str(checkpoint), compare_fp=False, layer_stats_images=7,
+                             compile_backbone=compiled)
+    passes.evaluate_float_then_quantized(passes.evaluation_trainer(), None, None, run)
+    if compiled:
+        (_, n, before), (_, fid) = calls
+        assert n == 7 and [type(c) for c in before] == [CalibrationCallback]
+        assert fid["layer_stats"] is None and fid["callbacks"] == []
+    else:
+        ((_, fid),) = calls
+        assert isinstance(fid["layer_stats"], LayerStatsCallback) and fid["layer_stats"].num_images == 7
+        assert [type(c) for c in fid["callbacks"]] == [CalibrationCallback]

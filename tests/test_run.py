@@ -274,7 +274,7 @@ def test_multirun_sweep_summary(trained_tiny, tmp_path):
          "eval.layer_stats_images=0", f"hydra.sweep.dir={sweep}"], tmp_path)
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert len(rows) == 4
-    # eval.layer_stats_images=0: no statistics pass, no layer_stats.csv
+    # eval.layer_stats_images=0: no per-layer statistics, no layer_stats.csv
     assert not list(sweep.glob("*/layer_stats.csv"))
     assert all("layer_stats_summary" not in json.loads(r.read_text()) for r in sweep.glob("*/results.json"))
     assert {r["quant.adc.bits"] for r in rows} == {"4", "8"}

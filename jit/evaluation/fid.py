@@ -118,7 +118,7 @@ class FIDConfig(FIDSchema):
 
     def labels(self, num_classes: int) -> torch.Tensor:
         """The conditioning label of every global image index: the one sample plan that the
-        FID images, the per-layer statistics pass and the MAC count share."""
+        FID images, the per-layer statistics and the MAC count share."""
         return balanced_labels(self.num_images, num_classes, self.label_strategy)
 
     def sample_plan(self, denoiser, num_images: int | None = None, sharded: bool = True) -> SamplePlan:

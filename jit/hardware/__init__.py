@@ -28,10 +28,10 @@ def count_targets_and_macs(module, qcfg, fid_cfg, num_classes: int) -> tuple[Den
 def estimate_run(hw: HardwareConfig, qcfg, dense: DenseCounts, targets: list[str],
                  layer_rows: list[dict], images: int) -> tuple[dict, list[dict]]:
     """The results.json `energy` block and the layer rows with their cost columns."""
-    # No rows after a statistics pass: quant.layers kept every layer digital (the baseline).
+    # No rows despite statistics: quant.layers kept every layer digital (the baseline).
     if qcfg.quantizes and hw.kind == "aimc" and not layer_rows and not images:
         return not_estimated("eval.layer_stats_images=0; the analog operation counts come from "
-                             "the statistics pass"), layer_rows
+                             "the per-layer statistics"), layer_rows
     summary, rows = estimate(hw, qcfg.scheme, adc_bits_of(qcfg), dense, targets, layer_rows, images)
     return summary, rows or layer_rows
 

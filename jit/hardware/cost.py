@@ -1,9 +1,9 @@
 """Energy, latency and area per generated image, from exact operation counts.
 
 Counts come from the simulation: dense MACs per layer from one counted image
-(`counting.py`), and for the quantized layers the statistics pass (`LayerStats`:
+(`counting.py`), and for the quantized layers the per-layer statistics (`LayerStats`:
 analog MACs, DAC conversions, ADC conversions per path, array reads, MSB MACs, merges)
-divided by the images it generated. Each count is multiplied by its energy per operation
+divided by the images they observed. Each count is multiplied by its energy per operation
 from the `hardware` config; nothing is fitted. The numbers are estimates whose value lies
 in comparing design points with each other and with the digital INT8 baseline of the same
 model at the same node (README "Energy, latency and area").
@@ -100,7 +100,7 @@ def estimate(hw: HardwareConfig, scheme: str, adc_bits: int | None, dense, targe
     """(results.json `energy` block, layer rows with per-image counts and energy added).
 
     `layer_rows`: statistics rows of the quantized layers over `images` images (empty for
-    quant=fp). A quantized model without rows (no statistics pass) cannot be estimated.
+    quant=fp). A quantized model without rows (no statistics) cannot be estimated.
     A row's own `scheme` and `adc_bits` (per-layer hardware) win over `scheme` and
     `adc_bits`; a target without a row stays float and costs its digital INT8 MACs, and
     gets a row of its own (`float_layer_row`).
