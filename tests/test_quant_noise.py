@@ -178,3 +178,7 @@ def test_noise_drawn_beside_the_helper_thread_equals_the_serial_draw(monkeypatch
     assert torch.equal(*outputs)
     with torch.no_grad(), sample_context(layer, [4]):
         assert torch.equal(layer(x[2:3])[0], outputs[1][2])
+    # Lightning's evaluation runs in inference mode, which the helper thread enters too.
+    with torch.inference_mode(), sample_context(layer, [3, 1, 4, 15, 9]):
+        assert torch.equal(layer(x), outputs[0])
+    assert counting[-1].submitted >= 3

@@ -337,7 +337,14 @@ def _draw_noise(buffer: torch.Tensor, blocks: list[tuple[slice, list]], std: flo
         return generators
     executor, helper_generator = helper
     mine, theirs = generators[0], generators[1] or helper_generator
-    future = executor.submit(draw, range(half, len(sizes)), theirs)
+    # Inference mode is per thread: the helper writes the caller's (inference) tensors.
+    inference = torch.is_inference_mode_enabled()
+
+    def draw_beside(part: range, generator: torch.Generator) -> None:
+        with torch.inference_mode(inference):
+            draw(part, generator)
+
+    future = executor.submit(draw_beside, range(half, len(sizes)), theirs)
     try:
         draw(range(half), mine)
     finally:

@@ -7,7 +7,9 @@ On the CPU a kernel launch is cheap and reading a value on the host is free, so:
   chain's block in cache;
 - the sparse digital product is narrowed to the input columns that hold MSB codes;
 - integer products may run on an INT8 kernel (intmm.py) where this CPU runs one faster
-  than float32 (AVX-512 VNNI, AMX).
+  than float32 (AVX-512 VNNI, AMX);
+- with two or more intra-op threads, a helper thread draws half of the samples' thermal
+  noise (torch's CPU generator draws on one core; `noise_helper`).
 On CUDA and other accelerators every op is one kernel over the whole tensor: blocks would
 multiply launches, the narrowing would stall the queue on a host sync, and the GPU's
 float GEMMs are exact for these integer products already.
@@ -41,7 +43,7 @@ BLOCKWISE_DEVICE_TYPES = frozenset({"cpu"})
 # Elements of thermal noise drawn per round (8 MiB in float32) on the CPU plan. A round's
 # samples are shared between the calling thread and one helper thread: torch's CPU
 # generator (mt19937 and the normal transform) runs on one core per draw, and the draw is
-# a third of a noisy layer's time at the digits model's shapes (benchmarks/RESULTS.md).
+# about 30% of the hybrid digits model's sampling time on two cores (benchmarks/RESULTS.md).
 # Rounds bound the noise buffer, which the elementwise ADC passes then read block by block.
 NOISE_ROUND_ELEMENTS = 2**21
 
