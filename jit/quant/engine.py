@@ -252,9 +252,8 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
     code domain, per sample from `noise` (`plan.noise_blocks`), into a buffer of one block
     (or of one round of blocks while a helper thread draws half of the samples:
     `plan.noise_rounds`), and each block is added, rounded and clamped while it is in
-    cache. `step` is
-    a Python number (one step for the whole tile) or a [rows, 1] tensor (one per row: the
-    dynamic sample and token scopes). Returns the number of codes that saturated when
+    cache. `step` is a Python number (one step for the whole tile) or a [rows, 1] tensor
+    (one per row: the dynamic sample and token scopes). Returns the number of codes that saturated when
     `count_saturated` (a 0-d device tensor: no host sync), else 0.
     """
     code_max = qmax(bits)
