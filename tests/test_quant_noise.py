@@ -133,3 +133,52 @@ def test_unknown_dynamic_scope_is_one_line_naming_the_key():
     with pytest.raises(ValueError, match=r"^quant\.dynamic_scope must be one of token, sample, "
                                          r"batch, got 'image'$"):
         build_quant_config({"dynamic_scope": "image"})
+
+
+class _CountingExecutor:
+    """A plan.noise_helper executor that counts the draws handed to it."""
+
+    def __init__(self, executor):
+        self.executor, self.submitted = executor, 0
+
+    def submit(self, *args):
+        self.submitted += 1
+        return self.executor.submit(*args)
+
+
+def test_noise_drawn_beside_the_helper_thread_equals_the_serial_draw(monkeypatch):
+    """Samples are shared between the calling and the helper thread per round; rounds
+    here cut samples in two, so a sample's rest is drawn in the next round, by the
+    generator that drew its start."""
+    from jit.quant import engine, plan
+
+    monkeypatch.setattr(plan, "NOISE_ROUND_ELEMENTS", 4 * plan.CHUNK_ELEMENTS)
+    torch.manual_seed(0)
+    layer = HybridLinear.from_linear(nn.Linear(16, 512), build_quant_config(
+        {"scheme": "hybrid", "mode": "static", "adc": {"noise_sigma_lsb": 3.0}}), "w")
+    layer.set_static(3.0, 800.0)
+    x = torch.randn(5, 700, 16)  # 700 x 512: 2.7 row blocks per sample
+    counting = []
+
+    def helper(device):
+        found = plan.noise_helper(device)
+        if found is None:
+            return None
+        counting.append(_CountingExecutor(found[0]))
+        return counting[-1], found[1]
+
+    monkeypatch.setattr(engine, "noise_helper", helper)
+    outputs = []
+    with torch.no_grad():
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with sample_context(layer, [3, 1, 4, 15, 9]):
+                outputs.append(layer(x))
+    assert len(counting) == 1 and counting[0].submitted >= 3  # rounds drawn by two threads
+    assert torch.equal(*outputs)
+    with torch.no_grad(), sample_context(layer, [4]):
+        assert torch.equal(layer(x[2:3])[0], outputs[1][2])
+    # Lightning's evaluation runs in inference mode, which the helper thread enters too.
+    with torch.inference_mode(), sample_context(layer, [3, 1, 4, 15, 9]):
+        assert torch.equal(layer(x), outputs[0])
+    assert counting[-1].submitted >= 3

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -25,7 +26,7 @@ import torch
 from .config import AdcConfig
 from .intmm import GROUP_ELEMENTS, Int8Weights, int8_linear, new_digits, write_digits
 from .noise import noise_key
-from .plan import SampleNoise, blockwise, noise_blocks, row_blocks
+from .plan import SampleNoise, blockwise, noise_blocks, noise_helper, noise_rounds, row_blocks
 from .quantizers import qmax, round_
 from .reference import (
     ConverterErrors,
@@ -255,11 +256,12 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
 
     The thermal noise is referred to the ADC input and expressed in ADC steps (docs/design.md:
     N(0, (sigma_lsb * s_adc)^2 / K) on `a`), so it is drawn with that std directly in the
-    code domain, per sample from `noise` (`plan.noise_blocks`), into one block-sized
-    buffer, and each block is added, rounded and clamped while it is in cache. `step` is
-    a Python number (one step for the whole tile) or a [rows, 1] tensor (one per row: the
-    dynamic sample and token scopes). Returns the number of codes that saturated in the
-    first `count_saturated` rows (a 0-d device tensor: no host sync), or 0.
+    code domain, per sample from `noise` (`plan.noise_blocks`), into a buffer of one block
+    (or of one round of blocks while a helper thread draws half of the samples:
+    `plan.noise_rounds`), and each block is added, rounded and clamped while it is in
+    cache. `step` is a Python number (one step for the whole tile) or a [rows, 1] tensor
+    (one per row: the dynamic sample and token scopes). Returns the number of codes that
+    saturated in the first `count_saturated` rows (a 0-d device tensor: no host sync), or 0.
     """
     code_max = qmax(bits)
     per_element = read_noise is not None
@@ -268,23 +270,26 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
     elif noise is None:
         raise ValueError("adc_convert_: noise_sigma_codes > 0 needs the samples' noise keys")
     blocks = noise_blocks(*acc.shape, acc.device, noise)
-    buffer = None
+    buffer, rounds = None, {}
     if noise is not None:
-        buffer = acc.new_empty((max(b.stop - b.start for b, _ in blocks), acc.shape[1]))
+        # Each round's noise is drawn before its blocks are converted (noise_rounds).
+        generators, helper = (noise.generator, None), noise_helper(acc.device)
+        rounds = dict(noise_rounds(blocks, acc.shape[1], helper is not None))
+        buffer = acc.new_empty((max(blocks[last - 1][0].stop - blocks[first][0].start
+                                    for first, last in rounds.items()), acc.shape[1]))
     per_row = isinstance(step, torch.Tensor)
     saturated = []
-    for rows, segments in blocks:
+    for index, (rows, segments) in enumerate(blocks):
         chunk = acc[rows]
         if per_row:
             chunk.div_(step[rows])
         if buffer is not None:
-            buf = buffer[:chunk.shape[0]]
-            generator = noise.generator
-            for segment, key in segments:
-                if key is not None:
-                    generator.manual_seed(key)
-                buf[segment].normal_(0.0, 1.0 if per_element else noise_sigma_codes,
-                                     generator=generator)
+            if index in rounds:
+                round_start = rows.start
+                generators = _draw_noise(buffer, blocks[index:rounds[index]],
+                                         1.0 if per_element else noise_sigma_codes,
+                                         generators, helper)
+            buf = buffer[rows.start - round_start:rows.stop - round_start]
             if per_element:
                 # The variance of these rows is used once: the std replaces it in place.
                 variance = read_noise.variance[rows]
@@ -310,6 +315,61 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
                                  + (chunk[:counted] < -code_max - 1).sum())
         chunk.clamp_(-code_max - 1, code_max)
     return torch.stack(saturated).sum() if saturated else 0
+
+
+def _draw_noise(buffer: torch.Tensor, blocks: list[tuple[slice, list]], std: float,
+                generators: tuple[torch.Generator, torch.Generator | None],
+                helper: tuple[ThreadPoolExecutor, torch.Generator] | None
+                ) -> tuple[torch.Generator, torch.Generator | None]:
+    """Draws the noise segments of consecutive `blocks` (plan.noise_blocks) into the first
+    rows of `buffer`. With a `helper` (plan.noise_helper) the samples of the later half of
+    the rows are drawn on its thread with a second generator, at the same time. A value
+    depends only on its segment's key and the segments before it in its sample, so the
+    values are the same on any thread: a sample is never split between the threads, and
+    the generator that drew a sample's last segment draws its continuation in the next
+    round (returned first in the pair)."""
+    # The segments tile the rows in order: one split makes all their views.
+    sizes = [segment.stop - segment.start for _, segments in blocks for segment, _ in segments]
+    keys = [key for _, segments in blocks for _, key in segments]
+    views = buffer[:sum(sizes)].split(sizes)
+    half = len(sizes) if helper is None else _half_at_a_sample(sizes, keys)
+
+    def draw(part: range, generator: torch.Generator) -> None:
+        for index in part:
+            if keys[index] is not None:
+                generator.manual_seed(keys[index])
+            views[index].normal_(0.0, std, generator=generator)
+
+    if half == len(sizes):
+        draw(range(len(sizes)), generators[0])
+        return generators
+    executor, helper_generator = helper
+    mine, theirs = generators[0], generators[1] or helper_generator
+    # Inference mode is per thread: the helper writes the caller's (inference) tensors.
+    inference = torch.is_inference_mode_enabled()
+
+    def draw_beside(part: range, generator: torch.Generator) -> None:
+        with torch.inference_mode(inference):
+            draw(part, generator)
+
+    future = executor.submit(draw_beside, range(half, len(sizes)), theirs)
+    try:
+        draw(range(half), mine)
+    finally:
+        future.result()
+    return theirs, mine
+
+
+def _half_at_a_sample(sizes: list[int], keys: list[int | None]) -> int:
+    """The index of the keyed segment (a sample's first; never the first segment) that
+    splits the rows of `sizes` most evenly; len(sizes) if there is none."""
+    total = sum(sizes)
+    best, best_gap, before = len(sizes), None, 0
+    for index, (size, key) in enumerate(zip(sizes, keys)):
+        if index and key is not None and (best_gap is None or abs(2 * before - total) < best_gap):
+            best, best_gap = index, abs(2 * before - total)
+        before += size
+    return best
 
 
 # ----- the array: analog paths through their ADCs, then the digital path ---------------

@@ -131,7 +131,7 @@ def int8_linear(digits: list[torch.Tensor], weights: Int8Weights, rows: slice,
             # Combined in INT32 (exact: plan.use_int8 bounds the sums), converted once.
             acc = torch._int_mm(parts[-1], tile)
             for part in reversed(parts[:-1]):
-                acc.mul_(DIGIT_BASE).add_(torch._int_mm(part, tile))
+                acc = torch._int_mm(part, tile).add_(acc, alpha=DIGIT_BASE)
             rows_out.copy_(acc)
             continue
         rows_out.zero_()

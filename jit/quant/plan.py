@@ -7,7 +7,9 @@ On the CPU a kernel launch is cheap and reading a value on the host is free, so:
   chain's block in cache;
 - the sparse digital product is narrowed to the input columns that hold MSB codes;
 - integer products may run on an INT8 kernel (intmm.py) where this CPU runs one faster
-  than float32 (AVX-512 VNNI, AMX).
+  than float32 (AVX-512 VNNI, AMX);
+- with two or more intra-op threads, a helper thread draws half of the samples' thermal
+  noise (torch's CPU generator draws on one core; `noise_helper`).
 On CUDA and other accelerators every op is one kernel over the whole tensor: blocks would
 multiply launches, the narrowing would stall the queue on a host sync, and the GPU's
 float GEMMs are exact for these integer products already.
@@ -20,6 +22,9 @@ device type alone (tests/test_quant_execution.py, tests/test_quant_intmm.py).
 from __future__ import annotations
 
 import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,6 +39,13 @@ from . import intmm
 CHUNK_ELEMENTS = 2**17
 
 BLOCKWISE_DEVICE_TYPES = frozenset({"cpu"})
+
+# Elements of thermal noise drawn per round (8 MiB in float32) on the CPU plan. A round's
+# samples are shared between the calling thread and one helper thread: torch's CPU
+# generator (mt19937 and the normal transform) runs on one core per draw, and the draw is
+# about 30% of the hybrid digits model's sampling time on two cores (benchmarks/RESULTS.md).
+# Rounds bound the noise buffer, which the elementwise ADC passes then read block by block.
+NOISE_ROUND_ELEMENTS = 2**21
 
 _INT32_SAFE = 2**31 - 1
 
@@ -87,6 +99,54 @@ def noise_blocks(rows: int, cols: int, device: torch.device, noise: SampleNoise 
     if segments:
         blocks.append((slice(start, rows), segments))
     return blocks
+
+
+def noise_rounds(blocks: list[tuple[slice, list]], cols: int, shared: bool
+                 ) -> list[tuple[int, int]]:
+    """The rounds in which the noise of `noise_blocks` is drawn, as block indices
+    [first, last). Drawn on one thread (`shared` False), a round is one block, so its
+    noise is still in cache when the block is converted; shared with the helper thread,
+    blocks are gathered into rounds of at most NOISE_ROUND_ELEMENTS elements (at least
+    one block each) so that each hand-over pays off."""
+    if not shared:
+        return [(index, index + 1) for index in range(len(blocks))]
+    rounds, first, elements = [], 0, 0
+    for index, (rows, _) in enumerate(blocks):
+        size = (rows.stop - rows.start) * cols
+        if index > first and elements + size > NOISE_ROUND_ELEMENTS:
+            rounds.append((first, index))
+            first, elements = index, 0
+        elements += size
+    if blocks:
+        rounds.append((first, len(blocks)))
+    return rounds
+
+
+class _NoiseHelper(threading.local):
+    """The helper thread of this process and the generator only it draws with."""
+
+    pid: int | None = None
+    executor: ThreadPoolExecutor | None = None
+    generator: torch.Generator | None = None
+
+
+_NOISE_HELPER = _NoiseHelper()
+
+
+def noise_helper(device: torch.device) -> tuple[ThreadPoolExecutor, torch.Generator] | None:
+    """(helper thread, its generator) for drawing noise beside the calling thread, or
+    None where the draw stays on the calling thread: other devices (their generators run
+    in parallel already) and one intra-op thread (torch.set_num_threads(1): the run asked
+    for one core). One helper per process and calling thread (a forked child starts its
+    own)."""
+    if not blockwise(device) or torch.get_num_threads() < 2:
+        return None
+    helper = _NOISE_HELPER
+    if helper.pid != os.getpid():
+        helper.executor = ThreadPoolExecutor(1, thread_name_prefix="jit-noise")
+        helper.generator = torch.Generator()
+        helper.pid = os.getpid()
+    return helper.executor, helper.generator
 
 
 @functools.cache
