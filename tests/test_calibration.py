@@ -285,6 +285,28 @@ def test_calibration_restores_noise_and_state_and_is_reproducible():
     assert torch.equal(y1, y2) and not torch.equal(y2, y3)  # noise is back on
 
 
+def test_threshold_searches_side_by_side_give_the_serial_artefact(monkeypatch):
+    """The per-layer searches run on the intra-op threads: the artefact is the one of a
+    serial search, and a failing search names the first failing layer in layer order."""
+    from jit.quant import calibration as calibration_module
+
+    den = tiny_model({**HYBRID, "mode": "static"}, depth=3)
+    batches = noised_batches(den, n=8, batch=4)
+    monkeypatch.setattr(calibration_module, "_search_workers", lambda jobs: 1)
+    serial = calibrate(den.net, batches)
+    monkeypatch.setattr(calibration_module, "_search_workers", lambda jobs: min(jobs, 3))
+    assert calibrate(den.net, batches) == serial
+
+    def fail_blocks_1_and_2(method, hist, bits, percentile, name):
+        if "blocks.1." in name or "blocks.2." in name:
+            raise CalibrationError(f"{name}: no")
+        return 1.0
+
+    monkeypatch.setattr(calibration_module, "_clip", fail_blocks_1_and_2)
+    with pytest.raises(CalibrationError, match=r"^layer blocks\.1\.mlp\.w12 \(act\): no$"):
+        calibrate(den.net, batches)
+
+
 def test_artefact_identical_for_permuted_and_resplit_batches():
     """calibrate() on the tiny JiT with its batches in another order, and on one quantized
     layer with its inputs split differently (heavy-tailed, so the max grows from batch to

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -200,6 +201,24 @@ def _clip(method, hist, bits, percentile, name) -> float:
         raise CalibrationError(str(err)) from None
 
 
+def _search_workers(jobs: int) -> int:
+    return min(jobs, torch.get_num_threads())
+
+
+def _clips(method: str, percentile: float, jobs: list[tuple[Any, int, str]]) -> list[float]:
+    """`_clip` of every (histogram, bits, name) job, in order, on the intra-op threads: each
+    search is numpy work on its own histogram (the KL search over 12 layers of 11-bit
+    activations is seconds), so searches run side by side and give the same clips."""
+    def one(job):
+        return _clip(method, job[0], job[1], percentile, job[2])
+
+    workers = _search_workers(len(jobs))
+    if workers <= 1:
+        return [one(job) for job in jobs]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, jobs))
+
+
 def export_weights(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's INT weight codes and their step, as static mode would compute them."""
     w = layer.weight.detach().float().cpu()
@@ -282,14 +301,14 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
                 _observe(layers, hists, lambda kind: kind == "act", num_bins)
                 _set_mode(layers, "dynamic")
                 images = _check_images(_run(forward, batches, seed))
-                act_clips = {}
                 if announce is not None:
                     announce(f"calibration: {method} search for the activation clips of {len(layers)} layers")
-                for name, layer in layers.items():
+                for name in layers:
                     if (name, "act") not in hists:
                         raise CalibrationError(f"layer {name} was never called during calibration")
-                    act_clips[name] = _clip(method, hists[(name, "act")], layer.cfg.act.bits,
-                                            percentile, f"layer {name} (act)")
+                act_clips = dict(zip(layers, _clips(method, percentile, [
+                    (hists[(name, "act")], layer.cfg.act.bits, f"layer {name} (act)")
+                    for name, layer in layers.items()])))
             adc_clips: dict[str, dict[str, float]] = {name: {} for name in layers}
             # With given clips this pass also counts the images, so it always runs.
             if given or coverage is not None or any(layer.adc_paths for layer in layers.values()):
@@ -303,13 +322,15 @@ def calibrate(model: nn.Module, batches: Iterable, *, method: str = "kl",
                     images = _check_images(read)
                 if announce is not None:
                     announce(f"calibration: {method} search for the ADC clips of {len(layers)} layers")
-                for name, layer in layers.items():
-                    for path in layer.adc_paths:
-                        hist = hists.get((name, f"adc.{path}"))
-                        if hist is None:
-                            raise CalibrationError(f"layer {name}: ADC path {path} was never read")
-                        adc_clips[name][path] = _clip(method, hist, layer.cfg.adc.bits, percentile,
-                                                      f"layer {name} (ADC {path})")
+                searched = [(name, path) for name, layer in layers.items() for path in layer.adc_paths]
+                for name, path in searched:
+                    if (name, f"adc.{path}") not in hists:
+                        raise CalibrationError(f"layer {name}: ADC path {path} was never read")
+                clips = _clips(method, percentile, [
+                    (hists[(name, f"adc.{path}")], layers[name].cfg.adc.bits, f"layer {name} (ADC {path})")
+                    for name, path in searched])
+                for (name, path), clip in zip(searched, clips):
+                    adc_clips[name][path] = clip
                 if coverage is not None:
                     coverage.extend(coverage_rows(collect_stats(model), hists, adc_clips, layers))
     finally:
