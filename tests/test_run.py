@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -451,7 +452,9 @@ def test_layer_statistics_ride_along_the_fid_pass_and_equal_a_statistics_pass(tr
             "quant.adc.noise_sigma_lsb=2.0"]
     evaluated = run([*args, "compare_fp=false", f"hydra.run.dir={tmp_path / 'eval'}"], tmp_path)
     log = evaluated.stdout + evaluated.stderr
-    assert "layer statistics:" not in log and log.count("FID generation (hybrid): 20 images") == 1, log
+    assert log.count("FID generation (hybrid): 20 images") == 1, log
+    assert "layer statistics: the first 13 images, observed in this pass's forwards" in log
+    assert not re.search(r"layer statistics: \d+ images in chunks", log), log  # no pass of their own
     run([*args, "task=calibrate", f"hydra.run.dir={tmp_path / 'calibrate'}"], tmp_path)
     ours, theirs = (tmp_path / "eval" / "layer_stats.csv", tmp_path / "calibrate" / "layer_stats.csv")
     assert ours.read_text() == theirs.read_text()

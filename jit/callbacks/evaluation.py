@@ -192,6 +192,9 @@ class LayerStatsCallback(L.Callback):
 
     def on_test_start(self, trainer, pl_module) -> None:
         self.chunks = {}
+        plan = trainer.test_dataloaders.dataset
+        images = plan.num_images if self.num_images is None else min(self.num_images, plan.num_images)
+        announce(f"layer statistics: the first {images} images, observed in this pass's forwards")
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         observed = self.num_images is None or int(batch["index"][0]) < self.num_images
