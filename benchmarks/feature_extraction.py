@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="8 images, chunks of 4")
+    parser.add_argument("--extractors", nargs="+", choices=("digits-cnn", INCEPTION),
+                        default=["digits-cnn", INCEPTION], help="which extractors to time")
     args = parser.parse_args(argv)
     if args.tiny:
         args.images, args.chunk = 8, 4
@@ -66,8 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     print("| extractor | input | per image (img/s) | per chunk (img/s) | speed-up |")
     print("|---|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
-        inception = random_inception_weights(Path(tmp) / "inception.pth")
+        inception = random_inception_weights(Path(tmp) / "inception.pth") if INCEPTION in args.extractors else None
         for name, weights, size in (("digits-cnn", None, 16), (INCEPTION, inception, 256)):
+            if name not in args.extractors:
+                continue
             space = create_feature_space(name, weights, probe_size=size)
             gen = torch.Generator().manual_seed(0)
             images = torch.randint(0, 256, (args.images, 3, size, size), dtype=torch.uint8, generator=gen)
