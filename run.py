@@ -5,10 +5,14 @@
     python run.py -m quant.adc.bits=4,6,8,10 quant.adc.noise_sigma_lsb=0,2,8
 """
 
-import hydra
-from omegaconf import DictConfig
+from jit.openmp import prefer_short_spin
 
-from jit.config import register_schemas
+prefer_short_spin()  # before anything imports torch (jit/openmp.py)
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from jit.config import register_schemas  # noqa: E402
 
 register_schemas()
 
