@@ -182,3 +182,21 @@ def test_noise_drawn_beside_the_helper_thread_equals_the_serial_draw(monkeypatch
     with torch.inference_mode(), sample_context(layer, [3, 1, 4, 15, 9]):
         assert torch.equal(layer(x), outputs[0])
     assert counting[-1].submitted >= 3
+
+
+def test_vectorised_keys_equal_the_scalar_mix():
+    """noise_keys (one numpy pass per call) gives noise_key's integers, also for negative
+    bases and 64-bit parts, whichever argument carries the per-sample sequence."""
+    import random
+
+    from jit.quant.noise import noise_key, noise_keys
+
+    rng = random.Random(0)
+    for _ in range(100):
+        base = rng.getrandbits(64) - (rng.getrandbits(1) << 63)
+        ids = [rng.getrandbits(48) for _ in range(rng.randint(0, 7))]
+        path, tile = rng.getrandbits(64), rng.getrandbits(10)
+        assert noise_keys(base, ids) == [noise_key(base, i) for i in ids]
+        assert noise_keys(ids, path, tile) == [noise_key(i, path, tile) for i in ids]
+        assert noise_keys([base, -1, *ids], tile) == [noise_key(k, tile) for k in [base, -1, *ids]]
+    assert noise_keys(7, range(3)) == [noise_key(7, i) for i in range(3)]

@@ -25,7 +25,7 @@ import torch
 
 from .config import AdcConfig
 from .intmm import GROUP_ELEMENTS, Int8Weights, int8_linear, new_digits, write_digits
-from .noise import noise_key
+from .noise import noise_keys
 from .plan import SampleNoise, blockwise, noise_blocks, noise_helper, noise_rounds, row_blocks
 from .quantizers import qmax, round_
 from .reference import (
@@ -286,7 +286,7 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
         if buffer is not None:
             if index in rounds:
                 round_start = rows.start
-                generators = _draw_noise(buffer, blocks[index:rounds[index]],
+                generators = _draw_noise(buffer, blocks[index:rounds[index]], noise.keys,
                                          1.0 if per_element else noise_sigma_codes,
                                          generators, helper)
             buf = buffer[rows.start - round_start:rows.stop - round_start]
@@ -317,20 +317,22 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
     return torch.stack(saturated).sum() if saturated else 0
 
 
-def _draw_noise(buffer: torch.Tensor, blocks: list[tuple[slice, list]], std: float,
-                generators: tuple[torch.Generator, torch.Generator | None],
+def _draw_noise(buffer: torch.Tensor, blocks: list[tuple[slice, list]], sample_keys: list[int],
+                std: float, generators: tuple[torch.Generator, torch.Generator | None],
                 helper: tuple[ThreadPoolExecutor, torch.Generator] | None
                 ) -> tuple[torch.Generator, torch.Generator | None]:
     """Draws the noise segments of consecutive `blocks` (plan.noise_blocks) into the first
-    rows of `buffer`. With a `helper` (plan.noise_helper) the samples of the later half of
-    the rows are drawn on its thread with a second generator, at the same time. A value
-    depends only on its segment's key and the segments before it in its sample, so the
-    values are the same on any thread: a sample is never split between the threads, and
-    the generator that drew a sample's last segment draws its continuation in the next
-    round (returned first in the pair)."""
+    rows of `buffer`, re-seeding with `sample_keys[s]` where sample s begins. With a
+    `helper` (plan.noise_helper) the samples of the later half of the rows are drawn on
+    its thread with a second generator, at the same time. A value depends only on its
+    segment's key and the segments before it in its sample, so the values are the same on
+    any thread: a sample is never split between the threads, and the generator that drew
+    a sample's last segment draws its continuation in the next round (returned first in
+    the pair)."""
     # The segments tile the rows in order: one split makes all their views.
     sizes = [segment.stop - segment.start for _, segments in blocks for segment, _ in segments]
-    keys = [key for _, segments in blocks for _, key in segments]
+    keys = [None if sample is None else sample_keys[sample]
+            for _, segments in blocks for _, sample in segments]
     views = buffer[:sum(sizes)].split(sizes)
     half = len(sizes) if helper is None else _half_at_a_sample(sizes, keys)
 
@@ -426,8 +428,8 @@ def accumulate(split: Split, weights: WeightCodes, tokens: int, call: ArrayCall,
                     read_noise = ReadNoise(variance, path.reads)
                 draw = None
                 if (sigma or read_noise is not None) and call.noise is not None:
-                    draw = call.noise._replace(keys=[noise_key(key, path.index, tile_index)
-                                                     for key in call.noise.keys])
+                    draw = call.noise._replace(keys=noise_keys(call.noise.keys, path.index,
+                                                               tile_index))
                 saturated = adc_convert_(acc, step, adc.bits, sigma if draw else 0.0, draw,
                                          stats.rows if stats is not None else 0,
                                          (call.converters or {}).get((path.index, tile_index)),

@@ -48,7 +48,7 @@ from . import arrays, reference
 from .config import QuantConfig, build_quant_config
 from .engine import AnalogPath, Codes, Slicing, Split, WeightCodes
 from .fast_path import StraightThrough
-from .noise import SampleContext, noise_key
+from .noise import SampleContext, noise_key, noise_keys
 from .quantizers import (
     bitserial_split_,
     center_out_split_,
@@ -236,7 +236,7 @@ class QuantLinear(nn.Linear):
         if self._sample_context is None:
             call_key = noise_key(call_key, self._noise_calls)
             self._noise_calls += 1
-        return [noise_key(call_key, sample) for sample in sample_ids]
+        return noise_keys(call_key, sample_ids)
 
     def generator(self, device: torch.device) -> torch.Generator:
         """A generator per device, re-seeded with a sample's key before each draw."""

@@ -8,7 +8,9 @@ sync) and draws that sample's noise from a generator re-seeded with the key
 (`engine.adc_convert_`). A sample's noise is drawn on its own rows only, in
 blocks that depend on its own shape and the device type alone, so it does not depend on
 the batch it is in, its position there, the process that runs it or the calls before it.
-CPU and CUDA generators produce different (equally distributed) values for one key.
+CPU and CUDA generators produce different (equally distributed) values for one key. The
+CPU generator (mt19937) seeds from the key's low 32 bits only, so two keys that agree
+there draw the same values (probability 2^-32 per pair; docs/design.md, Reproducibility).
 
 The loops that own the samples say who is who:
 
@@ -34,8 +36,9 @@ layer raises at once.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,6 +64,37 @@ def noise_key(base: int, *parts: int) -> int:
         # splitmix64 is a bijection: for one prefix, distinct parts give distinct keys.
         key = _splitmix64(key ^ (part & _MASK64))
     return key & (2**63 - 1)
+
+
+_U64 = np.uint64
+
+
+def _splitmix64_array(value: np.ndarray) -> np.ndarray:
+    """_splitmix64 on a uint64 array (numpy's uint64 arithmetic wraps modulo 2^64)."""
+    value = value + _U64(0x9E3779B97F4A7C15)
+    value = (value ^ (value >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    value = (value ^ (value >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return value ^ (value >> _U64(31))
+
+
+def noise_keys(bases: int | Sequence[int], *parts: int | Sequence[int]) -> list[int]:
+    """noise_key element by element over the samples of a call in one numpy pass: each of
+    `bases` and `parts` is one integer or a sequence with one per sample (broadcast), as
+    the per-sample keys of every layer call need (a Python loop of noise_key cost
+    ~0.2 s of a 7 s chunk of the default run)."""
+    def as_u64(values: int | Sequence[int]) -> np.ndarray:
+        if isinstance(values, int):
+            return np.array([values & _MASK64], dtype=np.uint64)
+        try:
+            return np.array(values, dtype=np.uint64)
+        except OverflowError:  # negative integers: their two's complement, as noise_key
+            return np.array([value & _MASK64 for value in values], dtype=np.uint64)
+
+    key = as_u64(bases)
+    with np.errstate(over="ignore"):
+        for part in parts:
+            key = _splitmix64_array(key ^ as_u64(part))
+    return (key & _U64(2**63 - 1)).tolist()
 
 
 class SampleContext:
@@ -95,7 +129,7 @@ class SampleContext:
         self.uses.clear()
         self._fold_finite()
         if device is not None:
-            keys = [noise_key(self.calls, sample) for sample in self.sample_ids]
+            keys = noise_keys(self.calls, self.sample_ids) if self.sample_ids else []
             self.call_keys = torch.tensor(keys, dtype=torch.int64, device=device)
 
     def check(self, layer_name: str, batch: int) -> None:

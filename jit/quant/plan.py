@@ -75,7 +75,8 @@ class SampleNoise(NamedTuple):
 def noise_blocks(rows: int, cols: int, device: torch.device, noise: SampleNoise | None
                  ) -> list[tuple[slice, list[tuple[slice, int | None]]]]:
     """Row blocks for the elementwise ADC passes and, inside each, the noise segments:
-    (rows relative to the block, key to re-seed with or None to continue the stream).
+    (rows relative to the block, index of the sample whose key re-seeds the generator, or
+    None to continue the stream).
 
     A sample's noise is drawn only on its own rows, in segments of a size that depends on
     its shape and the device type alone (on the CPU at most CHUNK_ELEMENTS, so they stay
@@ -83,19 +84,25 @@ def noise_blocks(rows: int, cols: int, device: torch.device, noise: SampleNoise 
     where they fall never changes the noise. Without noise: `row_blocks`."""
     if noise is None:
         return [(block, []) for block in row_blocks(rows, cols, device)]
-    per_sample = noise.rows_per_sample
-    segment = max(1, CHUNK_ELEMENTS // max(cols, 1)) if blockwise(device) else per_sample
+    return _noise_blocks(rows, cols, blockwise(device), noise.rows_per_sample, len(noise.keys))
+
+
+@functools.lru_cache(maxsize=256)
+def _noise_blocks(rows: int, cols: int, cpu_plan: bool, per_sample: int, samples: int
+                  ) -> list[tuple[slice, list[tuple[slice, int | None]]]]:
+    """noise_blocks by shape (every call of a layer in a sampling loop has the same)."""
+    segment = max(1, CHUNK_ELEMENTS // max(cols, 1)) if cpu_plan else per_sample
     segment = max(1, min(segment, per_sample))
-    block_rows = max(segment, CHUNK_ELEMENTS // max(cols, 1)) if blockwise(device) else rows
+    block_rows = max(segment, CHUNK_ELEMENTS // max(cols, 1)) if cpu_plan else rows
     blocks, start, segments = [], 0, []
-    for sample, key in enumerate(noise.keys):
+    for sample in range(samples):
         first = sample * per_sample
         for offset in range(0, per_sample, segment):
             low, high = first + offset, first + min(offset + segment, per_sample)
             if high - start > block_rows and segments:
                 blocks.append((slice(start, low), segments))
                 start, segments = low, []
-            segments.append((slice(low - start, high - start), key if offset == 0 else None))
+            segments.append((slice(low - start, high - start), sample if offset == 0 else None))
     if segments:
         blocks.append((slice(start, rows), segments))
     return blocks

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import arrays, reference
-from .noise import noise_key
+from .noise import noise_key, noise_keys
 
 
 def reference_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +76,7 @@ def _keys(layer: nn.Module, batch: int, device: torch.device) -> torch.Tensor:
         if torch.compiler.is_compiling():
             raise RuntimeError(f"layer '{layer.layer_name}': a compiled noisy layer needs a "
                                "jit.quant.sample_context around the network call")
-        keys = [noise_key(layer._noise_calls, row) for row in range(batch)]
+        keys = noise_keys(layer._noise_calls, range(batch)) if batch else []
         layer._noise_calls += 1
         call_keys = torch.tensor(keys, dtype=torch.int64, device=device)
     else:
