@@ -3,6 +3,9 @@ a sample's output does not depend on the batch around it."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -200,3 +203,87 @@ def test_vectorised_keys_equal_the_scalar_mix():
         assert noise_keys(ids, path, tile) == [noise_key(i, path, tile) for i in ids]
         assert noise_keys([base, -1, *ids], tile) == [noise_key(k, tile) for k in [base, -1, *ids]]
     assert noise_keys(7, range(3)) == [noise_key(7, i) for i in range(3)]
+
+
+def _compiled_draw_possible() -> bool:
+    """What native_noise needs: a C++ compiler, AVX2 and FMA, torch's AVX2-or-later kernels."""
+    import shutil
+
+    from jit.quant.plan import cpu_flags
+
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    return (compiler is not None and {"avx2", "fma"} <= cpu_flags()
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
+def test_the_compiled_draw_is_used_where_possible_and_draws_torchs_values():
+    """native_noise draws what Tensor.normal_ draws with a re-seeded generator: random
+    keys (both halves of 64 bits), sizes on and off multiples of 16, streams continued
+    over segments of one call."""
+    import random
+
+    from jit.quant import native_noise
+
+    if not _compiled_draw_possible():
+        pytest.skip("no C++ compiler, AVX2/FMA or AVX2 kernels of torch on this machine")
+    assert native_noise.available()
+    rng = random.Random(1)
+    stream, generator = native_noise.Stream(), torch.Generator()
+    for _ in range(40):
+        sizes = [rng.randint(16, 3000) for _ in range(rng.randint(1, 4))]
+        key, std = rng.getrandbits(63), rng.uniform(0.1, 5.0)
+        generator.manual_seed(key)
+        expected = torch.cat([torch.empty(n).normal_(0.0, std, generator=generator)
+                              for n in sizes])
+        out = torch.empty(sum(sizes))
+        stream.draw(out, sizes, [key] + [None] * (len(sizes) - 1), std)
+        assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        stream.draw(torch.empty(10, dtype=torch.float64), [16], [1], 1.0)
+
+
+@pytest.mark.parametrize("device_config", [None, "pcm"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_layers_give_the_same_outputs_with_the_compiled_and_torchs_draw(
+        monkeypatch, device_config, threads):
+    """Long samples (several segments, continued across rounds of the helper thread),
+    thermal noise alone or with the devices' per-element read noise."""
+    from omegaconf import OmegaConf
+
+    from jit.quant import build_device_config, native_noise, plan
+
+    if not _compiled_draw_possible():
+        pytest.skip("no C++ compiler, AVX2/FMA or AVX2 kernels of torch on this machine")
+    monkeypatch.setattr(plan, "NOISE_ROUND_ELEMENTS", 4 * plan.CHUNK_ELEMENTS)
+    device = None
+    if device_config:
+        configs = Path(__file__).resolve().parents[1] / "configs" / "device"
+        device = build_device_config(OmegaConf.load(configs / f"{device_config}.yaml"))
+    torch.manual_seed(0)
+    layer = HybridLinear.from_linear(nn.Linear(16, 512), build_quant_config(
+        {"scheme": "hybrid", "mode": "static", "adc": {"noise_sigma_lsb": 3.0}},
+        device=device), "w")
+    layer.set_static(3.0, 800.0)
+    x = torch.randn(5, 700, 16)  # 700 x 512: 2.7 row blocks per sample
+    draws = []
+    original_draw = native_noise.Stream.draw
+
+    def counted_draw(self, *args):
+        draws.append(args[2])  # the keys
+        return original_draw(self, *args)
+
+    monkeypatch.setattr(native_noise.Stream, "draw", counted_draw)
+    outputs, calls = [], []
+    torch.set_num_threads(threads)
+    try:
+        for compiled in (True, False):
+            if not compiled:
+                monkeypatch.setattr(native_noise, "available", lambda: False)
+            with torch.no_grad(), sample_context(layer, [3, 1, 4, 15, 9]):
+                outputs.append(layer(x))
+            calls.append(len(draws))
+    finally:
+        torch.set_num_threads(2)
+    assert torch.equal(*outputs)
+    assert calls[0] >= 2 and calls[1] == calls[0]  # the kernel drew the first run only
+    assert any(None in keys for keys in draws)  # some segments continued a stream

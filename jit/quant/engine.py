@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import native_noise
 from .config import AdcConfig
 from .intmm import GROUP_ELEMENTS, Int8Weights, int8_linear, new_digits, write_digits
 from .noise import noise_keys
@@ -41,6 +42,8 @@ RowScale = float | torch.Tensor
 # Integer codes of an input slice, [tokens, in_features]: a float tensor, or its INT8
 # base-128 digits (least significant first) when the INT8 kernel multiplies them.
 Codes = torch.Tensor | list[torch.Tensor]
+# What draws thermal noise: torch's CPU generator or a stream of the compiled kernel.
+Generator = torch.Generator | native_noise.Stream
 
 
 class WeightCodes(NamedTuple):
@@ -274,6 +277,8 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
     if noise is not None:
         # Each round's noise is drawn before its blocks are converted (noise_rounds).
         generators, helper = (noise.generator, None), noise_helper(acc.device)
+        if _native_draw(acc, blocks):
+            generators = native_noise.streams()
         rounds = dict(noise_rounds(blocks, acc.shape[1], helper is not None))
         buffer = acc.new_empty((max(blocks[last - 1][0].stop - blocks[first][0].start
                                     for first, last in rounds.items()), acc.shape[1]))
@@ -318,9 +323,9 @@ def adc_convert_(acc: torch.Tensor, step: RowScale, bits: int,
 
 
 def _draw_noise(buffer: torch.Tensor, blocks: list[tuple[slice, list]], sample_keys: list[int],
-                std: float, generators: tuple[torch.Generator, torch.Generator | None],
+                std: float, generators: tuple[Generator, Generator | None],
                 helper: tuple[ThreadPoolExecutor, torch.Generator] | None
-                ) -> tuple[torch.Generator, torch.Generator | None]:
+                ) -> tuple[Generator, Generator | None]:
     """Draws the noise segments of consecutive `blocks` (plan.noise_blocks) into the first
     rows of `buffer`, re-seeding with `sample_keys[s]` where sample s begins. With a
     `helper` (plan.noise_helper) the samples of the later half of the rows are drawn on
@@ -328,15 +333,24 @@ def _draw_noise(buffer: torch.Tensor, blocks: list[tuple[slice, list]], sample_k
     segment's key and the segments before it in its sample, so the values are the same on
     any thread: a sample is never split between the threads, and the generator that drew
     a sample's last segment draws its continuation in the next round (returned first in
-    the pair)."""
-    # The segments tile the rows in order: one split makes all their views.
+    the pair). The generators are torch's, or two streams of the compiled kernel
+    (native_noise.py: the same values; both of the pair are then given)."""
     sizes = [segment.stop - segment.start for _, segments in blocks for segment, _ in segments]
+    cols = buffer.shape[1]
     keys = [None if sample is None else sample_keys[sample]
             for _, segments in blocks for _, sample in segments]
-    views = buffer[:sum(sizes)].split(sizes)
+    native = isinstance(generators[0], native_noise.Stream)
+    # The segments tile the rows in order: one split makes all their views (torch's draw).
+    views = None if native else buffer[:sum(sizes)].split(sizes)
     half = len(sizes) if helper is None else _half_at_a_sample(sizes, keys)
 
-    def draw(part: range, generator: torch.Generator) -> None:
+    def draw(part: range, generator: Generator) -> None:
+        if native:
+            if part:
+                rows = slice(sum(sizes[:part.start]), sum(sizes[:part.stop]))
+                generator.draw(buffer[rows].view(-1), [sizes[i] * cols for i in part],
+                               keys[part.start:part.stop], std)
+            return
         for index in part:
             if keys[index] is not None:
                 generator.manual_seed(keys[index])
@@ -350,7 +364,7 @@ def _draw_noise(buffer: torch.Tensor, blocks: list[tuple[slice, list]], sample_k
     # Inference mode is per thread: the helper writes the caller's (inference) tensors.
     inference = torch.is_inference_mode_enabled()
 
-    def draw_beside(part: range, generator: torch.Generator) -> None:
+    def draw_beside(part: range, generator: Generator) -> None:
         with torch.inference_mode(inference):
             draw(part, generator)
 
@@ -360,6 +374,15 @@ def _draw_noise(buffer: torch.Tensor, blocks: list[tuple[slice, list]], sample_k
     finally:
         future.result()
     return theirs, mine
+
+
+def _native_draw(acc: torch.Tensor, blocks: list[tuple[slice, list]]) -> bool:
+    """Whether this conversion draws its noise with the compiled kernel (native_noise.py):
+    float32 on the CPU plan, every segment long enough for torch's vectorised draw."""
+    if acc.dtype != torch.float32 or not blockwise(acc.device) or not native_noise.available():
+        return False
+    shortest = min(segment.stop - segment.start for _, segments in blocks for segment, _ in segments)
+    return shortest * acc.shape[1] >= native_noise.MIN_SEGMENT
 
 
 def _half_at_a_sample(sizes: list[int], keys: list[int | None]) -> int:
