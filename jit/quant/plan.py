@@ -9,7 +9,8 @@ On the CPU a kernel launch is cheap and reading a value on the host is free, so:
 - integer products may run on an INT8 kernel (intmm.py) where this CPU runs one faster
   than float32 (AVX-512 VNNI, AMX);
 - with two or more intra-op threads, a helper thread draws half of the samples' thermal
-  noise (torch's CPU generator draws on one core; `noise_helper`).
+  noise (a keyed draw runs on one core; `noise_helper`), with the compiled kernel of
+  native_noise.py where it builds and gives torch's values.
 On CUDA and other accelerators every op is one kernel over the whole tensor: blocks would
 multiply launches, the narrowing would stall the queue on a host sync, and the GPU's
 float GEMMs are exact for these integer products already.
