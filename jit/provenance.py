@@ -52,10 +52,14 @@ def provenance() -> dict:
     """The results.json fields naming the code and the machine."""
     import torch
 
+    from jit.quant import native_noise
     from jit.quant.plan import int8_backend
 
     commit, dirty = git_state()
     return {"git_revision": commit, "git_dirty": dirty, "cpu_model": cpu_model(),
             "torch_version": torch.__version__,
             # the kernel of the INT8 products on this CPU (jit/quant/plan.py); float32: the float GEMM
-            "int8_kernel": int8_backend() or "float32"}
+            "int8_kernel": int8_backend() or "float32",
+            # who draws the CPU thermal noise (same values either way): the compiled copy of
+            # torch's draw (jit/quant/native_noise.py) or torch's normal_
+            "cpu_noise_draw": "compiled" if native_noise.available() else "torch"}

@@ -243,6 +243,7 @@ def test_tiny_eval_writes_results_grid_and_coverage(trained_tiny, tmp_path):
         assert results["git_revision"] is None and results["git_dirty"] is None
     assert results["cpu_model"] and results["torch_version"] == torch.__version__
     assert results["int8_kernel"] in ("onednn", "int_mm", "float32")
+    assert results["cpu_noise_draw"] in ("compiled", "torch")
     assert (out / "sample_grid.png").exists() or results.get("sample_grid")
     assert list(out.glob("*coverage*.csv")), list(out.iterdir())
     # The float baseline and the quantized model log under their own keys.
