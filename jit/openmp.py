@@ -9,7 +9,7 @@ that is nothing but parallel ops, the wrong one beside a thread of our own: on t
 plan a helper thread draws half of every layer's thermal noise (quant/plan.py,
 `noise_helper`) right after the layer's parallel products, and a spinning worker holds
 the core the helper needs. The hybrid digits model then sampled at 0.47x the float
-model's throughput, at 0.56-0.59x with a spin of 1000-30000 (benchmarks/RESULTS.md,
+model's throughput, at 0.49-0.59x with a spin of 1000-30000 (benchmarks/RESULTS.md,
 "OpenMP's spin"); float sampling kept its speed, and an immediate sleep
 (OMP_WAIT_POLICY=passive) made both slower.
 

@@ -188,7 +188,7 @@ def test_noise_drawn_beside_the_helper_thread_equals_the_serial_draw(monkeypatch
 
 
 def test_vectorised_keys_equal_the_scalar_mix():
-    """noise_keys (one numpy pass per call) gives noise_key's integers, also for negative
+    """noise_keys (whole-tensor ops per call) gives noise_key's integers, also for negative
     bases and 64-bit parts, whichever argument carries the per-sample sequence."""
     import random
 
@@ -240,6 +240,8 @@ def test_the_compiled_draw_is_used_where_possible_and_draws_torchs_values():
         assert torch.equal(out, expected)
     with pytest.raises(ValueError, match="contiguous float32"):
         stream.draw(torch.empty(10, dtype=torch.float64), [16], [1], 1.0)
+    with pytest.raises(ValueError, match="at least 16 values"):
+        stream.draw(torch.empty(40), [20, 15], [1, None], 1.0)
 
 
 @pytest.mark.parametrize("device_config", [None, "pcm"])

@@ -22,7 +22,7 @@ from jit.models import build_jit
 from jit.models.compile import compile_available, compiled_forward
 from jit.quant import adc_bypassed, quantize_model, quantized_layers, reference, sample_context
 from jit.quant.layers import QuantLinear
-from jit.quant.noise import noise_key
+from jit.quant.noise import mix_keys, noise_key
 from jit.quant.quantizers import percentile_abs
 
 GRID = [
@@ -122,13 +122,13 @@ def test_int64_key_mixing_equals_the_host_splitmix():
     gen = torch.Generator().manual_seed(0)
     keys = [int(k) for k in torch.randint(0, 2**62, (64,), generator=gen)] + [0, 2**63 - 1]
     for part in (0, 1, 7, 2**40 + 3, 2**63 - 25):
-        mixed = reference.mix_keys(torch.tensor(keys, dtype=torch.int64), part)
+        mixed = mix_keys(torch.tensor(keys, dtype=torch.int64), part)
         # noise_key drops the top bit (a 63-bit seed); the int64 mix keeps all 64
         assert [int(v) & (2**63 - 1) for v in mixed] == [noise_key(k, part) for k in keys]
 
 
 def test_thermal_noise_is_independent_standard_normal():
-    keys = reference.mix_keys(torch.arange(64, dtype=torch.int64), 12345)
+    keys = mix_keys(torch.arange(64, dtype=torch.int64), 12345)
     noise = reference.thermal_noise(keys, 50, 96, torch.float64)
     assert noise.shape == (64 * 50, 96)
     flat = noise.flatten()

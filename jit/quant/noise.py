@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -66,35 +65,58 @@ def noise_key(base: int, *parts: int) -> int:
     return key & (2**63 - 1)
 
 
-_U64 = np.uint64
+# splitmix64 constants as signed int64: torch has no uint64 arithmetic, and int64
+# multiplication wraps modulo 2^64 on every backend, which is the uint64 product's bits.
+_GAMMA = 0x9E3779B97F4A7C15 - 2**64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
 
 
-def _splitmix64_array(value: np.ndarray) -> np.ndarray:
-    """_splitmix64 on a uint64 array (numpy's uint64 arithmetic wraps modulo 2^64)."""
-    value = value + _U64(0x9E3779B97F4A7C15)
-    value = (value ^ (value >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-    value = (value ^ (value >> _U64(27))) * _U64(0x94D049BB133111EB)
-    return value ^ (value >> _U64(31))
+def shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical (unsigned) right shift of int64 bits: torch's >> is arithmetic."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (bit-identical to _splitmix64 after its
+    gamma step, which callers add)."""
+    z = (z ^ shift_right(z, 30)) * _MIX1
+    z = (z ^ shift_right(z, 27)) * _MIX2
+    return z ^ shift_right(z, 31)
+
+
+def as_int64(value: int) -> int:
+    """The int64 with the same 64 low bits as `value`."""
+    value &= _MASK64
+    return value - 2**64 if value >= 2**63 else value
+
+
+def mix_keys(keys: torch.Tensor, part: int | torch.Tensor) -> torch.Tensor:
+    """Per-sample int64 keys mixed with one more integer (a layer, use, path or tile) or
+    one per sample, as noise_key does on host integers: splitmix64(key ^ part)."""
+    if not isinstance(part, torch.Tensor):
+        part = as_int64(part)
+    return mix64((keys ^ part) + _GAMMA)
+
+
+def _int64_tensor(values: int | Sequence[int]) -> torch.Tensor:
+    if isinstance(values, int):
+        return torch.tensor([as_int64(values)], dtype=torch.int64)
+    try:
+        return torch.tensor(values, dtype=torch.int64)
+    except (OverflowError, RuntimeError, ValueError):  # outside int64: the low 64 bits
+        return torch.tensor([as_int64(value) for value in values], dtype=torch.int64)
 
 
 def noise_keys(bases: int | Sequence[int], *parts: int | Sequence[int]) -> list[int]:
-    """noise_key element by element over the samples of a call in one numpy pass: each of
-    `bases` and `parts` is one integer or a sequence with one per sample (broadcast), as
-    the per-sample keys of every layer call need (a Python loop of noise_key cost
-    ~0.2 s of a 7 s chunk of the default run)."""
-    def as_u64(values: int | Sequence[int]) -> np.ndarray:
-        if isinstance(values, int):
-            return np.array([values & _MASK64], dtype=np.uint64)
-        try:
-            return np.array(values, dtype=np.uint64)
-        except OverflowError:  # negative integers: their two's complement, as noise_key
-            return np.array([value & _MASK64 for value in values], dtype=np.uint64)
-
-    key = as_u64(bases)
-    with np.errstate(over="ignore"):
-        for part in parts:
-            key = _splitmix64_array(key ^ as_u64(part))
-    return (key & _U64(2**63 - 1)).tolist()
+    """noise_key element by element over the samples of a call, in whole-tensor ops
+    (mix_keys): each of `bases` and `parts` is one integer or a sequence with one per
+    sample (broadcast), as the per-sample keys of every layer call need (a Python loop of
+    noise_key cost ~0.2 s of a 7 s chunk of the default run)."""
+    key = _int64_tensor(bases)
+    for part in parts:
+        key = mix_keys(key, part if isinstance(part, int) else _int64_tensor(part))
+    return (key & (2**63 - 1)).tolist()
 
 
 class SampleContext:

@@ -35,39 +35,8 @@ from typing import NamedTuple
 import torch
 
 from .config import AdcConfig, QuantConfig
-from .noise import noise_key
+from .noise import as_int64, mix64, mix_keys, noise_key, shift_right
 from .quantizers import percentile_abs, qmax, step_of, weight_clip
-
-# splitmix64 constants as signed int64: torch has no uint64 arithmetic, and int64
-# multiplication wraps modulo 2^64 on every backend, which is the uint64 product's bits.
-_GAMMA = 0x9E3779B97F4A7C15 - 2**64
-_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
-_MIX2 = 0x94D049BB133111EB - 2**64
-
-
-def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical (unsigned) right shift of int64 bits: torch's >> is arithmetic."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def mix64(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors (bit-identical to noise._splitmix64 after
-    its gamma step, which callers add)."""
-    z = (z ^ _shift_right(z, 30)) * _MIX1
-    z = (z ^ _shift_right(z, 27)) * _MIX2
-    return z ^ _shift_right(z, 31)
-
-
-def as_int64(value: int) -> int:
-    """The int64 with the same 64 low bits as `value`."""
-    value &= 2**64 - 1
-    return value - 2**64 if value >= 2**63 else value
-
-
-def mix_keys(keys: torch.Tensor, part: int) -> torch.Tensor:
-    """Per-sample keys mixed with one more integer (a layer, use, path or tile), as
-    noise.noise_key does on host integers: splitmix64(key ^ part)."""
-    return mix64((keys ^ as_int64(part)) + _GAMMA)
 
 
 def thermal_noise(keys: torch.Tensor, rows_per_sample: int, cols: int,
@@ -86,7 +55,7 @@ def thermal_noise(keys: torch.Tensor, rows_per_sample: int, cols: int,
 
 def _uniform_open(z: torch.Tensor) -> torch.Tensor:
     """The top 24 bits of z as a float32 uniform in (0, 1)."""
-    return (_shift_right(z, 40).to(torch.float32) + 0.5) * 2.0**-24
+    return (shift_right(z, 40).to(torch.float32) + 0.5) * 2.0**-24
 
 
 def _box_muller(z: torch.Tensor) -> torch.Tensor:

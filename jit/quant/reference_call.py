@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import arrays, reference
-from .noise import noise_key, noise_keys
+from .noise import mix_keys, noise_key, noise_keys
 
 
 def reference_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -86,4 +86,4 @@ def _keys(layer: nn.Module, batch: int, device: torch.device) -> torch.Tensor:
                                "keys yet (its network was not called with a tensor)")
         call_keys = context.call_keys.to(device)
         base = noise_key(base, context.next_use(layer))
-    return reference.mix_keys(call_keys, base)
+    return mix_keys(call_keys, base)
